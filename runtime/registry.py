@@ -1,0 +1,390 @@
+"""The model registry: versioned, immutable model packages under ``<registry>/<model>/v<N>/``.
+
+Storage goes through fsspec (plain paths and ``file://`` here; ``s3://``/``gs://`` with the extras).
+A version is committed atomically and never overwritten:
+
+- everything is written under ``<model>/.staging-<uuid>/``, ``package.json`` (the manifest with the
+  sha256 of every other file) last;
+- on a local filesystem the staging directory is renamed to ``v<N>``; the rename fails when ``v<N>``
+  already holds anything, and the writer then tries ``N+1``, so two runs registering at once get two
+  versions;
+- on object stores, which have no atomic rename, ``v<N>/.claim`` is created with create-if-absent
+  (mode ``xb``) first; whoever creates it owns ``v<N>`` and uploads the files, ``package.json`` last.
+
+A directory counts as a committed version only if its ``package.json`` is valid, names that version and
+every file it lists is there with the recorded size and sha256. A partial or corrupt directory is
+skipped by ``versions()`` and refused by ``open_package``.
+
+Importing this module and ``Registry.read_metadata`` need no torch or ray (the operator uses them);
+``ModelPackage.load_model`` imports torch when called.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from conveyor.runtime.features import FittedTransforms
+from fsspec.implementations.local import LocalFileSystem
+
+FORMAT_VERSION = 1
+MANIFEST = "package.json"
+REQUIRED_FILES = (
+    "model.pt",
+    "transforms.json",
+    "schema.json",
+    "profile.json",
+    "metrics.json",
+    "lineage.json",
+)
+_VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
+_MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$")
+_MAX_COMMIT_ATTEMPTS = 1000
+
+# Verified versions, keyed by where they live and the files' size/mtime, so listing versions again
+# does not re-hash unchanged weights.
+_verified: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+
+class PackageError(Exception):
+    """A model package is missing, partial or corrupt, or cannot be committed; the message names the
+    path and the reason."""
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *parts])
+
+
+def _fs_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path.rstrip("/") if path != "/" else path
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    p = fs.protocol
+    return p if isinstance(p, str) else p[0]
+
+
+# ---------------------------------------------------------------- verification
+
+
+def _fingerprint(fs: fsspec.AbstractFileSystem, path: str, names: list[str]) -> str:
+    parts = []
+    for name in names:
+        info = fs.info(_join(path, name))
+        stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or info.get("created")
+        parts.append(f"{name}:{info.get('size')}:{stamp}")
+    return "|".join(parts)
+
+
+def _check_package(fs: fsspec.AbstractFileSystem, path: str, *, deep: bool = True) -> dict[str, Any]:
+    """The manifest of the committed package at ``path``; PackageError naming path and reason otherwise."""
+    where = f"{_protocol(fs)}://{path}" if _protocol(fs) not in ("file", "local") else path
+    try:
+        raw = fs.cat_file(_join(path, MANIFEST))
+    except FileNotFoundError as e:
+        raise PackageError(f"{where}: no {MANIFEST}; not a committed model version") from e
+    try:
+        manifest = json.loads(raw)
+    except ValueError as e:
+        raise PackageError(f"{where}: {MANIFEST} is not valid JSON ({e})") from e
+    if not isinstance(manifest, dict) or manifest.get("formatVersion") != FORMAT_VERSION:
+        raise PackageError(f"{where}: {MANIFEST} formatVersion must be {FORMAT_VERSION}")
+    dirname = path.rstrip("/").rsplit("/", 1)[-1]
+    if manifest.get("version") != dirname:
+        raise PackageError(
+            f"{where}: {MANIFEST} names version {manifest.get('version')!r}, the directory is {dirname!r}"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise PackageError(f"{where}: {MANIFEST} has no files map")
+    missing = [f for f in REQUIRED_FILES if f not in files]
+    if missing:
+        raise PackageError(f"{where}: {MANIFEST} does not list {missing}")
+    sizes = manifest.get("sizes", {})
+    names = sorted(files)
+    for name in names:
+        p = _join(path, name)
+        if not fs.exists(p):
+            raise PackageError(f"{where}: {name} is missing (partial version)")
+        if name in sizes and fs.size(p) != sizes[name]:
+            raise PackageError(
+                f"{where}: {name} is {fs.size(p)} bytes, the manifest says {sizes[name]} (partial write)"
+            )
+    if not deep:
+        return manifest
+    key = (_protocol(fs), path, _fingerprint(fs, path, [*names, MANIFEST]))
+    if key in _verified:
+        return _verified[key]
+    for name in names:
+        if _sha256(fs.cat_file(_join(path, name))) != files[name]:
+            raise PackageError(f"{where}: {name} does not match its sha256 in {MANIFEST} (corrupt)")
+    _verified[key] = manifest
+    return manifest
+
+
+# ---------------------------------------------------------------- reading
+
+
+@dataclass
+class ModelPackage:
+    """A committed model version, its metadata loaded; the weights load on demand."""
+
+    uri: str
+    version: str
+    manifest: dict[str, Any]
+    schema: dict[str, Any]
+    transforms: FittedTransforms
+    profile: dict[str, Any]
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+
+    @property
+    def task(self) -> str:
+        return self.manifest.get("task") or self.schema.get("task", "classification")
+
+    @property
+    def classes(self) -> list[str] | None:
+        return self.schema.get("classes")
+
+    def load_model(self, device: str = "cpu") -> Any:
+        """The TorchScript module (``torch.jit.load``), in eval mode on ``device``."""
+        import torch
+
+        fs, path = _fs_for(self.uri)
+        data = fs.cat_file(_join(path, "model.pt"))
+        if self.manifest["files"].get("model.pt") != _sha256(data):
+            raise PackageError(f"{self.uri}: model.pt does not match its sha256 in {MANIFEST} (corrupt)")
+        module = torch.jit.load(io.BytesIO(data), map_location=device)
+        module.eval()
+        return module
+
+
+def _read_json(
+    fs: fsspec.AbstractFileSystem, path: str, name: str, manifest: Mapping[str, Any], uri: str
+) -> Any:
+    data = fs.cat_file(_join(path, name))
+    expected = manifest["files"].get(name)
+    if expected is not None and _sha256(data) != expected:
+        raise PackageError(f"{uri}: {name} does not match its sha256 in {MANIFEST} (corrupt)")
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise PackageError(f"{uri}: {name} is not valid JSON ({e})") from e
+
+
+def open_package(uri: str, *, verify: bool = True) -> ModelPackage:
+    """Open the committed version at ``uri`` (``<registry>/<model>/v<N>``).
+
+    With ``verify`` every file's sha256 is checked against the manifest. Raises PackageError naming the
+    path and the reason when the version is missing, partial or corrupt.
+    """
+    fs, path = _fs_for(uri)
+    manifest = _check_package(fs, path, deep=verify)
+    try:
+        transforms = FittedTransforms.from_json(_read_json(fs, path, "transforms.json", manifest, uri))
+    except (KeyError, ValueError) as e:
+        if isinstance(e, PackageError):
+            raise
+        raise PackageError(f"{uri}: transforms.json is invalid ({e})") from e
+    return ModelPackage(
+        uri=uri,
+        version=manifest["version"],
+        manifest=manifest,
+        schema=_read_json(fs, path, "schema.json", manifest, uri),
+        transforms=transforms,
+        profile=_read_json(fs, path, "profile.json", manifest, uri),
+        metrics=_read_json(fs, path, "metrics.json", manifest, uri),
+        lineage=_read_json(fs, path, "lineage.json", manifest, uri),
+    )
+
+
+# ---------------------------------------------------------------- writing
+
+
+class StagingArea:
+    """Where a package's files are written before the commit; records each file's sha256 and size."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str) -> None:
+        self.fs = fs
+        self.path = path
+        self.files: dict[str, str] = {}
+        self.sizes: dict[str, int] = {}
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        if "/" in name or name in (MANIFEST, "", ".", "..") or name.startswith("."):
+            raise PackageError(f"{self.path}: {name!r} is not a file name a package may hold")
+        with self.fs.open(_join(self.path, name), "wb") as f:
+            f.write(data)
+        self.files[name] = _sha256(data)
+        self.sizes[name] = len(data)
+
+    def write_json(self, name: str, obj: Any) -> None:
+        self.write_bytes(name, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode())
+
+
+StagingWriter = Callable[[StagingArea], Mapping[str, Any] | None]
+
+
+class Registry:
+    """The versions of one model in one registry (``<uri>/<model_name>/v<N>``)."""
+
+    def __init__(self, uri: str, model_name: str) -> None:
+        if not _MODEL_NAME_RE.match(model_name):
+            raise ValueError(
+                f"registry.modelName {model_name!r} must be lower-case letters, digits, '.', '_' or '-', "
+                "starting and ending with a letter or digit"
+            )
+        self.uri = uri.rstrip("/")
+        self.model_name = model_name
+        self.fs, root = _fs_for(uri)
+        self.model_path = _join(root, model_name)
+
+    def package_uri(self, version: str) -> str:
+        return _join(self.uri, self.model_name, version)
+
+    def _version_dirs(self) -> dict[int, str]:
+        """Every ``v<N>`` directory, committed or not."""
+        try:
+            entries = self.fs.ls(self.model_path, detail=False)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for entry in entries:
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            m = _VERSION_RE.match(name)
+            if m:
+                out[int(m.group(1))] = name
+        return out
+
+    def versions(self, *, verify: bool = True) -> list[str]:
+        """Committed versions, oldest first (``verify``: check every file's sha256, cached while unchanged)."""
+        committed = []
+        for _n, name in sorted(self._version_dirs().items()):
+            try:
+                _check_package(self.fs, _join(self.model_path, name), deep=verify)
+            except (PackageError, OSError):
+                continue
+            committed.append(name)
+        return committed
+
+    def latest(self) -> str | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def resolve(self, version: str) -> str:
+        """``latest`` -> the newest committed version; ``v<N>`` as is (PackageError if there is none)."""
+        if version == "latest":
+            latest = self.latest()
+            if latest is None:
+                raise PackageError(
+                    f"{self.package_uri('')}: no committed version of model {self.model_name!r}"
+                )
+            return latest
+        if not _VERSION_RE.match(version):
+            raise PackageError(f"version {version!r} must be 'latest' or v<N> (v1, v2, ...)")
+        return version
+
+    def read_metadata(self, version: str) -> dict[str, Any]:
+        """package.json plus ``metrics`` and ``lineage`` of a committed version, and its ``uri``.
+
+        Cheap and torch-free (the operator gates and deploys on it). PackageError if not committed.
+        """
+        version = self.resolve(version)
+        uri = self.package_uri(version)
+        path = _join(self.model_path, version)
+        manifest = _check_package(self.fs, path, deep=True)
+        return {
+            **manifest,
+            "uri": uri,
+            "metrics": _read_json(self.fs, path, "metrics.json", manifest, uri),
+            "lineage": _read_json(self.fs, path, "lineage.json", manifest, uri),
+        }
+
+    def open(self, version: str = "latest", *, verify: bool = True) -> ModelPackage:
+        return open_package(self.package_uri(self.resolve(version)), verify=verify)
+
+    def register(self, staging_writer: StagingWriter) -> str:
+        """Commit a new version and return its name (``v<N>``); never overwrites an existing one.
+
+        ``staging_writer(area)`` writes the package files with ``area.write_bytes``/``write_json`` and may
+        return extra manifest fields (``task``, ``architecture``). If it raises, nothing is committed.
+        """
+        staging_path = _join(self.model_path, f".staging-{uuid.uuid4().hex}")
+        self.fs.makedirs(staging_path, exist_ok=True)
+        area = StagingArea(self.fs, staging_path)
+        try:
+            extra = dict(staging_writer(area) or {})
+            missing = [f for f in REQUIRED_FILES if f not in area.files]
+            if missing:
+                raise PackageError(f"{staging_path}: the package is missing {missing}; nothing was committed")
+            return self._commit(area, extra)
+        finally:
+            if self.fs.exists(staging_path):
+                with contextlib.suppress(OSError):
+                    self.fs.rm(staging_path, recursive=True)
+
+    def _manifest(self, area: StagingArea, version: str, extra: Mapping[str, Any]) -> bytes:
+        manifest = {
+            **extra,
+            "formatVersion": FORMAT_VERSION,
+            "model": self.model_name,
+            "version": version,
+            "files": dict(sorted(area.files.items())),
+            "sizes": dict(sorted(area.sizes.items())),
+        }
+        return json.dumps(manifest, indent=2, sort_keys=True).encode()
+
+    def _commit(self, area: StagingArea, extra: Mapping[str, Any]) -> str:
+        local = isinstance(self.fs, LocalFileSystem)
+        tried = 0
+        for _ in range(_MAX_COMMIT_ATTEMPTS):
+            n = max([tried, *self._version_dirs()]) + 1
+            tried = n
+            version = f"v{n}"
+            target = _join(self.model_path, version)
+            manifest = self._manifest(area, version, extra)
+            if local:
+                # package.json last, then one rename: readers see all of v<N> or nothing.
+                with open(_join(area.path, MANIFEST), "wb") as f:
+                    f.write(manifest)
+                    f.flush()
+                    os.fsync(f.fileno())
+                try:
+                    os.rename(area.path, target)
+                except OSError as e:
+                    if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+                        continue
+                    raise PackageError(f"{target}: cannot commit the version ({e})") from e
+                return version
+            # Object stores: claim v<N> with a create-if-absent marker, then upload, package.json last.
+            try:
+                with self.fs.open(_join(target, ".claim"), "xb") as f:
+                    f.write(area.path.encode())
+            except FileExistsError:
+                continue
+            except (ValueError, NotImplementedError) as e:
+                raise PackageError(
+                    f"{target}: this storage does not support create-if-absent writes, needed to commit safely ({e})"
+                ) from e
+            for name in area.files:
+                self.fs.copy(_join(area.path, name), _join(target, name))
+            self.fs.pipe_file(_join(target, MANIFEST), manifest)
+            return version
+        raise PackageError(
+            f"{self.model_path}: could not find a free version after {_MAX_COMMIT_ATTEMPTS} attempts"
+        )
