@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Builds a pinned command-line tool from the Go module in hack/tools/<tool>/ (its go.mod names the
+# tool with a `tool` directive and pins every dependency; go.sum is committed) and caches the binary
+# outside the clone, at ${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/<tool>-<version>/<tool>, so a fresh
+# clone and CI reuse it. It builds only when that binary is missing.
+#
+# Usage: hack/build-tool.sh <tool>          build if needed; print the binary's path on stdout
+#        hack/build-tool.sh --path <tool>   print the path only; exit 1 if it is not built yet
+# Tools: helm (helm.sh/helm/v3), kubectl (k8s.io/kubernetes/cmd/kubectl at the k8s.io/kubectl release)
+set -euo pipefail
+
+usage() {
+    echo "usage: $0 [--path] helm|kubectl" >&2
+    exit 2
+}
+
+path_only=false
+if [[ "${1:-}" == "--path" ]]; then
+    path_only=true
+    shift
+fi
+[[ $# -eq 1 ]] || usage
+tool="$1"
+
+repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+module_dir="${repo_root}/hack/tools/${tool}"
+[[ -f "${module_dir}/go.mod" ]] || { echo "build-tool: no Go module for '${tool}' at ${module_dir}" >&2; usage; }
+
+# The module version of a dependency as pinned by the wrapper's go.mod (no network: go.mod is tidy).
+module_version() {
+    (cd "${module_dir}" && GOFLAGS=-mod=mod go list -m -f '{{if .Replace}}{{.Replace.Version}}{{else}}{{.Version}}{{end}}' "$1")
+}
+
+case "${tool}" in
+    helm)
+        package=helm.sh/helm/v3/cmd/helm
+        version="$(module_version helm.sh/helm/v3)"
+        # Helm renders and lints against the Kubernetes release of its client-go (v0.N -> 1.N), like
+        # its own Makefile; unset, it would claim Kubernetes 1.20 and fail charts needing newer.
+        k8s_minor="$(module_version k8s.io/client-go | cut -d. -f2)"
+        ldflags="-s -w \
+            -X helm.sh/helm/v3/internal/version.version=${version} \
+            -X helm.sh/helm/v3/internal/version.gitTreeState=clean \
+            -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 \
+            -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=${k8s_minor} \
+            -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
+            -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${k8s_minor}"
+        ;;
+    kubectl)
+        package=k8s.io/kubernetes/cmd/kubectl
+        version="$(module_version k8s.io/kubernetes)"
+        major="$(echo "${version#v}" | cut -d. -f1)"
+        minor="$(echo "${version#v}" | cut -d. -f2)"
+        ldflags="-s -w"
+        for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+            ldflags+=" -X ${pkg}.gitVersion=${version} -X ${pkg}.gitMajor=${major}"
+            ldflags+=" -X ${pkg}.gitMinor=${minor} -X ${pkg}.gitTreeState=clean"
+            ldflags+=" -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
+        done
+        ;;
+    *)
+        echo "build-tool: unknown tool '${tool}'" >&2
+        usage
+        ;;
+esac
+
+cache_dir="${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/${tool}-${version}"
+binary="${cache_dir}/${tool}"
+
+if [[ -x "${binary}" ]]; then
+    echo "${binary}"
+    exit 0
+fi
+if ${path_only}; then
+    echo "${binary}"
+    exit 1
+fi
+
+mkdir -p "${cache_dir}"
+# One build at a time per tool and version (parallel test sessions may ask together).
+exec 9>"${cache_dir}/.lock"
+flock 9
+if [[ ! -x "${binary}" ]]; then
+    echo "build-tool: building ${tool} ${version} (${package}) into ${cache_dir}; the first build takes minutes" >&2
+    tmp="$(mktemp "${cache_dir}/.${tool}.XXXXXX")"
+    trap 'rm -f "${tmp}"' EXIT
+    (cd "${module_dir}" && CGO_ENABLED=0 GOFLAGS=-mod=readonly \
+        go build -trimpath -ldflags "${ldflags}" -o "${tmp}" "${package}")
+    chmod 0755 "${tmp}"
+    mv -f "${tmp}" "${binary}"
+    trap - EXIT
+    echo "build-tool: built ${binary}" >&2
+fi
+echo "${binary}"

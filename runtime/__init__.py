@@ -1,0 +1,1 @@
+"""What runs inside pods: training entrypoint, data validation, features, registry, predictor."""

@@ -1,0 +1,332 @@
+"""Typed models of the conveyor API (group conveyor.dev, v1alpha1), shared by the operator and the runtime.
+
+The CRDs in `crds/` are the schema the apiserver enforces (with defaults and CEL rules); these models
+mirror them field for field so that Python code reads a spec with types instead of dict lookups. Field
+names are the API's camelCase names (aliases); Python attributes are snake_case.
+
+`RunConfig` is what the operator hands a training run (the RayJob's ConfigMap, `run.json`) and what
+`python -m conveyor.runtime.train --config run.json` reads: the pipeline's data, features, training,
+evaluation and registry sections plus the run's identity.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+GROUP = "conveyor.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+
+class _Model(BaseModel):
+    # Unknown fields are ignored: the apiserver already pruned them, and a newer CRD must not break an
+    # older runtime image reading a ConfigMap.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def to_api(self) -> dict[str, Any]:
+        """The object as the API spells it (camelCase, unset optional fields left out)."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+# ---------------------------------------------------------------- MLPipeline: data
+
+
+ColumnType = Literal["float", "int", "string", "bool", "image"]
+
+
+class ColumnContract(_Model):
+    """One column of the data contract: what every row must satisfy before training starts."""
+
+    name: str
+    type: ColumnType = "float"
+    nullable: bool = False
+    max_null_fraction: float = 0.0
+    min: float | None = None
+    max: float | None = None
+    allowed_values: list[str] | None = None
+
+
+class LabelContract(_Model):
+    """The label column and how balanced its classes must be."""
+
+    name: str = "label"
+    min_class_fraction: float = 0.0
+    allowed_values: list[str] | None = None
+
+
+class DataContract(_Model):
+    min_rows: int = 1
+    columns: list[ColumnContract] = Field(default_factory=list)
+    label: LabelContract | None = None
+
+
+class DataSource(_Model):
+    """Where the data comes from. `builtin://digits` and `builtin://fraud` need no download."""
+
+    uri: str
+    format: Literal["parquet", "csv", "imagefolder", "builtin"] = "parquet"
+
+
+class DataSplit(_Model):
+    test_fraction: float = 0.2
+    seed: int = 42
+
+
+class DataSpec(_Model):
+    source: DataSource
+    label: str = "label"
+    task: Literal["classification", "regression"] = "classification"
+    contract: DataContract = Field(default_factory=DataContract)
+    split: DataSplit = Field(default_factory=DataSplit)
+
+
+# ---------------------------------------------------------------- MLPipeline: features
+
+
+TransformType = Literal["standardize", "minMax", "clip", "impute", "oneHot", "bucketize"]
+
+
+class FeatureTransform(_Model):
+    """A declarative transform, fitted on the training split and shipped with the model."""
+
+    type: TransformType
+    columns: list[str]
+    # clip
+    min: float | None = None
+    max: float | None = None
+    # impute
+    strategy: Literal["mean", "median", "mostFrequent", "constant"] | None = None
+    value: float | str | None = None
+    # bucketize
+    boundaries: list[float] | None = None
+    # oneHot: categories seen in training beyond this many become "other"
+    max_categories: int | None = None
+
+
+class FeaturesSpec(_Model):
+    transforms: list[FeatureTransform] = Field(default_factory=list)
+
+
+# ---------------------------------------------------------------- MLPipeline: training
+
+
+class ModelArchitecture(_Model):
+    """`mlp` for tabular data, or a torchvision classification model name (`resnet18`, ...) for images."""
+
+    architecture: str = "mlp"
+    hidden_layers: list[int] = Field(default_factory=lambda: [64, 32])
+    dropout: float = 0.0
+    pretrained: bool = False
+
+
+class Hyperparameters(_Model):
+    epochs: int = 5
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    seed: int = 42
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: str | None = None
+    toleration_seconds: int | None = None
+
+
+class HeadGroup(_Model):
+    cpu: str = "1"
+    memory: str = "2Gi"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class WorkerGroup(_Model):
+    name: str = "workers"
+    replicas: int = 1
+    cpu: str = "1"
+    memory: str = "2Gi"
+    gpus: int = 0
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+
+class TrainingSpec(_Model):
+    model: ModelArchitecture = Field(default_factory=ModelArchitecture)
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
+    image: str = "ghcr.io/conveyor-ml/conveyor-runtime:0.1.0"
+    ray_version: str = "2.55.1"
+    num_workers: int = 1
+    use_gpu: bool = False
+    head_group: HeadGroup = Field(default_factory=HeadGroup)
+    worker_groups: list[WorkerGroup] = Field(default_factory=list)
+    queue: str | None = None
+    active_deadline_seconds: int | None = None
+    backoff_limit: int = 0
+    ttl_seconds_after_finished: int = 600
+
+
+# ---------------------------------------------------------------- MLPipeline: gate, registry, loop
+
+
+MetricName = Literal["accuracy", "f1Macro", "rocAuc", "rmse", "mae"]
+
+LOWER_IS_BETTER: frozenset[str] = frozenset({"rmse", "mae"})
+
+
+class EvaluationSpec(_Model):
+    """The gate a trained model must pass before it is registered as deployable."""
+
+    metric: MetricName = "accuracy"
+    threshold: float = 0.0
+    must_beat_deployed: bool = False
+    margin: float = 0.0
+
+
+class RegistrySpec(_Model):
+    uri: str
+    model_name: str
+
+
+class DeploySpec(_Model):
+    model_deployment: str
+
+
+class TriggersSpec(_Model):
+    schedule: str | None = None
+    on_drift: bool = False
+
+
+class MLPipelineSpec(_Model):
+    data: DataSpec
+    features: FeaturesSpec = Field(default_factory=FeaturesSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    registry: RegistrySpec
+    deploy: DeploySpec | None = None
+    triggers: TriggersSpec = Field(default_factory=TriggersSpec)
+    runs_history_limit: int = 5
+    suspend: bool = False
+
+
+class RunConfig(_Model):
+    """One training run: what `python -m conveyor.runtime.train --config run.json` executes."""
+
+    pipeline: str
+    namespace: str = "default"
+    run: int
+    data: DataSpec
+    features: FeaturesSpec = Field(default_factory=FeaturesSpec)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+    registry: RegistrySpec
+
+    @classmethod
+    def for_run(cls, spec: MLPipelineSpec, *, pipeline: str, namespace: str, run: int) -> RunConfig:
+        return cls(
+            pipeline=pipeline,
+            namespace=namespace,
+            run=run,
+            data=spec.data,
+            features=spec.features,
+            training=spec.training,
+            evaluation=spec.evaluation,
+            registry=spec.registry,
+        )
+
+
+# ---------------------------------------------------------------- ModelDeployment
+
+
+class ModelRef(_Model):
+    """Which model version serves. `version: latest` follows what `pipeline` last passed through its gate."""
+
+    registry_uri: str
+    name: str
+    version: str = "latest"
+    pipeline: str | None = None
+
+
+class Batching(_Model):
+    max_batch_size: int = 32
+    max_latency_ms: int = 5
+
+
+class ResourceList(_Model):
+    cpu: str | None = None
+    memory: str | None = None
+
+
+class Resources(_Model):
+    requests: ResourceList = Field(default_factory=ResourceList)
+    limits: ResourceList = Field(default_factory=ResourceList)
+
+
+class PredictorSpec(_Model):
+    image: str = "ghcr.io/conveyor-ml/conveyor-runtime:0.1.0"
+    protocol: Literal["v1", "v2"] = "v2"
+    resources: Resources = Field(default_factory=Resources)
+    gpus: int = 0
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    batching: Batching = Field(default_factory=Batching)
+
+
+class AutoscalingSpec(_Model):
+    min_replicas: int = 1
+    max_replicas: int = 3
+    metric: Literal["concurrency", "rps", "cpu"] = "concurrency"
+    target: int = 10
+
+
+class LatencyCheck(_Model):
+    percentile: int = 99
+    max_ms: float = 500.0
+
+
+class MetricCheck(_Model):
+    """A custom PromQL check: the query's scalar result must lie within [min, max]."""
+
+    name: str
+    query: str
+    min: float | None = None
+    max: float | None = None
+
+
+class AnalysisSpec(_Model):
+    min_success_rate: float = 0.99
+    latency: LatencyCheck | None = None
+    checks: list[MetricCheck] = Field(default_factory=list)
+    failure_limit: int = 1
+    window: str = "1m"
+
+
+class RolloutSpec(_Model):
+    strategy: Literal["canary", "immediate"] = "canary"
+    steps: list[int] = Field(default_factory=lambda: [10, 50, 100])
+    interval: str = "1m"
+    analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    mode: Literal["Knative", "Standard"] = "Knative"
+
+
+class DriftSpec(_Model):
+    method: Literal["psi", "ks"] = "psi"
+    threshold: float = 0.2
+
+
+class MonitoringSpec(_Model):
+    drift: DriftSpec = Field(default_factory=DriftSpec)
+    retrain_pipeline: str | None = None
+
+
+class ModelDeploymentSpec(_Model):
+    model: ModelRef
+    predictor: PredictorSpec = Field(default_factory=PredictorSpec)
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    rollout: RolloutSpec = Field(default_factory=RolloutSpec)
+    monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
