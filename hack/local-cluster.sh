@@ -108,7 +108,7 @@ start() { # name, command...
   echo $! >"$STATE/pids/$name"
 }
 
-apiserver_ready() { curl -sf --cacert "$STATE/pki/ca.crt" --cert "$STATE/pki/admin.crt" --key "$STATE/pki/admin.key" "https://127.0.0.1:$(cat "$STATE/ports/apiserver")/readyz"; }
+apiserver_ready() { curl -sf -o /dev/null --cacert "$STATE/pki/ca.crt" --cert "$STATE/pki/admin.crt" --key "$STATE/pki/admin.key" "https://127.0.0.1:$(cat "$STATE/ports/apiserver")/readyz"; }
 
 gen_certs() {
   local pki=$STATE/pki
@@ -253,7 +253,7 @@ cmd_status() {
     if running "$c"; then echo "$c: running (pid $(pid_of "$c"))"; else echo "$c: stopped"; rc=1; fi
   done
   if running kube-apiserver; then
-    if apiserver_ready >/dev/null; then echo "kube-apiserver: ready at https://127.0.0.1:$(cat "$STATE/ports/apiserver")"; else echo "kube-apiserver: NOT ready"; rc=1; fi
+    if apiserver_ready; then echo "kube-apiserver: ready at https://127.0.0.1:$(cat "$STATE/ports/apiserver")"; else echo "kube-apiserver: NOT ready"; rc=1; fi
     echo "kubeconfig: $KUBECONFIG_PATH"
   fi
   echo "logs: $STATE/logs"
