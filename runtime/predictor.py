@@ -1,0 +1,597 @@
+"""The KServe model that serves one registry version: parse, transform, batch, predict, observe.
+
+Both protocols reach ``predict``:
+
+- V1 ``{"instances": [...]}``: tabular rows as ``{feature: value}`` objects (or lists in schema order);
+  images as ``{"image": {"b64": ...}}`` (KServe's image example), ``{"b64": ...}``, or raw pixels
+  ``{"image": [[...]]}``. Answer: ``{"predictions": [{"label", "probabilities"} | {"value"}], "id",
+  "model_name", "model_version"}``.
+- V2 (Open Inference Protocol): one input tensor per feature (shape ``[B]``), named and typed as the model
+  metadata says; images as a BYTES tensor ``[B]`` of encoded images (base64 text in JSON, raw bytes in
+  the binary extension) or numeric raw pixels ``[B, C, H, W]``. Outputs ``label`` (BYTES) and
+  ``probabilities`` (FP32 ``[B, K]``), or ``value`` (FP32) for regression; ``id`` and ``model_version``.
+
+Every response carries a request id (the client's ``id`` / ``x-request-id`` if given, else a new one);
+ground truth for it can be posted to the feedback endpoint. Anything wrong with the input raises
+``InvalidInput`` (HTTP 400) with a message naming the field and the problem.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextvars
+import io
+import logging
+import math
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+from kserve import InferOutput, InferRequest, InferResponse, Model
+from kserve.errors import InvalidInput
+
+from conveyor.runtime.batching import DynamicBatcher
+from conveyor.runtime.drift import DriftMonitor
+from conveyor.runtime.registry import ModelPackage, PackageError, open_package
+from conveyor.runtime.serving_metrics import FeedbackTracker, ServingMetrics
+
+log = logging.getLogger("conveyor.predictor")
+
+# Set by the serving middleware for each request; the model marks it once a request reaches it, so an
+# exception raised earlier (while KServe decodes the body) is known to be the client's malformed input.
+REQUEST_STATE: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "conveyor_request_state", default=None
+)
+
+_V2_NUMERIC = {
+    "BOOL",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "FP16",
+    "FP32",
+    "FP64",
+}
+_V2_TYPE_OF = {"float": "FP32", "int": "INT64", "bool": "BOOL", "string": "BYTES"}
+
+
+def _mark_reached() -> None:
+    state = REQUEST_STATE.get()
+    if state is not None:
+        state["reached_model"] = True
+
+
+def _pick_device(requested: str | None) -> str:
+    import torch
+
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: no CUDA device is available here")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class PackagePredictor(Model):
+    """Serves the model package at ``model_dir`` under ``name``."""
+
+    def __init__(
+        self,
+        name: str,
+        model_dir: str,
+        *,
+        max_batch_size: int = 32,
+        max_latency_ms: float = 5.0,
+        batching: bool = True,
+        device: str | None = None,
+        drift_method: str = "psi",
+        drift_window: int = 1000,
+        drift_min_samples: int = 200,
+        max_rows_per_request: int = 4096,
+        with_metrics: bool = True,
+    ) -> None:
+        super().__init__(name, return_response_headers=True)
+        self.model_dir = model_dir
+        self.max_batch_size = max_batch_size
+        self.max_latency_ms = max_latency_ms
+        self.batching = batching
+        self.requested_device = device
+        self.drift_method = drift_method
+        self.drift_window = drift_window
+        self.drift_min_samples = drift_min_samples
+        self.max_rows_per_request = max_rows_per_request
+        self.with_metrics = with_metrics
+        self.package: ModelPackage | None = None
+        self.metrics: ServingMetrics | None = None
+        self.drift: DriftMonitor | None = None
+        self.feedback: FeedbackTracker | None = None
+        self.batcher: DynamicBatcher | None = None
+        self.version = ""
+        self.device = "cpu"
+
+    # ------------------------------------------------------------ loading
+
+    def load(self) -> bool:
+        """Open and verify the package, load the weights, run one warm-up pass. Raises PackageError
+        (naming the path and the reason) for a missing or corrupt package; ready only after this."""
+        import torch
+
+        pkg = open_package(self.model_dir)
+        self.package = pkg
+        self.version = pkg.version
+        self.kind = pkg.transforms.kind
+        self.task = pkg.task
+        self.classes = [str(c) for c in pkg.classes] if pkg.classes is not None else None
+        if self.task == "classification" and not self.classes:
+            raise PackageError(f"{self.model_dir}: schema.json has no classes for a classification model")
+        self.device = _pick_device(self.requested_device)
+        self.module = pkg.load_model(self.device)
+        self._torch = torch
+        warm = np.zeros([1, *pkg.transforms.input_shape], dtype=np.float32)
+        try:
+            out = self._forward(warm)
+        except Exception as e:  # a package whose weights do not take its own input layout
+            raise PackageError(
+                f"{self.model_dir}: model.pt does not accept input of shape {list(warm.shape)} ({e})"
+            ) from e
+        if self.task == "classification" and out.shape[1] != len(self.classes or []):
+            raise PackageError(
+                f"{self.model_dir}: model.pt outputs {out.shape[1]} logits, schema.json lists "
+                f"{len(self.classes or [])} classes"
+            )
+        self.drift = DriftMonitor(
+            pkg.profile,
+            classes=self.classes,
+            window=self.drift_window,
+            min_samples=self.drift_min_samples,
+            method=self.drift_method,
+        )
+        self.feedback = FeedbackTracker(task=self.task)
+        if self.with_metrics:
+            self.metrics = ServingMetrics(
+                self.name,
+                self.version,
+                task=self.task,
+                architecture=str(pkg.manifest.get("architecture", "unknown")),
+                drift=self.drift,
+            )
+        if self.batching:
+            self.batcher = DynamicBatcher(
+                self._forward,
+                max_batch_size=self.max_batch_size,
+                max_latency_ms=self.max_latency_ms,
+                on_batch=self.metrics.observe_batch if self.metrics else None,
+            )
+        self.ready = True
+        log.info(
+            "loaded model %s version %s from %s on %s (batching %s)",
+            self.name,
+            self.version,
+            self.model_dir,
+            self.device,
+            f"max {self.max_batch_size} rows / {self.max_latency_ms} ms" if self.batching else "off",
+        )
+        return self.ready
+
+    def _forward(self, x: np.ndarray) -> np.ndarray:
+        """One forward pass: probabilities [B, K] (classification) or values [B] (regression)."""
+        torch = self._torch
+        with torch.inference_mode():
+            t = torch.from_numpy(x).to(self.device, non_blocking=True)
+            out = self.module(t)
+            if self.task == "classification":
+                out = torch.softmax(out.float(), dim=1)
+            else:
+                out = out.float().reshape(out.shape[0], -1)[:, 0]
+            return out.cpu().numpy()
+
+    # ------------------------------------------------------------ metadata
+
+    def get_input_types(self) -> list[dict[str, Any]]:
+        t = self.package.transforms if self.package else None
+        if t is None:
+            return []
+        if t.kind == "image":
+            return [{"name": t.image_field, "datatype": "BYTES", "shape": [-1]}]
+        return [{"name": f.name, "datatype": _V2_TYPE_OF[f.type], "shape": [-1]} for f in t.features]
+
+    def get_output_types(self) -> list[dict[str, Any]]:
+        if self.task == "regression":
+            return [{"name": "value", "datatype": "FP32", "shape": [-1]}]
+        return [
+            {"name": "label", "datatype": "BYTES", "shape": [-1]},
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, len(self.classes or [])]},
+        ]
+
+    # ------------------------------------------------------------ inference
+
+    async def predict(
+        self,
+        payload: dict[str, Any] | InferRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict[str, Any] | InferResponse:
+        _mark_reached()
+        headers = headers or {}
+        is_v2 = isinstance(payload, InferRequest)
+        if is_v2:
+            request_id = payload.id or headers.get("x-request-id") or uuid.uuid4().hex
+            x, columns, n = self._parse_v2(payload)
+        else:
+            body_id = payload.get("id") if isinstance(payload, Mapping) else None
+            request_id = str(body_id or headers.get("x-request-id") or uuid.uuid4().hex)
+            x, columns, n = self._parse_v1(payload)
+
+        if self.batcher is not None:
+            out = await self.batcher.submit(x)
+        else:
+            out = self._forward(x)
+            if self.metrics:
+                self.metrics.observe_batch(n, 1)
+
+        if self.task == "classification":
+            idx = np.argmax(out, axis=1)
+            labels = [self.classes[i] for i in idx]  # type: ignore[index]
+            answers: list[Any] = labels
+        else:
+            answers = [float(v) for v in out]
+        self._observe(columns, answers, request_id)
+        if response_headers is not None:
+            response_headers["x-request-id"] = request_id
+
+        if is_v2:
+            return self._v2_response(payload, request_id, out, answers)
+        if self.task == "classification":
+            classes = self.classes or []
+            predictions = [
+                {"label": lab, "probabilities": {c: float(p) for c, p in zip(classes, row, strict=True)}}
+                for lab, row in zip(answers, out.tolist(), strict=True)
+            ]
+        else:
+            predictions = [{"value": v} for v in answers]
+        return {
+            "predictions": predictions,
+            "id": request_id,
+            "model_name": self.name,
+            "model_version": self.version,
+        }
+
+    def _observe(self, columns: dict[str, Any], answers: list[Any], request_id: str) -> None:
+        if self.drift is not None:
+            self.drift.observe(columns, answers)
+        if self.feedback is not None:
+            self.feedback.remember(request_id, answers)
+        if self.metrics is not None:
+            self.metrics.observe_predictions(answers)
+
+    def _v2_response(
+        self, request: InferRequest, request_id: str, out: np.ndarray, answers: list[Any]
+    ) -> InferResponse:
+        n = len(answers)
+        if self.task == "classification":
+            label = InferOutput("label", [n], "BYTES")
+            label.set_data_from_numpy(np.array(answers, dtype=np.object_), binary_data=False)
+            probs = InferOutput("probabilities", list(out.shape), "FP32")
+            probs.set_data_from_numpy(out.astype(np.float32), binary_data=False)
+            outputs = [label, probs]
+        else:
+            value = InferOutput("value", [n], "FP32")
+            value.set_data_from_numpy(out.astype(np.float32), binary_data=False)
+            outputs = [value]
+        known = {o.name for o in outputs}
+        for requested in request.request_outputs or []:
+            if requested.name not in known:
+                raise InvalidInput(
+                    f"output {requested.name!r} does not exist; this model has {sorted(known)}"
+                )
+        return InferResponse(
+            response_id=request_id,
+            model_name=self.name,
+            infer_outputs=outputs,
+            model_version=self.version,
+            use_binary_outputs=request.use_binary_outputs,
+            requested_outputs=request.request_outputs,
+        )
+
+    # ------------------------------------------------------------ V1 parsing
+
+    def _check_rows(self, n: int) -> None:
+        if n == 0:
+            raise InvalidInput("the request holds no rows; send at least one instance")
+        if n > self.max_rows_per_request:
+            raise InvalidInput(
+                f"the request holds {n} rows; the limit is {self.max_rows_per_request} per request"
+            )
+
+    def _parse_v1(self, body: Any) -> tuple[np.ndarray, dict[str, Any], int]:
+        if isinstance(body, bytes | str):
+            # KServe passes the body through undecoded when the content-type is not JSON (curl's default
+            # form type, text/plain); JSON is the only V1 body there is, so read it as such.
+            try:
+                body = orjson.loads(body)
+            except orjson.JSONDecodeError as e:
+                raise InvalidInput(f"the V1 body is not valid JSON ({e})") from e
+        if not isinstance(body, Mapping):
+            raise InvalidInput(
+                'a V1 request body must be a JSON object {"instances": [...]}; got ' + type(body).__name__
+            )
+        if "instances" not in body:
+            raise InvalidInput(f'the V1 body needs "instances" (a list of rows); it has {sorted(body)}')
+        instances = body["instances"]
+        if not isinstance(instances, list):
+            raise InvalidInput(f'"instances" must be a list of rows, got {type(instances).__name__}')
+        self._check_rows(len(instances))
+        if self.kind == "image":
+            return self._images_from_v1(instances)
+        features = self.package.transforms.features  # type: ignore[union-attr]
+        names = [f.name for f in features]
+        rows: list[Mapping[str, Any]] = []
+        for i, inst in enumerate(instances):
+            if isinstance(inst, Mapping):
+                rows.append(inst)
+            elif isinstance(inst, list):
+                if len(inst) != len(names):
+                    raise InvalidInput(
+                        f"instances[{i}] has {len(inst)} values; the model takes {len(names)} features {names}"
+                    )
+                rows.append(dict(zip(names, inst, strict=True)))
+            else:
+                raise InvalidInput(
+                    f"instances[{i}] must be an object {{feature: value}} or a list in feature order, "
+                    f"got {type(inst).__name__}"
+                )
+        for i, row in enumerate(rows):
+            for k, v in row.items():
+                if isinstance(v, list | dict):
+                    raise InvalidInput(f"instances[{i}].{k} must be a single value, got a {type(v).__name__}")
+        x = self._transform(rows)
+        columns = {name: [row.get(name) for row in rows] for name in names}
+        return x, columns, len(rows)
+
+    def _transform(self, data: Any) -> np.ndarray:
+        try:
+            return self.package.transforms.apply(data)  # type: ignore[union-attr]
+        except ValueError as e:
+            raise InvalidInput(str(e)) from e
+
+    # ------------------------------------------------------------ V2 parsing
+
+    def _parse_v2(self, request: InferRequest) -> tuple[np.ndarray, dict[str, Any], int]:
+        if not request.inputs:
+            raise InvalidInput('the V2 request has no "inputs"')
+        arrays: dict[str, np.ndarray] = {}
+        for inp in request.inputs:
+            if inp.name in arrays:
+                raise InvalidInput(f"input {inp.name!r} is given twice")
+            try:
+                arr = inp.as_numpy()
+            except InvalidInput:
+                raise
+            except (ValueError, TypeError) as e:
+                raise InvalidInput(
+                    f"input {inp.name!r}: data does not fit datatype {inp.datatype} and shape {inp.shape} ({e})"
+                ) from e
+            arrays[inp.name] = arr
+        if self.kind == "image":
+            return self._images_from_v2(request, arrays)
+
+        features = self.package.transforms.features  # type: ignore[union-attr]
+        known = {f.name: f for f in features}
+        unknown = [name for name in arrays if name not in known]
+        if unknown:
+            raise InvalidInput(f"unknown input(s) {unknown}; the model takes {[f.name for f in features]}")
+        missing = [f.name for f in features if f.name not in arrays]
+        if missing:
+            raise InvalidInput(f"input(s) {missing} missing; see GET /v2/models/{self.name} for the inputs")
+        datatypes = {inp.name: inp.datatype for inp in request.inputs}
+        columns: dict[str, Any] = {}
+        n: int | None = None
+        for f in features:
+            arr = arrays[f.name]
+            if arr.ndim == 2 and arr.shape[1] == 1:
+                arr = arr[:, 0]
+            if arr.ndim != 1:
+                raise InvalidInput(
+                    f"input {f.name!r} must have shape [B] (one value per row), got {list(arr.shape)}"
+                )
+            if n is None:
+                n = len(arr)
+            elif len(arr) != n:
+                raise InvalidInput(
+                    f"input {f.name!r} has {len(arr)} rows, {features[0].name!r} has {n}; all inputs need the same"
+                )
+            dt = datatypes[f.name]
+            if f.type == "string":
+                if dt != "BYTES":
+                    raise InvalidInput(f"input {f.name!r} is a string feature: send datatype BYTES, got {dt}")
+                columns[f.name] = [
+                    v.decode("utf-8", "replace") if isinstance(v, bytes) else v for v in arr.tolist()
+                ]
+            else:
+                if dt not in _V2_NUMERIC:
+                    raise InvalidInput(
+                        f"input {f.name!r} is a {f.type} feature: send a numeric datatype (e.g. "
+                        f"{_V2_TYPE_OF[f.type]}), got {dt}"
+                    )
+                columns[f.name] = arr.astype(np.float64) if arr.dtype != np.float64 else arr
+        assert n is not None
+        self._check_rows(n)
+        x = self._transform(columns)
+        return x, {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in columns.items()}, n
+
+    # ------------------------------------------------------------ images
+
+    def _decode_image(self, data: bytes, where: str) -> np.ndarray:
+        """Encoded image bytes -> raw pixels [C, H, W] on the training scale (0..scale), resized with
+        torchvision as the training images were laid out."""
+        from PIL import Image, UnidentifiedImageError
+        from torchvision.transforms import v2 as T
+
+        t = self.package.transforms  # type: ignore[union-attr]
+        try:
+            img = Image.open(io.BytesIO(data))
+            img.load()
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+            raise InvalidInput(f"{where}: not a decodable image ({e})") from e
+        img = img.convert("L" if t.channels == 1 else "RGB")
+        pipeline = T.Compose([T.PILToTensor(), T.Resize((t.height, t.width), antialias=True)])
+        pixels = pipeline(img).numpy().astype(np.float32)  # uint8 0..255
+        return pixels * np.float32(t.scale / 255.0)
+
+    def _b64(self, text: Any, where: str) -> bytes:
+        if not isinstance(text, str):
+            raise InvalidInput(f"{where}: b64 must be a base64 string, got {type(text).__name__}")
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise InvalidInput(f"{where}: not valid base64 ({e})") from e
+
+    def _images_from_v1(self, instances: list[Any]) -> tuple[np.ndarray, dict[str, Any], int]:
+        t = self.package.transforms  # type: ignore[union-attr]
+        field = t.image_field
+        raw = []
+        for i, inst in enumerate(instances):
+            where = f"instances[{i}]"
+            value = inst.get(field, inst) if isinstance(inst, Mapping) else inst
+            if isinstance(value, Mapping) and "b64" in value:
+                raw.append(self._decode_image(self._b64(value["b64"], f"{where}.{field}.b64"), where))
+            elif isinstance(value, list):
+                raw.append(self._raw_pixels(value, where))
+            else:
+                raise InvalidInput(
+                    f'{where} must be {{"{field}": {{"b64": "<base64 image>"}}}} or {{"{field}": [pixels]}}'
+                )
+        return self._images(np.stack(raw))
+
+    def _raw_pixels(self, value: Any, where: str) -> np.ndarray:
+        t = self.package.transforms  # type: ignore[union-attr]
+        try:
+            arr = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise InvalidInput(f"{where}: pixels must be numbers ({e})") from e
+        shape = (t.channels, t.height, t.width)
+        if arr.shape == (t.height, t.width) and t.channels == 1:
+            arr = arr[None]
+        elif arr.shape == (t.height, t.width, t.channels) and arr.shape != shape:
+            arr = arr.transpose(2, 0, 1)
+        elif arr.ndim == 1 and arr.size == math.prod(shape):
+            arr = arr.reshape(shape)
+        if arr.shape != shape:
+            raise InvalidInput(f"{where}: pixels must have shape {list(shape)}, got {list(arr.shape)}")
+        return arr
+
+    def _images_from_v2(
+        self, request: InferRequest, arrays: dict[str, np.ndarray]
+    ) -> tuple[np.ndarray, dict[str, Any], int]:
+        t = self.package.transforms  # type: ignore[union-attr]
+        if len(arrays) != 1:
+            raise InvalidInput(f"an image model takes one input, {t.image_field!r}; got {sorted(arrays)}")
+        name, arr = next(iter(arrays.items()))
+        datatype = request.inputs[0].datatype
+        if datatype == "BYTES":
+            items = arr.reshape(-1).tolist()
+            self._check_rows(len(items))
+            raw = []
+            for i, item in enumerate(items):
+                where = f"input {name!r}[{i}]"
+                data = item if isinstance(item, bytes) else self._b64(item, where)
+                if isinstance(item, bytes) and not _looks_like_image(item):
+                    data = self._b64(item.decode("ascii", "replace"), where)
+                raw.append(self._decode_image(data, where))
+            return self._images(np.stack(raw))
+        if datatype not in _V2_NUMERIC:
+            raise InvalidInput(
+                f"input {name!r}: send BYTES (encoded images) or numeric raw pixels, got {datatype}"
+            )
+        if arr.ndim < 2:
+            raise InvalidInput(f"input {name!r}: raw pixels need shape [B, C, H, W], got {list(arr.shape)}")
+        self._check_rows(len(arr))
+        return self._images(
+            np.stack([self._raw_pixels(a, f"input {name!r}[{i}]") for i, a in enumerate(arr)])
+        )
+
+    def _images(self, raw: np.ndarray) -> tuple[np.ndarray, dict[str, Any], int]:
+        from conveyor.runtime.profile import image_stats
+
+        t = self.package.transforms  # type: ignore[union-attr]
+        if not np.isfinite(raw).all():
+            raise InvalidInput(f"feature {t.image_field!r}: pixels must be finite numbers")
+        x = self._transform(raw)
+        stats = image_stats(raw, scale=t.scale)
+        return x, {k: v.tolist() for k, v in stats.items()}, len(raw)
+
+    # ------------------------------------------------------------ feedback
+
+    def record_feedback(self, items: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Score ground truth for earlier requests: each item ``{"id": request id, "label": truth}`` (or
+        ``"labels": [...]`` for a request of several rows; ``"value"``/``"values"`` for regression)."""
+        assert self.feedback is not None
+        results = []
+        for i, item in enumerate(items):
+            where = f"feedback[{i}]"
+            if not isinstance(item, Mapping):
+                raise InvalidInput(f"{where} must be an object with id and label(s)")
+            rid = item.get("id")
+            if not isinstance(rid, str) or not rid:
+                raise InvalidInput(f'{where}.id must be the request id a prediction response carried ("id")')
+            single, many = ("value", "values") if self.task == "regression" else ("label", "labels")
+            if many in item:
+                truths = item[many]
+                if not isinstance(truths, list):
+                    raise InvalidInput(f"{where}.{many} must be a list")
+            elif single in item:
+                truths = [item[single]]
+            else:
+                raise InvalidInput(f"{where} needs {single!r} (or {many!r} for a request of several rows)")
+            for t in truths:
+                if isinstance(t, list | dict) or t is None:
+                    raise InvalidInput(f"{where}.{single}: {t!r} is not a single value")
+                if self.task == "regression" and not _is_number(t):
+                    raise InvalidInput(f"{where}.{single}: {t!r} is not a number")
+                if self.task == "classification" and str(t) not in (self.classes or []):
+                    raise InvalidInput(f"{where}.{single}: {t!r} is not one of the classes {self.classes}")
+            try:
+                scores = self.feedback.score(rid, truths)
+            except KeyError:
+                results.append({"id": rid, "status": "unknown_id"})
+                if self.metrics:
+                    self.metrics.observe_feedback("unknown_id", len(truths), None)
+                continue
+            except ValueError as e:
+                raise InvalidInput(f"{where}: {e}") from e
+            online = self.feedback.online_value()
+            if self.metrics:
+                if self.task == "regression":
+                    self.metrics.observe_feedback("scored", len(scores), online)
+                else:
+                    correct = int(sum(scores))
+                    if correct:
+                        self.metrics.observe_feedback("correct", correct, online)
+                    if len(scores) - correct:
+                        self.metrics.observe_feedback("incorrect", len(scores) - correct, online)
+            results.append({"id": rid, "status": "recorded", "rows": len(scores)})
+        online = self.feedback.online_value()
+        key = "online_mae" if self.task == "regression" else "online_accuracy"
+        return {"results": results, key: online, "model_name": self.name, "model_version": self.version}
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(float(v))
+
+
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*", b"P5", b"P6")
+
+
+def _looks_like_image(data: bytes) -> bool:
+    return data.startswith(_IMAGE_MAGIC)

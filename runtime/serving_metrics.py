@@ -1,0 +1,245 @@
+"""Prometheus metrics of the predictor, exported on KServe's ``/metrics`` next to KServe's own.
+
+Every series carries ``model_name`` and ``model_version`` so a canary and the stable version can be told
+apart in one Prometheus. Names (all prefixed ``conveyor_``):
+
+- ``requests_total{protocol, outcome, code}``: inference requests (``protocol`` v1|v2; ``outcome``
+  success|client_error|server_error; ``code`` the HTTP status), counted by the ASGI middleware so that
+  requests KServe rejects before they reach the model are counted too.
+- ``request_duration_seconds{protocol}``: end-to-end latency histogram of those requests.
+- ``batch_size`` (rows per forward pass) and ``batch_requests`` (requests per forward pass) histograms.
+- ``predictions_total{class}`` (classification) or ``prediction_value`` histogram (regression).
+- ``feature_drift{feature, method}``, ``prediction_drift{method}``, ``drift_score{method}`` (the overall
+  score: the largest of the others) and ``drift_window_rows``; the scores are computed at scrape time
+  from the sliding window (see ``drift.py``) and absent until the window holds enough rows.
+- ``feedback_total{result}`` (correct|incorrect for classification, scored for regression,
+  unknown_id), ``online_accuracy`` (classification) or ``online_mae`` (regression) over the last
+  ``feedback_window`` labelled rows.
+- ``model_info{task, architecture}`` = 1.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from conveyor.runtime.drift import DriftMonitor
+
+LABELS = ("model_name", "model_version")
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def outcome_of(code: int) -> str:
+    if code < 400:
+        return "success"
+    return "client_error" if code < 500 else "server_error"
+
+
+class _DriftCollector(Collector):
+    """Drift gauges computed when Prometheus scrapes, from the monitor's current window."""
+
+    def __init__(self, monitor: DriftMonitor, model_name: str, model_version: str) -> None:
+        self.monitor = monitor
+        self.labels = [model_name, model_version]
+
+    def describe(self) -> list[Any]:
+        return []  # computed at scrape time; nothing to check against at registration
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        report = self.monitor.report()
+        method = self.monitor.method
+        rows = GaugeMetricFamily(
+            "conveyor_drift_window_rows",
+            "Rows in the drift window (scores appear once it is full enough)",
+            labels=LABELS,
+        )
+        rows.add_metric(self.labels, report.samples)
+        yield rows
+        feature = GaugeMetricFamily(
+            "conveyor_feature_drift",
+            "Drift of one input feature (or image statistic): live window vs training profile",
+            labels=[*LABELS, "feature", "method"],
+        )
+        for name, score in sorted(report.features.items()):
+            feature.add_metric([*self.labels, name, method], score)
+        yield feature
+        prediction = GaugeMetricFamily(
+            "conveyor_prediction_drift",
+            "PSI of the live prediction distribution vs training",
+            labels=[*LABELS, "method"],
+        )
+        if report.prediction is not None:
+            prediction.add_metric([*self.labels, method], report.prediction)
+        yield prediction
+        overall = GaugeMetricFamily(
+            "conveyor_drift_score",
+            "Overall drift: the largest feature or prediction drift score",
+            labels=[*LABELS, "method"],
+        )
+        if report.overall is not None:
+            overall.add_metric([*self.labels, method], report.overall)
+        yield overall
+
+
+class FeedbackTracker:
+    """Remembers recent predictions by request id and scores ground truth sent back for them."""
+
+    def __init__(self, *, capacity: int = 100_000, window: int = 1000, task: str = "classification") -> None:
+        self.capacity = capacity
+        self.task = task
+        self._predictions: OrderedDict[str, list[Any]] = OrderedDict()
+        self._scores: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()
+
+    def remember(self, request_id: str, predictions: Sequence[Any]) -> None:
+        with self._lock:
+            self._predictions[request_id] = list(predictions)
+            self._predictions.move_to_end(request_id)
+            while len(self._predictions) > self.capacity:
+                self._predictions.popitem(last=False)
+
+    def predictions(self, request_id: str) -> list[Any] | None:
+        with self._lock:
+            return self._predictions.get(request_id)
+
+    def score(self, request_id: str, truths: Sequence[Any]) -> list[float]:
+        """Record ground truth for every row of a request; returns the per-row scores (1/0 correct for
+        classification, absolute error for regression). KeyError if the id is unknown or expired."""
+        with self._lock:
+            predicted = self._predictions.get(request_id)
+            if predicted is None:
+                raise KeyError(request_id)
+            if len(truths) != len(predicted):
+                raise ValueError(
+                    f"request {request_id!r} had {len(predicted)} row(s); feedback gives {len(truths)} label(s)"
+                )
+            if self.task == "regression":
+                scores = [abs(float(t) - float(p)) for t, p in zip(truths, predicted, strict=True)]
+            else:
+                scores = [1.0 if str(t) == str(p) else 0.0 for t, p in zip(truths, predicted, strict=True)]
+            self._scores.extend(scores)
+            return scores
+
+    def online_value(self) -> float | None:
+        with self._lock:
+            return sum(self._scores) / len(self._scores) if self._scores else None
+
+
+class ServingMetrics:
+    """The predictor's metrics, bound to one model name and version."""
+
+    def __init__(
+        self,
+        model_name: str,
+        model_version: str,
+        *,
+        task: str,
+        architecture: str,
+        drift: DriftMonitor | None,
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
+        self.model_name = model_name
+        self.model_version = model_version
+        self.task = task
+        lv = (model_name, model_version)
+        self.requests = Counter(
+            "conveyor_requests_total",
+            "Inference requests by protocol, outcome and HTTP status code",
+            [*LABELS, "protocol", "outcome", "code"],
+            registry=registry,
+        )
+        self.latency = Histogram(
+            "conveyor_request_duration_seconds",
+            "Inference request latency, end to end in the server",
+            [*LABELS, "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            "conveyor_batch_size",
+            "Rows per forward pass",
+            LABELS,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        ).labels(*lv)
+        self.batch_requests = Histogram(
+            "conveyor_batch_requests",
+            "Requests answered by one forward pass",
+            LABELS,
+            buckets=BATCH_BUCKETS,
+            registry=registry,
+        ).labels(*lv)
+        self.predictions = Counter(
+            "conveyor_predictions_total",
+            "Predicted classes",
+            [*LABELS, "class"],
+            registry=registry,
+        )
+        self.prediction_value = Histogram(
+            "conveyor_prediction_value",
+            "Predicted values (regression)",
+            LABELS,
+            registry=registry,
+        ).labels(*lv)
+        self.feedback = Counter(
+            "conveyor_feedback_total",
+            "Ground-truth rows received, by result",
+            [*LABELS, "result"],
+            registry=registry,
+        )
+        self.online_accuracy = Gauge(
+            "conveyor_online_accuracy",
+            "Accuracy on the last rows that got ground truth",
+            LABELS,
+            registry=registry,
+        )
+        self.online_mae = Gauge(
+            "conveyor_online_mae",
+            "Mean absolute error on the last rows that got ground truth (regression)",
+            LABELS,
+            registry=registry,
+        )
+        info = Gauge(
+            "conveyor_model_info",
+            "The served model version",
+            [*LABELS, "task", "architecture"],
+            registry=registry,
+        )
+        info.labels(*lv, task, architecture).set(1)
+        self._drift_collector = None
+        if drift is not None:
+            self._drift_collector = _DriftCollector(drift, model_name, model_version)
+            registry.register(self._drift_collector)
+
+    def observe_request(self, protocol: str, code: int, seconds: float) -> None:
+        lv = (self.model_name, self.model_version)
+        self.requests.labels(*lv, protocol, outcome_of(code), str(code)).inc()
+        self.latency.labels(*lv, protocol).observe(seconds)
+
+    def observe_batch(self, rows: int, requests: int) -> None:
+        self.batch_size.observe(rows)
+        self.batch_requests.observe(requests)
+
+    def observe_predictions(self, predictions: Sequence[Any]) -> None:
+        if self.task == "regression":
+            for v in predictions:
+                self.prediction_value.observe(float(v))
+            return
+        counts: dict[str, int] = {}
+        for p in predictions:
+            counts[str(p)] = counts.get(str(p), 0) + 1
+        for cls, n in counts.items():
+            self.predictions.labels(self.model_name, self.model_version, cls).inc(n)
+
+    def observe_feedback(self, result: str, rows: int, online_value: float | None) -> None:
+        self.feedback.labels(self.model_name, self.model_version, result).inc(rows)
+        if online_value is not None:
+            gauge = self.online_mae if self.task == "regression" else self.online_accuracy
+            gauge.labels(self.model_name, self.model_version).set(online_value)
