@@ -1,2 +1,1 @@
-from __future__ import annotations
-"""conveyor operator: kopf handlers, pure builders, rollout state machine."""
+"""conveyor operator: kopf handlers, pure builders, reconcile planners (import as conveyor.operator)."""

@@ -1,0 +1,75 @@
+"""`python -m conveyor.operator`: run the operator (cluster-wide, or in the namespaces named).
+
+    python -m conveyor.operator                      # every namespace
+    python -m conveyor.operator -n team-a -n team-b  # only these
+    python -m conveyor.operator --metrics-port 8000 --liveness-port 8080
+
+Credentials: the pod's service account in a cluster, else $KUBECONFIG or ~/.kube/config.
+Liveness: GET http://<addr>:<liveness-port>/healthz (kopf's probe endpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+import kopf
+
+from conveyor.operator import handlers  # noqa: F401 - registers the kopf handlers
+from conveyor.operator.handlers import Config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m conveyor.operator", description=__doc__.split("\n")[0])
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument(
+        "-n", "--namespace", action="append", default=[], metavar="NS",
+        help="watch only this namespace (repeatable; default: every namespace)",
+    )
+    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
+    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("CONVEYOR_METRICS_PORT", "8000")),
+                   help="Prometheus /metrics port, 0 to disable (default 8000)")
+    p.add_argument("--liveness-port", type=int, default=int(os.environ.get("CONVEYOR_LIVENESS_PORT", "8080")),
+                   help="liveness endpoint port (/healthz), 0 to disable (default 8080)")
+    p.add_argument("--bind", default=os.environ.get("CONVEYOR_BIND", "0.0.0.0"), help="address for both endpoints")
+    p.add_argument("--peering", default=None,
+                   help="kopf peering object name for running replicas in turn (default: standalone)")
+    p.add_argument("--pipeline-workers", type=int, default=2)
+    p.add_argument("--deployment-workers", type=int, default=8)
+    p.add_argument("--resync-seconds", type=float, default=600.0)
+    p.add_argument("--log-level", default=os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
+    args = p.parse_args(argv)
+    for ns in args.namespace:
+        if not ns or len(ns) > 63:
+            p.error(f"--namespace {ns!r} is not a namespace name")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # kopf's per-object chatter is noise at INFO for an event-only operator.
+    logging.getLogger("kopf").setLevel(logging.WARNING if args.log_level.upper() == "INFO" else args.log_level.upper())
+    config = Config(
+        pipeline_workers=args.pipeline_workers,
+        deployment_workers=args.deployment_workers,
+        resync_seconds=args.resync_seconds,
+        metrics_port=args.metrics_port or None,
+    )
+    liveness = f"http://{args.bind}:{args.liveness_port}/healthz" if args.liveness_port else None
+    asyncio.run(
+        kopf.operator(
+            clusterwide=not args.namespace,
+            namespaces=args.namespace,
+            standalone=args.peering is None,
+            peering_name=args.peering,
+            liveness_endpoint=liveness,
+            memo=kopf.Memo(config=config),
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

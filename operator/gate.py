@@ -1,0 +1,128 @@
+"""The evaluation gate: may a freshly trained model version be deployed?
+
+A version passes when its held-out `spec.evaluation.metric` reaches `threshold` (at least it, or at most
+it for error metrics such as rmse and mae) and, with `mustBeatDeployed`, beats the version the
+deployment serves now by `margin` (higher by margin, or lower by margin for error metrics). With
+nothing deployed yet the second test passes: there is nothing to beat.
+
+`find_run_version` finds the version a run registered by its lineage (pipeline, namespace, run), so
+the operator needs nothing from the training job but the package it commits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from conveyor.runtime.spec import LOWER_IS_BETTER, EvaluationSpec
+
+
+class MetadataSource(Protocol):
+    def versions(self) -> list[str]: ...
+
+    def read_metadata(self, version: str) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    reason: str  # CamelCase: Passed, BelowThreshold, DidNotBeatDeployed, MetricMissing
+    message: str
+    metric: str
+    value: float | None
+    baseline_version: str | None = None
+    baseline_value: float | None = None
+
+
+def _metric_value(metadata: dict[str, Any], metric: str) -> float | None:
+    value = (metadata.get("metrics") or {}).get(metric)
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return None
+    return float(value)
+
+
+def evaluate_gate(
+    evaluation: EvaluationSpec,
+    candidate: dict[str, Any],
+    *,
+    deployed_version: str | None = None,
+    deployed: dict[str, Any] | None = None,
+) -> GateResult:
+    """Judge a candidate's metadata (Registry.read_metadata) against the gate and the deployed version."""
+    metric = evaluation.metric
+    lower = metric in LOWER_IS_BETTER
+    value = _metric_value(candidate, metric)
+    if value is None:
+        return GateResult(
+            False, "MetricMissing", f"the model package has no numeric {metric!r} in metrics.json", metric, None
+        )
+    ok = value <= evaluation.threshold if lower else value >= evaluation.threshold
+    if not ok:
+        cmp = "above" if lower else "below"
+        return GateResult(
+            False,
+            "BelowThreshold",
+            f"{metric}={value:.4g} is {cmp} the threshold {evaluation.threshold:.4g}",
+            metric,
+            value,
+        )
+    if evaluation.must_beat_deployed and deployed is not None and deployed_version is not None:
+        base = _metric_value(deployed, metric)
+        if base is not None:
+            beats = value <= base - evaluation.margin if lower else value >= base + evaluation.margin
+            if not beats:
+                how = "lower" if lower else "higher"
+                return GateResult(
+                    False,
+                    "DidNotBeatDeployed",
+                    f"{metric}={value:.4g} does not beat the deployed {deployed_version} ({base:.4g}) "
+                    f"by the margin {evaluation.margin:.4g} ({how} is better)",
+                    metric,
+                    value,
+                    deployed_version,
+                    base,
+                )
+            return GateResult(
+                True,
+                "Passed",
+                f"{metric}={value:.4g} reaches {evaluation.threshold:.4g} and beats the deployed "
+                f"{deployed_version} ({base:.4g}) by at least {evaluation.margin:.4g}",
+                metric,
+                value,
+                deployed_version,
+                base,
+            )
+    return GateResult(True, "Passed", f"{metric}={value:.4g} reaches the threshold {evaluation.threshold:.4g}", metric, value)
+
+
+def find_run_version(
+    registry: MetadataSource, *, pipeline: str, namespace: str, run: int, scan: int = 50
+) -> tuple[str, dict[str, Any]] | None:
+    """The committed version whose lineage names this pipeline run (newest first), with its metadata."""
+    for version in reversed(registry.versions()[-scan:]):
+        metadata = registry.read_metadata(version)
+        lineage = metadata.get("lineage") or {}
+        if (
+            lineage.get("pipeline") == pipeline
+            and lineage.get("namespace", namespace) == namespace
+            and _as_int(lineage.get("run")) == run
+        ):
+            return version, metadata
+    return None
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def numeric_metrics(metadata: dict[str, Any]) -> dict[str, float]:
+    """The scalar metrics (status.runs[].metrics holds numbers only: no confusion matrix, no history)."""
+    out: dict[str, float] = {}
+    for k, v in (metadata.get("metrics") or {}).items():
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
+            out[k] = float(v)
+    return out

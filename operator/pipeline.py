@@ -1,0 +1,427 @@
+"""MLPipeline reconcile logic, pure: (pipeline, its RayJobs, gate verdicts, now) -> (status, actions).
+
+Runs. Run N of pipeline P is the RayJob `P-N` (labels conveyor.dev/pipeline, conveyor.dev/run). The
+status records each run (`status.runs`, newest last) and the counters that make starting runs
+idempotent: `lastRun`, `lastSpecHash` (the spec the last run trained), `lastRerunToken` (the value of
+the `conveyor.dev/rerun` annotation the last run consumed) and `lastScheduleTime`.
+
+A new run starts when no run is active, the spec is accepted, `spec.suspend` is false, and one of:
+- no run ever started (trigger Created), or the training-relevant spec (everything but triggers,
+  deploy, runsHistoryLimit and suspend) differs from the last run's (SpecChanged);
+- the `conveyor.dev/rerun` annotation holds a value no run consumed yet (Rerun);
+- the cron schedule (`spec.triggers.schedule`, UTC, via croniter) fired since the last scheduled run
+  (Schedule). A firing while a run is active is skipped, as CronJob's `concurrencyPolicy: Forbid`;
+  missed firings collapse into one.
+Spec changes and reruns that arrive during a run wait for it to end. Never two active runs.
+
+Run state comes from both RayJob status fields, because they can disagree (KubeRay issue 2314:
+`jobDeploymentStatus: Failed` with `jobStatus: RUNNING` after a deadline): a Failed/ValidationFailed
+deployment status fails the run whatever jobStatus says; success needs `Complete` and `SUCCEEDED`;
+`Retrying` keeps the run active and counts the attempt.
+
+On success the handler reads the package the run registered (found by its lineage) and the gate
+decides: a passing version becomes `status.latestVersion`, which the ModelDeployment in `spec.deploy`
+follows (see deployment.py for the hand-off); a failing one is recorded (outcome GateFailed) and goes
+nowhere. Finished runs beyond `runsHistoryLimit` leave the status, and their RayJobs are deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from croniter import croniter
+
+from conveyor.operator import conditions as c
+from conveyor.operator.builders import LABEL_RUN, rayjob_name
+from conveyor.operator.gate import GateResult
+from conveyor.runtime.spec import MLPipelineSpec
+
+ANNOTATION_RERUN = "conveyor.dev/rerun"
+
+PENDING = "Pending"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+GATE_FAILED = "GateFailed"
+ACTIVE = (PENDING, RUNNING)
+
+# Fields whose change does not ask for retraining.
+_NON_TRAINING_FIELDS = ("triggers", "deploy", "runsHistoryLimit", "suspend")
+# How a failed run's message tells a data-contract violation from other failures (the training
+# entrypoint raises DataValidationError with the validation report).
+_DATA_VALIDATION = re.compile(r"DataValidationError|data contract|DataContract", re.IGNORECASE)
+
+
+def rfc3339(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(s: str | None) -> datetime | None:
+    if not s:
+        return None
+    return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    relevant = {k: v for k, v in spec.items() if k not in _NON_TRAINING_FIELDS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RayJobState:
+    outcome: str  # Pending, Running, Succeeded, Failed
+    reason: str
+    message: str
+    attempts: int
+    start: str | None
+    end: str | None
+
+
+def rayjob_state(rayjob: dict[str, Any]) -> RayJobState:
+    st = rayjob.get("status") or {}
+    deployment = st.get("jobDeploymentStatus") or ""
+    job = st.get("jobStatus") or ""
+    failed = int(st.get("failed") or 0)
+    message = st.get("message") or ""
+    start, end = st.get("startTime"), st.get("endTime")
+    if deployment in ("Failed", "ValidationFailed"):
+        reason = st.get("reason") or ("ValidationFailed" if deployment == "ValidationFailed" else "RayJobFailed")
+        if job and job not in ("FAILED", "STOPPED", "SUCCEEDED"):
+            message = (message + " " if message else "") + f"(KubeRay reports jobStatus {job} too)"
+        return RayJobState(FAILED, reason, message or f"RayJob {deployment}", max(failed, 1), start, end)
+    if deployment == "Complete":
+        if job == "SUCCEEDED":
+            return RayJobState(SUCCEEDED, "Completed", message, failed + 1, start, end)
+        reason = {"FAILED": "JobFailed", "STOPPED": "JobStopped"}.get(job, "JobNotSucceeded")
+        return RayJobState(FAILED, reason, message or f"Ray job ended {job or 'without a status'}", max(failed, 1), start, end)
+    if deployment in ("Running", "Retrying"):
+        return RayJobState(RUNNING, deployment, message, failed + 1, start, end)
+    # New, Initializing, Waiting, Suspending, Suspended (e.g. queued by Kueue).
+    return RayJobState(PENDING, deployment or "Created", message, failed + 1, start, end)
+
+
+@dataclass(frozen=True)
+class GateOutcome:
+    """What the handler found in the registry for a run whose RayJob succeeded."""
+
+    version: str | None  # None: the run committed no package
+    metrics: dict[str, float]
+    result: GateResult | None
+
+
+@dataclass(frozen=True)
+class DeployTarget:
+    """The ModelDeployment named in spec.deploy, as the handler found it."""
+
+    name: str
+    exists: bool
+    follows: bool  # its spec.model.version is `latest` from this pipeline
+    pinned_version: str | None = None
+
+
+@dataclass
+class PipelinePlan:
+    status: dict[str, Any]
+    start_run: int | None = None
+    start_trigger: str | None = None
+    delete_rayjobs: list[str] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    requeue_after: float | None = None
+    handed_over: str | None = None  # version newly handed to spec.deploy
+
+
+def runs_awaiting_gate(status: dict[str, Any], rayjobs: dict[int, dict[str, Any]]) -> list[int]:
+    """Active runs whose RayJob succeeded: the handler must read their package before planning."""
+    out = []
+    for run in status.get("runs") or []:
+        rj = rayjobs.get(run["run"])
+        if run.get("outcome") in ACTIVE and rj is not None and rayjob_state(rj).outcome == SUCCEEDED:
+            out.append(run["run"])
+    return out
+
+
+def _finish(run: dict[str, Any], outcome: str, reason: str, message: str, end: str) -> None:
+    run["outcome"] = outcome
+    run["reason"] = reason
+    run["message"] = message[:2000]
+    run["completionTime"] = end
+
+
+def plan_pipeline(
+    pipeline: dict[str, Any],
+    spec: MLPipelineSpec | None,
+    invalid: str | None,
+    rayjobs: dict[int, dict[str, Any]],
+    gate: dict[int, GateOutcome],
+    now: datetime,
+    *,
+    missing_rayjobs: frozenset[int] = frozenset(),
+    deploy_target: DeployTarget | None = None,
+) -> PipelinePlan:
+    """Desired status and actions. `invalid` is the reason the spec cannot be used (None when fine).
+
+    `rayjobs` maps run number -> RayJob of this pipeline; `missing_rayjobs` are runs whose RayJob was
+    confirmed gone (deleted by someone) with a live read.
+    """
+    meta = pipeline["metadata"]
+    generation = meta.get("generation")
+    old = pipeline.get("status") or {}
+    status: dict[str, Any] = json.loads(json.dumps(old))  # deep copy: the plan never mutates its input
+    status["observedGeneration"] = generation
+    ts = rfc3339(now)
+    plan = PipelinePlan(status=status)
+    conds: list[dict[str, Any]] = status.setdefault("conditions", [])
+    c.ensure_conditions(conds, c.PIPELINE_CONDITIONS, generation=generation, now=ts)
+    runs: list[dict[str, Any]] = status.setdefault("runs", [])
+    raw_spec = pipeline.get("spec") or {}
+
+    # 1. Follow the active runs.
+    for run in runs:
+        if run.get("outcome") not in ACTIVE:
+            continue
+        n = run["run"]
+        rj = rayjobs.get(n)
+        if rj is None:
+            if n in missing_rayjobs:
+                _finish(run, FAILED, "RayJobDeleted", f"RayJob {run.get('rayJob')} disappeared before it finished", ts)
+                plan.events.append(("Warning", "RunFailed", f"run {n}: its RayJob was deleted"))
+            continue
+        state = rayjob_state(rj)
+        if state.attempts > int(run.get("attempts") or 1) and state.outcome in ACTIVE:
+            plan.events.append(("Normal", "RunRetrying", f"run {n}: attempt {state.attempts} ({state.message or state.reason})"))
+        run["attempts"] = state.attempts
+        if state.outcome in ACTIVE:
+            if run.get("outcome") != state.outcome:
+                run["outcome"] = state.outcome
+            run["reason"] = state.reason
+            if state.message:
+                run["message"] = state.message[:2000]
+            continue
+        end = state.end or ts
+        if state.outcome == FAILED:
+            _finish(run, FAILED, state.reason, state.message, end)
+            plan.events.append(("Warning", "RunFailed", f"run {n} failed: {state.reason}: {state.message[:300]}"))
+            continue
+        outcome = gate.get(n)
+        if outcome is None:
+            run["outcome"] = RUNNING
+            run["reason"] = "ReadingModelPackage"
+            continue
+        if outcome.version is None:
+            _finish(run, GATE_FAILED, "NoModelPackage", "the run succeeded but no committed model package names it in its lineage", end)
+            plan.events.append(("Warning", "GateFailed", f"run {n}: no model package found"))
+            continue
+        run["modelVersion"] = outcome.version
+        run["metrics"] = outcome.metrics
+        result = outcome.result
+        assert result is not None
+        if not result.passed:
+            _finish(run, GATE_FAILED, result.reason, result.message, end)
+            plan.events.append(("Warning", "GateFailed", f"run {n} ({outcome.version}): {result.message}"))
+            continue
+        _finish(run, SUCCEEDED, "GatePassed", result.message, end)
+        status["latestVersion"] = outcome.version
+        if result.value is not None:
+            status["latestMetric"] = f"{result.metric}={result.value:.4g}"
+        plan.events.append(("Normal", "RunSucceeded", f"run {n} produced {outcome.version}: {result.message}"))
+        if deploy_target is not None:
+            run["deployed"] = deploy_target.exists and deploy_target.follows
+            if run["deployed"]:
+                plan.handed_over = outcome.version
+                plan.events.append(
+                    ("Normal", "ModelHandedOver", f"{outcome.version} is the candidate of ModelDeployment {deploy_target.name}")
+                )
+            elif not deploy_target.exists:
+                plan.events.append(
+                    ("Warning", "DeploymentNotFound", f"spec.deploy names ModelDeployment {deploy_target.name}, which does not exist")
+                )
+            else:
+                plan.events.append(
+                    (
+                        "Warning",
+                        "DeploymentPinned",
+                        f"ModelDeployment {deploy_target.name} pins {deploy_target.pinned_version}; set its "
+                        f"spec.model.version to latest (and pipeline to {meta['name']}) to follow this pipeline",
+                    )
+                )
+
+    active = [r for r in runs if r.get("outcome") in ACTIVE]
+
+    # 2. Accepted, and the triggers.
+    if invalid is not None or spec is None:
+        if c.set_condition(conds, c.ACCEPTED, c.FALSE, "InvalidSpec", invalid or "invalid spec", generation=generation, now=ts):
+            plan.events.append(("Warning", "InvalidSpec", invalid or "invalid spec"))
+    else:
+        c.set_condition(conds, c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.", generation=generation, now=ts)
+
+    if spec is not None and invalid is None:
+        _plan_triggers(plan, pipeline, spec, raw_spec, active, rayjobs, now)
+
+    # 3. History: keep active runs and the newest runsHistoryLimit finished ones.
+    limit = spec.runs_history_limit if spec is not None else max(len(runs), 1)
+    finished = [r for r in runs if r.get("outcome") not in ACTIVE]
+    keep_finished = {r["run"] for r in finished[-limit:]} if limit > 0 else set()
+    status["runs"] = [r for r in runs if r.get("outcome") in ACTIVE or r["run"] in keep_finished]
+    kept = {r["run"] for r in status["runs"]}
+    last_run = int(status.get("lastRun") or 0)
+    for n, rj in sorted(rayjobs.items()):
+        if n not in kept and n <= last_run and n != plan.start_run and not rj["metadata"].get("deletionTimestamp"):
+            plan.delete_rayjobs.append(rj["metadata"]["name"])
+
+    # 4. Summary fields and conditions from the newest run.
+    active = [r for r in status["runs"] if r.get("outcome") in ACTIVE]
+    if active:
+        status["activeRun"] = active[-1]["run"]
+    else:
+        status.pop("activeRun", None)
+    _set_run_conditions(conds, status["runs"][-1] if status["runs"] else None, generation, ts)
+    if active:
+        status["phase"] = RUNNING if active[-1].get("outcome") == RUNNING else PENDING
+    elif spec is not None and spec.suspend:
+        status["phase"] = "Suspended"
+    elif status["runs"]:
+        status["phase"] = SUCCEEDED if status["runs"][-1].get("outcome") == SUCCEEDED else FAILED
+    else:
+        status["phase"] = PENDING
+    return plan
+
+
+def _plan_triggers(
+    plan: PipelinePlan,
+    pipeline: dict[str, Any],
+    spec: MLPipelineSpec,
+    raw_spec: dict[str, Any],
+    active: list[dict[str, Any]],
+    rayjobs: dict[int, dict[str, Any]],
+    now: datetime,
+) -> None:
+    status = plan.status
+    meta = pipeline["metadata"]
+    current_hash = spec_hash(raw_spec)
+    token = (meta.get("annotations") or {}).get(ANNOTATION_RERUN)
+
+    trigger: str | None = None
+    if not status.get("lastSpecHash"):
+        trigger = "Created"
+    elif status["lastSpecHash"] != current_hash:
+        trigger = "SpecChanged"
+    elif token and token != status.get("lastRerunToken"):
+        trigger = "Rerun"
+
+    fired: datetime | None = None
+    schedule = spec.triggers.schedule
+    if schedule:
+        if not croniter.is_valid(schedule):
+            # The CRD checks the shape only; croniter has the final word.
+            status.pop("nextScheduleTime", None)
+        else:
+            base = parse_time(status.get("lastScheduleTime")) or parse_time(meta.get("creationTimestamp")) or now
+            prev_fire = croniter(schedule, now).get_prev(datetime)
+            if prev_fire > base:
+                fired = prev_fire
+            next_fire = croniter(schedule, now).get_next(datetime)
+            status["nextScheduleTime"] = rfc3339(next_fire)
+            plan.requeue_after = max(1.0, (next_fire - now).total_seconds() + 0.5)
+            if fired is not None and trigger is None:
+                trigger = "Schedule"
+    else:
+        status.pop("nextScheduleTime", None)
+
+    if active or spec.suspend:
+        if fired is not None:
+            status["lastScheduleTime"] = rfc3339(fired)
+            why = "a run is active" if active else "the pipeline is suspended"
+            plan.events.append(("Normal", "ScheduleSkipped", f"the schedule fired at {rfc3339(fired)} while {why}"))
+        return
+    if trigger is None:
+        return
+
+    last_run = int(status.get("lastRun") or 0)
+    known = {r["run"] for r in status["runs"]}
+    # A RayJob newer than the status knows of was created just before a crash or restart: adopt it
+    # rather than create another.
+    orphans = sorted(n for n in rayjobs if n > last_run and n not in known)
+    n = orphans[0] if orphans else last_run + 1
+    status["lastRun"] = n
+    status["lastSpecHash"] = current_hash
+    if token:
+        status["lastRerunToken"] = token
+    if fired is not None:
+        status["lastScheduleTime"] = rfc3339(fired)
+    status["runs"].append(
+        {
+            "run": n,
+            "rayJob": rayjob_name(meta["name"], n),
+            "trigger": trigger,
+            "specGeneration": meta.get("generation"),
+            "startTime": rfc3339(now),
+            "outcome": PENDING,
+            "reason": "Created",
+            "message": "",
+            "attempts": 1,
+        }
+    )
+    if n not in rayjobs:
+        plan.start_run = n
+        plan.start_trigger = trigger
+    plan.events.append(("Normal", "RunStarted", f"run {n} started ({trigger})"))
+
+
+def _set_run_conditions(conds: list[dict[str, Any]], run: dict[str, Any] | None, generation: int | None, ts: str) -> None:
+    def put(type_: str, status: str, reason: str, message: str) -> None:
+        c.set_condition(conds, type_, status, reason, message, generation=generation, now=ts)
+
+    if run is None:
+        for t in (c.DATA_VALIDATED, c.TRAINED, c.REGISTERED, c.EVALUATED, c.SUCCEEDED):
+            put(t, c.UNKNOWN, "NoRunYet", "No run has started.")
+        return
+    n = run["run"]
+    outcome = run.get("outcome")
+    reason = run.get("reason") or ""
+    message = run.get("message") or ""
+    if outcome in ACTIVE:
+        for t in (c.DATA_VALIDATED, c.TRAINED, c.REGISTERED, c.EVALUATED):
+            put(t, c.UNKNOWN, "RunInProgress", f"Run {n} is {outcome.lower()}.")
+        put(c.SUCCEEDED, c.UNKNOWN, "RunInProgress", f"Run {n} is {outcome.lower()}.")
+        return
+    if outcome == FAILED:
+        if _DATA_VALIDATION.search(message):
+            put(c.DATA_VALIDATED, c.FALSE, "DataContractViolated", message[:1000])
+        else:
+            put(c.DATA_VALIDATED, c.UNKNOWN, "NotReported", f"Run {n} failed before reporting on its data.")
+        put(c.TRAINED, c.FALSE, reason or "TrainingFailed", f"Run {n}: {message[:1000]}")
+        put(c.REGISTERED, c.FALSE, "NotTrained", f"Run {n} registered no model.")
+        put(c.EVALUATED, c.UNKNOWN, "NotTrained", f"Run {n} produced no model to evaluate.")
+        put(c.SUCCEEDED, c.FALSE, "TrainingFailed", f"Run {n} failed: {reason}.")
+        return
+    put(c.DATA_VALIDATED, c.TRUE, "ContractMet", f"Run {n}'s data met the contract.")
+    put(c.TRAINED, c.TRUE, "Completed", f"Run {n}'s RayJob succeeded.")
+    if reason == "NoModelPackage":
+        put(c.REGISTERED, c.FALSE, "NoModelPackage", message)
+        put(c.EVALUATED, c.UNKNOWN, "NoModelPackage", "Nothing to evaluate.")
+        put(c.SUCCEEDED, c.FALSE, "NoModelPackage", f"Run {n} registered no model.")
+        return
+    version = run.get("modelVersion", "?")
+    put(c.REGISTERED, c.TRUE, "Registered", f"Run {n} registered {version}.")
+    if outcome == GATE_FAILED:
+        put(c.EVALUATED, c.FALSE, reason or "GateFailed", message)
+        put(c.SUCCEEDED, c.FALSE, "GateFailed", f"{version} did not pass the evaluation gate.")
+        return
+    put(c.EVALUATED, c.TRUE, "GatePassed", message)
+    put(c.SUCCEEDED, c.TRUE, "GatePassed", f"Run {n} produced {version}, which passed the gate.")
+
+
+def rayjobs_by_run(rayjobs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    out: dict[int, dict[str, Any]] = {}
+    for rj in rayjobs:
+        try:
+            out[int((rj["metadata"].get("labels") or {})[LABEL_RUN])] = rj
+        except (KeyError, ValueError):
+            continue
+    return out
+
