@@ -1,0 +1,59 @@
+# conveyor's vocabulary. Everything a target needs, it installs (hack/install-deps.sh, the venv,
+# the control plane binaries built from pinned Go modules and cached under ~/.cache/conveyor).
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST := $(VENV)/bin/pytest
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	hack/install-deps.sh
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[runtime,dev]'
+	touch $@
+
+venv: $(STAMP) ## the Python environment (torch, ray, kserve, kopf, test tools)
+
+tools: ## build (once, cached) kube-apiserver, etcd, kube-controller-manager, kubectl; fetch third-party CRDs
+	hack/install-deps.sh
+	hack/local-cluster.sh build
+
+cluster-up: tools ## start the local control plane (or reuse a running one) and print its kubeconfig
+	hack/local-cluster.sh up
+
+cluster-down: ## stop what cluster-up started
+	hack/local-cluster.sh down
+
+cluster-status: ## what runs and whether it is healthy
+	hack/local-cluster.sh status
+
+demo: venv tools ## the main job: bring up the control plane and run the sample (see README)
+	hack/demo.sh
+
+test: venv tools ## the whole suite except benchmarks (unit, integration on the real apiserver, e2e)
+	$(PYTEST) -m "not bench" $(PYTEST_ARGS)
+
+test-fast: venv tools ## unit and integration only (no real training or serving)
+	$(PYTEST) -m "not bench and not slow" $(PYTEST_ARGS)
+
+bench: venv tools ## benchmarks; JSON results in tests/bench/results/
+	mkdir -p tests/bench/results
+	$(PYTEST) tests/bench -m bench -s $(PYTEST_ARGS)
+
+lint: venv ## ruff, and shellcheck on hack/ when installed
+	$(VENV)/bin/ruff check .
+	if command -v shellcheck >/dev/null; then shellcheck hack/*.sh .ci/run; else echo "shellcheck not installed: skipped"; fi
+
+clean: ## remove the venv and test caches (not the cached binaries in ~/.cache/conveyor)
+	rm -rf $(VENV) .pytest_cache .ruff_cache tests/bench/results
+
+.PHONY: help venv tools cluster-up cluster-down cluster-status demo test test-fast bench lint clean

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# System packages the project needs from Debian: openssl and curl (control plane), lua5.4 (Argo CD
+# health checks), shellcheck (lint). Installs only what is missing; needs root or sudo for that.
+set -euo pipefail
+
+declare -A need=([openssl]=openssl [curl]=curl [lua5.4]=lua5.4 [shellcheck]=shellcheck)
+missing=()
+for cmd in "${!need[@]}"; do
+  command -v "$cmd" >/dev/null || missing+=("${need[$cmd]}")
+done
+((${#missing[@]})) || exit 0
+
+sudo=""
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null || { echo "install-deps: missing ${missing[*]}; install them (Debian: apt-get install ${missing[*]})" >&2; exit 1; }
+  sudo=sudo
+fi
+echo "install-deps: installing ${missing[*]}" >&2
+$sudo apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
