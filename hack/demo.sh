@@ -31,5 +31,6 @@ spec:
   autoscaling: {minReplicas: 5, maxReplicas: 2}
   rollout: {steps: [50, 10]}
 YAML
+# shellcheck disable=SC2016 # a command for the user to paste
 printf '\nThe control plane keeps running: eval "$(hack/local-cluster.sh env)"; kubectl get ml -A\n'
 printf 'Stop it with: make cluster-down\n'

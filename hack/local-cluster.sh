@@ -85,7 +85,7 @@ cmd_build() {
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
-pid_of() { [[ -f $STATE/pids/$1 ]] && cat "$STATE/pids/$1" || true; }
+pid_of() { if [[ -f $STATE/pids/$1 ]]; then cat "$STATE/pids/$1"; fi; }
 
 # A pid file only counts while that pid still runs the binary we started (pids get reused).
 running() {
