@@ -47,34 +47,34 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/*
-The operator's namespaced permissions: exactly the verbs it uses, nothing else (no Secrets, no Pods).
-- Our kinds: kopf lists and watches them and patches its progress annotations and finalizers; the
-  pipeline hands a passing model to its ModelDeployment with a patch. Status goes through /status.
-- RayJobs and InferenceServices are written with server-side apply (patch; create when the child does
-  not exist yet), read back for their status, and RayJobs beyond the history limit are deleted.
-- A run's configuration ConfigMap is applied the same way and removed with its run.
-- Events: kopf and the operator post them (create only).
+The operator's namespaced permissions: exactly the verbs it uses (operator/handlers.py, kube.py),
+nothing else (no Secrets, no Pods, no deletes of users' objects).
+- Our kinds: kopf lists and watches them (event handlers only: no finalizers, no annotations); the
+  operator re-reads one after a write conflict (get) and merge-patches its status subresource.
+- RayJobs and InferenceServices: watched (list, watch) for their status and written with server-side
+  apply, which is a patch, and also needs create when the child does not exist yet. RayJobs: read back
+  after a restart (get) and deleted beyond the pipeline's history limit.
+- A run's configuration ConfigMap: server-side apply (create, patch); it is owned by its RayJob, so
+  the garbage collector removes it.
+- Events: the operator posts core/v1 Events on transitions (create only; kopf's own posting is off).
 */}}
 {{- define "conveyor.namespacedRules" -}}
 - apiGroups: ["conveyor.dev"]
   resources: ["mlpipelines", "modeldeployments"]
-  verbs: ["get", "list", "watch", "patch"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["conveyor.dev"]
   resources: ["mlpipelines/status", "modeldeployments/status"]
-  verbs: ["get", "patch"]
+  verbs: ["patch"]
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["configmaps"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["create", "patch"]
 - apiGroups: [""]
-  resources: ["events"]
-  verbs: ["create"]
-- apiGroups: ["events.k8s.io"]
   resources: ["events"]
   verbs: ["create"]
 {{- end -}}
