@@ -167,9 +167,12 @@ INVALID = [
     ("interval-prose", DEPLOYMENT, _set("spec.rollout.interval", "5 minutes"), "spec.rollout.interval", "should match"),
     ("unknown-protocol", DEPLOYMENT, _set("spec.predictor.protocol", "v3"), "spec.predictor.protocol", "Unsupported value"),
     ("negative-predictor-gpus", DEPLOYMENT, _set("spec.predictor.gpus", -1), "spec.predictor.gpus", "greater than or equal to 0"),
-    ("cpu-metric-in-knative", DEPLOYMENT,
-     _set("spec.autoscaling", {"minReplicas": 1, "maxReplicas": 2, "metric": "cpu", "target": 70}),
-     "spec.autoscaling.metric", "needs rollout.mode Standard"),
+    ("concurrency-metric-in-standard", DEPLOYMENT,
+     _both(_set("spec.rollout.mode", "Standard"), _set("spec.autoscaling", {"minReplicas": 1, "maxReplicas": 2})),
+     "spec.autoscaling.metric", "set autoscaling.metric to cpu"),
+    ("scale-to-zero-on-cpu", DEPLOYMENT,
+     _set("spec.autoscaling", {"minReplicas": 0, "maxReplicas": 2, "metric": "cpu", "target": 70}),
+     "spec.autoscaling.minReplicas", "cannot scale to zero"),
 ]
 
 
@@ -197,7 +200,8 @@ IMMUTABLE = [
            _set("spec.evaluation.mustBeatDeployed", False)),
      "spec.data.task", "data.task is immutable"),
     ("mode", DEPLOYMENT,
-     _both(_set("spec.rollout.mode", "Standard"), _set("spec.autoscaling.minReplicas", 1)),
+     _both(_set("spec.rollout.mode", "Standard"),
+           _set("spec.autoscaling", {"minReplicas": 1, "maxReplicas": 2, "metric": "cpu", "target": 70})),
      "spec.rollout.mode", "rollout.mode is immutable"),
 ]
 
