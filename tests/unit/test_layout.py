@@ -1,0 +1,40 @@
+"""The import layout: `conveyor.operator` lives in operator/, and nothing shadows the standard library's
+`operator`, even for a `python -m ...` started from the repository root (where the cwd is on sys.path)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run_in_root(code: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+def test_stdlib_operator_is_not_shadowed_from_the_repo_root() -> None:
+    origin = _run_in_root("import operator, sys; print(operator.__file__); assert operator.eq(1, 1)")
+    assert not origin.startswith(str(ROOT)), origin
+
+
+def test_conveyor_packages_import_from_their_folders() -> None:
+    out = _run_in_root(
+        "import conveyor.operator, conveyor.runtime.spec as s; "
+        "print(list(conveyor.operator.__path__)[0]); print(s.__file__)"
+    )
+    operator_path, spec_path = out.splitlines()
+    assert Path(operator_path) == ROOT / "operator"
+    assert Path(spec_path) == ROOT / "runtime" / "spec.py"
+
+
+def test_python_dash_m_works_from_the_repo_root() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
