@@ -1,1 +1,0 @@
-"""conveyor operator: kopf handlers, pure builders, reconcile planners (import as conveyor.operator)."""
