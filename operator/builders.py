@@ -66,6 +66,8 @@ PREDICTOR_PORT = 8080
 # KubeRay derives the RayCluster and submitter Job names from the RayJob name; its validation
 # refuses RayJob names longer than this.
 MAX_RAYJOB_NAME = 47
+# Leaves room for '-' and a run number of up to six digits.
+MAX_PIPELINE_NAME = 40
 
 
 class InvalidSpecError(ValueError):
@@ -161,11 +163,11 @@ def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int) -> di
     """The RayJob of run `run`: the cluster from spec.training, the entrypoint training with run.json."""
     meta = pipeline["metadata"]
     name = rayjob_name(meta["name"], run)
-    if len(name) > MAX_RAYJOB_NAME:
+    if len(meta["name"]) > MAX_PIPELINE_NAME or len(name) > MAX_RAYJOB_NAME:
         raise InvalidSpecError(
             "metadata.name",
-            f"the RayJob name {name!r} would exceed KubeRay's {MAX_RAYJOB_NAME} characters; "
-            "use a pipeline name of at most 40 characters",
+            f"RayJob names <pipeline>-<run> must fit KubeRay's {MAX_RAYJOB_NAME} characters; "
+            f"use a pipeline name of at most {MAX_PIPELINE_NAME} characters",
         )
     t = spec.training
     groups = worker_groups(spec)
@@ -291,13 +293,20 @@ def _predictor_container(
         "name": "kserve-container",
         "image": p.image,
         "command": ["python", "-m", "conveyor.runtime.serve"],
-        "args": ["--model-dir", MODEL_DIR, "--name", name, "--http-port", str(PREDICTOR_PORT)],
+        "args": [
+            "--model-dir", MODEL_DIR,
+            "--name", name,
+            "--http-port", str(PREDICTOR_PORT),
+            "--max-batch-size", str(p.batching.max_batch_size),
+            "--max-latency-ms", str(p.batching.max_latency_ms),
+            "--drift-method", spec.monitoring.drift.method,
+        ],
+        # STORAGE_URI: KServe's storage initializer fetches it into MODEL_DIR. The server answers both
+        # protocols; CONVEYOR_PROTOCOL tells it (and people) which one clients are meant to use.
         "env": [
             {"name": "STORAGE_URI", "value": storage_uri},
             {"name": "CONVEYOR_MODEL_VERSION", "value": version},
             {"name": "CONVEYOR_PROTOCOL", "value": p.protocol},
-            {"name": "CONVEYOR_MAX_BATCH_SIZE", "value": str(p.batching.max_batch_size)},
-            {"name": "CONVEYOR_MAX_LATENCY_MS", "value": str(p.batching.max_latency_ms)},
         ],
         "ports": [{"containerPort": PREDICTOR_PORT, "protocol": "TCP"}],
     }

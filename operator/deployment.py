@@ -158,6 +158,10 @@ def plan_deployment(
 
     if spec is None or invalid is not None:
         return reject(invalid or "invalid spec")
+    try:  # what the schema cannot see (e.g. an autoscaling metric the mode's autoscaler lacks)
+        build_inference_service(deployment, spec, stable=("v1", "validate://"))
+    except InvalidSpecError as e:
+        return reject(str(e))
 
     stable = status.get("stableVersion")
     canary = status.get("canaryVersion")
@@ -195,6 +199,7 @@ def plan_deployment(
                 weight=weight,
             )
         except InvalidSpecError as e:
+            plan.events.clear()
             return reject(str(e))
         put(c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.")
         current_hash = ((isvc or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_APPLIED_HASH)

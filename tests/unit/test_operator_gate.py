@@ -1,0 +1,70 @@
+"""The evaluation gate and finding a run's version, against a real file:// registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from conveyor.operator.gate import evaluate_gate, find_run_version, numeric_metrics
+from conveyor.runtime.registry import Registry
+from conveyor.runtime.spec import EvaluationSpec
+
+
+def meta(**metrics: Any) -> dict[str, Any]:
+    return {"metrics": metrics}
+
+
+@pytest.mark.parametrize(
+    ("evaluation", "candidate", "deployed", "passed", "reason"),
+    [
+        ({"metric": "accuracy", "threshold": 0.9}, meta(accuracy=0.95), None, True, "Passed"),
+        ({"metric": "accuracy", "threshold": 0.9}, meta(accuracy=0.9), None, True, "Passed"),
+        ({"metric": "accuracy", "threshold": 0.9}, meta(accuracy=0.85), None, False, "BelowThreshold"),
+        ({"metric": "rmse", "threshold": 2.0}, meta(rmse=1.5), None, True, "Passed"),
+        ({"metric": "rmse", "threshold": 2.0}, meta(rmse=2.5), None, False, "BelowThreshold"),
+        ({"metric": "f1Macro", "threshold": 0.5}, meta(accuracy=0.9), None, False, "MetricMissing"),
+        ({"metric": "accuracy", "threshold": 0.5}, meta(accuracy=float("nan")), None, False, "MetricMissing"),
+        # must beat the deployed version by the margin
+        ({"metric": "accuracy", "threshold": 0.5, "mustBeatDeployed": True, "margin": 0.01}, meta(accuracy=0.92), meta(accuracy=0.90), True, "Passed"),
+        ({"metric": "accuracy", "threshold": 0.5, "mustBeatDeployed": True, "margin": 0.05}, meta(accuracy=0.92), meta(accuracy=0.90), False, "DidNotBeatDeployed"),
+        ({"metric": "mae", "threshold": 9, "mustBeatDeployed": True, "margin": 0.1}, meta(mae=1.0), meta(mae=1.2), True, "Passed"),
+        ({"metric": "mae", "threshold": 9, "mustBeatDeployed": True, "margin": 0.1}, meta(mae=1.15), meta(mae=1.2), False, "DidNotBeatDeployed"),
+        # nothing deployed: nothing to beat
+        ({"metric": "accuracy", "threshold": 0.5, "mustBeatDeployed": True, "margin": 0.5}, meta(accuracy=0.6), None, True, "Passed"),
+        # not asked to beat it
+        ({"metric": "accuracy", "threshold": 0.5}, meta(accuracy=0.6), meta(accuracy=0.99), True, "Passed"),
+    ],
+)
+def test_gate_table(evaluation: dict[str, Any], candidate: dict[str, Any], deployed: dict[str, Any] | None, passed: bool, reason: str) -> None:
+    result = evaluate_gate(
+        EvaluationSpec.model_validate(evaluation), candidate, deployed_version="v1" if deployed else None, deployed=deployed
+    )
+    assert (result.passed, result.reason) == (passed, reason), result.message
+    assert result.metric in result.message
+
+
+def write_package(registry: Registry, run: int, pipeline: str = "fraud", accuracy: float = 0.9) -> str:
+    def writer(area: Any) -> dict[str, Any]:
+        area.write_bytes("model.pt", b"not-a-real-model")
+        for name in ("transforms.json", "schema.json", "profile.json"):
+            area.write_json(name, {})
+        area.write_json("metrics.json", {"accuracy": accuracy, "confusionMatrix": [[1, 0], [0, 1]], "history": []})
+        area.write_json("lineage.json", {"pipeline": pipeline, "namespace": "ml", "run": run})
+        return {"task": "classification", "architecture": "mlp"}
+
+    return registry.register(writer)
+
+
+def test_find_run_version_by_lineage(tmp_path: Path) -> None:
+    registry = Registry(f"file://{tmp_path}", "fraud")
+    assert write_package(registry, 1) == "v1"
+    assert write_package(registry, 2, pipeline="other") == "v2"
+    assert write_package(registry, 2, accuracy=0.97) == "v3"
+    found = find_run_version(registry, pipeline="fraud", namespace="ml", run=2)
+    assert found is not None
+    version, metadata = found
+    assert version == "v3" and numeric_metrics(metadata) == {"accuracy": 0.97}
+    assert find_run_version(registry, pipeline="fraud", namespace="ml", run=7) is None
+    assert find_run_version(registry, pipeline="fraud", namespace="other-ns", run=1) is None
