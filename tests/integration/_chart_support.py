@@ -1,0 +1,162 @@
+"""Shared by the chart and manifest tests: the pinned helm and kubectl, rendering the chart, YAML docs.
+
+helm is built from hack/tools/helm by hack/build-tool.sh (cached outside the clone; minutes the first
+time, then instant). kubectl is the pinned one the local control plane already built
+(hack/local-cluster.sh bin-dir), else hack/build-tool.sh builds the same release.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "conveyor"
+MANIFESTS = ROOT / "manifests"
+BUILD_TOOL = ROOT / "hack" / "build-tool.sh"
+LOCAL_CLUSTER = ROOT / "hack" / "local-cluster.sh"
+
+Doc = dict[str, Any]
+
+
+@functools.cache
+def tool(name: str) -> str:
+    """Path of a pinned tool binary, building it on first use."""
+    done = subprocess.run([str(BUILD_TOOL), name], capture_output=True, text=True, timeout=3000)
+    if done.returncode != 0:
+        raise RuntimeError(f"hack/build-tool.sh {name} failed:\n{done.stderr[-4000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+@functools.cache
+def kubectl_binary() -> str:
+    if LOCAL_CLUSTER.exists():
+        done = subprocess.run([str(LOCAL_CLUSTER), "bin-dir"], capture_output=True, text=True, timeout=60)
+        candidate = Path(done.stdout.strip()) / "kubectl"
+        if done.returncode == 0 and os.access(candidate, os.X_OK):
+            return str(candidate)
+    return tool("kubectl")
+
+
+@functools.cache
+def _helm_home() -> str:
+    # Helm keeps repositories and plugins under these; a private set keeps tests off the user's own.
+    return tempfile.mkdtemp(prefix="conveyor-helm-")
+
+
+def helm(*args: str, check: bool = True, input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    home = _helm_home()
+    env = {
+        **os.environ,
+        "HELM_CACHE_HOME": f"{home}/cache",
+        "HELM_CONFIG_HOME": f"{home}/config",
+        "HELM_DATA_HOME": f"{home}/data",
+    }
+    done = subprocess.run([tool("helm"), *args], capture_output=True, text=True, env=env, input=input, timeout=timeout)
+    if check and done.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed ({done.returncode}):\n{done.stderr}")
+    return done
+
+
+def values_file(values: dict[str, Any], directory: Path) -> str:
+    path = directory / f"values-{len(list(directory.glob('values-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def template_args(
+    values: dict[str, Any] | None = None,
+    *,
+    release: str = "conveyor",
+    namespace: str = "conveyor-system",
+    include_crds: bool = False,
+) -> list[str]:
+    args = ["template", release, str(CHART), "--namespace", namespace]
+    if include_crds:
+        args.append("--include-crds")
+    if values:
+        directory = Path(tempfile.mkdtemp(prefix="conveyor-values-"))
+        args += ["-f", values_file(values, directory)]
+    return args
+
+
+def render_text(values: dict[str, Any] | None = None, **kwargs: Any) -> str:
+    return helm(*template_args(values, **kwargs)).stdout
+
+
+def render(values: dict[str, Any] | None = None, **kwargs: Any) -> list[Doc]:
+    return docs(render_text(values, **kwargs))
+
+
+def docs(text: str) -> list[Doc]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def of_kind(documents: list[Doc], kind: str) -> list[Doc]:
+    return [d for d in documents if d.get("kind") == kind]
+
+
+def one(documents: list[Doc], kind: str, name: str | None = None) -> Doc:
+    found = [d for d in of_kind(documents, kind) if name is None or d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def kustomize(path: Path) -> list[Doc]:
+    done = subprocess.run(
+        [kubectl_binary(), "kustomize", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{done.stderr}"
+    return docs(done.stdout)
+
+
+def rules_as_grants(rules: list[Doc]) -> set[tuple[str, str, str]]:
+    """RBAC rules flattened to (apiGroup, resource, verb) triples."""
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule.get("apiGroups", [])
+        for resource in rule.get("resources", [])
+        for verb in rule.get("verbs", [])
+    }
+
+
+# What the operator does with the API (operator/handlers.py and kube.py, plus kopf's own watches),
+# as (apiGroup, resource, verb). The chart must grant exactly this: a verb more is a privilege the
+# operator never uses, a verb less breaks a reconcile.
+OPERATOR_NAMESPACED_GRANTS: set[tuple[str, str, str]] = {
+    ("conveyor.dev", "mlpipelines", "get"),
+    ("conveyor.dev", "mlpipelines", "list"),
+    ("conveyor.dev", "mlpipelines", "watch"),
+    ("conveyor.dev", "modeldeployments", "get"),
+    ("conveyor.dev", "modeldeployments", "list"),
+    ("conveyor.dev", "modeldeployments", "watch"),
+    ("conveyor.dev", "mlpipelines/status", "patch"),
+    ("conveyor.dev", "modeldeployments/status", "patch"),
+    ("ray.io", "rayjobs", "get"),
+    ("ray.io", "rayjobs", "list"),
+    ("ray.io", "rayjobs", "watch"),
+    ("ray.io", "rayjobs", "create"),
+    ("ray.io", "rayjobs", "patch"),
+    ("ray.io", "rayjobs", "delete"),
+    ("serving.kserve.io", "inferenceservices", "list"),
+    ("serving.kserve.io", "inferenceservices", "watch"),
+    ("serving.kserve.io", "inferenceservices", "create"),
+    ("serving.kserve.io", "inferenceservices", "patch"),
+    ("", "configmaps", "create"),
+    ("", "configmaps", "patch"),
+    ("", "events", "create"),
+}
+# kopf notices namespaces and CRDs appearing while it runs (rbac.clusterDiscovery).
+DISCOVERY_GRANTS: set[tuple[str, str, str]] = {
+    ("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+    ("apiextensions.k8s.io", "customresourcedefinitions", "watch"),
+    ("", "namespaces", "list"),
+    ("", "namespaces", "watch"),
+}
