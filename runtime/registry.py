@@ -34,8 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import fsspec
-from conveyor.runtime.features import FittedTransforms
 from fsspec.implementations.local import LocalFileSystem
+
+from conveyor.runtime.features import FittedTransforms
 
 FORMAT_VERSION = 1
 MANIFEST = "package.json"

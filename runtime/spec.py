@@ -225,6 +225,9 @@ class RunConfig(_Model):
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     registry: RegistrySpec
+    # Where Ray Train keeps this run's checkpoints so a retried job resumes (shared storage on a cluster);
+    # default `<registry.uri>/<registry.modelName>/.checkpoints`.
+    checkpoint_uri: str | None = None
 
     @classmethod
     def for_run(cls, spec: MLPipelineSpec, *, pipeline: str, namespace: str, run: int) -> RunConfig:

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+
 from conveyor.runtime import profile
 from conveyor.runtime.features import FeatureSchema, FittedTransforms, fit_image_transforms, fit_transforms
 from conveyor.runtime.spec import FeatureTransform

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from conveyor.runtime.features import FeatureSchema, fit_transforms
 from conveyor.runtime.registry import PackageError, Registry, StagingArea, open_package
 
