@@ -1,0 +1,224 @@
+"""Helpers for the operator's integration tests: run the operator for real, act as KubeRay and KServe.
+
+The operator runs as its own process (`python -m conveyor.operator -n <ns>`) against the real local
+kube-apiserver. KubeRay and KServe controllers cannot run here, so the tests play them (the only fake):
+they patch the children's status the way those controllers would, and write the model package the
+training job would have written, through the real registry code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from conveyor.runtime.registry import Registry
+
+T = TypeVar("T")
+GROUP, VERSION = "conveyor.dev", "v1alpha1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.2) -> T:
+    """Poll until fn returns something truthy; fail naming `what` (and the last value) on timeout."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = fn()
+        except ApiException as e:
+            if e.status != 404:
+                raise
+            last = None
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+class OperatorProcess:
+    """`python -m conveyor.operator` watching one namespace, with its metrics and liveness ports."""
+
+    def __init__(self, kubeconfig: str, namespace: str, *extra: str) -> None:
+        self.kubeconfig = kubeconfig
+        self.namespace = namespace
+        self.extra = extra
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+        self.log = tempfile.NamedTemporaryFile(prefix="conveyor-operator-", suffix=".log", delete=False)  # noqa: SIM115
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> OperatorProcess:
+        env = {**os.environ, "KUBECONFIG": self.kubeconfig, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "conveyor.operator",
+                "--namespace", self.namespace,
+                "--metrics-port", str(self.metrics_port),
+                "--liveness-port", str(self.liveness_port),
+                "--bind", "127.0.0.1",
+                *self.extra,
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        wait_for("the operator's liveness endpoint", self.alive, timeout=60)
+        return self
+
+    def alive(self) -> bool:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the operator exited with {self.proc.returncode}:\n{self.logs()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> dict[str, float]:
+        """Scrape /metrics: {'name{labels}': value} (the operator's own Prometheus metrics)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                out[name] = float(value)
+        return out
+
+    def writes(self) -> float:
+        """API writes (anything but GET) the operator has made so far."""
+        return sum(
+            v
+            for k, v in self.metrics().items()
+            if k.startswith("conveyor_api_requests_total{") and 'verb="GET"' not in k
+        )
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def logs(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-6000:]
+
+
+class Cluster:
+    """Thin helpers over the official client for our kinds and the children (typed as dicts)."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.ns = namespace
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+
+    # ours
+    def create(self, plural: str, name: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> dict[str, Any]:
+        kind = {"mlpipelines": "MLPipeline", "modeldeployments": "ModelDeployment"}[plural]
+        body = {
+            "apiVersion": f"{GROUP}/{VERSION}",
+            "kind": kind,
+            "metadata": {"name": name, "annotations": annotations or {}},
+            "spec": spec,
+        }
+        return self.custom.create_namespaced_custom_object(GROUP, VERSION, self.ns, plural, body)
+
+    def get(self, plural: str, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object(GROUP, VERSION, self.ns, plural, name)
+
+    def patch(self, plural: str, name: str, patch: dict[str, Any]) -> dict[str, Any]:
+        return self.custom.patch_namespaced_custom_object(GROUP, VERSION, self.ns, plural, name, patch)
+
+    def delete(self, plural: str, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(GROUP, VERSION, self.ns, plural, name, propagation_policy="Background")
+
+    def status(self, plural: str, name: str) -> dict[str, Any]:
+        return self.get(plural, name).get("status") or {}
+
+    def condition(self, plural: str, name: str, type_: str) -> dict[str, Any] | None:
+        for c in self.status(plural, name).get("conditions") or []:
+            if c["type"] == type_:
+                return c
+        return None
+
+    # children
+    def rayjobs(self) -> list[dict[str, Any]]:
+        return self.custom.list_namespaced_custom_object("ray.io", "v1", self.ns, "rayjobs")["items"]
+
+    def rayjob(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object("ray.io", "v1", self.ns, "rayjobs", name)
+
+    def isvc(self, name: str) -> dict[str, Any]:
+        return self.custom.get_namespaced_custom_object("serving.kserve.io", "v1beta1", self.ns, "inferenceservices", name)
+
+    def exists(self, fn: Callable[[], Any]) -> bool:
+        try:
+            fn()
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def events(self, name: str) -> list[tuple[str, str, str]]:
+        items = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
+        return [(e.type, e.reason, e.message) for e in items]
+
+    # playing KubeRay and KServe (the fakes)
+    def kuberay_sets(self, rayjob: str, **status: Any) -> None:
+        self.custom.patch_namespaced_custom_object_status("ray.io", "v1", self.ns, "rayjobs", rayjob, {"status": status})
+
+    def kserve_sets(self, isvc: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            "serving.kserve.io", "v1beta1", self.ns, "inferenceservices", isvc, {"status": status}
+        )
+
+
+def train(registry_uri: str, model: str, *, pipeline: str, namespace: str, run: int, **metrics: float) -> str:
+    """Play the training job's last step: commit a package whose lineage names the run."""
+
+    def writer(area: Any) -> dict[str, Any]:
+        area.write_bytes("model.pt", b"weights (not loaded by the operator)")
+        for name in ("transforms.json", "schema.json", "profile.json"):
+            area.write_json(name, {})
+        area.write_json("metrics.json", {**metrics, "confusionMatrix": [[1, 0], [0, 1]]})
+        area.write_json("lineage.json", {"pipeline": pipeline, "namespace": namespace, "run": run})
+        return {"task": "classification", "architecture": "mlp"}
+
+    return Registry(registry_uri, model).register(writer)
+
+
+def pipeline_spec(registry_uri: str, **over: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "data": {"source": {"uri": "builtin://fraud", "format": "builtin"}},
+        "registry": {"uri": registry_uri, "modelName": "fraud"},
+        "evaluation": {"metric": "accuracy", "threshold": 0.9},
+    }
+    spec.update(over)
+    return spec
+
+
+def deployment_spec(registry_uri: str, version: str = "latest", **over: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {"model": {"registryUri": registry_uri, "name": "fraud", "version": version}}
+    spec.update(over)
+    return spec

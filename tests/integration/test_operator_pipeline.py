@@ -1,0 +1,247 @@
+"""MLPipeline -> RayJob with the operator running for real against the local kube-apiserver.
+
+The test plays KubeRay (patching the RayJob's status) and the training job's last step (committing a
+model package through the real registry code); everything else is the real operator.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _operator_support import Cluster, OperatorProcess, deployment_spec, pipeline_spec, train, wait_for
+
+from conveyor.runtime.spec import RunConfig
+
+pytestmark = pytest.mark.cluster
+
+MLP = "mlpipelines"
+MDEP = "modeldeployments"
+
+
+@pytest.fixture
+def cluster(kube_api: Any, namespace: str) -> Cluster:
+    return Cluster(kube_api, namespace)
+
+
+@pytest.fixture
+def operator(kubeconfig: str, namespace: str) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(kubeconfig, namespace).start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(op.logs())  # shown by pytest when the test failed
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> str:
+    return f"file://{tmp_path}/registry"
+
+
+def run_entry(cluster: Cluster, name: str, n: int) -> dict[str, Any] | None:
+    return next((r for r in cluster.status(MLP, name).get("runs") or [] if r["run"] == n), None)
+
+
+def outcome(cluster: Cluster, name: str, n: int) -> str | None:
+    r = run_entry(cluster, name, n)
+    return r["outcome"] if r else None
+
+
+def condition(cluster: Cluster, plural: str, name: str, type_: str) -> tuple[str, str] | None:
+    c = cluster.condition(plural, name, type_)
+    return (c["status"], c["reason"]) if c else None
+
+
+def test_run_succeeds_passes_gate_and_hands_over(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    ns = cluster.ns
+    cluster.create(MDEP, "fraud", deployment_spec(registry))
+    cluster.create(
+        MLP,
+        "fraud",
+        pipeline_spec(
+            registry,
+            deploy={"modelDeployment": "fraud"},
+            training={
+                "useGpu": True,
+                "workerGroups": [{"name": "gpu", "replicas": 2, "gpus": 1, "nodeSelector": {"pool": "l4"}}],
+                "activeDeadlineSeconds": 900,
+                "backoffLimit": 1,
+            },
+        ),
+    )
+    rj = wait_for("RayJob fraud-1", lambda: cluster.rayjob("fraud-1"))
+    assert rj["metadata"]["labels"]["conveyor.dev/pipeline"] == "fraud"
+    assert rj["metadata"]["labels"]["conveyor.dev/run"] == "1"
+    owner = rj["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("MLPipeline", "fraud", True)
+    assert rj["spec"]["activeDeadlineSeconds"] == 900 and rj["spec"]["backoffLimit"] == 1
+    workers = rj["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == 2
+    assert workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert workers["template"]["spec"]["nodeSelector"] == {"pool": "l4"}
+    # The run's config, as the training entrypoint will read it.
+    cm = wait_for("run ConfigMap", lambda: cluster.core.read_namespaced_config_map("fraud-1-config", ns))
+    config = RunConfig.model_validate_json(cm.data["run.json"])
+    assert (config.pipeline, config.namespace, config.run) == ("fraud", ns, 1)
+    assert cm.metadata.owner_references[0].name == "fraud-1"
+    assert wait_for("run 1 pending", lambda: outcome(cluster, "fraud", 1) == "Pending")
+
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Running", jobStatus="RUNNING", startTime="2026-01-01T00:00:00Z")
+    assert wait_for("run 1 running", lambda: outcome(cluster, "fraud", 1) == "Running")
+    assert cluster.status(MLP, "fraud")["phase"] == "Running"
+
+    version = train(registry, "fraud", pipeline="fraud", namespace=ns, run=1, accuracy=0.95, f1Macro=0.9)
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED", endTime="2026-01-01T00:10:00Z")
+    assert wait_for("run 1 succeeded", lambda: outcome(cluster, "fraud", 1) == "Succeeded")
+    status = cluster.status(MLP, "fraud")
+    run = run_entry(cluster, "fraud", 1)
+    assert run is not None
+    assert (run["modelVersion"], run["metrics"]["accuracy"], run["deployed"]) == (version, 0.95, True)
+    assert run["completionTime"] == "2026-01-01T00:10:00Z"
+    assert (status["latestVersion"], status["latestMetric"], status["phase"]) == (version, "accuracy=0.95", "Succeeded")
+    for t in ("DataValidated", "Trained", "Registered", "Evaluated", "Succeeded"):
+        assert condition(cluster, MLP, "fraud", t)[0] == "True", t
+    assert status["observedGeneration"] == cluster.get(MLP, "fraud")["metadata"]["generation"]
+
+    # The deployment follows the pipeline: its InferenceService serves the new version.
+    isvc = wait_for("InferenceService", lambda: cluster.isvc("fraud"))
+    env = {e["name"]: e["value"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["STORAGE_URI"] == f"{registry}/fraud/{version}"
+    assert wait_for("stable version", lambda: cluster.status(MDEP, "fraud").get("stableVersion") == version)
+    reasons = [e[1] for e in wait_for("events", lambda: cluster.events("fraud") if len(cluster.events("fraud")) >= 3 else None)]
+    assert {"RunStarted", "RunSucceeded", "ModelHandedOver"} <= set(reasons)
+    assert len(cluster.rayjobs()) == 1
+
+
+def test_training_failure_is_recorded(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    cluster.create(MLP, "fraud", pipeline_spec(registry))
+    wait_for("RayJob", lambda: cluster.rayjob("fraud-1"))
+    message = "DataValidationError: column amount has 12 nulls; the contract says nullable: false"
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="FAILED", message=message)
+    assert wait_for("run failed", lambda: outcome(cluster, "fraud", 1) == "Failed")
+    run = run_entry(cluster, "fraud", 1)
+    assert run is not None and (run["reason"], run["message"]) == ("JobFailed", message)
+    assert condition(cluster, MLP, "fraud", "Trained") == ("False", "JobFailed")
+    assert condition(cluster, MLP, "fraud", "DataValidated") == ("False", "DataContractViolated")
+    assert condition(cluster, MLP, "fraud", "Succeeded") == ("False", "TrainingFailed")
+    assert cluster.status(MLP, "fraud")["phase"] == "Failed" and "latestVersion" not in cluster.status(MLP, "fraud")
+    assert ("Warning", "RunFailed") in [e[:2] for e in wait_for("event", lambda: cluster.events("fraud"))]
+    # A failed run is not retried on its own: no new RayJob appears.
+    time.sleep(2)
+    assert [r["metadata"]["name"] for r in cluster.rayjobs()] == ["fraud-1"]
+
+
+def test_deadline_failure_wins_over_a_running_job_status(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    """KubeRay issue 2314: jobDeploymentStatus Failed while jobStatus still says RUNNING."""
+    cluster.create(MLP, "fraud", pipeline_spec(registry, training={"activeDeadlineSeconds": 60}))
+    wait_for("RayJob", lambda: cluster.rayjob("fraud-1"))
+    cluster.kuberay_sets(
+        "fraud-1", jobDeploymentStatus="Failed", jobStatus="RUNNING", reason="DeadlineExceeded", message="deadline passed", failed=1
+    )
+    assert wait_for("run failed", lambda: outcome(cluster, "fraud", 1) == "Failed")
+    run = run_entry(cluster, "fraud", 1)
+    assert run is not None and run["reason"] == "DeadlineExceeded"
+
+
+def test_gate_failure_deploys_nothing(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    ns = cluster.ns
+    cluster.create(MDEP, "fraud", deployment_spec(registry))
+    cluster.create(MLP, "fraud", pipeline_spec(registry, deploy={"modelDeployment": "fraud"}))
+    wait_for("RayJob", lambda: cluster.rayjob("fraud-1"))
+    version = train(registry, "fraud", pipeline="fraud", namespace=ns, run=1, accuracy=0.6)
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    assert wait_for("gate failed", lambda: outcome(cluster, "fraud", 1) == "GateFailed")
+    run = run_entry(cluster, "fraud", 1)
+    assert run is not None and (run["reason"], run["modelVersion"]) == ("BelowThreshold", version)
+    assert "0.6" in run["message"] and "0.9" in run["message"]
+    assert condition(cluster, MLP, "fraud", "Evaluated") == ("False", "BelowThreshold")
+    assert condition(cluster, MLP, "fraud", "Registered") == ("True", "Registered")
+    assert "latestVersion" not in cluster.status(MLP, "fraud")
+    assert wait_for("deployment waits", lambda: condition(cluster, MDEP, "fraud", "Ready") == ("False", "AwaitingModel"))
+    assert not cluster.exists(lambda: cluster.isvc("fraud"))
+
+
+def test_retry_and_rerun(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    ns = cluster.ns
+    cluster.create(MLP, "fraud", pipeline_spec(registry, training={"backoffLimit": 2}))
+    wait_for("RayJob", lambda: cluster.rayjob("fraud-1"))
+    # KubeRay retries a failed attempt itself: the run stays active and counts attempts.
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Retrying", jobStatus="FAILED", failed=1)
+    assert wait_for("attempt 2", lambda: (run_entry(cluster, "fraud", 1) or {}).get("attempts") == 2)
+    assert outcome(cluster, "fraud", 1) == "Running"
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="FAILED", failed=3, message="exhausted")
+    assert wait_for("run 1 failed", lambda: outcome(cluster, "fraud", 1) == "Failed")
+    assert run_entry(cluster, "fraud", 1)["attempts"] == 3  # type: ignore[index]
+    # The user asks for another run with the rerun annotation.
+    cluster.patch(MLP, "fraud", {"metadata": {"annotations": {"conveyor.dev/rerun": "2026-01-05T10:00"}}})
+    wait_for("RayJob fraud-2", lambda: cluster.rayjob("fraud-2"))
+    assert run_entry(cluster, "fraud", 2)["trigger"] == "Rerun"  # type: ignore[index]
+    train(registry, "fraud", pipeline="fraud", namespace=ns, run=2, accuracy=0.97)
+    cluster.kuberay_sets("fraud-2", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    assert wait_for("run 2 succeeded", lambda: outcome(cluster, "fraud", 2) == "Succeeded")
+    assert cluster.status(MLP, "fraud")["latestVersion"] == "v1"
+    # The same annotation value again starts nothing.
+    time.sleep(1.5)
+    assert sorted(r["metadata"]["name"] for r in cluster.rayjobs()) == ["fraud-1", "fraud-2"]
+
+
+def test_spec_change_waits_for_the_active_run(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    cluster.create(MLP, "fraud", pipeline_spec(registry))
+    wait_for("RayJob", lambda: cluster.rayjob("fraud-1"))
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Running", jobStatus="RUNNING")
+    cluster.patch(MLP, "fraud", {"spec": {"training": {"hyperparameters": {"epochs": 12}}}})
+    time.sleep(2)
+    assert [r["metadata"]["name"] for r in cluster.rayjobs()] == ["fraud-1"], "never two active runs"
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="FAILED")
+    rj2 = wait_for("RayJob fraud-2", lambda: cluster.rayjob("fraud-2"))
+    assert run_entry(cluster, "fraud", 2)["trigger"] == "SpecChanged"  # type: ignore[index]
+    cm = cluster.core.read_namespaced_config_map("fraud-2-config", cluster.ns)
+    assert json.loads(cm.data["run.json"])["training"]["hyperparameters"]["epochs"] == 12
+    assert rj2["metadata"]["labels"]["conveyor.dev/run"] == "2"
+
+
+def test_schedule_fires(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    cluster.create(MLP, "fraud", pipeline_spec(registry, triggers={"schedule": "* * * * *"}))
+    wait_for("RayJob fraud-1", lambda: cluster.rayjob("fraud-1"))
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="FAILED")
+    nxt = wait_for("nextScheduleTime", lambda: cluster.status(MLP, "fraud").get("nextScheduleTime"))
+    # The next minute boundary starts run 2 (waits at most ~60 s).
+    wait_for("RayJob fraud-2 from the schedule", lambda: cluster.rayjob("fraud-2"), timeout=75, interval=1)
+    run = run_entry(cluster, "fraud", 2)
+    assert run is not None and run["trigger"] == "Schedule"
+    assert cluster.status(MLP, "fraud")["lastScheduleTime"] == nxt
+
+
+def test_history_limit_deletes_old_runs(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    cluster.create(MLP, "fraud", pipeline_spec(registry, runsHistoryLimit=1))
+    for n in (1, 2, 3):
+        wait_for(f"RayJob fraud-{n}", lambda n=n: cluster.rayjob(f"fraud-{n}"))
+        cluster.kuberay_sets(f"fraud-{n}", jobDeploymentStatus="Complete", jobStatus="FAILED")
+        wait_for(f"run {n} failed", lambda n=n: outcome(cluster, "fraud", n) == "Failed")
+        if n < 3:
+            cluster.patch(MLP, "fraud", {"metadata": {"annotations": {"conveyor.dev/rerun": str(n)}}})
+    assert wait_for("old RayJobs deleted", lambda: sorted(r["metadata"]["name"] for r in cluster.rayjobs()) == ["fraud-3"])
+    assert [r["run"] for r in cluster.status(MLP, "fraud")["runs"]] == [3]
+
+
+def test_invalid_spec_is_a_false_condition_without_a_hot_loop(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    name = "a-pipeline-name-much-too-long-for-kuberay-x"  # valid for Kubernetes, not for a RayJob
+    cluster.create(MLP, name, pipeline_spec(registry))
+    cond = wait_for("Accepted=False", lambda: cluster.condition(MLP, name, "Accepted"))
+    assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
+    assert "metadata.name" in cond["message"]
+    assert ("Warning", "InvalidSpec") in [e[:2] for e in wait_for("event", lambda: cluster.events(name))]
+    assert cluster.rayjobs() == []
+    before = operator.metrics()
+    time.sleep(3)
+    after = operator.metrics()
+    key = 'conveyor_reconcile_total{kind="MLPipeline",result="ok"}'
+    assert after.get(key, 0) - before.get(key, 0) <= 1, "an invalid spec must not be reconciled in a loop"
+    assert operator.writes() == sum(
+        v for k, v in before.items() if k.startswith("conveyor_api_requests_total{") and 'verb="GET"' not in k
+    )
