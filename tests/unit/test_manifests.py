@@ -268,7 +268,7 @@ def _dashboard() -> Doc:
 
 
 def test_alerts_cover_the_four_failures_and_parse_as_promql() -> None:
-    promql = pytest.importorskip("promql_parser")
+    import promql_parser as promql
     alerts = _alerts({"prometheusRule": {"enabled": True, "driftThreshold": 0.35, "operatorDownFor": "7m"}})
     assert set(alerts) == {"ConveyorTrainingFailed", "ConveyorRolloutRolledBack", "ConveyorDriftOverThreshold", "ConveyorOperatorDown"}
     for name, alert in alerts.items():
@@ -282,7 +282,7 @@ def test_alerts_cover_the_four_failures_and_parse_as_promql() -> None:
 
 
 def test_dashboard_is_valid_grafana_json_with_parsable_queries() -> None:
-    promql = pytest.importorskip("promql_parser")
+    import promql_parser as promql
     dashboard = _dashboard()
     assert dashboard["uid"] == "conveyor-overview" and dashboard["panels"]
     for panel in dashboard["panels"]:
