@@ -84,7 +84,7 @@ if [[ ! -x "${binary}" ]]; then
     echo "build-tool: building ${tool} ${version} (${package}) into ${cache_dir}; the first build takes minutes" >&2
     tmp="$(mktemp "${cache_dir}/.${tool}.XXXXXX")"
     trap 'rm -f "${tmp}"' EXIT
-    (cd "${module_dir}" && CGO_ENABLED=0 GOFLAGS=-mod=readonly \
+    (cd "${module_dir}" && GOFLAGS=-mod=readonly \
         go build -trimpath -ldflags "${ldflags}" -o "${tmp}" "${package}")
     chmod 0755 "${tmp}"
     mv -f "${tmp}" "${binary}"
