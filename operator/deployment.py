@@ -126,6 +126,31 @@ def observed_traffic(
     return [{"version": stable, "percent": 100, "tag": "stable"}]
 
 
+def contains(live: Any, desired: Any) -> bool:
+    """Whether `live` holds everything `desired` sets (extra fields from defaulting or others are fine)."""
+    if isinstance(desired, dict):
+        return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return isinstance(live, list) and len(live) == len(desired) and all(map(contains, live, desired))
+    return live == desired
+
+
+def needs_apply(desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
+    """Apply only when the child is missing, our last apply differs (the hash annotation: catches
+    fields we dropped), or someone changed a field we own."""
+    if live is None:
+        return True
+    annotations = live.get("metadata", {}).get("annotations") or {}
+    if annotations.get(ANNOTATION_APPLIED_HASH) != desired["metadata"]["annotations"][ANNOTATION_APPLIED_HASH]:
+        return True
+    meta = desired["metadata"]
+    return not (
+        contains(live.get("spec"), desired["spec"])
+        and contains(live["metadata"].get("labels") or {}, meta.get("labels") or {})
+        and contains(annotations, meta.get("annotations") or {})
+    )
+
+
 def plan_deployment(
     deployment: dict[str, Any],
     spec: ModelDeploymentSpec | None,
@@ -202,8 +227,7 @@ def plan_deployment(
             plan.events.clear()
             return reject(str(e))
         put(c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.")
-        current_hash = ((isvc or {}).get("metadata", {}).get("annotations") or {}).get(ANNOTATION_APPLIED_HASH)
-        if isvc is None or current_hash != desired["metadata"]["annotations"][ANNOTATION_APPLIED_HASH]:
+        if needs_apply(desired, isvc):
             plan.inference_service = desired
         status["stableVersion"] = stable
     else:

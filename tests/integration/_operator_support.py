@@ -52,6 +52,21 @@ def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0, inter
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
+def wait_until(what: str, fn: Callable[[], T], pred: Callable[[T], Any], timeout: float = 30.0) -> T:
+    """Poll fn until pred(value) holds; return that value."""
+    box: list[T] = []
+
+    def probe() -> bool:
+        value = fn()
+        if pred(value):
+            box.append(value)
+            return True
+        return False
+
+    wait_for(what, probe, timeout=timeout)
+    return box[0]
+
+
 class OperatorProcess:
     """`python -m conveyor.operator` watching one namespace, with its metrics and liveness ports."""
 

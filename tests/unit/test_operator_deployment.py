@@ -201,3 +201,13 @@ def test_hash_annotation_drives_reapply() -> None:
     isvc["metadata"]["annotations"] = {**isvc["metadata"]["annotations"], ANNOTATION_APPLIED_HASH: "stale"}
     p2 = plan(md(status=p1.status), "v1", isvc)
     assert p2.inference_service is not None  # someone changed it: put ours back
+
+
+def test_hand_edited_owned_field_is_reapplied_extra_fields_are_not() -> None:
+    p1 = plan(md(), "v1")
+    isvc = applied(p1, ready=True)
+    isvc["spec"]["predictor"]["containerConcurrency"] = 0  # defaulted by someone else: fine
+    isvc["metadata"]["labels"]["team"] = "a"
+    assert plan(md(status=p1.status), "v1", isvc).inference_service is None
+    isvc["spec"]["predictor"]["maxReplicas"] = 99  # ours, changed by hand
+    assert plan(md(status=p1.status), "v1", isvc).inference_service is not None
