@@ -97,23 +97,21 @@ def test_helm_template_passes_server_side_dry_run(kubectl: Kubectl, scratch_name
 
 
 @pytest.mark.parametrize("overlay", ["overlays/dev", "overlays/prod"])
-def test_kustomize_overlay_passes_server_side_dry_run(kubectl: Kubectl, overlay: str) -> None:
+def test_kustomize_overlay_passes_server_side_dry_run(kubectl: Kubectl, scratch_namespace: str, overlay: str) -> None:
     documents = kustomize(MANIFESTS / overlay)
     (namespace,) = [d["metadata"]["name"] for d in documents if d["kind"] == "Namespace"]
-    # A dry run creates no namespace, so objects inside a new one would be NotFound: make it exist.
-    created = kubectl("get", "namespace", namespace, check=False).returncode != 0
-    if created:
-        kubectl("create", "namespace", namespace)
-    try:
-        done = kubectl(
-            "apply", "--server-side", "--dry-run=server", "--force-conflicts", "--field-manager=kustomize-dry-run",
-            "-f", "-", input=yaml.safe_dump_all(documents), check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert done.stdout.count("(server dry run)") == len(documents)
-    finally:
-        if created:
-            kubectl("delete", "namespace", namespace, "--wait=false", check=False)
+    # A dry run creates no namespace, so objects inside a new one would be NotFound; the overlay's own
+    # namespace may be in use on this shared control plane. Dry-run the same objects in a scratch one.
+    text = yaml.safe_dump_all(documents).replace(f"namespace: {namespace}\n", f"namespace: {scratch_namespace}\n")
+    text = text.replace(f"name: {namespace}\n", f"name: {scratch_namespace}\n")
+    moved = docs(text)
+    assert sum(d["metadata"].get("namespace") == scratch_namespace for d in moved) >= 3
+    done = kubectl(
+        "apply", "--server-side", "--dry-run=server", "--force-conflicts", "--field-manager=kustomize-dry-run",
+        "-f", "-", input=text, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("(server dry run)") == len(documents)
 
 
 # ---------------------------------------------------------------- helm install
@@ -426,3 +424,29 @@ def test_operator_reconciles_as_the_chart_identity_with_nothing_forbidden(
     log = operator_as_chart.log()
     assert "403" not in log and "orbidden" not in log, log[-4000:]
     assert operator_as_chart.process.poll() is None, log[-4000:]
+
+
+def test_bad_values_fail_at_install_and_create_nothing(release: Release) -> None:
+    name = f"bad-{uuid.uuid4().hex[:6]}"
+    done = helm(
+        "install", name, str(CHART), "--namespace", release.namespace, "--kubeconfig", release.kubeconfig,
+        "--set", "operator.defaultKServeMode=Serverless", check=False,
+    )
+    assert done.returncode != 0
+    assert "defaultKServeMode" in done.stderr and "Knative" in done.stderr, done.stderr
+    listed = helm("list", "-n", release.namespace, "--kubeconfig", release.kubeconfig, "-q").stdout.split()
+    assert name not in listed
+
+
+def test_helm_upgrade_changes_the_operator_settings(kubectl: Kubectl, release: Release) -> None:
+    helm(
+        "upgrade", release.name, str(CHART), "--namespace", release.namespace, "--kubeconfig", release.kubeconfig,
+        "--reuse-values", "--set", "operator.logLevel=warning",
+    )
+    live = get_json(kubectl, "deployment", f"{release.name}-conveyor-operator", "-n", release.namespace)
+    (container,) = live["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["CONVEYOR_LOG_LEVEL"] == "warning"
+    assert container["args"] == [f"--namespace={release.watched}"]
+    history = json.loads(helm("history", release.name, "-n", release.namespace, "--kubeconfig", release.kubeconfig, "-o", "json").stdout)
+    assert [h["status"] for h in history][-1] == "deployed" and len(history) == 2
