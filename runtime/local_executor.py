@@ -1,0 +1,319 @@
+"""The local executor: a stand-in for the KubeRay and KServe controllers on a machine with no kubelet.
+
+    python -m conveyor.runtime.local_executor --kubeconfig PATH [--namespace NS] [--state-dir DIR]
+
+It is a FAKE of those two controllers, and only of them; what it runs is real:
+- a RayJob (ray.io/v1) that appears is executed by running its entrypoint's program,
+  `python -m conveyor.runtime.train --config run.json`, as a local process (local Ray, real torch), with
+  the run's ConfigMap written to a file; the RayJob's `status` is then patched the way KubeRay reports it
+  (`jobDeploymentStatus` Initializing/Running/Complete/Failed, `jobStatus` RUNNING/SUCCEEDED/FAILED,
+  start and end times, the failure message);
+- an InferenceService (serving.kserve.io/v1beta1) is served by starting, for each model version its
+  predictors name (`STORAGE_URI` of the predictor and of `canary[]`), KServe's real model server
+  (`python -m conveyor.runtime.serve`) on a free 127.0.0.1 port, and its `status` is patched as KServe
+  reports it (`url`, `Ready` and `PredictorReady` conditions, `components.predictor.traffic`).
+  Versions no InferenceService names any more are stopped.
+
+Pods, Services, scheduling, Knative revisions and KServe's storage initializer are not imitated: the
+predictor reads the registry URI directly. The executor polls (once a second): it is a development tool,
+not a controller to copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("conveyor.local-executor")
+
+RAY = ("ray.io", "v1", "rayjobs")
+KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
+FIELD_MANAGER = "conveyor-local-executor"
+# Why a run failed, as the training runtime prints it last; the rest of stderr stays in the log file.
+MESSAGE_TAIL = 1500
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TrainingProcess:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+
+@dataclass
+class PredictorProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+    ready: bool = False
+
+
+@dataclass
+class Executor:
+    custom: Any  # kubernetes.client.CustomObjectsApi
+    core: Any  # kubernetes.client.CoreV1Api
+    state_dir: Path
+    namespace: str | None = None
+    python: str = sys.executable
+    trainings: dict[str, TrainingProcess] = field(default_factory=dict)
+    predictors: dict[tuple[str, str, str], PredictorProcess] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _list(self, group: str, version: str, plural: str) -> list[dict[str, Any]]:
+        if self.namespace:
+            return self.custom.list_namespaced_custom_object(group, version, self.namespace, plural)["items"]
+        return self.custom.list_cluster_custom_object(group, version, plural)["items"]
+
+    def _patch_status(self, gvr: tuple[str, str, str], obj: dict[str, Any], status: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        self.custom.patch_namespaced_custom_object_status(
+            gvr[0], gvr[1], meta["namespace"], gvr[2], meta["name"], {"status": status}
+        )
+
+    # ------------------------------------------------------------------ KubeRay's part
+
+    def _run_config(self, rayjob: dict[str, Any]) -> str:
+        volumes = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].get("volumes", [])
+        for volume in volumes:
+            if "configMap" in volume:
+                cm = self.core.read_namespaced_config_map(volume["configMap"]["name"], rayjob["metadata"]["namespace"])
+                for value in (cm.data or {}).values():
+                    return value
+        raise ValueError("the RayJob mounts no ConfigMap holding run.json")
+
+    def sync_rayjobs(self) -> None:
+        for rayjob in self._list(*RAY):
+            uid = rayjob["metadata"]["uid"]
+            status = rayjob.get("status") or {}
+            if uid in self.trainings:
+                self._follow_training(rayjob, self.trainings[uid])
+            elif not status.get("jobDeploymentStatus") and not rayjob["spec"].get("suspend"):
+                self._start_training(rayjob)
+            elif status.get("jobDeploymentStatus") in ("Initializing", "Running"):
+                # Started by an executor that is gone: its process is lost, as a Ray head's would be.
+                self._patch_status(RAY, rayjob, {
+                    "jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "endTime": _now(),
+                    "reason": "AppFailed", "message": "the local executor restarted while this job ran",
+                })
+
+    def _start_training(self, rayjob: dict[str, Any]) -> None:
+        meta = rayjob["metadata"]
+        workdir = self.state_dir / "rayjobs" / f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}"
+        workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            (workdir / "run.json").write_text(self._run_config(rayjob))
+        except Exception as exc:  # noqa: BLE001 - any failure to start is the job's failure
+            self._patch_status(RAY, rayjob, {
+                "jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "startTime": _now(), "endTime": _now(),
+                "reason": "SubmissionFailed", "message": str(exc),
+            })
+            return
+        log_path = workdir / "job.log"
+        # cwd is the job's own folder, as in a Ray head pod: never the repository root.
+        proc = subprocess.Popen(
+            [self.python, "-m", "conveyor.runtime.train", "--config", str(workdir / "run.json")],
+            cwd=workdir, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+        )
+        self.trainings[meta["uid"]] = TrainingProcess(proc, log_path)
+        log.info("started RayJob %s/%s as pid %d (log %s)", meta["namespace"], meta["name"], proc.pid, log_path)
+        self._patch_status(RAY, rayjob, {
+            "jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "startTime": _now(),
+            "jobId": f"{meta['name']}-local", "rayClusterName": f"{meta['name']}-local",
+        })
+
+    def _follow_training(self, rayjob: dict[str, Any], training: TrainingProcess) -> None:
+        code = training.proc.poll()
+        if code is None:
+            return
+        meta = rayjob["metadata"]
+        del self.trainings[meta["uid"]]
+        if code == 0:
+            status = {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete", "endTime": _now(),
+                      "succeeded": 1}
+        else:
+            tail = training.log_path.read_text(errors="replace")[-MESSAGE_TAIL:]
+            status = {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "endTime": _now(), "failed": 1,
+                      "reason": "AppFailed", "message": f"exit code {code}: {tail.strip()}"}
+        log.info("RayJob %s/%s finished: %s", meta["namespace"], meta["name"], status["jobStatus"])
+        self._patch_status(RAY, rayjob, status)
+
+    # ------------------------------------------------------------------ KServe's part
+
+    @staticmethod
+    def _versions(isvc: dict[str, Any]) -> list[tuple[str, str, int]]:
+        """(version, storage URI, traffic percent) of each predictor the InferenceService names."""
+
+        def of(predictor: dict[str, Any]) -> tuple[str, str]:
+            env = {e["name"]: e.get("value", "") for c in predictor.get("containers", []) for e in c.get("env", [])}
+            uri = env.get("STORAGE_URI") or (predictor.get("model") or {}).get("storageUri", "")
+            return env.get("CONVEYOR_MODEL_VERSION") or uri.rstrip("/").rsplit("/", 1)[-1], uri
+
+        spec = isvc["spec"]
+        predictor = spec["predictor"]
+        annotations = isvc["metadata"].get("annotations") or {}
+        if spec.get("canary"):  # Standard mode: the stable predictor and canary[0]
+            canary = spec["canary"][0]
+            weight = int(canary.get("trafficPercent", 0))
+            return [(*of(predictor), 100 - weight), (*of(canary["predictor"]), weight)]
+        version, uri = of(predictor)
+        weight = predictor.get("canaryTrafficPercent")
+        stable = annotations.get("conveyor.dev/stable-version")
+        if weight is None or stable in (None, version):
+            return [(version, uri, 100)]
+        # Knative: the previous revision (the stable version) keeps the rest of the traffic.
+        stable_uri = uri.rstrip("/").rsplit("/", 1)[0] + "/" + stable
+        return [(stable, stable_uri, 100 - int(weight)), (version, uri, int(weight))]
+
+    def _ensure_predictor(self, isvc: dict[str, Any], version: str, uri: str) -> PredictorProcess:
+        meta = isvc["metadata"]
+        key = (meta["namespace"], meta["name"], version)
+        running = self.predictors.get(key)
+        if running is not None and running.proc.poll() is None:
+            return running
+        port = _free_port()
+        log_path = self.state_dir / "predictors" / f"{meta['namespace']}-{meta['name']}-{version}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        container = isvc["spec"]["predictor"]["containers"][0] if isvc["spec"]["predictor"].get("containers") else {}
+        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+        proc = subprocess.Popen(
+            [self.python, "-m", "conveyor.runtime.serve", "--model-dir", uri, "--name", meta["name"],
+             "--http-port", str(port), "--host", "127.0.0.1"],
+            cwd=log_path.parent, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+        )
+        log.info("serving %s/%s %s on 127.0.0.1:%d (pid %d, log %s)", *key, port, proc.pid, log_path)
+        self.predictors[key] = PredictorProcess(proc, port, log_path)
+        return self.predictors[key]
+
+    @staticmethod
+    def _ready(name: str, predictor: PredictorProcess) -> bool:
+        if predictor.ready:
+            return True
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{predictor.port}/v2/models/{name}/ready", timeout=1) as r:
+                predictor.ready = r.status == 200
+        except OSError:
+            predictor.ready = False
+        return predictor.ready
+
+    def sync_inference_services(self) -> None:
+        wanted: set[tuple[str, str, str]] = set()
+        for isvc in self._list(*KSERVE):
+            meta = isvc["metadata"]
+            versions = self._versions(isvc)
+            traffic, all_ready, url, failure = [], True, None, None
+            for version, uri, percent in versions:
+                wanted.add((meta["namespace"], meta["name"], version))
+                predictor = self._ensure_predictor(isvc, version, uri)
+                if predictor.proc.poll() is not None:
+                    failure = predictor.log_path.read_text(errors="replace")[-MESSAGE_TAIL:].strip()
+                    all_ready = False
+                    continue
+                ready = self._ready(meta["name"], predictor)
+                all_ready = all_ready and ready
+                traffic.append({"revisionName": f"{meta['name']}-predictor-{version}", "tag": version,
+                                "percent": percent, "latestRevision": version == versions[-1][0],
+                                "url": f"http://127.0.0.1:{predictor.port}"})
+                if percent >= 50 or url is None:
+                    url = f"http://127.0.0.1:{predictor.port}"
+            status_word = "True" if all_ready else "False"
+            reason = None if all_ready else ("PredictorFailed" if failure else "PredictorNotReady")
+            conditions = [
+                {"type": t, "status": status_word, "lastTransitionTime": _now(),
+                 **({"reason": reason, "message": failure or "the model server is loading"} if reason else {})}
+                for t in ("PredictorReady", "IngressReady", "Ready")
+            ]
+            status = {"url": url, "address": {"url": url}, "observedGeneration": meta.get("generation"),
+                      "conditions": conditions,
+                      "components": {"predictor": {"traffic": traffic, "url": url,
+                                                   "latestReadyRevision": traffic[-1]["revisionName"] if traffic else None}}}
+            old = isvc.get("status") or {}
+            if _comparable(old) != _comparable(status):
+                self._patch_status(KSERVE, isvc, status)
+        for key in list(self.predictors):
+            if key not in wanted:
+                self._stop(self.predictors.pop(key).proc)
+                log.info("stopped predictor %s/%s %s", *key)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @staticmethod
+    def _stop(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def shutdown(self) -> None:
+        for p in [*self.trainings.values(), *self.predictors.values()]:
+            self._stop(p.proc)
+
+    def run_forever(self, interval: float = 1.0) -> None:
+        while True:
+            for sync in (self.sync_rayjobs, self.sync_inference_services):
+                try:
+                    sync()
+                except Exception:  # noqa: BLE001 - a fake controller keeps going, like the real ones
+                    log.exception("%s failed; retrying", sync.__name__)
+            time.sleep(interval)
+
+
+def _comparable(status: dict[str, Any]) -> str:
+    """The status without timestamps, so an unchanged state is not written again."""
+    stripped = json.loads(json.dumps(status))
+    for c in stripped.get("conditions", []):
+        c.pop("lastTransitionTime", None)
+    return json.dumps(stripped, sort_keys=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kubeconfig", required=True)
+    parser.add_argument("--namespace", default=None, help="only this namespace (default: all)")
+    parser.add_argument("--state-dir", default=None, help="job folders and logs (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+    from kubernetes import client, config
+
+    api = config.new_client_from_config(config_file=args.kubeconfig)
+    state = Path(args.state_dir or tempfile.mkdtemp(prefix="conveyor-local-executor-"))
+    executor = Executor(client.CustomObjectsApi(api), client.CoreV1Api(api), state, args.namespace)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    log.info("local executor (a stand-in for the KubeRay and KServe controllers) watching %s; state in %s",
+             args.namespace or "all namespaces", state)
+    try:
+        executor.run_forever()
+    finally:
+        executor.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
