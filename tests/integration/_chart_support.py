@@ -8,6 +8,7 @@ time, then instant). kubectl is the pinned one the local control plane already b
 from __future__ import annotations
 
 import functools
+import json
 import os
 import subprocess
 import tempfile
@@ -21,6 +22,8 @@ CHART = ROOT / "charts" / "conveyor"
 MANIFESTS = ROOT / "manifests"
 BUILD_TOOL = ROOT / "hack" / "build-tool.sh"
 LOCAL_CLUSTER = ROOT / "hack" / "local-cluster.sh"
+
+HEALTH_DIR = MANIFESTS / "argocd" / "health"
 
 Doc = dict[str, Any]
 
@@ -160,3 +163,33 @@ DISCOVERY_GRANTS: set[tuple[str, str, str]] = {
     ("", "namespaces", "list"),
     ("", "namespaces", "watch"),
 }
+
+
+def lua_literal(value: Any) -> str:
+    """A Lua table constructor for a JSON-like value (what Argo CD hands a health script as `obj`)."""
+    if value is None:
+        return "nil"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # JSON string escapes are valid Lua escapes for this text
+    if isinstance(value, list):
+        return "{" + ", ".join(lua_literal(v) for v in value) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"[{json.dumps(k)}] = {lua_literal(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot express {type(value).__name__} in Lua")
+
+
+def lua_health(script: str, obj: Doc, interpreter: str = "lua5.4") -> tuple[str, str]:
+    """(status, message) of an Argo CD health script run by a real Lua interpreter on `obj`."""
+    program = (
+        f"obj = {lua_literal(obj)}\n"
+        f"local hs = dofile({json.dumps(str(HEALTH_DIR / script))})\n"
+        "io.write(hs.status, '\\n', hs.message or '')\n"
+    )
+    done = subprocess.run([interpreter, "-"], input=program, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, f"{interpreter} failed on {script}: {done.stderr}"
+    status, _, message = done.stdout.partition("\n")
+    return status, message

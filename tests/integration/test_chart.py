@@ -35,6 +35,7 @@ from _chart_support import (
     docs,
     helm,
     kustomize,
+    lua_health,
     one,
     render,
     render_text,
@@ -383,6 +384,24 @@ def test_operator_reconciles_as_the_chart_identity_with_nothing_forbidden(
         and o,
     )
     assert {c["type"] for c in md["status"]["conditions"]} >= {"Ready", "Progressing", "Degraded"}
+    # Argo CD's health check on the status the operator really wrote: KServe has not reported yet.
+    assert lua_health("modeldeployment.lua", md)[0] == "Progressing"
+    # Play KServe: the InferenceService becomes ready; the deployment must report Healthy.
+    kubectl(
+        "patch", "inferenceservices.serving.kserve.io", "digits", "-n", ns, "--subresource=status", "--type=merge",
+        "-p", json.dumps({"status": {
+            "observedGeneration": isvc["metadata"]["generation"],
+            "url": f"http://digits.{ns}.example.com",
+            "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-11-22T10:00:00Z"}],
+        }}),
+    )
+    md = wait_for(
+        "the ModelDeployment Ready",
+        lambda: (o := get_json(kubectl, "modeldeployments.conveyor.dev", "digits", "-n", ns))
+        and any(c["type"] == "Ready" and c["status"] == "True" for c in (o.get("status") or {}).get("conditions", []))
+        and o,
+    )
+    assert lua_health("modeldeployment.lua", md) == ("Healthy", f"Serving {version} at http://digits.{ns}.example.com")
 
     # MLPipeline -> RayJob run 1 and its ConfigMap.
     rayjob = wait_for("RayJob digits-1", lambda: get_json(kubectl, "rayjobs.ray.io", "digits-1", "-n", ns))
@@ -407,6 +426,8 @@ def test_operator_reconciles_as_the_chart_identity_with_nothing_forbidden(
         timeout=90,
     )
     assert mlp["status"]["observedGeneration"] == mlp["metadata"]["generation"]
+    health, message = lua_health("mlpipeline.lua", mlp)
+    assert health == "Degraded" and "OOMKilled" in message, (health, message, mlp["status"].get("conditions"))
     events = wait_for(
         "Events from the operator",
         lambda: [

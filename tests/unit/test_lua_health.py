@@ -7,45 +7,19 @@ the shape the operator writes, and the verdict is what Argo CD's UI would show.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-HEALTH_DIR = Path(__file__).resolve().parents[2] / "manifests" / "argocd" / "health"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+
+from _chart_support import HEALTH_DIR, lua_health  # noqa: E402 - the support module lives beside the integration tests
+
 INTERPRETERS = [name for name in ("lua5.4", "lua5.1") if shutil.which(name)]
-
-
-def lua_literal(value: Any) -> str:
-    """A Lua table constructor for a JSON-like value (what Argo CD hands the script as `obj`)."""
-    if value is None:
-        return "nil"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # JSON string escapes are valid Lua escapes for this text
-    if isinstance(value, list):
-        return "{" + ", ".join(lua_literal(v) for v in value) + "}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"[{json.dumps(k)}] = {lua_literal(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot express {type(value).__name__} in Lua")
-
-
-def run_health(interpreter: str, script: str, obj: dict[str, Any]) -> tuple[str, str]:
-    program = (
-        f"obj = {lua_literal(obj)}\n"
-        f"local hs = dofile({json.dumps(str(HEALTH_DIR / script))})\n"
-        "io.write(hs.status, '\\n', hs.message or '')\n"
-    )
-    done = subprocess.run([interpreter, "-"], input=program, capture_output=True, text=True, timeout=30)
-    assert done.returncode == 0, f"{interpreter} failed on {script}: {done.stderr}"
-    status, _, message = done.stdout.partition("\n")
-    return status, message
 
 
 def cond(kind: str, status: str, reason: str = "", message: str = "", generation: int = 1) -> dict[str, Any]:
@@ -280,13 +254,13 @@ def test_a_lua_interpreter_is_installed() -> None:
 
 @pytest.mark.parametrize(("case", "body", "status", "message"), MDEP_CASES, ids=[c[0] for c in MDEP_CASES])
 def test_modeldeployment_health(lua: str, case: str, body: dict, status: str, message: str) -> None:
-    got_status, got_message = run_health(lua, "modeldeployment.lua", body)
+    got_status, got_message = lua_health("modeldeployment.lua", body, lua)
     assert (got_status, message in got_message) == (status, True), f"{case}: {got_status!r} {got_message!r}"
 
 
 @pytest.mark.parametrize(("case", "body", "status", "message"), MLP_CASES, ids=[c[0] for c in MLP_CASES])
 def test_mlpipeline_health(lua: str, case: str, body: dict, status: str, message: str) -> None:
-    got_status, got_message = run_health(lua, "mlpipeline.lua", body)
+    got_status, got_message = lua_health("mlpipeline.lua", body, lua)
     assert (got_status, message in got_message) == (status, True), f"{case}: {got_status!r} {got_message!r}"
 
 
