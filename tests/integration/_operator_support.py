@@ -118,6 +118,14 @@ class OperatorProcess:
                 out[name] = float(value)
         return out
 
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a metric's samples whose labels include `labels`."""
+        want = [f'{k}="{v}"' for k, v in labels.items()]
+        return sum(
+            v for k, v in self.metrics().items()
+            if (k == name or k.startswith(name + "{")) and all(w in k for w in want)
+        )
+
     def writes(self) -> float:
         """API writes (anything but GET) the operator has made so far."""
         return sum(
