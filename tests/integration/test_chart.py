@@ -131,15 +131,14 @@ class Release:
 
 
 @pytest.fixture(scope="module")
-def release(kubectl: Kubectl, kubeconfig: str) -> Iterator[Release]:
+def release(kubectl: Kubectl, kubeconfig: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
     suffix = uuid.uuid4().hex[:6]
     namespaces = [f"conveyor-{suffix}", f"ml-{suffix}", f"other-{suffix}"]
     for ns in namespaces:
         kubectl("create", "namespace", ns)
     name = f"rel-{suffix}"
     values = {"watch": {"namespaces": [namespaces[1]]}, "operator": {"logLevel": "debug"}}
-    directory = Path(kubeconfig).parent
-    values_path = directory / f"chart-values-{suffix}.yaml"
+    values_path = tmp_path_factory.mktemp("release") / "values.yaml"
     values_path.write_text(yaml.safe_dump(values))
     installed = helm("install", name, str(CHART), "--namespace", namespaces[0], "--kubeconfig", kubeconfig, "-f", str(values_path))
     try:
@@ -157,7 +156,6 @@ def release(kubectl: Kubectl, kubeconfig: str) -> Iterator[Release]:
         helm("uninstall", name, "--namespace", namespaces[0], "--kubeconfig", kubeconfig, check=False)
         for ns in namespaces:
             kubectl("delete", "namespace", ns, "--wait=false", check=False)
-        values_path.unlink(missing_ok=True)
 
 
 def test_helm_install_creates_everything_the_chart_declares(kubectl: Kubectl, release: Release) -> None:
