@@ -1,0 +1,257 @@
+"""Benchmark: the operator fanning 200 ModelDeployments out into 200 InferenceServices.
+
+Measured in one run, on the real local kube-apiserver:
+1. baseline: a plain client (the official Python client, 8 threads) creates 200 InferenceServices
+   directly: the limit the operator can approach;
+2. the operator (`python -m conveyor.operator`, its own process) with 200 ModelDeployments applied at
+   once by the same kind of client: the time from the first apply until each InferenceService exists
+   (seen by a watch started beforehand), p50/p99 per object and until all exist;
+3. 60 s of idle with all 200 present: API writes by the operator (its own request counter, every
+   non-GET request) and, as a cross-check, the apiserver's apiserver_request_total for our resources
+   (other clients sharing the cluster would show there too);
+4. the operator's resident memory (VmRSS, and the peak VmHWM) after it settled.
+
+Run: `make bench` (pytest -m bench), or `python tests/bench/bench_operator.py [--count N] [--idle S]`
+with KUBECONFIG pointing at the local control plane (`hack/local-cluster.sh up` prints it).
+Writes tests/bench/results/operator.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "integration"))
+
+import contextlib
+
+from _operator_support import OperatorProcess, train, wait_for  # noqa: E402
+from kubernetes import client, config, watch  # noqa: E402
+
+RESULTS = ROOT / "tests" / "bench" / "results" / "operator.json"
+THREADS = 8
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def summary(latencies: list[float]) -> dict[str, float]:
+    return {
+        "p50_s": round(percentile(latencies, 0.5), 3),
+        "p99_s": round(percentile(latencies, 0.99), 3),
+        "mean_s": round(statistics.fmean(latencies), 3),
+        "all_exist_s": round(max(latencies), 3),
+        "per_second": round(len(latencies) / max(latencies), 1),
+    }
+
+
+class IsvcWatch:
+    """Records when each InferenceService in a namespace is first seen (ADDED)."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.seen: dict[str, float] = {}
+        self._api = client.CustomObjectsApi(api)
+        self._ns = namespace
+        self._watch = watch.Watch()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        listed = self._api.list_namespaced_custom_object("serving.kserve.io", "v1beta1", self._ns, "inferenceservices")
+        self._ready.set()
+        for ev in self._watch.stream(
+            self._api.list_namespaced_custom_object,
+            "serving.kserve.io", "v1beta1", self._ns, "inferenceservices",
+            resource_version=listed["metadata"]["resourceVersion"],
+            timeout_seconds=600,
+        ):
+            name = ev["object"]["metadata"]["name"]
+            self.seen.setdefault(name, time.monotonic())
+
+    def stop(self) -> None:
+        self._watch.stop()
+
+
+def isvc_body(name: str, uri: str) -> dict[str, Any]:
+    """What a user would write by hand for the same predictor (no operator)."""
+    return {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": name, "annotations": {"serving.kserve.io/deploymentMode": "Knative"}},
+        "spec": {
+            "predictor": {
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "containers": [
+                    {
+                        "name": "kserve-container",
+                        "image": "ghcr.io/conveyor-ml/conveyor-runtime:0.1.0",
+                        "command": ["python", "-m", "conveyor.runtime.serve"],
+                        "args": ["--model-dir", "/mnt/models", "--name", name],
+                        "env": [{"name": "STORAGE_URI", "value": uri}],
+                    }
+                ],
+            }
+        },
+    }
+
+
+def apiserver_writes(api: client.ApiClient) -> dict[str, float]:
+    """apiserver_request_total for our kinds and their children, non-GET verbs, by verb/resource."""
+    text = api.call_api("/metrics", "GET", auth_settings=["BearerToken"], response_type="str", _preload_content=False)[0].data.decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels, _, value = line.rpartition(" ")
+        fields = dict(part.split("=", 1) for part in labels[len("apiserver_request_total{"):-1].split(",") if "=" in part)
+        fields = {k: v.strip('"') for k, v in fields.items()}
+        if fields.get("verb") in ("GET", "LIST", "WATCH", "CONNECT"):
+            continue
+        if fields.get("resource") not in ("modeldeployments", "inferenceservices", "events"):
+            continue
+        key = f'{fields["verb"]} {fields["resource"]}{"/" + fields["subresource"] if fields.get("subresource") else ""}'
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+def proc_memory(pid: int) -> dict[str, float]:
+    mem = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            mem[key] = round(int(rest.split()[0]) / 1024, 1)
+    return {"rss_mib": mem.get("VmRSS", 0.0), "peak_rss_mib": mem.get("VmHWM", 0.0)}
+
+
+def run_benchmark(kubeconfig: str, count: int = 200, idle: float = 60.0, registry_dir: Path | None = None) -> dict[str, Any]:
+    api = config.new_client_from_config(config_file=kubeconfig)
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    tag = uuid.uuid4().hex[:6]
+    ns_direct, ns_op = f"bench-direct-{tag}", f"bench-op-{tag}"
+    for ns in (ns_direct, ns_op):
+        core.create_namespace({"metadata": {"name": ns}})
+    registry_dir = registry_dir or Path(f"/tmp/conveyor-bench-{tag}")
+    registry = f"file://{registry_dir}"
+    version = train(registry, "fraud", pipeline="bench", namespace=ns_op, run=1, accuracy=0.9)
+    uri = f"{registry}/fraud/{version}"
+    names = [f"m{i:03d}" for i in range(count)]
+    op: OperatorProcess | None = None
+    try:
+        # 1. Baseline: the plain client creates the InferenceServices itself.
+        w = IsvcWatch(api, ns_direct)
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(THREADS) as pool:
+            list(pool.map(lambda n: custom.create_namespaced_custom_object(
+                "serving.kserve.io", "v1beta1", ns_direct, "inferenceservices", isvc_body(n, uri)), names))
+        wait_for("all direct InferenceServices seen", lambda: len(w.seen) == count, timeout=300)
+        w.stop()
+        direct = summary([w.seen[n] - t0 for n in names])
+
+        # 2. The operator: 200 ModelDeployments applied at once.
+        op = OperatorProcess(kubeconfig, ns_op).start()
+        w = IsvcWatch(api, ns_op)
+        spec = {"model": {"registryUri": registry, "name": "fraud", "version": version}}
+        t0 = time.monotonic()
+        with ThreadPoolExecutor(THREADS) as pool:
+            list(pool.map(lambda n: custom.create_namespaced_custom_object(
+                "conveyor.dev", "v1alpha1", ns_op, "modeldeployments",
+                {"apiVersion": "conveyor.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": n}, "spec": spec}), names))
+        applied_s = time.monotonic() - t0
+        wait_for("all operator InferenceServices seen", lambda: len(w.seen) == count, timeout=600, interval=0.5)
+        w.stop()
+        operator = summary([w.seen[n] - t0 for n in names])
+
+        def settled() -> bool:
+            items = custom.list_namespaced_custom_object("conveyor.dev", "v1alpha1", ns_op, "modeldeployments")["items"]
+            return all((i.get("status") or {}).get("stableVersion") == version for i in items) and len(items) == count
+
+        wait_for("every ModelDeployment's status written", settled, timeout=300, interval=1)
+        time.sleep(5)  # let the last watch events of our own writes come back and be reconciled
+
+        # 3. Idle.
+        op_before, api_before = op.writes(), apiserver_writes(api)
+        time.sleep(idle)
+        op_after, api_after = op.writes(), apiserver_writes(api)
+        api_delta = {k: api_after.get(k, 0) - api_before.get(k, 0) for k in set(api_after) | set(api_before)}
+        memory = proc_memory(op.proc.pid)  # type: ignore[union-attr]
+        reconciles = op.metric("conveyor_reconcile_total", kind="ModelDeployment")
+        result = {
+            "benchmark": "operator fan-out: ModelDeployment -> InferenceService",
+            "objects": count,
+            "client_threads": THREADS,
+            "direct_create": direct,
+            "operator": {**operator, "apply_all_modeldeployments_s": round(applied_s, 3)},
+            "operator_vs_direct_all_exist": round(operator["all_exist_s"] / direct["all_exist_s"], 2),
+            "idle": {
+                "seconds": idle,
+                "operator_api_writes": op_after - op_before,
+                "apiserver_writes_on_our_resources": {k: v for k, v in sorted(api_delta.items()) if v},
+                "note": "apiserver figures count every client on the shared local cluster; the operator's own counter counts only its requests",
+            },
+            "operator_memory": memory,
+            "operator_reconciles_total": reconciles,
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+        return result
+    finally:
+        if op is not None:
+            op.stop()
+        for ns, plural, group, ver in (
+            (ns_op, "modeldeployments", "conveyor.dev", "v1alpha1"),
+            (ns_op, "inferenceservices", "serving.kserve.io", "v1beta1"),
+            (ns_direct, "inferenceservices", "serving.kserve.io", "v1beta1"),
+        ):
+            with contextlib.suppress(client.ApiException):
+                custom.delete_collection_namespaced_custom_object(group, ver, ns, plural)
+        for ns in (ns_direct, ns_op):
+            with contextlib.suppress(client.ApiException):
+                core.delete_namespace(ns)
+        api.close()
+
+
+@pytest.mark.bench
+@pytest.mark.cluster
+def test_bench_operator(kubeconfig: str, tmp_path: Path) -> None:
+    result = run_benchmark(kubeconfig, registry_dir=tmp_path / "registry")
+    print(json.dumps(result, indent=2))
+    assert result["objects"] == 200
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--count", type=int, default=200)
+    p.add_argument("--idle", type=float, default=60.0)
+    p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    args = p.parse_args()
+    kubeconfig = args.kubeconfig or subprocess.run(
+        [str(ROOT / "hack" / "local-cluster.sh"), "up"], capture_output=True, text=True, check=True
+    ).stdout.strip().splitlines()[-1]
+    print(json.dumps(run_benchmark(kubeconfig, args.count, args.idle), indent=2))
+
+
+if __name__ == "__main__":
+    main()
