@@ -19,6 +19,7 @@ Writes tests/bench/results/operator.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -36,8 +37,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
-
-import contextlib
 
 from _operator_support import OperatorProcess, train, wait_for  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
