@@ -1,0 +1,355 @@
+"""The training runtime end to end: real data, real Ray Data and Ray Train (local, CPU), real torch, the
+registry on the local filesystem. Two session-scoped runs (fraud, digits) are inspected by several tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _training_support import start_local_ray, wait_for
+
+from conveyor.runtime import data as data_mod
+from conveyor.runtime.evaluate import softmax
+from conveyor.runtime.registry import Registry, open_package
+from conveyor.runtime.spec import DataSource, RunConfig
+from conveyor.runtime.train import _split, quick_config, train_and_register
+
+FRAUD_FEATURES = ["amount", "merchant", "hour", "foreign", "card_age_days", "distance_km", "txn_last_hour"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray (2 CPUs) for the session; its GCS address lets a subprocess run join it."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    yield start_local_ray(num_cpus=2)
+    if started_here:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def fraud_run(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, object]:
+    config = quick_config("fraud", str(tmp_path_factory.mktemp("registry")), rows=8000)
+    return config, open_package(train_and_register(config))
+
+
+@pytest.fixture(scope="session")
+def digits_run(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, object]:
+    config = quick_config("digits", str(tmp_path_factory.mktemp("registry")))
+    return config, open_package(train_and_register(config))
+
+
+def _held_out(config: RunConfig):
+    """The raw held-out rows, recomputed independently of the run from the seeded split."""
+    frame = data_mod.builtin_frame(config.data.source.uri)
+    y = frame["label"].to_numpy().astype(np.int64)
+    train_idx, test_idx = _split(y, config, stratify=True)
+    return frame, train_idx, test_idx
+
+
+# ---------------------------------------------------------------- tabular: fraud
+
+
+@pytest.mark.slow
+def test_fraud_model_ranks_fraud_above_legitimate(fraud_run) -> None:
+    config, pkg = fraud_run
+    m = pkg.metrics
+    assert m["rocAuc"] >= 0.8, m
+    assert m["gate"] == {**m["gate"], "metric": "rocAuc", "passed": True}
+    assert m["trainSamples"] + m["testSamples"] == 8000
+    assert [h["epoch"] for h in m["history"]] == [1, 2, 3, 4]
+    assert m["history"][-1]["trainLoss"] < m["history"][0]["trainLoss"]
+    assert all(h["samples"] == m["trainSamples"] and h["samplesPerSecond"] > 0 for h in m["history"])
+    assert len(m["confusionMatrix"]) == 2 and sum(map(sum, m["confusionMatrix"])) == m["testSamples"]
+
+
+@pytest.mark.slow
+def test_serving_path_reproduces_the_held_out_metrics(fraud_run) -> None:
+    # Raw rows as a client sends them -> the package's transforms -> the TorchScript model: no skew.
+    config, pkg = fraud_run
+    frame, _, test_idx = _held_out(config)
+    rows = frame.iloc[test_idx][FRAUD_FEATURES].to_dict("records")
+    x = pkg.transforms.apply(rows)
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    with torch.no_grad():
+        logits = pkg.load_model()(torch.from_numpy(x)).numpy()
+    y = frame["label"].to_numpy()[test_idx]
+    assert roc_auc_score(y, softmax(logits)[:, 1]) == pytest.approx(pkg.metrics["rocAuc"], abs=1e-6)
+    assert float((logits.argmax(1) == y).mean()) == pytest.approx(pkg.metrics["accuracy"])
+
+
+@pytest.mark.slow
+def test_transforms_were_fitted_on_the_training_split_only(fraud_run) -> None:
+    config, pkg = fraud_run
+    frame, train_idx, _ = _held_out(config)
+    steps = {(s.type, s.column): s.params for s in pkg.transforms.steps}
+    train, everything = frame.iloc[train_idx], frame
+
+    assert steps[("impute", "distance_km")]["value"] == pytest.approx(train["distance_km"].median())
+    amount_train = train["amount"].clip(0, 5000)
+    assert steps[("standardize", "amount")]["mean"] == pytest.approx(amount_train.mean())
+    assert steps[("standardize", "amount")]["std"] == pytest.approx(amount_train.std(ddof=0))
+    # The same statistic over all rows is different: the held-out rows did not leak in.
+    assert steps[("standardize", "amount")]["mean"] != pytest.approx(
+        everything["amount"].clip(0, 5000).mean(), rel=1e-9
+    )
+    assert steps[("oneHot", "merchant")]["categories"][0] == train["merchant"].value_counts().index[0]
+    assert (
+        pkg.transforms.output_columns[:1] == ["amount"]
+        and "merchant=__other__" in pkg.transforms.output_columns
+    )
+
+
+@pytest.mark.slow
+def test_package_describes_inputs_profile_and_lineage(fraud_run) -> None:
+    config, pkg = fraud_run
+    frame, train_idx, _ = _held_out(config)
+    assert [f["name"] for f in pkg.schema["features"]] == FRAUD_FEATURES
+    types = {f["name"]: (f["type"], f["nullable"]) for f in pkg.schema["features"]}
+    assert types["merchant"] == ("string", False) and types["distance_km"] == ("float", True)
+    assert pkg.schema["task"] == "classification" and pkg.classes == ["0", "1"]
+
+    prof = pkg.profile
+    assert prof["rows"] == len(train_idx) and set(prof["features"]) == set(FRAUD_FEATURES)
+    assert len(prof["features"]["amount"]["binEdges"]) == 11
+    assert sum(prof["features"]["amount"]["binFractions"]) == pytest.approx(1.0)
+    assert set(prof["features"]["merchant"]["frequencies"]) == set(data_mod.MERCHANTS)
+    assert prof["features"]["distance_km"]["nullFraction"] > 0
+    assert prof["classBalance"]["1"] == pytest.approx(frame["label"].to_numpy()[train_idx].mean())
+    assert sum(prof["predictionDistribution"].values()) == pytest.approx(1.0)
+
+    lin = pkg.lineage
+    assert lin["pipeline"] == config.pipeline and lin["run"] == config.run
+    assert lin["dataSha256"] == data_mod.content_sha256(config.data.source)
+    assert lin["parameters"] == json.loads(json.dumps(config.to_api()))
+    assert {"torch", "ray", "conveyor"} <= set(lin["packages"])
+    assert pkg.manifest["architecture"] == "mlp" and pkg.manifest["inputShape"] == [
+        len(pkg.transforms.output_columns)
+    ]
+
+
+# ---------------------------------------------------------------- images: digits
+
+
+@pytest.mark.slow
+def test_digits_cnn_reaches_90_percent_held_out(digits_run) -> None:
+    config, pkg = digits_run
+    frame, _, test_idx = _held_out(config)
+    m = pkg.metrics
+    assert m["accuracy"] >= 0.9, m["history"]
+    assert m["f1Macro"] >= 0.85 and "rocAuc" not in m
+    cm = np.array(m["confusionMatrix"])
+    assert cm.shape == (10, 10) and cm.sum() == m["testSamples"] == len(test_idx)
+    assert pkg.schema | {"kind": "image", "channels": 1, "height": 8, "width": 8} == pkg.schema
+    assert pkg.classes == [str(d) for d in range(10)]
+    assert set(pkg.profile["imageStats"]) == {"mean", "std", "brightness"}
+
+    # Serving path on raw pixels (0..16) reproduces the recorded accuracy.
+    import torch
+
+    images = np.stack(frame["image"].to_numpy()[test_idx])
+    with torch.no_grad():
+        logits = pkg.load_model()(torch.from_numpy(pkg.transforms.apply(images))).numpy()
+    assert logits.shape == (len(test_idx), 10)
+    assert float((logits.argmax(1) == frame["label"].to_numpy()[test_idx]).mean()) == pytest.approx(
+        m["accuracy"]
+    )
+
+
+# ---------------------------------------------------------------- distributed, retries, bad data
+
+
+@pytest.mark.slow
+def test_two_workers_train_with_ddp_on_disjoint_shards(ray_cluster: str, tmp_path: Path) -> None:
+    config = quick_config("fraud", str(tmp_path), pipeline="ddp", rows=6000)
+    config.training.num_workers = 2
+    config.training.hyperparameters.epochs = 3
+    pkg = open_package(train_and_register(config))
+    m = pkg.metrics
+    # Each epoch the two workers together saw the training split exactly once.
+    assert [(h["workers"], h["samples"]) for h in m["history"]] == [(2, m["trainSamples"])] * 3
+    assert m["rocAuc"] >= 0.75
+    assert pkg.lineage["training"]["workers"] == 2
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_last_checkpoint(ray_cluster: str, tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    config = quick_config("fraud", str(registry), pipeline="retry", rows=20000)
+    config.training.hyperparameters.epochs = 8
+    config.training.hyperparameters.batch_size = 32
+    run_json = tmp_path / "run.json"
+    run_json.write_text(json.dumps(config.to_api()))
+    checkpoints = registry / "fraud" / ".checkpoints"
+
+    # First attempt: the RayJob's entrypoint, killed (as a node loss would) after its first checkpoint.
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "conveyor.runtime.train", "--config", str(run_json)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(
+            lambda: list(checkpoints.glob("*/checkpoint_*")) or proc.poll() is not None,
+            timeout=240,
+            what="the first attempt's first checkpoint",
+        )
+        assert proc.poll() is None, "the first attempt ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert Registry(str(registry), "fraud").versions() == []  # nothing registered by the killed attempt
+
+    # The retry (same pipeline and run) picks up where the checkpoint left off.
+    pkg = open_package(train_and_register(config))
+    m = pkg.metrics
+    assert m["resumedAfterEpoch"] is not None and 1 <= m["resumedAfterEpoch"] < 8
+    assert [h["epoch"] for h in m["history"]] == list(range(1, 9))
+    assert Registry(str(registry), "fraud").versions() == ["v1"]
+    assert m["rocAuc"] >= 0.8
+
+
+@pytest.mark.slow
+def test_contract_violations_fail_the_run_and_register_nothing(ray_cluster: str, tmp_path: Path) -> None:
+    registry = tmp_path / "registry"
+    config = quick_config("fraud", str(registry), pipeline="bad", rows=3000)
+    api = config.to_api()
+    columns = {c["name"]: c for c in api["data"]["contract"]["columns"]}
+    columns["amount"]["max"] = 500  # travel and electronics purchases exceed it
+    columns["merchant"]["allowedValues"] = ["grocery", "restaurant", "fuel", "online"]
+    columns["distance_km"]["nullable"] = False
+    api["data"]["contract"]["minRows"] = 5000
+    run_json, result = tmp_path / "run.json", tmp_path / "result.json"
+    run_json.write_text(json.dumps(api))
+
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster}
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor.runtime.train", "--config", str(run_json), "--result", str(result)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    report = json.loads(result.read_text())
+    assert report["outcome"] == "DataValidationFailed"
+    found = {(v["column"], v["rule"]) for v in report["report"]["violations"]}
+    assert found == {
+        ("amount", "max"),
+        ("merchant", "allowedValues"),
+        ("distance_km", "nullable"),
+        ("*", "minRows"),
+    }
+    by_rule = {v["rule"]: v for v in report["report"]["violations"]}
+    assert set(by_rule["allowedValues"]["examples"]) <= {"travel", "electronics"}
+    assert all(x > 500 for x in by_rule["max"]["examples"])
+    # The process's message is the whole report, one line per violation.
+    assert "data validation failed: 4 violation(s) in 3000 rows of builtin://fraud" in proc.stderr
+    for column, rule in found:
+        assert any(line.split()[:2] == [column, rule] for line in proc.stderr.splitlines()), (column, rule)
+    # Nothing was written: no version, no checkpoints.
+    assert not registry.exists() or not any(registry.rglob("*"))
+
+
+# ---------------------------------------------------------------- ingestion
+
+
+@pytest.mark.slow
+def test_ingests_parquet_csv_and_image_folders(ray_cluster: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    frame = data_mod.fraud_frame(rows=500, seed=3)
+    frame.to_parquet(tmp_path / "tx.parquet")
+    (tmp_path / "csv").mkdir()
+    frame.to_csv(tmp_path / "csv" / "part-0.csv", index=False)
+
+    pq = data_mod.load_dataset(DataSource(uri=f"file://{tmp_path}/tx.parquet", format="parquet")).to_pandas()
+    assert pq.shape == (500, 8) and pq["amount"].sum() == pytest.approx(frame["amount"].sum())
+    assert int(pq["distance_km"].isna().sum()) == int(frame["distance_km"].isna().sum())
+    csv = data_mod.load_dataset(DataSource(uri=str(tmp_path / "csv"), format="csv")).to_pandas()
+    assert len(csv) == 500 and list(csv.columns) == list(frame.columns)
+
+    digits = data_mod.digits_frame()
+    for cls in ("0", "1", "7"):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        for i, img in enumerate(digits[digits["label"] == int(cls)]["image"].iloc[:5]):
+            Image.fromarray((img[0] * 255 / 16).astype(np.uint8), mode="L").save(
+                tmp_path / "images" / cls / f"{i}.png"
+            )
+    images = data_mod.load_dataset(DataSource(uri=str(tmp_path / "images"), format="imagefolder")).to_pandas()
+    assert len(images) == 15 and sorted(images["label"].unique()) == ["0", "1", "7"]
+    assert {np.asarray(v).shape for v in images["image"]} == {(1, 8, 8)}
+
+    with pytest.raises(FileNotFoundError, match="nothing exists"):
+        data_mod.load_dataset(DataSource(uri=str(tmp_path / "nope.parquet"), format="parquet"))
+
+
+def test_builtin_fraud_is_seeded_and_skewed() -> None:
+    a, b = data_mod.fraud_frame(rows=5000, seed=1), data_mod.fraud_frame(rows=5000, seed=1)
+    assert a.equals(b)
+    assert not a.equals(data_mod.fraud_frame(rows=5000, seed=2))
+    assert 0.01 < a["label"].mean() < 0.03
+    # Fraud concentrates where the generator says it does (large foreign purchases).
+    foreign = a[a["foreign"]]["label"].mean()
+    assert foreign > 2 * a[~a["foreign"]]["label"].mean()
+    assert data_mod.builtin_frame("builtin://fraud?rows=100&seed=4").shape == (100, 8)
+    with pytest.raises(ValueError, match="unknown builtin 'mnist'"):
+        data_mod.builtin_frame("builtin://mnist")
+    with pytest.raises(ValueError, match="rows must be a whole number"):
+        data_mod.builtin_frame("builtin://fraud?rows=many")
+
+
+# ---------------------------------------------------------------- architectures (no Ray)
+
+
+@pytest.mark.parametrize(
+    ("arch", "shape", "classes"),
+    [
+        ("resnet18", [1, 8, 8], 10),
+        ("resnet18", [3, 32, 32], 5),
+        ("mobilenet_v3_small", [1, 8, 8], 3),
+        ("cnn", [3, 16, 16], 4),
+        ("mlp", [1, 8, 8], 10),
+        ("mlp", [12], 2),
+    ],
+)
+def test_architectures_adapt_to_input_and_classes_and_export(
+    arch: str, shape: list[int], classes: int
+) -> None:
+    import io
+
+    import torch
+
+    from conveyor.runtime.models import build_model, export_torchscript
+
+    torch.manual_seed(0)
+    model = build_model(arch, input_shape=shape, outputs=classes).eval()
+    x = torch.randn(3, *shape)
+    with torch.no_grad():
+        expected = model(x)
+    assert expected.shape == (3, classes)
+    scripted = torch.jit.load(io.BytesIO(export_torchscript(model, shape)))
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), expected, atol=1e-5)
+
+
+def test_unknown_or_mismatched_architecture_names_the_field() -> None:
+    from conveyor.runtime.models import build_model
+
+    with pytest.raises(ValueError, match="training.model.architecture 'resnet1000'"):
+        build_model("resnet1000", input_shape=[3, 32, 32], outputs=2)
+    with pytest.raises(ValueError, match="needs image data"):
+        build_model("resnet18", input_shape=[12], outputs=2)
