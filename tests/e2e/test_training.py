@@ -319,7 +319,6 @@ def test_builtin_fraud_is_seeded_and_skewed() -> None:
     ("arch", "shape", "classes"),
     [
         ("resnet18", [1, 8, 8], 10),
-        ("resnet18", [3, 32, 32], 5),
         ("mobilenet_v3_small", [1, 8, 8], 3),
         ("cnn", [3, 16, 16], 4),
         ("mlp", [1, 8, 8], 10),
