@@ -104,12 +104,11 @@ class Kube:
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             info = self._info
-            headers = dict(info.as_http_headers())
+            headers = dict(info.as_http_headers())  # bearer token or basic auth, as kopf builds it
             headers["User-Agent"] = f"{self.field_manager}/0.1"
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=64, ssl=info.as_ssl_context()),
                 headers=headers,
-                auth=info.as_aiohttp_basic_auth(),
                 timeout=self._timeout,
             )
         return self._session

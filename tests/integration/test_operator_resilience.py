@@ -132,3 +132,38 @@ def test_metrics_and_liveness_endpoints(kubeconfig: str, cluster: Cluster, regis
             assert r.status == 200 and b"queued" in r.read()
     finally:
         op.stop()
+
+
+def test_status_write_conflict_rereads_and_retries(
+    kubeconfig: str, cluster: Cluster, registry: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 409 from the real apiserver: the reconciler re-reads the object and asks to run again."""
+    import asyncio
+
+    import kopf
+
+    from conveyor.operator.builders import FIELD_MANAGER
+    from conveyor.operator.handlers import Operator
+    from conveyor.operator.kube import Kube, connection_info
+    from conveyor.operator.workqueue import Requeue
+
+    monkeypatch.setenv("KUBECONFIG", kubeconfig)
+    stale = cluster.create(MLP, "fraud", pipeline_spec(registry))
+    cluster.patch(MLP, "fraud", {"metadata": {"labels": {"team": "risk"}}})  # someone else writes meanwhile
+    key = (cluster.ns, "fraud")
+
+    async def main() -> None:
+        op = Operator(kube=Kube(connection_info(kopf.OperatorSettings()), field_manager=FIELD_MANAGER))
+        try:
+            op.pipelines[key] = stale
+            with pytest.raises(Requeue):
+                await op.write_status(op.pipelines, stale, {"phase": "Pending"})
+            fresh = op.pipelines[key]
+            assert fresh["metadata"]["labels"] == {"team": "risk"}  # re-read
+            await op.reconcile_pipeline(key)  # the retry succeeds on the fresh copy
+        finally:
+            await op.kube.close()
+
+    asyncio.run(main())
+    assert cluster.status(MLP, "fraud")["lastRun"] == 1
+    assert [r["metadata"]["name"] for r in cluster.rayjobs()] == ["fraud-1"]

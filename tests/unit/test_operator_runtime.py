@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import Counter
 from collections.abc import Hashable
 
@@ -139,3 +140,77 @@ def test_scope_flags(argv: list[str], namespaces: list[str]) -> None:
 def test_scope_flags_are_exclusive() -> None:
     with pytest.raises(SystemExit):
         parse_args(["-A", "-n", "a"])
+
+
+# ---------------------------------------------------------------- the API client against a real HTTP server
+
+
+def serve_script(script: list[tuple[int, dict, dict]]):  # noqa: ANN201
+    """An aiohttp server on 127.0.0.1 answering requests from a script of (status, headers, body)."""
+    from aiohttp import web
+
+    seen: list[tuple[str, str, str, str]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append((request.method, request.path_qs, request.headers.get("Content-Type", ""), await request.text()))
+        status, headers, body = script.pop(0) if script else (200, {}, {})
+        return web.json_response(body, status=status, headers=headers)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app, seen
+
+
+async def with_client(script, fn):  # noqa: ANN001, ANN201
+    import kopf
+    from aiohttp import web
+
+    from conveyor.operator.kube import Kube
+
+    app, seen = serve_script(script)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    kube = Kube(kopf.ConnectionInfo(server=f"http://127.0.0.1:{port}"), field_manager="test", backoff_base=0.01)
+    try:
+        return await fn(kube), seen
+    finally:
+        await kube.close()
+        await runner.cleanup()
+
+
+def test_client_retries_transient_errors_then_succeeds() -> None:
+    script = [(503, {}, {"message": "etcd leader changed"}), (429, {"Retry-After": "0"}, {}), (200, {}, {"ok": 1})]
+    result, seen = run(with_client(script, lambda k: k.request("GET", "/api/v1/namespaces")))
+    assert result == {"ok": 1} and len(seen) == 3
+
+
+def test_client_does_not_retry_client_errors() -> None:
+    from conveyor.operator.kube import ApiError, Conflict
+
+    async def bad(k):  # noqa: ANN001, ANN202
+        with pytest.raises(Conflict):
+            await k.patch_status(
+                {"apiVersion": "conveyor.dev/v1alpha1", "kind": "MLPipeline", "metadata": {"name": "p", "namespace": "n", "resourceVersion": "7"}},
+                {"phase": "Running"},
+            )
+        with pytest.raises(ApiError, match="HTTP 422"):
+            await k.request("POST", "/x")
+        assert await k.get("/missing") is None
+
+    _, seen = run(with_client([(409, {}, {"message": "conflict"}), (422, {}, {"message": "bad"}), (404, {}, {})], bad))
+    assert len(seen) == 3
+    method, path, ctype, body = seen[0]
+    assert (method, ctype) == ("PATCH", "application/merge-patch+json")
+    assert path == "/apis/conveyor.dev/v1alpha1/namespaces/n/mlpipelines/p/status?fieldManager=test"
+    assert json.loads(body) == {"metadata": {"resourceVersion": "7"}, "status": {"phase": "Running"}}
+
+
+def test_apply_is_server_side_apply_under_one_field_manager() -> None:
+    manifest = {"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": "p-1", "namespace": "n"}, "spec": {}}
+    _, seen = run(with_client([(201, {}, manifest)], lambda k: k.apply(manifest)))
+    method, path, ctype, _ = seen[0]
+    assert method == "PATCH" and ctype == "application/apply-patch+yaml"
+    assert path == "/apis/ray.io/v1/namespaces/n/rayjobs/p-1?fieldManager=test&force=true"
