@@ -353,7 +353,17 @@ class PackagePredictor(Model):
                     raise InvalidInput(f"instances[{i}].{k} must be a single value, got a {type(v).__name__}")
         x = self._transform(rows)
         columns = {name: [row.get(name) for row in rows] for name in names}
-        return x, columns, len(rows)
+        return x, self._for_drift(columns), len(rows)
+
+    def _for_drift(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        """Bool features are profiled as categories "true"/"false": a 1/0 (V2 BOOL arrives as numbers,
+        V1 clients may send 1/0) must count as the same category."""
+        for f in self.package.transforms.features:  # type: ignore[union-attr]
+            if f.type == "bool" and f.name in columns:
+                columns[f.name] = [
+                    bool(v) if isinstance(v, int | float) and v in (0, 1) else v for v in columns[f.name]
+                ]
+        return columns
 
     def _transform(self, data: Any) -> np.ndarray:
         try:
@@ -370,6 +380,11 @@ class PackagePredictor(Model):
         for inp in request.inputs:
             if inp.name in arrays:
                 raise InvalidInput(f"input {inp.name!r} is given twice")
+            if inp.datatype not in _V2_NUMERIC and inp.datatype != "BYTES":
+                raise InvalidInput(
+                    f"input {inp.name!r}: unknown datatype {inp.datatype!r}; V2 datatypes are BOOL, INT8..INT64, "
+                    "UINT8..UINT64, FP16, FP32, FP64 and BYTES"
+                )
             try:
                 arr = inp.as_numpy()
             except InvalidInput:
@@ -424,7 +439,13 @@ class PackagePredictor(Model):
         assert n is not None
         self._check_rows(n)
         x = self._transform(columns)
-        return x, {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in columns.items()}, n
+        return (
+            x,
+            self._for_drift(
+                {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in columns.items()}
+            ),
+            n,
+        )
 
     # ------------------------------------------------------------ images
 
@@ -501,9 +522,13 @@ class PackagePredictor(Model):
             raw = []
             for i, item in enumerate(items):
                 where = f"input {name!r}[{i}]"
-                data = item if isinstance(item, bytes) else self._b64(item, where)
-                if isinstance(item, bytes) and not _looks_like_image(item):
-                    data = self._b64(item.decode("ascii", "replace"), where)
+                if isinstance(item, bytes):
+                    # Raw image bytes (binary extension) or base64 text sent as bytes.
+                    data = (
+                        item if _looks_like_image(item) else self._b64(item.decode("ascii", "replace"), where)
+                    )
+                else:
+                    data = self._b64(item, where)
                 raw.append(self._decode_image(data, where))
             return self._images(np.stack(raw))
         if datatype not in _V2_NUMERIC:
