@@ -197,7 +197,7 @@ class Operator:
                     self._store(self.rayjobs, live)
                     rayjobs[n] = live
 
-        deploy_target = self._deploy_target(namespace, spec) if spec is not None else None
+        deploy_target = self._deploy_target(namespace, name, spec) if spec is not None else None
         gate: dict[int, GateOutcome] = {}
         for n in runs_awaiting_gate(status, rayjobs):
             assert spec is not None, "a run awaiting its gate needs the spec"
@@ -243,7 +243,7 @@ class Operator:
         self.update_gauges()
         return plan.requeue_after
 
-    def _deploy_target(self, namespace: str, spec: MLPipelineSpec) -> DeployTarget | None:
+    def _deploy_target(self, namespace: str, pipeline: str, spec: MLPipelineSpec) -> DeployTarget | None:
         if spec.deploy is None:
             return None
         name = spec.deploy.model_deployment
@@ -252,7 +252,9 @@ class Operator:
             return DeployTarget(name, exists=False, follows=False)
         model = (md.get("spec") or {}).get("model") or {}
         version = model.get("version", "latest")
-        return DeployTarget(name, exists=True, follows=version == "latest", pinned_version=None if version == "latest" else version)
+        follows = version == "latest" and model.get("pipeline") in (None, pipeline)
+        pinned = version if version != "latest" else f"latest of MLPipeline {model.get('pipeline')}"
+        return DeployTarget(name, exists=True, follows=follows, pinned_version=None if follows else pinned)
 
     def _gate_run(
         self, spec: MLPipelineSpec, namespace: str, pipeline: str, run: int, target: DeployTarget | None

@@ -245,3 +245,57 @@ def test_invalid_spec_is_a_false_condition_without_a_hot_loop(cluster: Cluster, 
     assert operator.writes() == sum(
         v for k, v in before.items() if k.startswith("conveyor_api_requests_total{") and 'verb="GET"' not in k
     )
+
+
+def test_second_passing_version_becomes_the_canary_and_must_beat_the_stable_one(
+    cluster: Cluster, operator: OperatorProcess, registry: str
+) -> None:
+    ns = cluster.ns
+    cluster.create(MDEP, "fraud", deployment_spec(registry, rollout={"steps": [20, 100]}))
+    cluster.create(
+        MLP,
+        "fraud",
+        pipeline_spec(
+            registry,
+            deploy={"modelDeployment": "fraud"},
+            evaluation={"metric": "accuracy", "threshold": 0.8, "mustBeatDeployed": True, "margin": 0.01},
+        ),
+    )
+
+    def finish(n: int, accuracy: float, expect: str) -> None:
+        wait_for(f"RayJob fraud-{n}", lambda: cluster.rayjob(f"fraud-{n}"))
+        train(registry, "fraud", pipeline="fraud", namespace=ns, run=n, accuracy=accuracy)
+        cluster.kuberay_sets(f"fraud-{n}", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+        assert wait_for(f"run {n} {expect}", lambda: outcome(cluster, "fraud", n) == expect)
+
+    finish(1, 0.90, "Succeeded")
+    assert wait_for("v1 stable", lambda: cluster.status(MDEP, "fraud").get("stableVersion") == "v1")
+    # Run 2 reaches the threshold but not the deployed v1 + margin: recorded, deployed nowhere.
+    cluster.patch(MLP, "fraud", {"metadata": {"annotations": {"conveyor.dev/rerun": "2"}}})
+    finish(2, 0.905, "GateFailed")
+    run2 = run_entry(cluster, "fraud", 2)
+    assert run2 is not None and run2["reason"] == "DidNotBeatDeployed" and "v1" in run2["message"]
+    assert cluster.status(MLP, "fraud")["latestVersion"] == "v1"
+    # Run 3 beats it: v3 becomes the canary at the first step, beside v1.
+    cluster.patch(MLP, "fraud", {"metadata": {"annotations": {"conveyor.dev/rerun": "3"}}})
+    finish(3, 0.95, "Succeeded")
+    status = wait_for("canary", lambda: (s := cluster.status(MDEP, "fraud")).get("canaryVersion") and s)
+    assert (status["stableVersion"], status["canaryVersion"], status["canaryWeight"]) == ("v1", "v3", 20)
+    predictor = cluster.isvc("fraud")["spec"]["predictor"]
+    assert predictor["canaryTrafficPercent"] == 20
+    assert {e["name"]: e["value"] for e in predictor["containers"][0]["env"]}["STORAGE_URI"] == f"{registry}/fraud/v3"
+
+
+def test_pinned_deployment_refuses_the_handover(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    ns = cluster.ns
+    train(registry, "fraud", pipeline="older", namespace=ns, run=1, accuracy=0.9)  # v1, pinned below
+    cluster.create(MDEP, "fraud", deployment_spec(registry, "v1"))
+    cluster.create(MLP, "fraud", pipeline_spec(registry, deploy={"modelDeployment": "fraud"}))
+    wait_for("RayJob", lambda: cluster.rayjob("fraud-1"))
+    train(registry, "fraud", pipeline="fraud", namespace=ns, run=1, accuracy=0.99)
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
+    assert wait_for("run 1 succeeded", lambda: outcome(cluster, "fraud", 1) == "Succeeded")
+    assert run_entry(cluster, "fraud", 1)["deployed"] is False  # type: ignore[index]
+    assert ("Warning", "DeploymentPinned") in [e[:2] for e in wait_for("event", lambda: cluster.events("fraud"))]
+    time.sleep(1)
+    assert cluster.status(MDEP, "fraud")["stableVersion"] == "v1" and "canaryVersion" not in cluster.status(MDEP, "fraud")
