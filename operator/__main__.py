@@ -38,7 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="kopf peering object name for running replicas in turn (default: standalone)")
     p.add_argument("--pipeline-workers", type=int, default=2)
     p.add_argument("--deployment-workers", type=int, default=8)
-    p.add_argument("--resync-seconds", type=float, default=600.0)
+    p.add_argument("--resync-seconds", type=float, default=600.0, help="reconcile everything this often")
+    p.add_argument("--registry-poll-seconds", type=float, default=60.0,
+                   help="how often a ModelDeployment following a registry's latest version looks for a new one")
     p.add_argument("--log-level", default=os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     for ns in args.namespace:
@@ -56,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         pipeline_workers=args.pipeline_workers,
         deployment_workers=args.deployment_workers,
         resync_seconds=args.resync_seconds,
+        registry_poll_seconds=args.registry_poll_seconds,
         metrics_port=args.metrics_port or None,
     )
     liveness = f"http://{args.bind}:{args.liveness_port}/healthz" if args.liveness_port else None

@@ -7,7 +7,8 @@ is `spec.model.pipeline`, or else the one MLPipeline in the namespace whose `spe
 names this deployment. Git keeps `version: latest` and never drifts; the operator re-reconciles the
 deployment whenever the pipeline's status changes. A ModelDeployment that pins a version (`v3`) serves
 exactly that version, and the pipeline reports the hand-off as refused (Warning `DeploymentPinned`).
-With `latest` and no pipeline at all it follows the registry's newest committed version.
+With `latest` and no pipeline at all it follows the registry's newest committed version (polled every
+minute: a registry announces nothing).
 
 Rollout. The first version becomes `status.stableVersion` directly. A later wanted version:
 - strategy `immediate`: replaces the stable version in place;

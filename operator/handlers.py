@@ -46,6 +46,7 @@ class Config:
     pipeline_workers: int = 2
     deployment_workers: int = 8
     resync_seconds: float = 600.0
+    registry_poll_seconds: float = 60.0
     metrics_port: int | None = None
 
 
@@ -304,6 +305,9 @@ class Operator:
         await self.write_status(self.deployments, obj, plan.status)
         await self.emit(obj, plan.events)
         self.update_gauges()
+        if resolution is not None and resolution.source == "registry":
+            # Nothing announces a new registry version: look again now and then (reads only).
+            return self.config.registry_poll_seconds
         return None
 
     async def _resolve(self, namespace: str, name: str, spec: ModelDeploymentSpec, registry: Any) -> Resolution:
@@ -356,7 +360,8 @@ class Operator:
         # Committed versions never change, so a positive answer is cached for good.
         if (uri, model, version) in self.known_versions:
             return True
-        if version in registry.versions():
+        # Committed (manifest valid, every file there at its size); the predictor verifies checksums at load.
+        if version in registry.versions(verify=False):
             self.known_versions.add((uri, model, version))
             return True
         return False

@@ -180,3 +180,16 @@ def test_drift_of_the_child_is_put_back(cluster: Cluster, operator: OperatorProc
         {"spec": {"predictor": {"maxReplicas": 99}}},
     )
     assert wait_for("restored", lambda: cluster.isvc("fraud")["spec"]["predictor"]["maxReplicas"] == 3)
+
+
+def test_latest_without_pipeline_follows_the_registry(kubeconfig: str, cluster: Cluster, registry: str) -> None:
+    op = OperatorProcess(kubeconfig, cluster.ns, "--registry-poll-seconds", "1").start()
+    try:
+        cluster.create(MDEP, "fraud", deployment_spec(registry, rollout={"strategy": "immediate"}))
+        wait_for("newest version v2", lambda: env(cluster.isvc("fraud")["spec"]["predictor"])["STORAGE_URI"].endswith("/v2"))
+        train(registry, "fraud", pipeline="offline", namespace=cluster.ns, run=3, accuracy=0.95)
+        wait_for("v3 picked up", lambda: env(cluster.isvc("fraud")["spec"]["predictor"])["STORAGE_URI"].endswith("/v3"))
+        assert cluster.status(MDEP, "fraud")["stableVersion"] == "v3"
+    finally:
+        op.stop()
+        print(op.logs())
