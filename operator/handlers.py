@@ -12,6 +12,7 @@ off `Operator`, set in kopf's memo at startup.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -200,8 +201,7 @@ class Operator:
 
         deploy_target = self._deploy_target(namespace, name, spec) if spec is not None else None
         gate: dict[int, GateOutcome] = {}
-        for n in runs_awaiting_gate(status, rayjobs):
-            assert spec is not None, "a run awaiting its gate needs the spec"
+        for n in runs_awaiting_gate(status, rayjobs) if spec is not None else []:
             gate[n] = await asyncio.to_thread(self._gate_run, spec, namespace, name, n, deploy_target)
 
         now = self.clock()
@@ -433,6 +433,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     config: Config = getattr(memo, "config", None) or Config()
     if getattr(memo, "conveyor", None) is None:
         kube = Kube(connection_info(settings), field_manager=builders.FIELD_MANAGER)
+        kube.relogin = functools.partial(connection_info, settings)
         memo.conveyor = Operator(kube=kube, config=config)
     if config.metrics_port:
         metrics.serve(config.metrics_port)

@@ -20,7 +20,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -95,6 +95,8 @@ class Kube:
         self.server = info.server.rstrip("/")
         self.field_manager = field_manager
         self._info = info
+        # Re-reads credentials after a 401 (a rotated service-account token); None: no refresh.
+        self.relogin: Callable[[], kopf.ConnectionInfo] | None = None
         self._timeout = aiohttp.ClientTimeout(total=request_timeout, connect=min(10.0, request_timeout))
         self._max_attempts = max_attempts
         self._backoff_base = backoff_base
@@ -155,6 +157,12 @@ class Kube:
                 message = payload.get("message", text)
             except ValueError:
                 payload, message = text, text
+            if code == 401 and self.relogin is not None and attempt == 1:
+                log.warning("401 from the apiserver: reading credentials again")
+                self._info = self.relogin()
+                await self.close()
+                session = self._get_session()
+                continue
             if code in _RETRYABLE and attempt < self._max_attempts:
                 await self._sleep(attempt, retry_after, f"{method} {path}: HTTP {code} {message}")
                 continue

@@ -145,14 +145,20 @@ def test_scope_flags_are_exclusive() -> None:
 # ---------------------------------------------------------------- the API client against a real HTTP server
 
 
+AUTH_SEEN: list[str] = []
+
+
 def serve_script(script: list[tuple[int, dict, dict]]):  # noqa: ANN201
     """An aiohttp server on 127.0.0.1 answering requests from a script of (status, headers, body)."""
     from aiohttp import web
 
     seen: list[tuple[str, str, str, str]] = []
+    auth: list[str] = AUTH_SEEN
+    auth.clear()
 
     async def handler(request: web.Request) -> web.Response:
         seen.append((request.method, request.path_qs, request.headers.get("Content-Type", ""), await request.text()))
+        auth.append(request.headers.get("Authorization", ""))
         status, headers, body = script.pop(0) if script else (200, {}, {})
         return web.json_response(body, status=status, headers=headers)
 
@@ -185,6 +191,18 @@ def test_client_retries_transient_errors_then_succeeds() -> None:
     script = [(503, {}, {"message": "etcd leader changed"}), (429, {"Retry-After": "0"}, {}), (200, {}, {"ok": 1})]
     result, seen = run(with_client(script, lambda k: k.request("GET", "/api/v1/namespaces")))
     assert result == {"ok": 1} and len(seen) == 3
+
+
+def test_client_reads_credentials_again_after_401() -> None:
+    import kopf
+
+    async def call(k):  # noqa: ANN001, ANN202
+        k.relogin = lambda: kopf.ConnectionInfo(server=k.server, token="rotated")
+        return await k.request("GET", "/api")
+
+    result, seen = run(with_client([(401, {}, {"message": "token expired"}), (200, {}, {"ok": 2})], call))
+    assert result == {"ok": 2} and len(seen) == 2
+    assert AUTH_SEEN == ["", "Bearer rotated"]
 
 
 def test_client_does_not_retry_client_errors() -> None:
