@@ -79,6 +79,8 @@ class InvalidSpecError(ValueError):
 
 
 def owner_reference(owner: dict[str, Any], *, controller: bool = True) -> dict[str, Any]:
+    """An owner reference; the controller one blocks foreground deletion of its owner until collected
+    (setting it needs `update` on the owner's `finalizers` subresource where the apiserver enforces it)."""
     meta = owner["metadata"]
     return {
         "apiVersion": owner.get("apiVersion", API_VERSION),
@@ -86,7 +88,7 @@ def owner_reference(owner: dict[str, Any], *, controller: bool = True) -> dict[s
         "name": meta["name"],
         "uid": meta["uid"],
         "controller": controller,
-        "blockOwnerDeletion": True,
+        "blockOwnerDeletion": controller,
     }
 
 
