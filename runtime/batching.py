@@ -6,6 +6,10 @@ has passed since the first row of the batch arrived, whichever comes first. Whil
 is formed from them at once, so under load batches fill without waiting and under light load a lone
 request waits at most ``max_latency_ms``. A request larger than ``max_batch_size`` runs as its own batch
 (requests are never split, so every answer comes from one pass).
+
+The server tells the batcher how many requests are on their way (received, not yet submitted:
+``arriving``). When none is, waiting cannot fill the batch, so it runs at once: a lone client pays no
+batching delay, and under concurrency the wait still gathers the requests being parsed.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ class DynamicBatcher:
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._carry: _Pending | None = None
+        # Requests the server is still reading/parsing (module docstring); None: not tracked, always wait.
+        self.arriving: int | None = None
         # One thread: forward passes run one at a time, in arrival order.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
 
@@ -103,7 +109,7 @@ class DynamicBatcher:
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
-                if remaining <= 0:
+                if remaining <= 0 or self.arriving == 0:
                     break
                 try:
                     item = await asyncio.wait_for(queue.get(), remaining)

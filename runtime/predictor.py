@@ -69,6 +69,19 @@ def _mark_reached() -> None:
         state["reached_model"] = True
 
 
+def request_arrived(batcher: DynamicBatcher | None, state: dict[str, Any]) -> None:
+    """Count an inference request the server started reading as on its way to the batcher."""
+    if batcher is not None and batcher.arriving is not None:
+        batcher.arriving += 1
+        state["arriving"] = True
+
+
+def request_submitted(batcher: DynamicBatcher | None, state: dict[str, Any] | None) -> None:
+    """The request reached the batcher (or failed on the way): no longer on its way."""
+    if batcher is not None and state is not None and state.pop("arriving", False):
+        batcher.arriving = max(0, (batcher.arriving or 0) - 1)
+
+
 def _pick_device(requested: str | None) -> str:
     import torch
 
@@ -169,6 +182,7 @@ class PackagePredictor(Model):
                 max_latency_ms=self.max_latency_ms,
                 on_batch=self.metrics.observe_batch if self.metrics else None,
             )
+            self.batcher.arriving = 0  # the serving middleware counts requests on their way
         self.ready = True
         log.info(
             "loaded model %s version %s from %s on %s (batching %s)",
@@ -230,6 +244,7 @@ class PackagePredictor(Model):
             x, columns, n = self._parse_v1(payload)
 
         if self.batcher is not None:
+            request_submitted(self.batcher, REQUEST_STATE.get())
             out = await self.batcher.submit(x)
         else:
             out = self._forward(x)

@@ -76,7 +76,7 @@ class ServingMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        from conveyor.runtime.predictor import REQUEST_STATE
+        from conveyor.runtime.predictor import REQUEST_STATE, request_arrived, request_submitted
 
         protocol = self._protocol(scope.get("path", ""))
         started = time.perf_counter()
@@ -121,6 +121,8 @@ class ServingMiddleware:
 
         state: dict[str, Any] = {"reached_model": False}
         token = REQUEST_STATE.set(state)
+        if protocol is not None:
+            request_arrived(self.predictor.batcher, state)
         try:
             await self.app(scope, receive_wrapper, send_wrapper)
         except _BodyTooLarge:
@@ -137,6 +139,7 @@ class ServingMiddleware:
             else:
                 raise
         finally:
+            request_submitted(self.predictor.batcher, state)  # rejected before reaching the batcher
             REQUEST_STATE.reset(token)
             self._account(protocol, status["code"], started)
 
@@ -324,7 +327,7 @@ def _conveyor_dataplane(models: Any) -> Any:
     return ConveyorDataPlane(model_registry=models)
 
 
-def _model_server_class() -> type:
+def model_server_class() -> type:
     import kserve
 
     class ConveyorModelServer(kserve.ModelServer):
@@ -384,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"conveyor serve: {e}", file=sys.stderr)
         return 2
 
-    server_cls = _model_server_class()
+    server_cls = model_server_class()
     add_feedback_routes(app, predictor)
     app.add_middleware(ServingMiddleware, predictor=predictor, max_body_bytes=args.max_body_bytes)
     server = server_cls(

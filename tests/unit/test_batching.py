@@ -136,3 +136,26 @@ def test_bad_limits_are_refused() -> None:
         DynamicBatcher(Recorder(), max_batch_size=0)
     with pytest.raises(ValueError, match=">= 0"):
         DynamicBatcher(Recorder(), max_latency_ms=-1)
+
+
+def test_with_nothing_on_its_way_a_batch_runs_without_waiting_and_otherwise_waits_for_it() -> None:
+    forward = Recorder()
+
+    async def main() -> None:
+        batcher = DynamicBatcher(forward, max_batch_size=8, max_latency_ms=60_000)
+        batcher.arriving = 0  # the server says no other request is being read
+        try:
+            # Would take a minute if the batcher waited for company.
+            assert np.all(await asyncio.wait_for(batcher.submit(_rows(1)), timeout=10) == 2)
+            batcher.arriving = 1  # one more request is being parsed: worth waiting for
+            first = asyncio.ensure_future(batcher.submit(_rows(2)))
+            await asyncio.sleep(0.05)
+            assert not first.done()
+            batcher.arriving = 0
+            second = await asyncio.wait_for(batcher.submit(_rows(3)), timeout=10)
+            assert np.all(await first == 4) and np.all(second == 6)
+        finally:
+            await batcher.close()
+
+    asyncio.run(main())
+    assert forward.sizes == [1, 2]  # the second batch held both requests
