@@ -8,8 +8,10 @@ request waits at most ``max_latency_ms``. A request larger than ``max_batch_size
 (requests are never split, so every answer comes from one pass).
 
 The server tells the batcher how many requests are on their way (received, not yet submitted:
-``arriving``). When none is, waiting cannot fill the batch, so it runs at once: a lone client pays no
-batching delay, and under concurrency the wait still gathers the requests being parsed.
+``arriving``). When none is and the previous batch answered a single request, traffic is serial and
+waiting cannot fill the batch, so it runs at once: a lone client pays no batching delay. Under
+concurrency (previous batch shared) the wait stays, since the next requests are typically still on the
+wire, not yet visible to the server.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ class DynamicBatcher:
         self._carry: _Pending | None = None
         # Requests the server is still reading/parsing (module docstring); None: not tracked, always wait.
         self.arriving: int | None = None
+        self._last_requests = 0
         # One thread: forward passes run one at a time, in arrival order.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="batcher")
 
@@ -109,7 +112,7 @@ class DynamicBatcher:
                 item = queue.get_nowait()
             except asyncio.QueueEmpty:
                 remaining = deadline - loop.time()
-                if remaining <= 0 or self.arriving == 0:
+                if remaining <= 0 or (self.arriving == 0 and self._last_requests <= 1):
                     break
                 try:
                     item = await asyncio.wait_for(queue.get(), remaining)
@@ -132,6 +135,7 @@ class DynamicBatcher:
             if not live:
                 continue
             sizes = [len(p.inputs) for p in live]
+            self._last_requests = len(live)
             try:
                 inputs = live[0].inputs if len(live) == 1 else np.concatenate([p.inputs for p in live])
                 outputs = await loop.run_in_executor(self._executor, self.run_batch, inputs)
