@@ -21,6 +21,7 @@ FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="conveyor-runtime" \
       org.opencontainers.image.source="https://github.com/conveyor-ml/conveyor" \
       org.opencontainers.image.licenses="Apache-2.0"
+# No wget or curl: KubeRay (>= 1.6) probes Ray >= 2.53 over HTTP and its submitter checks with python.
 # Ray's images run as uid 1000 with a writable home (Ray keeps its session files under /tmp/ray and
 # the home directory); KubeRay's pod templates expect that.
 RUN groupadd --gid 1000 ray \
