@@ -23,9 +23,16 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## the Python environment (torch, ray, kserve, kopf, test tools)
 
-tools: ## build (once, cached) kube-apiserver, etcd, kube-controller-manager, kubectl; fetch third-party CRDs
+tools: ## build (once, cached) kube-apiserver, etcd, kube-controller-manager, kubectl, helm; fetch third-party CRDs
 	hack/install-deps.sh
 	hack/local-cluster.sh build
+	hack/build-tool.sh helm >/dev/null
+
+helm: ## build (once, cached) the pinned helm and print its path
+	hack/build-tool.sh helm
+
+chart-crds: ## copy crds/ into the chart and re-render the kustomize base (run after editing crds/)
+	hack/sync-chart.sh
 
 cluster-up: tools ## start the local control plane (or reuse a running one) and print its kubeconfig
 	hack/local-cluster.sh up
@@ -49,11 +56,14 @@ bench: venv tools ## benchmarks; JSON results in tests/bench/results/
 	mkdir -p tests/bench/results
 	$(PYTEST) tests/bench -m bench -s $(PYTEST_ARGS)
 
-lint: venv ## ruff, and shellcheck on hack/ when installed
+lint: venv tools ## ruff, shellcheck, hadolint, helm lint, and the chart's copies of crds/ in step
 	$(VENV)/bin/ruff check .
-	if command -v shellcheck >/dev/null; then shellcheck hack/*.sh .ci/run; else echo "shellcheck not installed: skipped"; fi
+	$(VENV)/bin/shellcheck hack/*.sh .ci/run
+	$(VENV)/bin/hadolint docker/*.Dockerfile
+	"$$(hack/build-tool.sh helm)" lint --strict charts/conveyor
+	hack/sync-chart.sh --check
 
 clean: ## remove the venv and test caches (not the cached binaries in ~/.cache/conveyor)
 	rm -rf $(VENV) .pytest_cache .ruff_cache tests/bench/results
 
-.PHONY: help venv tools cluster-up cluster-down cluster-status demo test test-fast bench lint clean
+.PHONY: help venv tools helm chart-crds cluster-up cluster-down cluster-status demo test test-fast bench lint clean

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# System packages the project needs from Debian: openssl and curl (control plane), lua5.4 (Argo CD
-# health checks), shellcheck (lint). Installs only what is missing; needs root or sudo for that.
+# System packages the project needs from Debian: openssl and curl (control plane), lua5.4 and lua5.1
+# (Argo CD health checks; Argo CD runs Lua 5.1). shellcheck and hadolint come from PyPI (dev extra).
+# Installs only what is missing; needs root or sudo for that.
 set -euo pipefail
 
-declare -A need=([openssl]=openssl [curl]=curl [lua5.4]=lua5.4 [shellcheck]=shellcheck)
+declare -A need=([openssl]=openssl [curl]=curl [lua5.4]=lua5.4 [lua5.1]=lua5.1)
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null || missing+=("${need[$cmd]}")
