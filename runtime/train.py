@@ -10,7 +10,8 @@ The run:
    declared feature transforms on it only;
 4. trains with Ray Train's TorchTrainer: DDP across ``training.numWorkers``, GPU with mixed precision
    when ``training.useGpu`` is set and the cluster has GPUs, CPU otherwise; seeded; metrics reported each
-   epoch; a checkpoint each epoch under ``checkpointUri`` (default ``<registry>/<model>/.checkpoints``),
+   epoch (a worker's shard that fits in ``CONVEYOR_SHARD_CACHE_BYTES``, default 1 GiB, is streamed
+   once and then reshuffled in memory); a checkpoint each epoch under ``checkpointUri`` (default ``<registry>/<model>/.checkpoints``),
    so a retried job (same pipeline and run) resumes from its last finished epoch;
 5. evaluates the exported TorchScript model (what serving runs) on the held-out split;
 6. registers the package atomically as the next version (``registry.Registry.register``).
@@ -352,6 +353,20 @@ def _ray_batches(shard: Any, batch_size: int, seed: int, device: Any) -> Iterato
         yield batch["x"], batch["y"]
 
 
+def _in_memory_batches(x: Any, y: Any, batch_size: int, seed: int) -> Iterator[tuple[Any, Any]]:
+    import torch
+
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    for idx in order.split(batch_size):
+        yield x[idx], y[idx]
+
+
+def _collect(batches: Iterable[tuple[Any, Any]], sink: list[tuple[Any, Any]]) -> Iterator[tuple[Any, Any]]:
+    for x, y in batches:
+        sink.append((x, y))
+        yield x, y
+
+
 def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     """Runs on every Ray Train worker (DDP when there are several)."""
     import ray.train
@@ -392,11 +407,22 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     classification = cfg["task"] == "classification"
 
+    # A shard that fits in memory is streamed from Ray Data once and then kept: later epochs shuffle it
+    # in memory, as a plain PyTorch loop would, instead of paying Ray Data's per-batch cost again.
+    cached: tuple[Any, Any] | None = None
     for epoch in range(start_epoch, cfg["epochs"]):
         started = time.perf_counter()
+        epoch_seed = cfg["seed"] * 1000 + epoch * 10 + rank
+        sink: list[tuple[Any, Any]] = []
+        if cached is not None:
+            batches = _in_memory_batches(*cached, cfg["batchSize"], epoch_seed)
+        else:
+            batches = _ray_batches(shard, cfg["batchSize"], epoch_seed, device)
+            if cfg["cacheShard"]:
+                batches = _collect(batches, sink)
         stats = train_epoch(
             model,
-            _ray_batches(shard, cfg["batchSize"], cfg["seed"] * 1000 + epoch * 10 + rank, device),
+            batches,
             optimizer,
             classification=classification,
             device=device,
@@ -404,6 +430,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             scaler=scaler,
         )
         elapsed = time.perf_counter() - started
+        if sink:
+            cached = (torch.cat([b[0] for b in sink]), torch.cat([b[1] for b in sink]))
         if world > 1:
             import torch.distributed as dist
 
@@ -503,6 +531,8 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
     threads = max(1, math.floor(cpu_per_worker))
     train_ds = ray.data.from_numpy(prepared.x_train).zip(ray.data.from_numpy(prepared.y_train))
     train_ds = train_ds.rename_columns({"data": "x", "data_1": "y"}).materialize()
+    shard_bytes = (prepared.x_train.nbytes + prepared.y_train.nbytes) / tr.num_workers
+    cache_limit = float(os.environ.get("CONVEYOR_SHARD_CACHE_BYTES", str(2**30)))
     loop_config = {
         "architecture": tr.model.architecture,
         "hiddenLayers": list(tr.model.hidden_layers),
@@ -519,6 +549,7 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         "seed": hp.seed,
         "threads": threads,
         "amp": use_gpu,
+        "cacheShard": shard_bytes <= cache_limit,
     }
     resources = {"CPU": cpu_per_worker, **({"GPU": 1} if use_gpu else {})}
     # Each report() waits until the Train controller polls the worker (every 2 s by default), which would
@@ -563,6 +594,7 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         "device": "cuda" if use_gpu else "cpu",
         "amp": use_gpu,
         "threadsPerWorker": threads,
+        "shardCachedInMemory": loop_config["cacheShard"],
         "resumedAfterEpoch": next((h["epoch"] for h in history if h.get("resumedHere")), None),
     }
     return model, history, facts
