@@ -1,36 +1,80 @@
 #!/usr/bin/env bash
-# The demo on the local control plane. Today it brings up the real kube-apiserver, installs the CRDs
-# (ours, KubeRay's, KServe's), applies the samples and shows them with `kubectl get ml`. The full loop
-# (train, gate, deploy, canary, promote through the local executor) is the subject of a later issue.
+# The demo on one machine, on the local control plane (real kube-apiserver, etcd, controller-manager):
+#   1. the operator (python -m conveyor.operator) and the local executor, a stand-in for the KubeRay and
+#      KServe controllers that runs RayJob entrypoints and predictors as local processes;
+#   2. an MLPipeline: its run becomes a RayJob; the executor runs the real training (Ray Train, torch);
+#      the operator gates the registered version and hands it to the ModelDeployment;
+#   3. the ModelDeployment: its InferenceService is served by KServe's real model server; predictions
+#      over HTTP;
+#   4. a spec change starts run 2; its version, if it passes the gate, arrives as a canary at the first
+#      step's weight. (Stepping, analysis, promotion and rollback come with a later issue.)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-NAMESPACE=${DEMO_NAMESPACE:-conveyor-demo}
+NS=${DEMO_NAMESPACE:-conveyor-demo}
+DEMO=${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/demo
+PY=$ROOT/.venv/bin/python
+TIMEOUT=${DEMO_TIMEOUT:-900s}
 
 kubeconfig=$("$ROOT/hack/local-cluster.sh" up)
 eval "$("$ROOT/hack/local-cluster.sh" env)"
 export KUBECONFIG=$kubeconfig
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+fail() {
+  printf '\n\033[31mdemo failed: %s\033[0m\nlogs: %s/logs\n' "$1" "$DEMO" >&2
+  tail -n 25 "$DEMO"/logs/*.log >&2 || true
+  exit 1
+}
 
-step "control plane"
-kubectl version
-step "CRDs"
+step "control plane: $(kubectl version -o json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["serverVersion"]["gitVersion"])')"
 kubectl get crd
-step "apply the samples into namespace $NAMESPACE"
-kubectl create namespace "$NAMESPACE" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl apply --server-side -n "$NAMESPACE" -f "$ROOT/manifests/samples/"
-step "kubectl get ml -n $NAMESPACE"
-kubectl get ml -n "$NAMESPACE" -o wide
-step "an invalid object is rejected naming the field"
-if kubectl apply --server-side -n "$NAMESPACE" -f - <<'YAML' 2>&1; then echo "unexpectedly accepted" >&2; exit 1; fi
-apiVersion: conveyor.dev/v1alpha1
-kind: ModelDeployment
-metadata: {name: broken}
-spec:
-  model: {registryUri: "file:///var/lib/conveyor/registry", name: digits}
-  autoscaling: {minReplicas: 5, maxReplicas: 2}
-  rollout: {steps: [50, 10]}
-YAML
-# shellcheck disable=SC2016 # a command for the user to paste
-printf '\nThe control plane keeps running: eval "$(hack/local-cluster.sh env)"; kubectl get ml -A\n'
-printf 'Stop it with: make cluster-down\n'
+
+kubectl delete namespace "$NS" --ignore-not-found --wait=true >/dev/null
+kubectl create namespace "$NS" >/dev/null
+rm -rf "$DEMO" && mkdir -p "$DEMO/registry" "$DEMO/logs"
+
+step "start the operator and the local executor (logs in $DEMO/logs)"
+(cd "$DEMO" && exec "$PY" -m conveyor.operator --namespace "$NS" --metrics-port 0 --liveness-port 0) \
+  >"$DEMO/logs/operator.log" 2>&1 &
+operator_pid=$!
+(cd "$DEMO" && exec "$PY" -m conveyor.runtime.local_executor --kubeconfig "$kubeconfig" --namespace "$NS" \
+  --state-dir "$DEMO/executor") >"$DEMO/logs/executor.log" 2>&1 &
+executor_pid=$!
+trap 'kill $operator_pid $executor_pid 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+
+step "apply the MLPipeline and the ModelDeployment (hack/demo/fraud.yaml)"
+sed "s#REGISTRY#file://$DEMO/registry#g" "$ROOT/hack/demo/fraud.yaml" | kubectl apply --server-side -n "$NS" -f -
+
+step "run 1: data validation, training on Ray, evaluation, registration"
+kubectl wait -n "$NS" mlp/fraud --for=jsonpath='{.status.phase}'=Succeeded --timeout="$TIMEOUT" >/dev/null \
+  || fail "the pipeline did not succeed"
+kubectl get -n "$NS" mlp,rayjobs
+ls "$DEMO/registry/fraud"
+"$PY" -c 'import json,sys; m=json.load(open(sys.argv[1])); print({k: round(v, 4) for k, v in m.items() if isinstance(v, float)})' \
+  "$DEMO/registry/fraud/v1/metrics.json"
+
+step "serving v1 through the InferenceService"
+kubectl wait -n "$NS" mdep/fraud --for=condition=Ready --timeout="$TIMEOUT" >/dev/null || fail "the deployment is not Ready"
+kubectl get -n "$NS" mdep,inferenceservices
+url=$(kubectl get -n "$NS" mdep/fraud -o jsonpath='{.status.url}')
+request='{"instances": [
+  {"amount": 24.5, "merchant": "grocery", "hour": 14, "foreign": false, "card_age_days": 900, "distance_km": 2.1, "txn_last_hour": 0},
+  {"amount": 2450.0, "merchant": "electronics", "hour": 3, "foreign": true, "card_age_days": 9, "distance_km": 840.0, "txn_last_hour": 4}]}'
+echo "POST $url/v1/models/fraud:predict"
+curl -sf -H 'content-type: application/json' -d "$request" "$url/v1/models/fraud:predict" | "$PY" -m json.tool \
+  || fail "prediction failed"
+echo "a bad request gets a 4xx naming the problem:"
+curl -s -w '  (HTTP %{http_code})\n' -H 'content-type: application/json' -d '{"instances": [{"amount": "lots"}]}' \
+  "$url/v1/models/fraud:predict"
+
+step "run 2: a spec change retrains; a version that passes the gate arrives as a canary"
+kubectl patch -n "$NS" mlp/fraud --type merge -p '{"spec":{"training":{"hyperparameters":{"epochs":6}}}}'
+kubectl wait -n "$NS" mlp/fraud --for=jsonpath='{.status.lastRun}'=2 --timeout=120s >/dev/null || fail "run 2 did not start"
+kubectl wait -n "$NS" mlp/fraud --for=jsonpath='{.status.phase}'=Succeeded --timeout="$TIMEOUT" >/dev/null \
+  || { kubectl get -n "$NS" mlp/fraud -o jsonpath='{.status.runs[-1]}'; echo; }
+kubectl wait -n "$NS" mdep/fraud --for=jsonpath='{.status.canaryVersion}'=v2 --timeout=120s >/dev/null \
+  || echo "(no canary: see the run's outcome above)"
+kubectl get -n "$NS" ml
+kubectl get -n "$NS" mdep/fraud -o jsonpath='{range .status.traffic[*]}{.version}{"\t"}{.percent}%{"\n"}{end}'
+
+printf '\nThe control plane keeps running (make cluster-down stops it); the operator and executor stop now.\n'

@@ -211,7 +211,8 @@ EOF
     write_kubeconfig "$KUBECONFIG_PATH" admin "$server"
     write_kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager "$server"
 
-    # Garbage collection (owner references) and namespace deletion, plus service-account tokens.
+    # Garbage collection (owner references) and namespace deletion, plus service-account tokens. Each
+    # controller acts as its own service account with its bootstrap RBAC role, as in a real cluster.
     start kube-controller-manager "$KUBE_BIN/kube-controller-manager" \
       --kubeconfig "$STATE/controller-manager.kubeconfig" \
       --authentication-kubeconfig "$STATE/controller-manager.kubeconfig" \
@@ -219,7 +220,7 @@ EOF
       --bind-address 127.0.0.1 --secure-port "$kcm_port" --leader-elect=false \
       --controllers 'garbagecollector,namespace,serviceaccount,serviceaccount-token,clusterrole-aggregation' \
       --service-account-private-key-file "$pki/sa.key" --root-ca-file "$pki/ca.crt" \
-      --use-service-account-credentials=false --v 1
+      --use-service-account-credentials=true --v 1
     wait_for "kube-controller-manager /healthz" 60 curl -skf "https://127.0.0.1:$kcm_port/healthz" \
       || { tail -30 "$STATE/logs/kube-controller-manager.log" >&2; exit 1; }
     wait_for "the default service account" 60 "$KUBE_BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" get serviceaccount default -n default
