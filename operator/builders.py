@@ -53,6 +53,15 @@ ANNOTATION_APPLIED_HASH = "conveyor.dev/applied-hash"
 ANNOTATION_STABLE_VERSION = "conveyor.dev/stable-version"
 ANNOTATION_CANDIDATE_VERSION = "conveyor.dev/candidate-version"
 ANNOTATION_RUN_CONFIG = "conveyor.dev/run-config"
+# What a run was started from, on its RayJob, so a RayJob adopted after a crash (before the pipeline's
+# status recorded it) tells which spec and which rerun request it already serves.
+ANNOTATION_SPEC_HASH = "conveyor.dev/spec-hash"
+ANNOTATION_SPEC_GENERATION = "conveyor.dev/spec-generation"
+ANNOTATION_TRIGGER = "conveyor.dev/trigger"
+ANNOTATION_RERUN = "conveyor.dev/rerun"
+
+# Spec fields whose change does not ask for retraining.
+NON_TRAINING_FIELDS = ("triggers", "deploy", "runsHistoryLimit", "suspend")
 
 KSERVE_DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
 KSERVE_AUTOSCALER_CLASS = "serving.kserve.io/autoscalerClass"
@@ -101,6 +110,12 @@ def manifest_hash(manifest: dict[str, Any]) -> str:
     }
     blob = json.dumps({"body": body, "meta": meta, "annotations": annotations}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """Digest of the training-relevant part of an MLPipeline spec (a change starts a new run)."""
+    relevant = {k: v for k, v in spec.items() if k not in NON_TRAINING_FIELDS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 def _stamp(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +176,7 @@ def worker_groups(spec: MLPipelineSpec) -> list[WorkerGroup]:
     return [WorkerGroup(name="workers", replicas=t.num_workers, gpus=1 if t.use_gpu else 0)]
 
 
-def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int) -> dict[str, Any]:
+def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, trigger: str = "") -> dict[str, Any]:
     """The RayJob of run `run`: the cluster from spec.training, the entrypoint training with run.json."""
     meta = pipeline["metadata"]
     name = rayjob_name(meta["name"], run)
@@ -229,12 +244,27 @@ def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int) -> di
                 "name": name,
                 "namespace": meta["namespace"],
                 "labels": labels,
-                "annotations": {ANNOTATION_RUN_CONFIG: config_map},
+                "annotations": run_annotations(pipeline, config_map, trigger),
                 "ownerReferences": [owner_reference(pipeline)],
             },
             "spec": job_spec,
         }
     )
+
+
+def run_annotations(pipeline: dict[str, Any], config_map: str, trigger: str) -> dict[str, str]:
+    meta = pipeline["metadata"]
+    annotations = {
+        ANNOTATION_RUN_CONFIG: config_map,
+        ANNOTATION_SPEC_HASH: spec_hash(pipeline.get("spec") or {}),
+        ANNOTATION_SPEC_GENERATION: str(meta.get("generation", "")),
+    }
+    if trigger:
+        annotations[ANNOTATION_TRIGGER] = trigger
+    token = (meta.get("annotations") or {}).get(ANNOTATION_RERUN)
+    if token:
+        annotations[ANNOTATION_RERUN] = token
+    return annotations
 
 
 def build_run_config(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int) -> RunConfig:

@@ -226,7 +226,7 @@ class Operator:
                 )
         if plan.start_run is not None:
             assert spec is not None
-            created = await self.kube.apply(builders.build_rayjob(obj, spec, plan.start_run))
+            created = await self.kube.apply(builders.build_rayjob(obj, spec, plan.start_run, plan.start_trigger or ""))
             self._store(self.rayjobs, created)
             await self.kube.apply(builders.build_run_configmap(obj, spec, plan.start_run, created))
             log.info("%s/%s: run %d started (%s)", namespace, name, plan.start_run, plan.start_trigger)
@@ -236,7 +236,11 @@ class Operator:
             before = next((r for r in status.get("runs") or [] if r.get("run") == run["run"]), None)
             if run.get("outcome") not in ACTIVE and (before is None or before.get("outcome") in ACTIVE):
                 metrics.RUNS_FINISHED.labels(run.get("outcome", "")).inc()
-        await self.write_status(self.pipelines, obj, plan.status)
+        wrote = await self.write_status(self.pipelines, obj, plan.status)
+        log.debug(
+            "%s/%s: reconciled (rv %s, active %s, start %s, status written %s)",
+            namespace, name, obj["metadata"].get("resourceVersion"), plan.status.get("activeRun"), plan.start_run, wrote,
+        )
         await self.emit(obj, plan.events)
         if plan.status.get("latestVersion") != status.get("latestVersion"):
             for md_key in self.deployments_following(namespace, obj):

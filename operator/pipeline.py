@@ -27,7 +27,6 @@ nowhere. Finished runs beyond `runsHistoryLimit` leave the status, and their Ray
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -36,12 +35,11 @@ from typing import Any
 
 from croniter import croniter
 
+from conveyor.operator import builders
 from conveyor.operator import conditions as c
-from conveyor.operator.builders import LABEL_RUN, rayjob_name
+from conveyor.operator.builders import ANNOTATION_RERUN, LABEL_RUN, rayjob_name, spec_hash
 from conveyor.operator.gate import GateResult
 from conveyor.runtime.spec import MLPipelineSpec
-
-ANNOTATION_RERUN = "conveyor.dev/rerun"
 
 PENDING = "Pending"
 RUNNING = "Running"
@@ -50,8 +48,6 @@ FAILED = "Failed"
 GATE_FAILED = "GateFailed"
 ACTIVE = (PENDING, RUNNING)
 
-# Fields whose change does not ask for retraining.
-_NON_TRAINING_FIELDS = ("triggers", "deploy", "runsHistoryLimit", "suspend")
 # How a failed run's message tells a data-contract violation from other failures (the training
 # entrypoint raises DataValidationError with the validation report).
 _DATA_VALIDATION = re.compile(r"DataValidationError|data contract|DataContract", re.IGNORECASE)
@@ -65,11 +61,6 @@ def parse_time(s: str | None) -> datetime | None:
     if not s:
         return None
     return datetime.fromisoformat(s.replace("Z", "+00:00"))
-
-
-def spec_hash(spec: dict[str, Any]) -> str:
-    relevant = {k: v for k, v in spec.items() if k not in _NON_TRAINING_FIELDS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -347,6 +338,14 @@ def _plan_triggers(
     # rather than create another.
     orphans = sorted(n for n in rayjobs if n > last_run and n not in known)
     n = orphans[0] if orphans else last_run + 1
+    generation = meta.get("generation")
+    if orphans:
+        # The orphan serves the spec and rerun request it was created from, not necessarily today's.
+        made_from = rayjobs[n]["metadata"].get("annotations") or {}
+        current_hash = made_from.get(builders.ANNOTATION_SPEC_HASH, current_hash)
+        token = made_from.get(ANNOTATION_RERUN, status.get("lastRerunToken"))
+        trigger = made_from.get(builders.ANNOTATION_TRIGGER, trigger)
+        generation = int(made_from.get(builders.ANNOTATION_SPEC_GENERATION) or generation or 0) or generation
     status["lastRun"] = n
     status["lastSpecHash"] = current_hash
     if token:
@@ -358,7 +357,7 @@ def _plan_triggers(
             "run": n,
             "rayJob": rayjob_name(meta["name"], n),
             "trigger": trigger,
-            "specGeneration": meta.get("generation"),
+            "specGeneration": generation,
             "startTime": rfc3339(now),
             "outcome": PENDING,
             "reason": "Created",

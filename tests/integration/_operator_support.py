@@ -88,6 +88,7 @@ class OperatorProcess:
                 "--metrics-port", str(self.metrics_port),
                 "--liveness-port", str(self.liveness_port),
                 "--bind", "127.0.0.1",
+                "--log-level", os.environ.get("CONVEYOR_TEST_OPERATOR_LOG_LEVEL", "INFO"),
                 *self.extra,
             ],
             stdout=self.log,

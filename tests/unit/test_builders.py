@@ -389,3 +389,12 @@ def _assert_fits(value: Any, schema: dict[str, Any], path: str) -> None:
     elif schema.get("type") == "array" and isinstance(value, list):
         for i, item in enumerate(value):
             _assert_fits(item, schema.get("items") or {}, f"{path}[{i}]")
+
+
+def test_rayjob_records_what_the_run_was_started_from() -> None:
+    obj = pipeline_obj()
+    obj["metadata"]["annotations"] = {"conveyor.dev/rerun": "tok"}
+    annotations = build_rayjob(obj, MLPipelineSpec.model_validate(obj["spec"]), 2, "Rerun")["metadata"]["annotations"]
+    assert annotations[builders.ANNOTATION_SPEC_HASH] == builders.spec_hash(obj["spec"])
+    assert (annotations[builders.ANNOTATION_TRIGGER], annotations[builders.ANNOTATION_RERUN]) == ("Rerun", "tok")
+    assert annotations[builders.ANNOTATION_SPEC_GENERATION] == "1"

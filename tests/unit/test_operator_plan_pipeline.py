@@ -351,3 +351,22 @@ def test_spec_hash_ignores_non_training_fields() -> None:
     a = pipeline()["spec"]
     assert spec_hash(a) == spec_hash({**a, "suspend": True, "runsHistoryLimit": 2, "triggers": {"schedule": "@daily"}})
     assert spec_hash(a) != spec_hash({**a, "training": {"numWorkers": 2}})
+
+
+def test_adopted_orphan_keeps_the_spec_it_was_built_from() -> None:
+    """Crash between creating run 1 and recording it, while the user changed the spec: run 1 trains
+    the old spec, so the new one still gets its own run once run 1 ends."""
+    from conveyor.operator.builders import build_rayjob
+
+    old = pipeline()
+    orphan = build_rayjob(old, MLPipelineSpec.model_validate(old["spec"]), 1, "Created")
+    new = pipeline(training={"hyperparameters": {"epochs": 30}})
+    new["metadata"]["generation"] = 3
+    adopted = plan(new, {1: orphan})
+    assert adopted.start_run is None
+    run = adopted.status["runs"][0]
+    assert (run["trigger"], run["specGeneration"]) == ("Created", 2)
+    assert adopted.status["lastSpecHash"] == spec_hash(old["spec"])
+    orphan["status"] = {"jobDeploymentStatus": "Complete", "jobStatus": "FAILED"}
+    after = plan(settled(new, adopted), {1: orphan})
+    assert (after.start_run, after.start_trigger) == (2, "SpecChanged")
