@@ -64,7 +64,8 @@ echo "POST $url/v1/models/fraud:predict"
 curl -sf -H 'content-type: application/json' -d "$request" "$url/v1/models/fraud:predict" | "$PY" -m json.tool \
   || fail "prediction failed"
 echo "a bad request gets a 4xx naming the problem:"
-curl -s -w '  (HTTP %{http_code})\n' -H 'content-type: application/json' -d '{"instances": [{"amount": "lots"}]}' \
+curl -s -w '  (HTTP %{http_code})\n' -H 'content-type: application/json' \
+  -d '{"instances": [{"amount": "lots", "merchant": "grocery", "hour": 14, "foreign": false, "card_age_days": 900, "distance_km": 2.1, "txn_last_hour": 0}]}' \
   "$url/v1/models/fraud:predict"
 
 step "run 2: a spec change retrains; a version that passes the gate arrives as a canary"
@@ -72,9 +73,13 @@ kubectl patch -n "$NS" mlp/fraud --type merge -p '{"spec":{"training":{"hyperpar
 kubectl wait -n "$NS" mlp/fraud --for=jsonpath='{.status.lastRun}'=2 --timeout=120s >/dev/null || fail "run 2 did not start"
 kubectl wait -n "$NS" mlp/fraud --for=jsonpath='{.status.phase}'=Succeeded --timeout="$TIMEOUT" >/dev/null \
   || { kubectl get -n "$NS" mlp/fraud -o jsonpath='{.status.runs[-1]}'; echo; }
-kubectl wait -n "$NS" mdep/fraud --for=jsonpath='{.status.canaryVersion}'=v2 --timeout=120s >/dev/null \
-  || echo "(no canary: see the run's outcome above)"
+if kubectl wait -n "$NS" mdep/fraud --for=jsonpath='{.status.canaryVersion}'=v2 --timeout=120s >/dev/null; then
+  kubectl wait -n "$NS" mdep/fraud --for=condition=Ready --timeout="$TIMEOUT" >/dev/null || fail "the canary did not become Ready"
+else
+  echo "(no canary: see the run's outcome above)"
+fi
 kubectl get -n "$NS" ml
-kubectl get -n "$NS" mdep/fraud -o jsonpath='{range .status.traffic[*]}{.version}{"\t"}{.percent}%{"\n"}{end}'
+echo "traffic:"
+kubectl get -n "$NS" mdep/fraud -o jsonpath='{range .status.traffic[*]}  {.version}{"\t"}{.tag}{"\t"}{.percent}%{"\n"}{end}'
 
 printf '\nThe control plane keeps running (make cluster-down stops it); the operator and executor stop now.\n'
