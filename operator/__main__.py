@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peering", default=None,
                    help="kopf peering object name for running replicas in turn (default: standalone)")
     p.add_argument("--pipeline-workers", type=int, default=2)
-    p.add_argument("--deployment-workers", type=int, default=8)
+    p.add_argument("--deployment-workers", type=int, default=16)
     p.add_argument("--resync-seconds", type=float, default=600.0, help="reconcile everything this often")
     p.add_argument("--registry-poll-seconds", type=float, default=60.0,
                    help="how often a ModelDeployment following a registry's latest version looks for a new one")

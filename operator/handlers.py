@@ -45,7 +45,7 @@ Key = tuple[str, str]  # (namespace, name)
 @dataclass
 class Config:
     pipeline_workers: int = 2
-    deployment_workers: int = 8
+    deployment_workers: int = 16
     resync_seconds: float = 600.0
     registry_poll_seconds: float = 60.0
     metrics_port: int | None = None
@@ -79,6 +79,7 @@ class Operator:
             "ModelDeployment", self.reconcile_deployment, workers=self.config.deployment_workers
         )
         self._registries: dict[tuple[str, str], Any] = {}
+        self._event_tasks: set[asyncio.Task[None]] = set()
 
     # ---------------------------------------------------------------- cache
 
@@ -162,8 +163,17 @@ class Operator:
         return True
 
     async def emit(self, obj: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
-        for type_, reason, message in events:
-            await self.kube.event(obj, type_, reason, message)
+        """Post the events in the background: they are best-effort, and the worker moves on."""
+        if not events:
+            return
+
+        async def post() -> None:
+            for type_, reason, message in events:
+                await self.kube.event(obj, type_, reason, message)
+
+        task = asyncio.create_task(post())
+        self._event_tasks.add(task)
+        task.add_done_callback(self._event_tasks.discard)
 
     # ---------------------------------------------------------------- MLPipeline
 
@@ -387,6 +397,8 @@ class Operator:
                 self.deployment_queue.add(key)
 
     async def stop(self) -> None:
+        if self._event_tasks:  # let the last events out
+            await asyncio.wait(self._event_tasks, timeout=5)
         self._resync_task.cancel()
         await self.pipeline_queue.stop()
         await self.deployment_queue.stop()

@@ -143,7 +143,18 @@ def proc_memory(pid: int) -> dict[str, float]:
     return {"rss_mib": mem.get("VmRSS", 0.0), "peak_rss_mib": mem.get("VmHWM", 0.0)}
 
 
-def run_benchmark(kubeconfig: str, count: int = 200, idle: float = 60.0, registry_dir: Path | None = None) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def run_benchmark(
+    kubeconfig: str,
+    count: int = 200,
+    idle: float = 60.0,
+    registry_dir: Path | None = None,
+    operator_args: tuple[str, ...] = (),
+) -> dict[str, Any]:
     api = config.new_client_from_config(config_file=kubeconfig)
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     tag = uuid.uuid4().hex[:6]
@@ -168,7 +179,8 @@ def run_benchmark(kubeconfig: str, count: int = 200, idle: float = 60.0, registr
         direct = summary([w.seen[n] - t0 for n in names])
 
         # 2. The operator: 200 ModelDeployments applied at once.
-        op = OperatorProcess(kubeconfig, ns_op).start()
+        op = OperatorProcess(kubeconfig, ns_op, *operator_args).start()
+        cpu_before = cpu_seconds(op.proc.pid)  # type: ignore[union-attr]
         w = IsvcWatch(api, ns_op)
         spec = {"model": {"registryUri": registry, "name": "fraud", "version": version}}
         t0 = time.monotonic()
@@ -186,6 +198,7 @@ def run_benchmark(kubeconfig: str, count: int = 200, idle: float = 60.0, registr
             return all((i.get("status") or {}).get("stableVersion") == version for i in items) and len(items) == count
 
         wait_for("every ModelDeployment's status written", settled, timeout=300, interval=1)
+        fanout_cpu = cpu_seconds(op.proc.pid) - cpu_before  # type: ignore[union-attr]
         time.sleep(5)  # let the last watch events of our own writes come back and be reconciled
 
         # 3. Idle.
@@ -195,12 +208,24 @@ def run_benchmark(kubeconfig: str, count: int = 200, idle: float = 60.0, registr
         api_delta = {k: api_after.get(k, 0) - api_before.get(k, 0) for k in set(api_after) | set(api_before)}
         memory = proc_memory(op.proc.pid)  # type: ignore[union-attr]
         reconciles = op.metric("conveyor_reconcile_total", kind="ModelDeployment")
+        api_latency = {
+            verb: round(1000 * op.metric("conveyor_api_request_duration_seconds_sum", verb=verb)
+                        / max(1.0, op.metric("conveyor_api_request_duration_seconds_count", verb=verb)), 1)
+            for verb in ("GET", "PATCH", "POST")
+        }
+        reconcile_ms = round(1000 * op.metric("conveyor_reconcile_duration_seconds_sum", kind="ModelDeployment")
+                             / max(1.0, reconciles), 1)
         result = {
             "benchmark": "operator fan-out: ModelDeployment -> InferenceService",
             "objects": count,
             "client_threads": THREADS,
             "direct_create": direct,
-            "operator": {**operator, "apply_all_modeldeployments_s": round(applied_s, 3)},
+            "operator": {
+                **operator,
+                "apply_all_modeldeployments_s": round(applied_s, 3),
+                "cpu_seconds_until_settled": round(fanout_cpu, 2),
+                "args": list(operator_args),
+            },
             "operator_vs_direct_all_exist": round(operator["all_exist_s"] / direct["all_exist_s"], 2),
             "idle": {
                 "seconds": idle,
@@ -210,6 +235,8 @@ def run_benchmark(kubeconfig: str, count: int = 200, idle: float = 60.0, registr
             },
             "operator_memory": memory,
             "operator_reconciles_total": reconciles,
+            "operator_mean_reconcile_ms": reconcile_ms,
+            "operator_mean_api_latency_ms_by_verb": api_latency,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
@@ -245,11 +272,12 @@ def main() -> None:
     p.add_argument("--count", type=int, default=200)
     p.add_argument("--idle", type=float, default=60.0)
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
+    p.add_argument("--operator-arg", action="append", default=[], help="extra operator flag (repeatable)")
     args = p.parse_args()
     kubeconfig = args.kubeconfig or subprocess.run(
         [str(ROOT / "hack" / "local-cluster.sh"), "up"], capture_output=True, text=True, check=True
     ).stdout.strip().splitlines()[-1]
-    print(json.dumps(run_benchmark(kubeconfig, args.count, args.idle), indent=2))
+    print(json.dumps(run_benchmark(kubeconfig, args.count, args.idle, operator_args=tuple(args.operator_arg)), indent=2))
 
 
 if __name__ == "__main__":
