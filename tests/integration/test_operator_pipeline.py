@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _operator_support import Cluster, OperatorProcess, deployment_spec, pipeline_spec, train, wait_for
+from _operator_support import (
+    Cluster,
+    OperatorProcess,
+    deployment_spec,
+    pipeline_spec,
+    train,
+    wait_for,
+    wait_until,
+)
 
 from conveyor.runtime.spec import RunConfig
 
@@ -113,8 +121,8 @@ def test_run_succeeds_passes_gate_and_hands_over(cluster: Cluster, operator: Ope
     env = {e["name"]: e["value"] for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
     assert env["STORAGE_URI"] == f"{registry}/fraud/{version}"
     assert wait_for("stable version", lambda: cluster.status(MDEP, "fraud").get("stableVersion") == version)
-    reasons = [e[1] for e in wait_for("events", lambda: cluster.events("fraud") if len(cluster.events("fraud")) >= 3 else None)]
-    assert {"RunStarted", "RunSucceeded", "ModelHandedOver"} <= set(reasons)
+    wanted = {"RunStarted", "RunSucceeded", "ModelHandedOver", "VersionDeployed"}
+    wait_until("events", lambda: {e[1] for e in cluster.events("fraud")}, lambda reasons: wanted <= reasons)
     assert len(cluster.rayjobs()) == 1
 
 
