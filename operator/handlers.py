@@ -242,11 +242,11 @@ class Operator:
             log.info("%s/%s: run %d started (%s)", namespace, name, plan.start_run, plan.start_trigger)
         for rj_name in plan.delete_rayjobs:
             await self.kube.delete({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": rj_name, "namespace": namespace}})
-        for run in plan.status.get("runs") or []:
+        wrote = await self.write_status(self.pipelines, obj, plan.status)
+        for run in plan.status.get("runs") or []:  # counted once: only after the status recorded it
             before = next((r for r in status.get("runs") or [] if r.get("run") == run["run"]), None)
             if run.get("outcome") not in ACTIVE and (before is None or before.get("outcome") in ACTIVE):
                 metrics.RUNS_FINISHED.labels(run.get("outcome", "")).inc()
-        wrote = await self.write_status(self.pipelines, obj, plan.status)
         log.debug(
             "%s/%s: reconciled (rv %s, active %s, start %s, status written %s)",
             namespace, name, obj["metadata"].get("resourceVersion"), plan.status.get("activeRun"), plan.start_run, wrote,
