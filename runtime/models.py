@@ -66,6 +66,19 @@ class Upsampled(nn.Module):
         return self.model(x)
 
 
+class TargetScale(nn.Module):
+    """Maps a regression model trained on standardized targets back to the label's units."""
+
+    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(float(mean)))
+        self.register_buffer("std", torch.tensor(float(std)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x) * self.std + self.mean
+
+
 def _first_conv(module: nn.Module) -> tuple[nn.Module, str, nn.Conv2d] | None:
     for name, child in module.named_children():
         if isinstance(child, nn.Conv2d):

@@ -180,7 +180,10 @@ def prepare_data(config: RunConfig) -> PreparedData:
         y = np.array([index[category_key(v)] for v in raw_labels], dtype=np.int64)
     else:
         classes = None
-        y = raw_labels.astype(np.float32)
+        try:
+            y = raw_labels.astype(np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"data.label {label!r} must be numeric for task regression ({e})") from e
     train_idx, test_idx = _split(y, config, stratify=classification)
     train, test = frame.iloc[train_idx], frame.iloc[test_idx]
     sha = data_mod.content_sha256(source, frame if source.format == "builtin" else None)
@@ -529,9 +532,14 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
     # Leave room for Ray Data's tasks; a worker's threads follow its CPU share.
     cpu_per_worker = max(0.25, min(wanted_cpu, (cluster.get("CPU", 1.0)) / tr.num_workers))
     threads = max(1, math.floor(cpu_per_worker))
-    train_ds = ray.data.from_numpy(prepared.x_train).zip(ray.data.from_numpy(prepared.y_train))
+    y_train = prepared.y_train
+    if prepared.classes is None:
+        # Regression trains on standardized targets; the exported model maps back to the label's units.
+        y_mean, y_std = float(y_train.mean()), float(y_train.std()) or 1.0
+        y_train = ((y_train - y_mean) / y_std).astype(np.float32)
+    train_ds = ray.data.from_numpy(prepared.x_train).zip(ray.data.from_numpy(y_train))
     train_ds = train_ds.rename_columns({"data": "x", "data_1": "y"}).materialize()
-    shard_bytes = (prepared.x_train.nbytes + prepared.y_train.nbytes) / tr.num_workers
+    shard_bytes = (prepared.x_train.nbytes + y_train.nbytes) / tr.num_workers
     cache_limit = float(os.environ.get("CONVEYOR_SHARD_CACHE_BYTES", str(2**30)))
     loop_config = {
         "architecture": tr.model.architecture,
@@ -586,6 +594,10 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         pretrained=False,
     )
     model.load_state_dict(state["model"])
+    if prepared.classes is None:
+        from conveyor.runtime.models import TargetScale
+
+        model = TargetScale(model, y_mean, y_std)
     history = state["history"]
     facts = {
         "rayTrainRun": name,

@@ -138,6 +138,65 @@ def test_package_describes_inputs_profile_and_lineage(fraud_run) -> None:
     ]
 
 
+@pytest.mark.slow
+def test_regression_predicts_amount_in_its_own_units(ray_cluster: str, tmp_path: Path) -> None:
+    # No contract columns: every column but the label is a feature, with types inferred from the data.
+    config = RunConfig.model_validate(
+        {
+            "pipeline": "spend",
+            "run": 1,
+            "data": {
+                "source": {"uri": "builtin://fraud?rows=6000&seed=5", "format": "builtin"},
+                "label": "amount",
+                "task": "regression",
+            },
+            "features": {
+                "transforms": [
+                    {"type": "impute", "columns": ["distance_km"], "strategy": "median"},
+                    {"type": "standardize", "columns": ["card_age_days", "distance_km"]},
+                    {"type": "oneHot", "columns": ["merchant"]},
+                ]
+            },
+            "training": {"hyperparameters": {"epochs": 4, "batchSize": 128, "learningRate": 0.01}},
+            "evaluation": {"metric": "rmse", "threshold": 1e6},
+            "registry": {"uri": str(tmp_path), "modelName": "spend"},
+        }
+    )
+    pkg = open_package(train_and_register(config))
+    m = pkg.metrics
+    assert {"rmse", "mae"} <= set(m) and "accuracy" not in m
+    assert m["gate"]["lowerIsBetter"] is True and m["gate"]["passed"] is True
+    assert pkg.schema["task"] == "regression" and "classes" not in pkg.schema
+    types = {f["name"]: f["type"] for f in pkg.schema["features"]}
+    assert types == {
+        "merchant": "string",
+        "hour": "int",
+        "foreign": "bool",
+        "card_age_days": "int",
+        "distance_km": "float",
+        "txn_last_hour": "int",
+        "label": "int",
+    }
+
+    frame = data_mod.builtin_frame(config.data.source.uri)
+    train_idx, test_idx = _split(frame["amount"].to_numpy(), config, stratify=False)
+    y_test = frame["amount"].to_numpy()[test_idx]
+    import torch
+
+    x = pkg.transforms.apply(frame.iloc[test_idx].drop(columns=["amount"]).to_dict("records"))
+    with torch.no_grad():
+        pred = pkg.load_model()(torch.from_numpy(x)).numpy().reshape(-1)
+    rmse = float(np.sqrt(np.mean((pred - y_test) ** 2)))
+    assert rmse == pytest.approx(m["rmse"], rel=1e-4)
+    # Better than always answering the training mean (the model learned the merchant effect), in dollars.
+    baseline = float(np.sqrt(np.mean((frame["amount"].to_numpy()[train_idx].mean() - y_test) ** 2)))
+    assert m["rmse"] < 0.95 * baseline, (m["rmse"], baseline)
+    assert (
+        pkg.profile["target"]["kind"] == "numeric"
+        and pkg.profile["predictionDistribution"]["kind"] == "numeric"
+    )
+
+
 # ---------------------------------------------------------------- images: digits
 
 
