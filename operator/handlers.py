@@ -399,7 +399,9 @@ class Operator:
     async def stop(self) -> None:
         if self._event_tasks:  # let the last events out
             await asyncio.wait(self._event_tasks, timeout=5)
-        self._resync_task.cancel()
+        resync = getattr(self, "_resync_task", None)
+        if resync is not None:
+            resync.cancel()
         await self.pipeline_queue.stop()
         await self.deployment_queue.stop()
         await self.kube.close()

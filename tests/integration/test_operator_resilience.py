@@ -162,7 +162,7 @@ def test_status_write_conflict_rereads_and_retries(
             assert fresh["metadata"]["labels"] == {"team": "risk"}  # re-read
             await op.reconcile_pipeline(key)  # the retry succeeds on the fresh copy
         finally:
-            await op.kube.close()
+            await op.stop()  # waits for the events it posts in the background, closes the client
 
     asyncio.run(main())
     assert cluster.status(MLP, "fraud")["lastRun"] == 1
