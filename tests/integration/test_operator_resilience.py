@@ -167,3 +167,22 @@ def test_status_write_conflict_rereads_and_retries(
     asyncio.run(main())
     assert cluster.status(MLP, "fraud")["lastRun"] == 1
     assert [r["metadata"]["name"] for r in cluster.rayjobs()] == ["fraud-1"]
+
+
+def test_namespace_flag_limits_what_the_operator_touches(kubeconfig: str, kube_api: Any, cluster: Cluster, registry: str) -> None:
+    import uuid
+
+    from kubernetes import client
+
+    other = Cluster(kube_api, f"t-other-{uuid.uuid4().hex[:8]}")
+    client.CoreV1Api(kube_api).create_namespace({"metadata": {"name": other.ns}})
+    op = OperatorProcess(kubeconfig, cluster.ns).start()
+    try:
+        other.create(MLP, "fraud", pipeline_spec(registry))
+        cluster.create(MLP, "fraud", pipeline_spec(registry))
+        wait_for("RayJob in the watched namespace", lambda: cluster.rayjob("fraud-1"))
+        time.sleep(1.5)
+        assert other.rayjobs() == [] and other.status(MLP, "fraud") == {}
+    finally:
+        op.stop()
+        client.CoreV1Api(kube_api).delete_namespace(other.ns)
