@@ -232,3 +232,14 @@ def test_apply_is_server_side_apply_under_one_field_manager() -> None:
     method, path, ctype, _ = seen[0]
     assert method == "PATCH" and ctype == "application/apply-patch+yaml"
     assert path == "/apis/ray.io/v1/namespaces/n/rayjobs/p-1?fieldManager=test&force=true"
+
+
+def test_spec_errors_name_the_field() -> None:
+    from conveyor.operator.handlers import _parse
+    from conveyor.runtime.spec import MLPipelineSpec, ModelDeploymentSpec
+
+    spec, message = _parse(MLPipelineSpec, {"data": {"source": {"uri": "x"}}, "registry": {"uri": "file:///r"}, "training": {"numWorkers": "many"}})
+    assert spec is None and message is not None
+    assert "spec.registry.modelName" in message and "spec.training.numWorkers" in message
+    spec, message = _parse(ModelDeploymentSpec, {"model": {"registryUri": "file:///r", "name": "m"}})
+    assert spec is not None and message is None
