@@ -54,7 +54,7 @@ from conveyor.runtime.features import (
     fit_image_transforms,
     fit_transforms,
 )
-from conveyor.runtime.registry import Registry, StagingArea
+from conveyor.runtime.registry import PackageError, Registry, StagingArea
 from conveyor.runtime.spec import RunConfig
 from conveyor.runtime.validation import DataValidationError, ValidationReport, validate_dataset
 
@@ -470,7 +470,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     Path(d) / "state.pt",
                 )
                 ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report({**metrics, "history": json.dumps(history)}, checkpoint=ckpt)
+            ray.train.report(metrics, checkpoint=ckpt)
 
 
 # ---------------------------------------------------------------- orchestration
@@ -646,7 +646,7 @@ class RunResult:
             "outcome": "Registered",
             "version": self.version,
             "packageUri": self.package_uri,
-            "metrics": {k: v for k, v in self.metrics.items() if k != "history"},
+            "metrics": {k: v for k, v in self.metrics.items() if k not in ("history", "gate")},
             "gate": self.gate,
         }
 
@@ -658,6 +658,10 @@ def run(config: RunConfig) -> RunResult:
     from conveyor.runtime.models import export_torchscript
 
     registry = Registry(config.registry.uri, config.registry.model_name)  # bad names fail before any work
+    done = _already_registered(config, registry)
+    if done is not None:
+        log.info("run %s already registered %s; nothing to do", _run_name(config), done.package_uri)
+        return done
     started = time.time()
     prepared = prepare_data(config)
     prepared_at = time.time()
@@ -716,7 +720,40 @@ def run(config: RunConfig) -> RunResult:
     version = registry.register(write)
     uri = registry.package_uri(version)
     log.info("registered %s (%s %s)", uri, gate["metric"], gate["value"])
+    _mark_registered(config, version, uri)
     return RunResult(version, uri, metrics, gate)
+
+
+def _run_storage(config: RunConfig) -> tuple[Any, str]:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(checkpoint_storage(config))
+    return fs, f"{root.rstrip('/')}/{_run_name(config)}"
+
+
+def _mark_registered(config: RunConfig, version: str, uri: str) -> None:
+    """The run's checkpoints are no longer needed; the marker left in their place makes a retry of a run
+    that already registered (its pod restarted after the commit) return that version, not add another."""
+    fs, path = _run_storage(config)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    fs.makedirs(path, exist_ok=True)
+    fs.pipe_file(f"{path}/registered.json", json.dumps({"version": version, "packageUri": uri}).encode())
+
+
+def _already_registered(config: RunConfig, registry: Registry) -> RunResult | None:
+    fs, path = _run_storage(config)
+    try:
+        marker = json.loads(fs.cat_file(f"{path}/registered.json"))
+        meta = registry.read_metadata(marker["version"])
+    except (FileNotFoundError, KeyError, ValueError, PackageError):
+        return None
+    return RunResult(
+        marker["version"],
+        registry.package_uri(marker["version"]),
+        meta["metrics"],
+        meta["metrics"].get("gate", {}),
+    )
 
 
 def _finite(obj: Any) -> Any:

@@ -273,12 +273,17 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_cluster: str, tmp_path:
     assert Registry(str(registry), "fraud").versions() == []  # nothing registered by the killed attempt
 
     # The retry (same pipeline and run) picks up where the checkpoint left off.
-    pkg = open_package(train_and_register(config))
-    m = pkg.metrics
+    uri = train_and_register(config)
+    m = open_package(uri).metrics
     assert m["resumedAfterEpoch"] is not None and 1 <= m["resumedAfterEpoch"] < 8
     assert [h["epoch"] for h in m["history"]] == list(range(1, 9))
     assert Registry(str(registry), "fraud").versions() == ["v1"]
     assert m["rocAuc"] >= 0.8
+
+    # Registered: the checkpoints are gone, and a retry of the finished run adds no second version.
+    assert not list(checkpoints.glob("*/checkpoint_*"))
+    assert train_and_register(config) == uri
+    assert Registry(str(registry), "fraud").versions() == ["v1"]
 
 
 @pytest.mark.slow
