@@ -416,3 +416,38 @@ def test_unknown_or_mismatched_architecture_names_the_field() -> None:
         build_model("resnet1000", input_shape=[3, 32, 32], outputs=2)
     with pytest.raises(ValueError, match="needs image data"):
         build_model("resnet18", input_shape=[12], outputs=2)
+
+
+# ---------------------------------------------------------------- run configuration (no Ray)
+
+
+def test_split_is_seeded_stratified_and_disjoint() -> None:
+    config = quick_config("fraud", "/tmp/unused")
+    y = np.array([0] * 950 + [1] * 50)
+    train, test = _split(y, config, stratify=True)
+    assert len(set(train) & set(test)) == 0 and len(train) + len(test) == 1000
+    assert y[test].sum() == 10 and len(test) == 200  # each class split 80/20
+    again = _split(y, config, stratify=True)
+    assert np.array_equal(again[1], test)
+    config.data.split.seed = 1
+    assert not np.array_equal(_split(y, config, stratify=True)[1], test)
+    config.data.split.test_fraction = 1.0
+    with pytest.raises(ValueError, match=r"data.split.testFraction must be within \(0, 1\)"):
+        _split(y, config, stratify=True)
+
+
+def test_bad_run_config_fails_naming_the_field(tmp_path: Path) -> None:
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(
+        "pipeline: p\nrun: one\ndata: {source: {uri: 'builtin://digits'}}\nregistry: {uri: /tmp/r, modelName: m}\n"
+    )
+    result = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "conveyor.runtime.train", "--config", str(run_yaml), "--result", str(result)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "run" in proc.stderr and "integer" in proc.stderr
+    assert json.loads(result.read_text())["outcome"] == "InvalidConfig"
