@@ -38,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -84,7 +84,6 @@ class PreparedData:
     y_test: np.ndarray
     data_sha256: str
     validation: ValidationReport
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def input_shape(self) -> list[int]:
@@ -151,8 +150,6 @@ def _split(y: np.ndarray, config: RunConfig, stratify: bool) -> tuple[np.ndarray
 
 def prepare_data(config: RunConfig) -> PreparedData:
     """Ingest, validate, split, profile and fit transforms (raises DataValidationError on bad data)."""
-    import ray
-
     source = config.data.source
     ds = data_mod.load_dataset(source, label=config.data.label).materialize()
     report = validate_dataset(ds, config.data)
@@ -162,7 +159,7 @@ def prepare_data(config: RunConfig) -> PreparedData:
     frame = ds.to_pandas()
     del ds
     label = config.data.label
-    contract_cols = [c for c in config.data.contract.columns]
+    contract_cols = list(config.data.contract.columns)
     feature_names = [c.name for c in contract_cols] or [c for c in frame.columns if c != label]
     declared = {c.name: c for c in contract_cols}
     types = {n: (declared[n].type if n in declared else _infer_type(frame[n])) for n in feature_names}
@@ -251,7 +248,6 @@ def prepare_data(config: RunConfig) -> PreparedData:
     schema = {"kind": "tabular", "features": [f.to_json() for f in features], **task_fields}
     x_train = _apply_with_ray(transforms, train[feature_names])
     x_test = transforms.apply(test[feature_names])
-    _ = ray  # Ray is initialised by the caller; imported here so a missing install fails early
     return PreparedData(
         "tabular",
         config.data.task,
@@ -478,7 +474,15 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
 
 def _parse_cpu(quantity: str) -> float:
     q = str(quantity).strip()
-    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+    try:
+        cpu = float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+    except ValueError as e:
+        raise ValueError(
+            f"training.workerGroups[0].cpu {quantity!r} is not a CPU quantity (e.g. 2, 500m)"
+        ) from e
+    if cpu <= 0:
+        raise ValueError(f"training.workerGroups[0].cpu {quantity!r} must be positive")
+    return cpu
 
 
 def _run_name(config: RunConfig) -> str:
@@ -490,7 +494,10 @@ def checkpoint_storage(config: RunConfig) -> str:
         config.checkpoint_uri
         or f"{config.registry.uri.rstrip('/')}/{config.registry.model_name}/.checkpoints"
     )
-    return uri[len("file://") :] if uri.startswith("file://") else uri
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    # Ray Train wants an absolute local path (or a URI it can reach from every node).
+    return uri if "://" in uri else os.path.abspath(uri)
 
 
 def ensure_ray() -> None:
