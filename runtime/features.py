@@ -81,10 +81,13 @@ class FeatureSchema:
 # ---------------------------------------------------------------- value handling
 
 
-def _is_null(v: Any) -> bool:
-    return (
-        v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, np.floating) and np.isnan(v))
-    )
+def is_null(v: Any) -> bool:
+    """None, NaN, and pandas' NA/NaT (recognized by type name: this module does not import pandas)."""
+    if v is None:
+        return True
+    if isinstance(v, float | np.floating):
+        return math.isnan(v)
+    return type(v).__name__ in ("NAType", "NaTType")
 
 
 def _examples(values: Iterable[Any], limit: int = 3) -> str:
@@ -103,7 +106,7 @@ def _numeric_column(values: np.ndarray, feat: FeatureSchema) -> np.ndarray:
     out = np.empty(len(values), dtype=np.float64)
     bad = []
     for i, v in enumerate(values):
-        if _is_null(v):
+        if is_null(v):
             out[i] = np.nan
         elif isinstance(v, bool | np.bool_):
             if feat.type != "bool":
@@ -136,7 +139,7 @@ def _string_column(values: np.ndarray, feat: FeatureSchema) -> np.ndarray:
     out = np.empty(len(values), dtype=object)
     bad = []
     for i, v in enumerate(values):
-        if _is_null(v):
+        if is_null(v):
             out[i] = None
         elif isinstance(v, str):
             out[i] = v
@@ -239,7 +242,7 @@ def _apply_step(step: Step, col: np.ndarray) -> np.ndarray:
     if step.type == "impute":
         out = col.copy()
         if out.dtype == object:
-            out[np.array([_is_null(v) for v in out], dtype=bool)] = p["value"]
+            out[np.array([is_null(v) for v in out], dtype=bool)] = p["value"]
         else:
             out[np.isnan(out)] = float(p["value"])
         return out
@@ -254,7 +257,7 @@ def _apply_step(step: Step, col: np.ndarray) -> np.ndarray:
         index = {c: i for i, c in enumerate(cats)}
         out = np.zeros((len(col), len(cats) + 1), dtype=np.float64)
         for r, v in enumerate(col):
-            if _is_null(v):
+            if is_null(v):
                 out[r, :] = np.nan
             else:
                 out[r, index.get(category_key(v), len(cats))] = 1.0

@@ -12,14 +12,13 @@ training fractions and the live ones (``psi``, ``drift_scores``).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from conveyor.runtime.features import category_key
+from conveyor.runtime.features import category_key, is_null
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 N_BINS = 10
@@ -27,14 +26,10 @@ N_BINS = 10
 PSI_EPSILON = 1e-4
 
 
-def _is_null(v: Any) -> bool:
-    return v is None or (isinstance(v, float | np.floating) and math.isnan(v))
-
-
 def _as_float(values: Any) -> np.ndarray:
     if isinstance(values, np.ndarray) and values.dtype.kind in "fiub":
         return values.astype(np.float64)
-    return np.asarray([np.nan if _is_null(v) else float(v) for v in values], dtype=np.float64)
+    return np.asarray([np.nan if is_null(v) else float(v) for v in values], dtype=np.float64)
 
 
 def numeric_profile(values: Any, bins: int = N_BINS) -> dict[str, Any]:
@@ -82,7 +77,7 @@ def categorical_profile(values: Any) -> dict[str, Any]:
     """Frequencies of each value (as text) and the null fraction of one categorical column."""
     vals = list(values)
     n = len(vals)
-    present = [category_key(v) for v in vals if not _is_null(v)]
+    present = [category_key(v) for v in vals if not is_null(v)]
     counts = Counter(present)
     return {
         "kind": "categorical",

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from conveyor.runtime.features import category_key
+from conveyor.runtime.features import category_key, is_null
 from conveyor.runtime.spec import ColumnContract, DataContract, DataSpec
 
 MAX_EXAMPLES = 5
@@ -102,14 +102,6 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def _is_null(v: Any) -> bool:
-    if v is None:
-        return True
-    if isinstance(v, float | np.floating):
-        return math.isnan(v)
-    return False
-
-
 # ---------------------------------------------------------------- per-batch checks (mergeable)
 
 
@@ -130,7 +122,7 @@ def _add(
 
 
 def _check_column(partial: dict[str, Any], c: ColumnContract, values: np.ndarray) -> None:
-    nulls = np.array([_is_null(v) for v in values], dtype=bool)
+    nulls = np.array([is_null(v) for v in values], dtype=bool)
     partial["nulls"][c.name] = partial["nulls"].get(c.name, 0) + int(nulls.sum())
     if not c.nullable:
         _add(partial, c.name, "nullable", "no nulls (nullable: false)", [None], int(nulls.sum()))
@@ -221,7 +213,7 @@ def check_batch(batch: Any, data: DataSpec) -> dict[str, Any]:
         _add(partial, label, "missing", "the label column (data.label)", [], max(n, 1))
         return partial
     values = batch[label].to_numpy()
-    nulls = np.array([_is_null(v) for v in values], dtype=bool)
+    nulls = np.array([is_null(v) for v in values], dtype=bool)
     _add(partial, label, "nullable", "a label on every row", [None], int(nulls.sum()))
     counts = partial["labels"]
     for v in values[~nulls]:

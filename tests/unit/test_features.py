@@ -225,3 +225,15 @@ def test_tabular_profile_has_every_feature() -> None:
     }
     assert prof["classBalance"] == {"0": pytest.approx(4 / 6), "1": pytest.approx(2 / 6)}
     json.dumps(prof, allow_nan=False)  # a valid JSON document, no NaN
+
+
+def test_pandas_missing_values_count_as_null() -> None:
+    frame = _train().astype({"hour": "Int64", "merchant": "string", "amount": "Float64"})
+    assert frame["merchant"].isna().sum() == 1 and frame.loc[3, "merchant"] is pd.NA
+    fitted = fit_transforms(frame, FEATURES, TRANSFORMS)
+    assert np.array_equal(fitted.apply(frame), fit_transforms(_train(), FEATURES, TRANSFORMS).apply(_train()))
+    row = {"amount": pd.NA, "merchant": "grocery", "hour": 3, "foreign": False}
+    assert fitted.apply([row]).shape == (1, len(fitted.output_columns))  # amount imputed
+    with pytest.raises(ValueError, match="'hour' is not nullable"):
+        fitted.apply([{**row, "hour": pd.NA}])
+    assert profile.categorical_profile(["a", pd.NA, None])["nullFraction"] == pytest.approx(2 / 3)
