@@ -159,6 +159,11 @@ class PackagePredictor(Model):
                 f"{self.model_dir}: model.pt outputs {out.shape[1]} logits, schema.json lists "
                 f"{len(self.classes or [])} classes"
             )
+        if self.kind == "image":
+            # Built once: per-request construction of torchvision transforms costs more than the decode.
+            from torchvision.transforms import v2 as T
+
+            self._resize = T.Resize((pkg.transforms.height, pkg.transforms.width), antialias=True)
         self.drift = DriftMonitor(
             pkg.profile,
             classes=self.classes,
@@ -465,10 +470,9 @@ class PackagePredictor(Model):
     # ------------------------------------------------------------ images
 
     def _decode_image(self, data: bytes, where: str) -> np.ndarray:
-        """Encoded image bytes -> raw pixels [C, H, W] on the training scale (0..scale), resized with
-        torchvision as the training images were laid out."""
+        """Encoded image bytes -> raw pixels [C, H, W] on the training scale (0..scale); an image of
+        another size is resized with torchvision's Resize (antialiased) to the training size."""
         from PIL import Image, UnidentifiedImageError
-        from torchvision.transforms import v2 as T
 
         t = self.package.transforms  # type: ignore[union-attr]
         try:
@@ -477,9 +481,13 @@ class PackagePredictor(Model):
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
             raise InvalidInput(f"{where}: not a decodable image ({e})") from e
         img = img.convert("L" if t.channels == 1 else "RGB")
-        pipeline = T.Compose([T.PILToTensor(), T.Resize((t.height, t.width), antialias=True)])
-        pixels = pipeline(img).numpy().astype(np.float32)  # uint8 0..255
-        return pixels * np.float32(t.scale / 255.0)
+        pixels = np.asarray(img, dtype=np.uint8)  # [H, W] or [H, W, C], 0..255
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        if pixels.shape[1:] != (t.height, t.width):
+            import torch
+
+            pixels = self._resize(torch.from_numpy(np.ascontiguousarray(pixels))).numpy()
+        return pixels.astype(np.float32) * np.float32(t.scale / 255.0)
 
     def _b64(self, text: Any, where: str) -> bytes:
         if not isinstance(text, str):
@@ -553,6 +561,9 @@ class PackagePredictor(Model):
         if arr.ndim < 2:
             raise InvalidInput(f"input {name!r}: raw pixels need shape [B, C, H, W], got {list(arr.shape)}")
         self._check_rows(len(arr))
+        t = self.package.transforms  # type: ignore[union-attr]
+        if arr.shape[1:] == (t.channels, t.height, t.width):
+            return self._images(arr.astype(np.float32, copy=False))
         return self._images(
             np.stack([self._raw_pixels(a, f"input {name!r}[{i}]") for i, a in enumerate(arr)])
         )

@@ -41,8 +41,29 @@ def main() -> int:
             self.ready = True
             return True
 
-        def predict(self, payload: InferRequest, headers: dict[str, str] | None = None) -> Any:
+        def predict(self, payload: InferRequest | dict, headers: dict[str, str] | None = None) -> Any:
             t = self.pkg.transforms
+            if isinstance(payload, dict):  # V1 images as KServe's image example sends them
+                import base64
+                import io
+
+                from PIL import Image
+
+                raw = np.stack([
+                    np.asarray(Image.open(io.BytesIO(base64.b64decode(i["image"]["b64"]))).convert("L"), np.float32)[None]
+                    for i in payload["instances"]
+                ])  # fmt: skip
+                x = t.apply(raw * np.float32(t.scale / 255.0))
+                with torch.inference_mode():
+                    probs = (
+                        torch.softmax(self.module(torch.from_numpy(x).to(args.device)), dim=1).cpu().numpy()
+                    )
+                classes = self.pkg.classes
+                return {
+                    "predictions": [
+                        {"label": classes[int(r.argmax())], "probabilities": r.tolist()} for r in probs
+                    ]
+                }
             if t.kind == "image":
                 x = t.apply(payload.inputs[0].as_numpy())
             else:

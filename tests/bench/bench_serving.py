@@ -3,17 +3,19 @@
 1. in-process: the package's TorchScript forward pass (plus softmax, as served) called directly on
    transformed inputs, at batch sizes 1..256; the best is the limit serving can approach;
 2. served: ``python -m conveyor.runtime.serve`` (KServe ModelServer + dynamic batching), closed-loop
-   clients at concurrency 1, 8 and 32 sending one image per V2 request (raw pixels, JSON);
+   clients at concurrency 1, 8 and 32, each request one PNG image as KServe's image example sends it
+   (V1 ``{"instances": [{"image": {"b64": ...}}]}``): decoded, transformed, batched, answered;
 3. unbatched: a plain ``kserve.Model`` of the same package (``_plain_kserve_model.py``), one forward pass
-   per request, under the same load.
+   per request, same requests.
 
-The model is a real package from the training runtime: ResNet-18 (small-image stem) trained for one
-epoch on the built-in digits, so the forward pass, not HTTP, is the work being served. Both servers and
-the in-process pass use the same device and torch thread count. The load generator runs in separate
-processes (aiohttp) so it does not share the servers' event loop.
+The model is a real package from the training runtime: ResNet-18 trained for one epoch on the built-in
+digits rendered as ``--image-size`` pixel PNGs (an image folder), so the forward pass, not HTTP, is the
+work being served (``--image-size 8`` serves the raw 8x8 digits, where per-request overhead dominates).
+Both servers and the in-process pass use the same device and torch thread count; the load generator
+runs in separate processes (aiohttp).
 
-Run: ``make bench`` (pytest -m bench) or
-``python tests/bench/bench_serving.py [--package URI] [--device cpu|cuda] [--threads N] [--duration S]``.
+Run: ``make bench`` (pytest -m bench) or ``python tests/bench/bench_serving.py [--package URI]
+[--image-size N] [--device cpu|cuda] [--threads N] [--duration S] [--client-procs N]``.
 Writes tests/bench/results/serving.json. Target: served throughput at concurrency 32 >= 0.7 of the
 in-process limit and well above the unbatched baseline.
 """
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import io
 import json
 import multiprocessing as mp
 import os
@@ -48,16 +52,21 @@ BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 NAME = "digits"
 
 
-def resnet_config(registry: str) -> dict[str, Any]:
+def resnet_config(registry: str, image_dir: Path | None) -> dict[str, Any]:
+    """ResNet-18, one epoch: on ``image_dir`` (an image folder) or, without one, the raw 8x8 digits."""
+    if image_dir is None:
+        data: dict[str, Any] = {
+            "source": {"uri": "builtin://digits", "format": "builtin"},
+            "label": "label",
+            "contract": {"columns": [{"name": "image", "type": "image", "min": 0, "max": 16}]},
+        }
+    else:
+        data = {"source": {"uri": str(image_dir), "format": "imagefolder"}, "label": "label"}
     return {
         "pipeline": "digits-resnet",
         "namespace": "bench",
         "run": 1,
-        "data": {
-            "source": {"uri": "builtin://digits", "format": "builtin"},
-            "label": "label",
-            "contract": {"columns": [{"name": "image", "type": "image", "min": 0, "max": 16}]},
-        },
+        "data": data,
         "training": {
             "model": {"architecture": "resnet18"},
             "hyperparameters": {"epochs": 1, "batchSize": 64, "learningRate": 0.002},
@@ -66,22 +75,53 @@ def resnet_config(registry: str) -> dict[str, Any]:
     }
 
 
+def digit_pngs(size: int, n: int | None = None) -> tuple[list[bytes], np.ndarray]:
+    """The built-in digits as ``size`` x ``size`` grey PNGs (0..255) and their labels."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    count = len(bunch.images) if n is None else n
+    pngs = []
+    for i in range(count):
+        im = Image.fromarray(
+            np.round(bunch.images[i % len(bunch.images)] * 255 / 16).astype(np.uint8), mode="L"
+        )
+        if size != 8:
+            im = im.resize((size, size), Image.BILINEAR)
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    return pngs, bunch.target[np.arange(count) % len(bunch.images)]
+
+
+def write_image_folder(root: Path, size: int) -> Path:
+    pngs, labels = digit_pngs(size)
+    for i, (png, label) in enumerate(zip(pngs, labels, strict=True)):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:04d}.png").write_bytes(png)
+    return root
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round((len(ordered) - 1) * q))]
 
 
-def digit_images(n: int) -> np.ndarray:
-    from sklearn.datasets import load_digits
+def decoded(pngs: list[bytes]) -> np.ndarray:
+    """PNGs as raw pixels [n, 1, H, W] (0..255), what the server decodes them to."""
+    from PIL import Image
 
-    images = load_digits().images.astype(np.float32)
-    return images[np.arange(n) % len(images)][:, None]  # [n, 1, 8, 8], pixels 0..16
+    return np.stack(
+        [np.asarray(Image.open(io.BytesIO(p)).convert("L"), dtype=np.float32)[None] for p in pngs]
+    )
 
 
 # ---------------------------------------------------------------- in-process limit
 
 
-def in_process(package: str, device: str, threads: int, seconds: float) -> dict[str, Any]:
+def in_process(package: str, device: str, threads: int, seconds: float, pngs: list[bytes]) -> dict[str, Any]:
     import torch
 
     from conveyor.runtime.registry import open_package
@@ -89,7 +129,12 @@ def in_process(package: str, device: str, threads: int, seconds: float) -> dict[
     torch.set_num_threads(threads)
     pkg = open_package(package)
     module = pkg.load_model(device)
-    x_all = pkg.transforms.apply(digit_images(max(BATCH_SIZES)))
+    raw = decoded(pngs)
+    if pkg.transforms.scale != 255.0:  # the raw 8x8 digits package works in 0..16
+        raw = raw * np.float32(pkg.transforms.scale / 255.0)
+    x_all = pkg.transforms.apply(
+        np.concatenate([raw] * (max(BATCH_SIZES) // len(raw) + 1))[: max(BATCH_SIZES)]
+    )
     by_batch = {}
     for bs in BATCH_SIZES:
         x = torch.from_numpy(x_all[:bs])
@@ -173,22 +218,9 @@ def load(url: str, concurrency: int, seconds: float, bodies: list[bytes], procs:
     }
 
 
-def v2_bodies(n: int = 64) -> list[bytes]:
-    images = digit_images(n)
+def v1_bodies(pngs: list[bytes]) -> list[bytes]:
     return [
-        json.dumps(
-            {
-                "inputs": [
-                    {
-                        "name": "image",
-                        "datatype": "FP32",
-                        "shape": [1, 1, 8, 8],
-                        "data": im.reshape(-1).tolist(),
-                    }
-                ]
-            }
-        ).encode()  # fmt: skip
-        for im in images
+        json.dumps({"instances": [{"image": {"b64": base64.b64encode(p).decode()}}]}).encode() for p in pngs
     ]
 
 
@@ -220,27 +252,36 @@ class PlainServer(ServerProcess):
 
 
 def run_benchmark(
-    *, package: str | None, device: str, threads: int, seconds: float, client_procs: int, workdir: Path
+    *,
+    package: str | None,
+    image_size: int,
+    device: str,
+    threads: int,
+    seconds: float,
+    client_procs: int,
+    workdir: Path,
 ) -> dict[str, Any]:
     if package is None:
-        package = train_package(resnet_config(str(workdir / "registry")), workdir / "train")
-    bodies = v2_bodies()
+        images = None if image_size == 8 else write_image_folder(workdir / f"digits{image_size}", image_size)
+        package = train_package(resnet_config(str(workdir / "registry"), images), workdir / "train")
+    pngs, _ = digit_pngs(image_size, 64)
+    bodies = v1_bodies(pngs)
     result: dict[str, Any] = {
-        "model": {"package": package, "architecture": "resnet18 (small-image stem)", "input": [1, 8, 8]},
+        "model": {"package": package, "architecture": "resnet18", "input": [1, image_size, image_size]},
         "device": device,
         "torch_threads": threads,
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "seconds_per_point": seconds,
-        "request": "V2 JSON, one image (raw pixels FP32 [1,1,8,8]) per request",
+        "request": 'V1 {"instances": [{"image": {"b64": PNG}}]}, one image per request',
     }
-    result["in_process"] = in_process(package, device, threads, min(seconds, 3.0))
+    result["in_process"] = in_process(package, device, threads, min(seconds, 3.0), pngs)
     limit = result["in_process"]["best_rows_per_s"]
 
     served = []
     batching = ["--max-batch-size", "32", "--max-latency-ms", "2", "--device", device]
     with ServerProcess(package, NAME, workdir, *batching, threads=threads) as server:
-        url = f"{server.url}/v2/models/{NAME}/infer"
+        url = f"{server.url}/v1/models/{NAME}:predict"
         for c in CONCURRENCY:
             rows0, passes0 = batch_stats(server.url)
             point = load(url, c, seconds, bodies, client_procs)
@@ -250,7 +291,7 @@ def run_benchmark(
     result["served_batched"] = served
 
     with PlainServer(package, workdir, device, threads) as plain:
-        url = f"{plain.url}/v2/models/{NAME}/infer"
+        url = f"{plain.url}/v1/models/{NAME}:predict"
         result["plain_kserve_unbatched"] = [load(url, c, seconds, bodies, client_procs) for c in CONCURRENCY]
 
     at32 = next(p for p in served if p["concurrency"] == 32)
@@ -283,6 +324,7 @@ def test_bench_serving(tmp_path: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--package", help="a package URI to serve (default: train one with the training runtime)")
+    p.add_argument("--image-size", type=int, default=64, help="digits rendered at this size (8: raw digits)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch threads, in-process and in each server")
     p.add_argument("--duration", type=float, default=8.0, help="seconds per load point")
@@ -291,7 +333,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         result = run_benchmark(
-            package=args.package, device=args.device, threads=args.threads, seconds=args.duration,
+            package=args.package, image_size=args.image_size, device=args.device, threads=args.threads, seconds=args.duration,
             client_procs=args.client_procs, workdir=Path(tmp),
         )  # fmt: skip
     write(result, args.out)

@@ -557,6 +557,10 @@ def test_image_model_over_v1_b64_and_v2_bytes(digits_server: ServerProcess, digi
         raw.set_data_from_numpy(np.array(pngs, dtype=object), binary_data=True)  # raw PNG bytes
         result = client.infer(DIGITS, [raw])
         assert [v.decode() for v in result.as_numpy("label").tolist()] == v1_labels
+        pixels = triton.InferInput("image", [len(images), 1, 8, 8], "FP32")  # raw pixels, no codec
+        pixels.set_data_from_numpy(images[:, None].astype(np.float32))
+        exact = client.infer(DIGITS, [pixels])
+        assert [v.decode() for v in exact.as_numpy("label").tolist()] == expected
     finally:
         client.close()
 
