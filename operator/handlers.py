@@ -12,6 +12,7 @@ off `Operator`, set in kopf's memo at startup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Hashable
@@ -79,7 +80,8 @@ class Operator:
             "ModelDeployment", self.reconcile_deployment, workers=self.config.deployment_workers
         )
         self._registries: dict[tuple[str, str], Any] = {}
-        self._event_tasks: set[asyncio.Task[None]] = set()
+        self._events: asyncio.Queue[tuple[dict[str, Any], str, str, str]] = asyncio.Queue()
+        self._poster: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------- cache
 
@@ -163,17 +165,20 @@ class Operator:
         return True
 
     async def emit(self, obj: dict[str, Any], events: list[tuple[str, str, str]]) -> None:
-        """Post the events in the background: they are best-effort, and the worker moves on."""
-        if not events:
-            return
+        """Queue the events for one background poster: they are best-effort, the worker moves on, and a
+        burst of them (200 new objects) does not crowd out the writes that matter."""
+        for type_, reason, message in events:
+            self._events.put_nowait((obj, type_, reason, message))
+        if events and (self._poster is None or self._poster.done()):
+            self._poster = asyncio.create_task(self._post_events(), name="events")
 
-        async def post() -> None:
-            for type_, reason, message in events:
+    async def _post_events(self) -> None:
+        while True:
+            obj, type_, reason, message = await self._events.get()
+            try:
                 await self.kube.event(obj, type_, reason, message)
-
-        task = asyncio.create_task(post())
-        self._event_tasks.add(task)
-        task.add_done_callback(self._event_tasks.discard)
+            finally:
+                self._events.task_done()
 
     # ---------------------------------------------------------------- MLPipeline
 
@@ -397,8 +402,10 @@ class Operator:
                 self.deployment_queue.add(key)
 
     async def stop(self) -> None:
-        if self._event_tasks:  # let the last events out
-            await asyncio.wait(self._event_tasks, timeout=5)
+        if self._poster is not None:  # let the last events out, then stop the poster
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._events.join(), timeout=5)
+            self._poster.cancel()
         resync = getattr(self, "_resync_task", None)
         if resync is not None:
             resync.cancel()
