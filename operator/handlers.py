@@ -195,6 +195,11 @@ class Operator:
                 builders.build_rayjob(obj, spec, int((obj.get("status") or {}).get("lastRun") or 0) + 1)
             except builders.InvalidSpecError as e:
                 invalid = str(e)
+        if spec is not None and invalid is None:
+            try:
+                self.registry(spec.registry.uri, spec.registry.model_name)
+            except (ValueError, ImportError) as e:  # e.g. s3:// without the s3 extra installed
+                invalid = f"spec.registry.uri: cannot open {spec.registry.uri}: {e}"
         status = obj.get("status") or {}
         rayjobs = self.rayjobs_of(namespace, name)
 
@@ -313,9 +318,13 @@ class Operator:
         resolution = None
         uri_for: Callable[[str], str] = lambda v: v  # noqa: E731 - replaced below when the spec parses
         if spec is not None and invalid is None:
-            registry = self.registry(spec.model.registry_uri, spec.model.name)
-            uri_for = registry.package_uri
-            resolution = await self._resolve(namespace, name, spec, registry)
+            try:
+                registry = self.registry(spec.model.registry_uri, spec.model.name)
+            except (ValueError, ImportError) as e:  # e.g. s3:// without the s3 extra installed
+                invalid = f"spec.model.registryUri: cannot open {spec.model.registry_uri}: {e}"
+            else:
+                uri_for = registry.package_uri
+                resolution = await self._resolve(namespace, name, spec, registry)
         isvc = self.isvcs.get(key)
         plan = plan_deployment(obj, spec, invalid, resolution, isvc, uri_for, self.clock())
         if plan.inference_service is not None:
