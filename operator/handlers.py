@@ -7,6 +7,16 @@ progress annotations). Each event updates the in-memory cache and queues the own
 (pipeline.py, deployment.py), apply children with server-side apply, write status once (only if it
 changed) and post Events. Everything that talks to the outside (the API client, the registry) hangs
 off `Operator`, set in kopf's memo at startup.
+
+The package (operator/, imported as conveyor.operator; a namespace portion with no __init__.py, so it
+never shadows the standard library's `operator`):
+- handlers.py   this wiring and the two reconcilers
+- pipeline.py   MLPipeline -> runs, triggers, RayJob states, gate outcomes, conditions (pure)
+- deployment.py ModelDeployment -> stable/canary versions, the hand-off from pipelines, status (pure)
+- builders.py   RayJob, run ConfigMap and InferenceService manifests (pure)
+- gate.py       the evaluation gate over the registry's package metadata
+- conditions.py condition types and their meaning
+- kube.py, workqueue.py, metrics.py  the API client, the level-triggered queue, Prometheus metrics
 """
 
 from __future__ import annotations
