@@ -452,21 +452,30 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if classification:
             metrics["trainAccuracy"] = stats["correct"] / samples
         history.append(metrics)
-        with tempfile.TemporaryDirectory() as d:
-            ckpt = None
-            if rank == 0:
-                raw = model.module if hasattr(model, "module") else model
-                torch.save(
-                    {
-                        "model": raw.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "epoch": epoch,
-                        "history": history,
-                    },
-                    Path(d) / "state.pt",
-                )
-                ckpt = ray.train.Checkpoint.from_directory(d)
-            ray.train.report(metrics, checkpoint=ckpt)
+        _report(model, optimizer, epoch, history, rank)
+    if checkpoint is not None and start_epoch >= cfg["epochs"]:
+        # The previous attempt had finished every epoch: report its state again, marked as resumed.
+        _report(model, optimizer, start_epoch - 1, history, rank)
+
+
+def _report(model: Any, optimizer: Any, epoch: int, history: list[dict[str, Any]], rank: int) -> None:
+    """Per-epoch metrics to Ray Train, with a checkpoint (written by rank 0) a retry resumes from."""
+    import ray.train
+    import torch
+
+    with tempfile.TemporaryDirectory() as d:
+        ckpt = None
+        if rank == 0:
+            raw = model.module if hasattr(model, "module") else model
+            state = {
+                "model": raw.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "history": history,
+            }
+            torch.save(state, Path(d) / "state.pt")
+            ckpt = ray.train.Checkpoint.from_directory(d)
+        ray.train.report(history[-1], checkpoint=ckpt)
 
 
 # ---------------------------------------------------------------- orchestration
@@ -637,7 +646,8 @@ def _packages() -> dict[str, str]:
         try:
             out[name] = version(name)
         except PackageNotFoundError:
-            continue
+            if name == "conveyor":  # run from a source tree rather than an installed distribution
+                out[name] = "unknown (source tree)"
     return out
 
 

@@ -3,8 +3,9 @@
 For each case the same prepared data (the real pipeline: Ray Data ingest, validation, transforms fitted
 on the training split), the same model, optimizer, batch size, seed and torch threads are trained twice:
 
-1. baseline: a plain PyTorch loop in this process over in-memory tensors (shuffled each epoch), calling
-   the same ``train_epoch`` step the Ray workers run;
+1. baseline: a plain PyTorch loop over in-memory tensors (shuffled each epoch), calling the same
+   ``train_epoch`` step the Ray workers run, in a fresh process with a Ray worker's environment
+   (``OMP_NUM_THREADS`` = its CPUs; inside the Ray driver it would share the CPU with Ray's threads);
 2. Ray Train: ``conveyor.runtime.train.fit`` (TorchTrainer, one worker with one CPU, the training split
    streamed from Ray Data, a checkpoint and a report every epoch).
 
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -101,6 +103,58 @@ def plain_loop(config: Any, prepared: Any, *, threads: int, device_name: str) ->
     return _summary(epochs)
 
 
+def plain_loop_in_subprocess(config: Any, prepared: Any, *, threads: int, device: str) -> dict[str, Any]:
+    """``plain_loop`` in a fresh process with the environment a Ray worker gets (OMP_NUM_THREADS = its
+    CPUs): measured inside this driver, which also runs Ray's threads, the baseline would be handicapped."""
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as d:
+        np.save(Path(d) / "x.npy", prepared.x_train)
+        np.save(Path(d) / "y.npy", prepared.y_train)
+        job = {
+            "config": config.to_api(),
+            "inputShape": prepared.input_shape,
+            "outputs": prepared.outputs,
+            "classification": prepared.classes is not None,
+            "threads": threads,
+            "device": device,
+        }
+        (Path(d) / "job.json").write_text(json.dumps(job))
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        proc = subprocess.run(
+            [sys.executable, __file__, "--plain-worker", d],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"plain loop failed:\n{proc.stderr[-3000:]}")
+        return json.loads((Path(d) / "result.json").read_text())
+
+
+def _plain_worker(d: str) -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from conveyor.runtime.spec import RunConfig
+
+    job = json.loads((Path(d) / "job.json").read_text())
+    prepared = SimpleNamespace(
+        x_train=np.load(Path(d) / "x.npy"),
+        y_train=np.load(Path(d) / "y.npy"),
+        input_shape=job["inputShape"],
+        outputs=job["outputs"],
+        classes=["?"] if job["classification"] else None,
+    )
+    config = RunConfig.model_validate(job["config"])
+    result = plain_loop(config, prepared, threads=job["threads"], device_name=job["device"])
+    (Path(d) / "result.json").write_text(json.dumps(result))
+
+
 def _summary(epochs: list[dict[str, Any]]) -> dict[str, Any]:
     steady = epochs[1:] if len(epochs) > 1 else epochs
     samples = sum(e["samples"] for e in steady)
@@ -162,7 +216,9 @@ def run_benchmark(
             config.checkpoint_uri = f"/tmp/conveyor-bench-checkpoints/{os.getpid()}-{case['name']}-{r}"
             rays.append(ray_train(config, prepared))
             plains.append(
-                plain_loop(config, prepared, threads=rays[-1]["threadsPerWorker"], device_name=device)
+                plain_loop_in_subprocess(
+                    config, prepared, threads=rays[-1]["threadsPerWorker"], device=device
+                )
             )
         ray_result = _median(rays)
         plain = _median(plains)
@@ -225,6 +281,10 @@ if __name__ == "__main__":
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plain-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    run_benchmark(args.epochs, args.device, args.out, args.rounds)
+    if args.plain_worker:
+        _plain_worker(args.plain_worker)
+    else:
+        run_benchmark(args.epochs, args.device, args.out, args.rounds)
     sys.exit(0)

