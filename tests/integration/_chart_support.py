@@ -142,6 +142,8 @@ OPERATOR_NAMESPACED_GRANTS: set[tuple[str, str, str]] = {
     ("conveyor.dev", "modeldeployments", "watch"),
     ("conveyor.dev", "mlpipelines/status", "patch"),
     ("conveyor.dev", "modeldeployments/status", "patch"),
+    ("conveyor.dev", "mlpipelines/finalizers", "update"),
+    ("conveyor.dev", "modeldeployments/finalizers", "update"),
     ("ray.io", "rayjobs", "get"),
     ("ray.io", "rayjobs", "list"),
     ("ray.io", "rayjobs", "watch"),

@@ -57,6 +57,9 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
 - A run's configuration ConfigMap: server-side apply (create, patch); it is owned by its RayJob, so
   the garbage collector removes it.
 - Events: the operator posts core/v1 Events on transitions (create only; kopf's own posting is off).
+- The finalizers subresource of our kinds: RayJobs and InferenceServices carry a controller owner
+  reference with blockOwnerDeletion, which clusters enforcing OwnerReferencesPermissionEnforcement
+  allow only with update on the owner's finalizers (the operator sets no finalizers itself).
 */}}
 {{- define "conveyor.namespacedRules" -}}
 - apiGroups: ["conveyor.dev"]
@@ -65,6 +68,9 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
 - apiGroups: ["conveyor.dev"]
   resources: ["mlpipelines/status", "modeldeployments/status"]
   verbs: ["patch"]
+- apiGroups: ["conveyor.dev"]
+  resources: ["mlpipelines/finalizers", "modeldeployments/finalizers"]
+  verbs: ["update"]
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
