@@ -41,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resync-seconds", type=float, default=600.0, help="reconcile everything this often")
     p.add_argument("--registry-poll-seconds", type=float, default=60.0,
                    help="how often a ModelDeployment following a registry's latest version looks for a new one")
+    p.add_argument("--default-kserve-mode", choices=["Knative", "Standard"],
+                   default=os.environ.get("CONVEYOR_DEFAULT_KSERVE_MODE", "Knative"),
+                   help="KServe mode of a ModelDeployment that sets no spec.rollout.mode (fixed once its "
+                        "InferenceService exists)")
     p.add_argument("--log-level", default=os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     for ns in args.namespace:
@@ -60,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         resync_seconds=args.resync_seconds,
         registry_poll_seconds=args.registry_poll_seconds,
         metrics_port=args.metrics_port or None,
+        default_kserve_mode=args.default_kserve_mode,
     )
     liveness = f"http://{args.bind}:{args.liveness_port}/healthz" if args.liveness_port else None
     asyncio.run(

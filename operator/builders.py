@@ -33,6 +33,7 @@ from typing import Any
 
 from conveyor.runtime.spec import (
     API_VERSION,
+    DEFAULT_KSERVE_MODE,
     HeadGroup,
     MLPipelineSpec,
     ModelDeploymentSpec,
@@ -350,7 +351,7 @@ def _predictor_container(
 def _autoscaling(spec: ModelDeploymentSpec) -> tuple[dict[str, Any], dict[str, str]]:
     """Predictor autoscaling fields and the autoscaler class annotations for the deployment mode."""
     a = spec.autoscaling
-    mode = spec.rollout.mode
+    mode = spec.rollout.mode or DEFAULT_KSERVE_MODE
     if a.min_replicas > a.max_replicas:
         raise InvalidSpecError("spec.autoscaling.minReplicas", "must not exceed spec.autoscaling.maxReplicas")
     fields: dict[str, Any] = {
@@ -397,7 +398,7 @@ def build_inference_service(
     if candidate is not None and candidate[0] == stable[0]:
         candidate = None
     meta = deployment["metadata"]
-    mode = spec.rollout.mode
+    mode = spec.rollout.mode or DEFAULT_KSERVE_MODE
     scaling, class_annotations = _autoscaling(spec)
     annotations = {KSERVE_DEPLOYMENT_MODE: mode, **class_annotations, ANNOTATION_STABLE_VERSION: stable[0]}
     if candidate is not None:

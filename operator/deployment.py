@@ -29,9 +29,14 @@ from datetime import datetime
 from typing import Any
 
 from conveyor.operator import conditions as c
-from conveyor.operator.builders import ANNOTATION_APPLIED_HASH, InvalidSpecError, build_inference_service
+from conveyor.operator.builders import (
+    ANNOTATION_APPLIED_HASH,
+    KSERVE_DEPLOYMENT_MODE,
+    InvalidSpecError,
+    build_inference_service,
+)
 from conveyor.operator.pipeline import rfc3339
-from conveyor.runtime.spec import ModelDeploymentSpec
+from conveyor.runtime.spec import DEFAULT_KSERVE_MODE, ModelDeploymentSpec
 
 STABLE = "Stable"
 PROGRESSING = "Progressing"
@@ -161,6 +166,8 @@ def plan_deployment(
     uri_for: Callable[[str], str],
     now: datetime,
 ) -> DeploymentPlan:
+    if spec is not None:  # the handler settles it with the operator's configured default first
+        spec = with_kserve_mode(spec, isvc)
     meta = deployment["metadata"]
     generation = meta.get("generation")
     old = deployment.get("status") or {}
@@ -179,7 +186,7 @@ def plan_deployment(
         if put(c.ACCEPTED, c.FALSE, "InvalidSpec", message):
             plan.events.append(("Warning", "InvalidSpec", message))
         put(c.PROGRESSING, c.FALSE, "InvalidSpec", "Nothing is rolled out until the spec is fixed.")
-        _mirror(status, put, isvc, spec.rollout.mode if spec else "Knative")
+        _mirror(status, put, isvc, spec.rollout.mode if spec else DEFAULT_KSERVE_MODE)
         return plan
 
     if spec is None or invalid is not None:
@@ -296,3 +303,28 @@ def _mirror(status: dict[str, Any], put: Callable[..., bool], isvc: dict[str, An
     ready, reason, message = _isvc_ready(isvc)
     put(c.READY, c.TRUE if ready else c.FALSE, reason, message)
     _mirror_url(status, isvc)
+
+
+def with_kserve_mode(
+    spec: ModelDeploymentSpec, isvc: dict[str, Any] | None, default: str = DEFAULT_KSERVE_MODE
+) -> ModelDeploymentSpec:
+    """The spec with its KServe mode settled: `spec.rollout.mode` when set; otherwise the mode its live
+    InferenceService was created in (KServe cannot switch a running one), else the operator's default."""
+    if spec.rollout.mode is not None:
+        return spec
+    annotations = ((isvc or {}).get("metadata") or {}).get("annotations") or {}
+    live = annotations.get(KSERVE_DEPLOYMENT_MODE)
+    mode = live if live in ("Knative", "Standard") else default
+    return spec.model_copy(update={"rollout": spec.rollout.model_copy(update={"mode": mode})})
+
+
+def kserve_mode_conflict(spec: ModelDeploymentSpec, isvc: dict[str, Any] | None) -> str | None:
+    """Why the spec's mode cannot apply to the live InferenceService (KServe cannot switch modes), if so."""
+    annotations = ((isvc or {}).get("metadata") or {}).get("annotations") or {}
+    live = annotations.get(KSERVE_DEPLOYMENT_MODE)
+    if live in ("Knative", "Standard") and spec.rollout.mode not in (None, live):
+        return (
+            f"spec.rollout.mode: the InferenceService runs in {live} mode and KServe cannot switch it to "
+            f"{spec.rollout.mode}; set it back to {live}, or create a new ModelDeployment"
+        )
+    return None

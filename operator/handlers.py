@@ -34,7 +34,7 @@ import kopf
 from pydantic import BaseModel, ValidationError
 
 from conveyor.operator import builders, metrics
-from conveyor.operator.deployment import Resolution, plan_deployment
+from conveyor.operator.deployment import Resolution, kserve_mode_conflict, plan_deployment, with_kserve_mode
 from conveyor.operator.gate import evaluate_gate, find_run_version, numeric_metrics
 from conveyor.operator.kube import Conflict, Kube, connection_info, merge_patch, resource_path
 from conveyor.operator.pipeline import (
@@ -60,6 +60,8 @@ class Config:
     resync_seconds: float = 600.0
     registry_poll_seconds: float = 60.0
     metrics_port: int | None = None
+    # The KServe mode of a ModelDeployment that names none (Helm: operator.defaultKServeMode).
+    default_kserve_mode: str = "Knative"
 
 
 def _registry_factory(uri: str, name: str) -> Any:
@@ -325,6 +327,10 @@ class Operator:
             return None
         namespace, name = key
         spec, invalid = _parse(ModelDeploymentSpec, obj.get("spec") or {})
+        isvc = self.isvcs.get(key)
+        if spec is not None:
+            invalid = invalid or kserve_mode_conflict(spec, isvc)
+            spec = with_kserve_mode(spec, isvc, self.config.default_kserve_mode)
         resolution = None
         uri_for: Callable[[str], str] = lambda v: v  # noqa: E731 - replaced below when the spec parses
         if spec is not None and invalid is None:
@@ -335,7 +341,6 @@ class Operator:
             else:
                 uri_for = registry.package_uri
                 resolution = await self._resolve(namespace, name, spec, registry)
-        isvc = self.isvcs.get(key)
         plan = plan_deployment(obj, spec, invalid, resolution, isvc, uri_for, self.clock())
         if plan.inference_service is not None:
             applied = await self.kube.apply(plan.inference_service)

@@ -309,12 +309,17 @@ class AnalysisSpec(_Model):
     window: str = "1m"
 
 
+DEFAULT_KSERVE_MODE = "Knative"
+
+
 class RolloutSpec(_Model):
     strategy: Literal["canary", "immediate"] = "canary"
     steps: list[int] = Field(default_factory=lambda: [10, 50, 100])
     interval: str = "1m"
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
-    mode: Literal["Knative", "Standard"] = "Knative"
+    # None: the operator's default (Helm value operator.defaultKServeMode), fixed once the
+    # InferenceService exists; see conveyor.operator.deployment.with_kserve_mode.
+    mode: Literal["Knative", "Standard"] | None = None
 
 
 class DriftSpec(_Model):

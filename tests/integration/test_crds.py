@@ -203,6 +203,7 @@ IMMUTABLE = [
      _both(_set("spec.rollout.mode", "Standard"),
            _set("spec.autoscaling", {"minReplicas": 1, "maxReplicas": 2, "metric": "cpu", "target": 70})),
      "spec.rollout.mode", "rollout.mode is immutable"),
+    ("mode-removed", DEPLOYMENT, _delete("spec.rollout.mode"), "spec.rollout", "rollout.mode cannot be removed once set"),
 ]
 
 
