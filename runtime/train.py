@@ -11,8 +11,11 @@ The run:
 4. trains with Ray Train's TorchTrainer: DDP across ``training.numWorkers``, GPU with mixed precision
    when ``training.useGpu`` is set and the cluster has GPUs, CPU otherwise; seeded; metrics reported each
    epoch (a worker's shard that fits in ``CONVEYOR_SHARD_CACHE_BYTES``, default 1 GiB, is streamed
-   once and then reshuffled in memory); a checkpoint each epoch under ``checkpointUri`` (default ``<registry>/<model>/.checkpoints``),
-   so a retried job (same pipeline and run) resumes from its last finished epoch;
+   once and then reshuffled in memory); a checkpoint under ``checkpointUri`` (default
+   ``<registry>/<model>/.checkpoints``) after every epoch, or at most every
+   ``CONVEYOR_CHECKPOINT_INTERVAL_S`` seconds when that is set (always after the last), so a retried
+   job (same pipeline and run) resumes from its last checkpoint; a run that registered leaves a marker
+   instead, and its retry returns that version;
 5. evaluates the exported TorchScript model (what serving runs) on the held-out split;
 6. registers the package atomically as the next version (``registry.Registry.register``).
 
@@ -409,6 +412,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     # A shard that fits in memory is streamed from Ray Data once and then kept: later epochs shuffle it
     # in memory, as a plain PyTorch loop would, instead of paying Ray Data's per-batch cost again.
     cached: tuple[Any, Any] | None = None
+    last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, cfg["epochs"]):
         started = time.perf_counter()
         epoch_seed = cfg["seed"] * 1000 + epoch * 10 + rank
@@ -452,20 +456,32 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if classification:
             metrics["trainAccuracy"] = stats["correct"] / samples
         history.append(metrics)
-        _report(model, optimizer, epoch, history, rank)
+        last_epoch = epoch == cfg["epochs"] - 1
+        due = time.monotonic() - last_checkpoint >= cfg["checkpointIntervalS"]
+        _report(model, optimizer, epoch, history, rank, checkpoint=last_epoch or due)
+        if last_epoch or due:
+            last_checkpoint = time.monotonic()
     if checkpoint is not None and start_epoch >= cfg["epochs"]:
         # The previous attempt had finished every epoch: report its state again, marked as resumed.
         _report(model, optimizer, start_epoch - 1, history, rank)
 
 
-def _report(model: Any, optimizer: Any, epoch: int, history: list[dict[str, Any]], rank: int) -> None:
+def _report(
+    model: Any,
+    optimizer: Any,
+    epoch: int,
+    history: list[dict[str, Any]],
+    rank: int,
+    *,
+    checkpoint: bool = True,
+) -> None:
     """Per-epoch metrics to Ray Train, with a checkpoint (written by rank 0) a retry resumes from."""
     import ray.train
     import torch
 
     with tempfile.TemporaryDirectory() as d:
         ckpt = None
-        if rank == 0:
+        if rank == 0 and checkpoint:
             raw = model.module if hasattr(model, "module") else model
             state = {
                 "model": raw.state_dict(),
@@ -574,6 +590,7 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         "threads": threads,
         "amp": use_gpu,
         "cacheShard": shard_bytes <= cache_limit,
+        "checkpointIntervalS": float(os.environ.get("CONVEYOR_CHECKPOINT_INTERVAL_S", "0")),
     }
     resources = {"CPU": cpu_per_worker, **({"GPU": 1} if use_gpu else {})}
     # Each report() waits until the Train controller polls the worker (every 2 s by default), which would

@@ -43,7 +43,7 @@ RESULTS = ROOT / "tests" / "bench" / "results" / "training.json"
 def _cases(epochs: int, device: str) -> list[dict[str, Any]]:
     from conveyor.runtime.train import quick_config
 
-    fraud = quick_config("fraud", "/tmp/unused", rows=50000)
+    fraud = quick_config("fraud", "/tmp/unused", rows=200000)
     fraud.training.model.hidden_layers = [256, 128]
     fraud.training.hyperparameters.batch_size = 256
     digits = quick_config("digits", "/tmp/unused")
