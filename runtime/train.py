@@ -269,16 +269,24 @@ def prepare_data(config: RunConfig) -> PreparedData:
 
 def _apply_with_ray(transforms: FittedTransforms, frame: Any) -> np.ndarray:
     """The fitted transforms applied to the training split by Ray Data, batch by batch (the same code
-    serving runs), gathered in row order."""
+    serving runs), gathered back in row order (Ray Data may finish batches in any order)."""
     import ray.data
 
-    def apply(batch: Any) -> dict[str, np.ndarray]:
-        return {"x": transforms.apply(batch)}
+    row = "__conveyor_row__"
 
-    ds = ray.data.from_pandas(frame.reset_index(drop=True)).map_batches(apply, batch_format="pandas")
-    return np.concatenate(
-        [np.asarray(b["x"]) for b in ds.iter_batches(batch_format="numpy", batch_size=None)]
-    )
+    def apply(batch: Any) -> dict[str, np.ndarray]:
+        return {"x": transforms.apply(batch.drop(columns=[row])), row: batch[row].to_numpy()}
+
+    indexed = frame.reset_index(drop=True).assign(**{row: np.arange(len(frame))})
+    ds = ray.data.from_pandas(indexed).map_batches(apply, batch_format="pandas")
+    xs, rows = [], []
+    for b in ds.iter_batches(batch_format="numpy", batch_size=None):
+        xs.append(np.asarray(b["x"]))
+        rows.append(np.asarray(b[row]))
+    x = np.concatenate(xs)
+    out = np.empty_like(x)
+    out[np.concatenate(rows)] = x
+    return out
 
 
 # ---------------------------------------------------------------- the training loop
