@@ -292,6 +292,24 @@ def _apply_with_ray(transforms: FittedTransforms, frame: Any) -> np.ndarray:
 # ---------------------------------------------------------------- the training loop
 
 
+def tune_allocator() -> None:
+    """Keep freed memory in the process (glibc): by default malloc hands large blocks back to the OS and
+    adapts its thresholds, so a training step that reallocates the same activation buffers pays page
+    faults every time, worst in a non-main thread, where Ray Train runs the loop (measured here: a small
+    CNN's epoch ~30% faster). A no-op where that malloc is not in use."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    libc.mallopt(m_mmap_threshold, 32 * 2**20)  # the largest glibc accepts; fixed, so no longer adaptive
+    libc.mallopt(m_trim_threshold, 512 * 2**20)
+
+
 def seed_everything(seed: int) -> None:
     import torch
 
@@ -386,6 +404,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from conveyor.runtime.models import build_model
 
     torch.set_num_threads(cfg["threads"])
+    tune_allocator()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg["seed"])
@@ -422,7 +441,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     cached: tuple[Any, Any] | None = None
     last_checkpoint = time.monotonic()
     for epoch in range(start_epoch, cfg["epochs"]):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         epoch_seed = cfg["seed"] * 1000 + epoch * 10 + rank
         sink: list[tuple[Any, Any]] = []
         if cached is not None:
@@ -441,6 +460,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             scaler=scaler,
         )
         elapsed = time.perf_counter() - started
+        cpu_seconds = time.thread_time() - cpu_started
         if sink:
             cached = (torch.cat([b[0] for b in sink]), torch.cat([b[1] for b in sink]))
         if world > 1:
@@ -457,6 +477,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             "trainLoss": stats["loss_sum"] / samples,
             "samples": int(stats["samples"]),
             "seconds": elapsed,
+            # CPU time of the training thread (rank 0's): far below `seconds` means it waited (for data,
+            # or for a CPU busy with something else).
+            "cpuSeconds": cpu_seconds,
             "samplesPerSecond": stats["samples"] / elapsed if elapsed > 0 else 0.0,
             "workers": world,
             "device": device.type,

@@ -66,9 +66,10 @@ def plain_loop(config: Any, prepared: Any, *, threads: int, device_name: str) ->
     import torch
 
     from conveyor.runtime.models import build_model
-    from conveyor.runtime.train import make_optimizer, seed_everything, train_epoch
+    from conveyor.runtime.train import make_optimizer, seed_everything, train_epoch, tune_allocator
 
     torch.set_num_threads(threads)
+    tune_allocator()  # the same allocator setting the Ray workers get
     hp = config.training.hyperparameters
     seed_everything(hp.seed)
     device = torch.device(device_name)
