@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,21 +12,6 @@ from _operator_support import Cluster, OperatorProcess, deployment_spec, train, 
 pytestmark = pytest.mark.cluster
 
 MDEP = "modeldeployments"
-
-
-@pytest.fixture
-def cluster(kube_api: Any, namespace: str) -> Cluster:
-    return Cluster(kube_api, namespace)
-
-
-@pytest.fixture
-def operator(kubeconfig: str, namespace: str) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(kubeconfig, namespace).start()
-    try:
-        yield op
-    finally:
-        op.stop()
-        print(op.logs())
 
 
 @pytest.fixture

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -29,26 +27,6 @@ pytestmark = pytest.mark.cluster
 
 MLP = "mlpipelines"
 MDEP = "modeldeployments"
-
-
-@pytest.fixture
-def cluster(kube_api: Any, namespace: str) -> Cluster:
-    return Cluster(kube_api, namespace)
-
-
-@pytest.fixture
-def operator(kubeconfig: str, namespace: str) -> Iterator[OperatorProcess]:
-    op = OperatorProcess(kubeconfig, namespace).start()
-    try:
-        yield op
-    finally:
-        op.stop()
-        print(op.logs())  # shown by pytest when the test failed
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> str:
-    return f"file://{tmp_path}/registry"
 
 
 def run_entry(cluster: Cluster, name: str, n: int) -> dict[str, Any] | None:

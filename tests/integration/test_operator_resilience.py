@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,16 +22,6 @@ pytestmark = pytest.mark.cluster
 
 MLP = "mlpipelines"
 MDEP = "modeldeployments"
-
-
-@pytest.fixture
-def cluster(kube_api: Any, namespace: str) -> Cluster:
-    return Cluster(kube_api, namespace)
-
-
-@pytest.fixture
-def registry(tmp_path: Path) -> str:
-    return f"file://{tmp_path}/registry"
 
 
 def outcome(cluster: Cluster, n: int) -> str | None:
