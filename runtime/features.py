@@ -90,6 +90,10 @@ def is_null(v: Any) -> bool:
     return type(v).__name__ in ("NAType", "NaTType")
 
 
+def _count(bad: Sequence[Any]) -> str:
+    return "1 value is" if len(bad) == 1 else f"{len(bad)} values are"
+
+
 def _examples(values: Iterable[Any], limit: int = 3) -> str:
     out = []
     for v in values:
@@ -125,7 +129,7 @@ def _numeric_column(values: np.ndarray, feat: FeatureSchema) -> np.ndarray:
             out[i] = np.nan
     if bad:
         raise ValueError(
-            f"feature {feat.name!r} expects a {feat.type} value, got {len(bad)} that are not: {_examples(bad)}"
+            f"feature {feat.name!r} expects a {feat.type} value; {_count(bad)} not: {_examples(bad)}"
         )
     if feat.type == "bool":
         ok = np.isnan(out) | (out == 0.0) | (out == 1.0)
@@ -149,7 +153,7 @@ def _string_column(values: np.ndarray, feat: FeatureSchema) -> np.ndarray:
             bad.append(v)
     if bad:
         raise ValueError(
-            f"feature {feat.name!r} expects a string, got {len(bad)} that are not: {_examples(bad)}"
+            f"feature {feat.name!r} expects a string; {_count(bad)} not: {_examples(bad)}"
         )
     return out
 
