@@ -312,19 +312,23 @@ def with_kserve_mode(
     InferenceService was created in (KServe cannot switch a running one), else the operator's default."""
     if spec.rollout.mode is not None:
         return spec
-    annotations = ((isvc or {}).get("metadata") or {}).get("annotations") or {}
-    live = annotations.get(KSERVE_DEPLOYMENT_MODE)
-    mode = live if live in ("Knative", "Standard") else default
+    mode = _live_kserve_mode(isvc) or default
     return spec.model_copy(update={"rollout": spec.rollout.model_copy(update={"mode": mode})})
 
 
 def kserve_mode_conflict(spec: ModelDeploymentSpec, isvc: dict[str, Any] | None) -> str | None:
     """Why the spec's mode cannot apply to the live InferenceService (KServe cannot switch modes), if so."""
-    annotations = ((isvc or {}).get("metadata") or {}).get("annotations") or {}
-    live = annotations.get(KSERVE_DEPLOYMENT_MODE)
-    if live in ("Knative", "Standard") and spec.rollout.mode not in (None, live):
+    live = _live_kserve_mode(isvc)
+    if live is not None and spec.rollout.mode not in (None, live):
         return (
             f"spec.rollout.mode: the InferenceService runs in {live} mode and KServe cannot switch it to "
             f"{spec.rollout.mode}; set it back to {live}, or create a new ModelDeployment"
         )
     return None
+
+
+def _live_kserve_mode(isvc: dict[str, Any] | None) -> str | None:
+    """The mode the InferenceService was created in, if it exists and says so."""
+    annotations = ((isvc or {}).get("metadata") or {}).get("annotations") or {}
+    live = annotations.get(KSERVE_DEPLOYMENT_MODE)
+    return live if live in ("Knative", "Standard") else None

@@ -529,21 +529,18 @@ async def on_deployment(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> Non
 @kopf.on.event("ray.io", "v1", "rayjobs", labels=_MANAGED)
 async def on_rayjob(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
     op = _op(memo)
-    obj = op.observe(op.rayjobs, event)
-    if obj is None:
-        return
-    pipeline = (obj["metadata"].get("labels") or {}).get(builders.LABEL_PIPELINE)
-    if pipeline:
-        op.pipeline_queue.add((obj["metadata"]["namespace"], pipeline))
+    _enqueue_owner(op.observe(op.rayjobs, event), builders.LABEL_PIPELINE, op.pipeline_queue)
 
 
 @kopf.on.event("serving.kserve.io", "v1beta1", "inferenceservices", labels=_MANAGED)
 async def on_inference_service(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
     op = _op(memo)
-    obj = op.observe(op.isvcs, event)
-    if obj is None:
-        return
-    deployment = (obj["metadata"].get("labels") or {}).get(builders.LABEL_DEPLOYMENT)
-    if deployment:
-        op.deployment_queue.add((obj["metadata"]["namespace"], deployment))
+    _enqueue_owner(op.observe(op.isvcs, event), builders.LABEL_DEPLOYMENT, op.deployment_queue)
+
+
+def _enqueue_owner(child: dict[str, Any] | None, owner_label: str, queue: WorkQueue) -> None:
+    """A child changed: reconcile the object its label names (same namespace)."""
+    owner = ((child or {}).get("metadata", {}).get("labels") or {}).get(owner_label)
+    if owner:
+        queue.add((child["metadata"]["namespace"], owner))
 

@@ -202,45 +202,37 @@ class TriggersSpec(_Model):
     on_drift: bool = False
 
 
-class MLPipelineSpec(_Model):
+class _TrainingSections(_Model):
+    """What a training run needs from a pipeline: defined once, for MLPipelineSpec and RunConfig."""
+
     data: DataSpec
     features: FeaturesSpec = Field(default_factory=FeaturesSpec)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
     registry: RegistrySpec
+
+
+class MLPipelineSpec(_TrainingSections):
     deploy: DeploySpec | None = None
     triggers: TriggersSpec = Field(default_factory=TriggersSpec)
     runs_history_limit: int = 5
     suspend: bool = False
 
 
-class RunConfig(_Model):
+class RunConfig(_TrainingSections):
     """One training run: what `python -m conveyor.runtime.train --config run.json` executes."""
 
     pipeline: str
     namespace: str = "default"
     run: int
-    data: DataSpec
-    features: FeaturesSpec = Field(default_factory=FeaturesSpec)
-    training: TrainingSpec = Field(default_factory=TrainingSpec)
-    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
-    registry: RegistrySpec
     # Where Ray Train keeps this run's checkpoints so a retried job resumes (shared storage on a cluster);
     # default `<registry.uri>/<registry.modelName>/.checkpoints`.
     checkpoint_uri: str | None = None
 
     @classmethod
     def for_run(cls, spec: MLPipelineSpec, *, pipeline: str, namespace: str, run: int) -> RunConfig:
-        return cls(
-            pipeline=pipeline,
-            namespace=namespace,
-            run=run,
-            data=spec.data,
-            features=spec.features,
-            training=spec.training,
-            evaluation=spec.evaluation,
-            registry=spec.registry,
-        )
+        sections = {name: getattr(spec, name) for name in _TrainingSections.model_fields}
+        return cls(pipeline=pipeline, namespace=namespace, run=run, **sections)
 
 
 # ---------------------------------------------------------------- ModelDeployment
