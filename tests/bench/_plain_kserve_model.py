@@ -29,7 +29,7 @@ def main() -> int:
     import torch
     from kserve import InferOutput, InferRequest, InferResponse
 
-    from conveyor.runtime.registry import open_package
+    from conveyor.runtime.package.registry import open_package
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
@@ -83,7 +83,7 @@ def main() -> int:
     model.load()
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("kserve.trace").setLevel(logging.WARNING)
-    from conveyor.runtime.serve import model_server_class
+    from conveyor.runtime.serving.server import model_server_class
 
     # KServe's own ModelServer; the subclass only binds it to 127.0.0.1 instead of every interface.
     server = model_server_class()(

@@ -124,7 +124,7 @@ def decoded(pngs: list[bytes]) -> np.ndarray:
 def in_process(package: str, device: str, threads: int, seconds: float, pngs: list[bytes]) -> dict[str, Any]:
     import torch
 
-    from conveyor.runtime.registry import open_package
+    from conveyor.runtime.package.registry import open_package
 
     torch.set_num_threads(threads)
     pkg = open_package(package)

@@ -6,7 +6,7 @@ on the training split), the same model, optimizer, batch size, seed and torch th
 1. baseline: a plain PyTorch loop over in-memory tensors (shuffled each epoch), calling the same
    ``train_epoch`` step the Ray workers run, in a fresh process with a Ray worker's environment
    (``OMP_NUM_THREADS`` = its CPUs; inside the Ray driver it would share the CPU with Ray's threads);
-2. Ray Train: ``conveyor.runtime.train.fit`` (TorchTrainer, one worker with one CPU, the training split
+2. Ray Train: ``conveyor.runtime.training.loop.fit`` (TorchTrainer, one worker with one CPU, the training split
    streamed from Ray Data, a checkpoint and a report every epoch).
 
 Each case runs ``rounds`` times, the two paths alternating; the median round of each is reported.
@@ -41,7 +41,7 @@ RESULTS = ROOT / "tests" / "bench" / "results" / "training.json"
 
 
 def _cases(epochs: int, device: str) -> list[dict[str, Any]]:
-    from conveyor.runtime.train import quick_config
+    from conveyor.runtime.training.samples import quick_config
 
     fraud = quick_config("fraud", "/tmp/unused", rows=200000)
     fraud.training.model.hidden_layers = [256, 128]
@@ -65,8 +65,8 @@ def plain_loop(config: Any, prepared: Any, *, threads: int, device_name: str) ->
     """The baseline: no Ray, the same step over in-memory tensors."""
     import torch
 
-    from conveyor.runtime.models import build_model
-    from conveyor.runtime.train import make_optimizer, seed_everything, train_epoch, tune_allocator
+    from conveyor.runtime.training.loop import make_optimizer, seed_everything, train_epoch, tune_allocator
+    from conveyor.runtime.training.models import build_model
 
     torch.set_num_threads(threads)
     tune_allocator()  # the same allocator setting the Ray workers get
@@ -172,7 +172,7 @@ def _summary(epochs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def ray_train(config: Any, prepared: Any) -> dict[str, Any]:
-    from conveyor.runtime.train import fit
+    from conveyor.runtime.training.loop import fit
 
     started = time.perf_counter()
     _, history, facts = fit(config, prepared)
@@ -200,7 +200,7 @@ def run_benchmark(
     import torch
     from ray.data import DataContext
 
-    from conveyor.runtime.train import prepare_data
+    from conveyor.runtime.training.prepare import prepare_data
 
     if not ray.is_initialized():
         # The shared 2-core machine: Ray capped at 2 CPUs; the single worker gets 1 CPU and 1 thread.

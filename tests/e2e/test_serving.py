@@ -80,7 +80,7 @@ def digits_server(digits_package: str, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="module")
 def live_frame() -> Any:
     """Fresh transactions from the training distribution (another seed of the same generator)."""
-    from conveyor.runtime.data import fraud_frame
+    from conveyor.runtime.training.data import fraud_frame
 
     return fraud_frame(rows=1200, seed=11, fraud_rate=0.1)
 
@@ -89,7 +89,7 @@ def in_process_probabilities(package_uri: str, data: Any) -> np.ndarray:
     """What the package computes without the server: its fitted transforms, its TorchScript module."""
     import torch
 
-    from conveyor.runtime.registry import open_package
+    from conveyor.runtime.package.registry import open_package
 
     pkg = open_package(package_uri)
     x = torch.from_numpy(pkg.transforms.apply(data))
@@ -523,7 +523,7 @@ def test_image_model_over_v1_b64_and_v2_bytes(digits_server: ServerProcess, digi
     import tritonclient.http as triton
     from kserve import InferInput, InferRequest
 
-    from conveyor.runtime.registry import open_package
+    from conveyor.runtime.package.registry import open_package
 
     images, truth = _digits(20)
     pngs = [_png(im) for im in images]

@@ -15,11 +15,13 @@ import numpy as np
 import pytest
 from _training_support import start_local_ray, wait_for
 
-from conveyor.runtime import data as data_mod
-from conveyor.runtime.evaluate import softmax
-from conveyor.runtime.registry import Registry, open_package
+from conveyor.runtime.package.registry import Registry, open_package
 from conveyor.runtime.spec import DataSource, RunConfig
-from conveyor.runtime.train import _split, quick_config, train_and_register
+from conveyor.runtime.training import data as data_mod
+from conveyor.runtime.training.evaluate import softmax
+from conveyor.runtime.training.prepare import _split
+from conveyor.runtime.training.run import train_and_register
+from conveyor.runtime.training.samples import quick_config
 
 FRAUD_FEATURES = ["amount", "merchant", "hour", "foreign", "card_age_days", "distance_km", "txn_last_hour"]
 
@@ -416,7 +418,7 @@ def test_architectures_adapt_to_input_and_classes_and_export(
 
     import torch
 
-    from conveyor.runtime.models import build_model, export_torchscript
+    from conveyor.runtime.training.models import build_model, export_torchscript
 
     torch.manual_seed(0)
     model = build_model(arch, input_shape=shape, outputs=classes).eval()
@@ -430,7 +432,7 @@ def test_architectures_adapt_to_input_and_classes_and_export(
 
 
 def test_unknown_or_mismatched_architecture_names_the_field() -> None:
-    from conveyor.runtime.models import build_model
+    from conveyor.runtime.training.models import build_model
 
     with pytest.raises(ValueError, match="training.model.architecture 'resnet1000'"):
         build_model("resnet1000", input_shape=[3, 32, 32], outputs=2)

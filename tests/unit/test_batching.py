@@ -8,7 +8,7 @@ import threading
 import numpy as np
 import pytest
 
-from conveyor.runtime.batching import DynamicBatcher, split_outputs
+from conveyor.runtime.serving.batching import DynamicBatcher, split_outputs
 
 
 class Recorder:

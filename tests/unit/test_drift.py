@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conveyor.runtime.drift import DriftMonitor, binned_ks
-from conveyor.runtime.profile import numeric_profile, prediction_distribution, tabular_profile
+from conveyor.runtime.package.drift import DriftMonitor, binned_ks
+from conveyor.runtime.package.profile import numeric_profile, prediction_distribution, tabular_profile
 
 CLASSES = ["no", "yes"]
 

@@ -8,8 +8,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conveyor.runtime import profile
-from conveyor.runtime.features import FeatureSchema, FittedTransforms, fit_image_transforms, fit_transforms
+from conveyor.runtime.package import profile
+from conveyor.runtime.package.features import (
+    FeatureSchema,
+    FittedTransforms,
+    fit_image_transforms,
+    fit_transforms,
+)
 from conveyor.runtime.spec import FeatureTransform
 
 FEATURES = [

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.runtime.features import FeatureSchema, fit_transforms
-from conveyor.runtime.registry import PackageError, Registry, StagingArea, open_package
+from conveyor.runtime.package.features import FeatureSchema, fit_transforms
+from conveyor.runtime.package.registry import PackageError, Registry, StagingArea, open_package
 
 
 def _writer(tag: str, transforms: dict | None = None):
@@ -198,7 +198,7 @@ def test_read_metadata_needs_no_torch(tmp_path: Path) -> None:
     reg = Registry(str(tmp_path), "m")
     reg.register(_writer("a"))
     code = (
-        "import sys; from conveyor.runtime.registry import Registry; "
+        "import sys; from conveyor.runtime.package.registry import Registry; "
         f"m = Registry({str(tmp_path)!r}, 'm').read_metadata('latest'); "
         "assert m['metrics']['tag'] == 'a'; "
         "heavy = [k for k in ('torch', 'ray', 'pandas') if k in sys.modules]; "

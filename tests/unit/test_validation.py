@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conveyor.runtime.package.validation import DataValidationError, ValidationReport, validate_frame
 from conveyor.runtime.spec import DataSpec
-from conveyor.runtime.validation import DataValidationError, ValidationReport, validate_frame
 
 
 def _spec(

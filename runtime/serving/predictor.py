@@ -33,10 +33,10 @@ import orjson
 from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput
 
-from conveyor.runtime.batching import DynamicBatcher
-from conveyor.runtime.drift import DriftMonitor
-from conveyor.runtime.registry import ModelPackage, PackageError, open_package
-from conveyor.runtime.serving_metrics import FeedbackTracker, ServingMetrics
+from conveyor.runtime.package.drift import DriftMonitor
+from conveyor.runtime.package.registry import ModelPackage, PackageError, open_package
+from conveyor.runtime.serving.batching import DynamicBatcher
+from conveyor.runtime.serving.metrics import FeedbackTracker, ServingMetrics
 
 log = logging.getLogger("conveyor.predictor")
 
@@ -569,7 +569,7 @@ class PackagePredictor(Model):
         )
 
     def _images(self, raw: np.ndarray) -> tuple[np.ndarray, dict[str, Any], int]:
-        from conveyor.runtime.profile import image_stats
+        from conveyor.runtime.package.profile import image_stats
 
         t = self.package.transforms  # type: ignore[union-attr]
         if not np.isfinite(raw).all():

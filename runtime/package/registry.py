@@ -36,7 +36,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from conveyor.runtime.features import FittedTransforms
+from conveyor.runtime.package.features import FittedTransforms
 
 FORMAT_VERSION = 1
 MANIFEST = "package.json"

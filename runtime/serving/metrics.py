@@ -11,7 +11,7 @@ apart in one Prometheus. Names (all prefixed ``conveyor_``):
 - ``predictions_total{class}`` (classification) or ``prediction_value`` histogram (regression).
 - ``feature_drift{feature, method}``, ``prediction_drift{method}``, ``drift_score{method}`` (the overall
   score: the largest of the others) and ``drift_window_rows``; the scores are computed at scrape time
-  from the sliding window (see ``drift.py``) and absent until the window holds enough rows.
+  from the sliding window (see ``conveyor.runtime.package.drift``) and absent until the window holds enough rows.
 - ``feedback_total{result}`` (correct|incorrect for classification, scored for regression,
   unknown_id), ``online_accuracy`` (classification) or ``online_mae`` (regression) over the last
   ``feedback_window`` labelled rows.
@@ -29,7 +29,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from conveyor.runtime.drift import DriftMonitor
+from conveyor.runtime.package.drift import DriftMonitor
 
 LABELS = ("model_name", "model_version")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

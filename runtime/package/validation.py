@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from conveyor.runtime.features import category_key, is_null
+from conveyor.runtime.package.features import category_key, is_null
 from conveyor.runtime.spec import ColumnContract, DataContract, DataSpec
 
 MAX_EXAMPLES = 5

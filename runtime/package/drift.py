@@ -1,7 +1,7 @@
 """Live drift scores: a sliding window of served inputs compared with the training profile.
 
 The reference is the model package's ``profile.json``; binning and PSI come from
-``conveyor.runtime.profile`` so training and serving cut the line the same way.
+``conveyor.runtime.package.profile`` so training and serving cut the line the same way.
 
 Methods (``--drift-method``, the ModelDeployment's ``spec.monitoring.drift.method``):
 
@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from conveyor.runtime import profile as profiles
+from conveyor.runtime.package import profile as profiles
 
 METHODS = ("psi", "ks")
 PREDICTION = "__prediction__"

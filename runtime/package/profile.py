@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from conveyor.runtime.features import category_key, is_null
+from conveyor.runtime.package.features import category_key, is_null
 
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 N_BINS = 10
