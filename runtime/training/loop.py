@@ -258,9 +258,10 @@ def _report(
 
 
 def _parse_cpu(quantity: str) -> float:
-    q = str(quantity).strip()
+    from kubernetes.utils import parse_quantity  # here, not at the top: Ray workers import this module
+
     try:
-        cpu = float(q[:-1]) / 1000 if q.endswith("m") else float(q)
+        cpu = float(parse_quantity(str(quantity).strip()))
     except ValueError as e:
         raise ValueError(
             f"training.workerGroups[0].cpu {quantity!r} is not a CPU quantity (e.g. 2, 500m)"
