@@ -1,6 +1,9 @@
-"""The KServe model that serves one registry version: parse, transform, batch, predict, observe.
+"""The KServe model that serves one registry version, in KServe's three steps: ``preprocess`` decodes a
+V1 body or a V2 request and applies the fitted transforms (``DecodedRequest``); ``predict`` batches the
+rows into a forward pass and observes the answers (drift window, feedback, metrics); ``postprocess``
+writes the V1 or V2 response.
 
-Both protocols reach ``predict``:
+Both protocols are decoded:
 
 - V1 ``{"instances": [...]}``: tabular rows as ``{feature: value}`` objects (or lists in schema order);
   images as ``{"image": {"b64": ...}}`` (KServe's image example), ``{"b64": ...}``, or raw pixels
@@ -26,6 +29,7 @@ import logging
 import math
 import uuid
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -80,6 +84,26 @@ def request_submitted(batcher: DynamicBatcher | None, state: dict[str, Any] | No
     """The request reached the batcher (or failed on the way): no longer on its way."""
     if batcher is not None and state is not None and state.pop("arriving", False):
         batcher.arriving = max(0, (batcher.arriving or 0) - 1)
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    """A request as ``preprocess`` leaves it for ``predict``."""
+
+    x: np.ndarray  # the model's input: the fitted transforms applied
+    columns: dict[str, Any]  # the raw feature values (or image statistics) the drift window observes
+    rows: int
+    request_id: str
+    v2: InferRequest | None  # the V2 request (its requested outputs, binary flag); None for V1
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What ``predict`` hands ``postprocess``: probabilities [B, K] or values [B], and each row's answer."""
+
+    request: DecodedRequest
+    out: np.ndarray
+    answers: list[Any]
 
 
 def _pick_device(requested: str | None) -> str:
@@ -231,30 +255,40 @@ class PackagePredictor(Model):
 
     # ------------------------------------------------------------ inference
 
-    async def predict(
-        self,
-        payload: dict[str, Any] | InferRequest,
-        headers: dict[str, str] | None = None,
-        response_headers: dict[str, str] | None = None,
-    ) -> dict[str, Any] | InferResponse:
+    def validate(self, payload: Any) -> Any:
+        # KServe validates what preprocess returns, here the decoded request: its checks of the raw body
+        # run at the start of preprocess instead.
+        return payload
+
+    async def preprocess(
+        self, payload: dict[str, Any] | InferRequest, headers: dict[str, str] | None = None
+    ) -> DecodedRequest:
+        """Decode the V1 body or V2 request into model input; InvalidInput (400) names what is wrong."""
+        payload = super().validate(payload)
         _mark_reached()
         headers = headers or {}
-        is_v2 = isinstance(payload, InferRequest)
-        if is_v2:
+        if isinstance(payload, InferRequest):
             request_id = payload.id or headers.get("x-request-id") or uuid.uuid4().hex
             x, columns, n = self._parse_v2(payload)
-        else:
-            body_id = payload.get("id") if isinstance(payload, Mapping) else None
-            request_id = str(body_id or headers.get("x-request-id") or uuid.uuid4().hex)
-            x, columns, n = self._parse_v1(payload)
+            return DecodedRequest(x, columns, n, request_id, payload)
+        body_id = payload.get("id") if isinstance(payload, Mapping) else None
+        request_id = str(body_id or headers.get("x-request-id") or uuid.uuid4().hex)
+        x, columns, n = self._parse_v1(payload)
+        return DecodedRequest(x, columns, n, request_id, None)
 
+    async def predict(
+        self,
+        payload: DecodedRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> Prediction:
         if self.batcher is not None:
             request_submitted(self.batcher, REQUEST_STATE.get())
-            out = await self.batcher.submit(x)
+            out = await self.batcher.submit(payload.x)
         else:
-            out = self._forward(x)
+            out = self._forward(payload.x)
             if self.metrics:
-                self.metrics.observe_batch(n, 1)
+                self.metrics.observe_batch(payload.rows, 1)
 
         if self.task == "classification":
             idx = np.argmax(out, axis=1)
@@ -262,12 +296,20 @@ class PackagePredictor(Model):
             answers: list[Any] = labels
         else:
             answers = [float(v) for v in out]
-        self._observe(columns, answers, request_id)
+        self._observe(payload.columns, answers, payload.request_id)
         if response_headers is not None:
-            response_headers["x-request-id"] = request_id
+            response_headers["x-request-id"] = payload.request_id
+        return Prediction(payload, out, answers)
 
-        if is_v2:
-            return self._v2_response(payload, request_id, out, answers)
+    async def postprocess(
+        self,
+        result: Prediction,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict[str, Any] | InferResponse:
+        request, out, answers = result.request, result.out, result.answers
+        if request.v2 is not None:
+            return self._v2_response(request.v2, request.request_id, out, answers)
         if self.task == "classification":
             classes = self.classes or []
             predictions = [
@@ -278,7 +320,7 @@ class PackagePredictor(Model):
             predictions = [{"value": v} for v in answers]
         return {
             "predictions": predictions,
-            "id": request_id,
+            "id": request.request_id,
             "model_name": self.name,
             "model_version": self.version,
         }
