@@ -14,11 +14,12 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml hack/devstack/pyproject.toml
 	hack/install-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[runtime,dev]'
+	$(PY) -m pip install -q -e hack/devstack
 	touch $@
 
 venv: $(STAMP) ## the Python environment (torch, ray, kserve, kopf, test tools)

@@ -37,7 +37,7 @@ step "start the operator and the local executor (logs in $DEMO/logs)"
 (cd "$DEMO" && exec "$PY" -m conveyor.operator --namespace "$NS" --metrics-port 0 --liveness-port 0) \
   >"$DEMO/logs/operator.log" 2>&1 &
 operator_pid=$!
-(cd "$DEMO" && exec "$PY" -m conveyor.runtime.local_executor --kubeconfig "$kubeconfig" --namespace "$NS" \
+(cd "$DEMO" && exec "$PY" -m conveyor_devstack.executor --kubeconfig "$kubeconfig" --namespace "$NS" \
   --state-dir "$DEMO/executor") >"$DEMO/logs/executor.log" 2>&1 &
 executor_pid=$!
 trap 'kill $operator_pid $executor_pid 2>/dev/null || true; wait 2>/dev/null || true' EXIT

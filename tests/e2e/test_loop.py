@@ -55,7 +55,7 @@ def loop(kubeconfig: str, namespace: str, tmp_path: Path) -> Iterator[tuple[str,
     logs = [tmp_path / "operator.log", tmp_path / "executor.log"]
     commands = [
         [sys.executable, "-m", "conveyor.operator", "--namespace", namespace, "--metrics-port", "0", "--liveness-port", "0"],
-        [sys.executable, "-m", "conveyor.runtime.local_executor", "--kubeconfig", kubeconfig,
+        [sys.executable, "-m", "conveyor_devstack.executor", "--kubeconfig", kubeconfig,
          "--namespace", namespace, "--state-dir", str(tmp_path / "executor")],
     ]
     procs = [

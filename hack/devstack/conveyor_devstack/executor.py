@@ -1,6 +1,8 @@
 """The local executor: a stand-in for the KubeRay and KServe controllers on a machine with no kubelet.
 
-    python -m conveyor.runtime.local_executor --kubeconfig PATH [--namespace NS] [--state-dir DIR]
+    python -m conveyor_devstack.executor --kubeconfig PATH [--namespace NS] [--state-dir DIR]
+
+A development stand-in (``conveyor-devstack``, under ``hack/devstack``): never shipped in the images.
 
 It is a FAKE of those two controllers, and only of them; what it runs is real:
 - a RayJob (ray.io/v1) that appears is executed by running its entrypoint's program,
@@ -293,7 +295,7 @@ def _comparable(status: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m conveyor_devstack.executor", description=__doc__.splitlines()[0])
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--namespace", default=None, help="only this namespace (default: all)")
     parser.add_argument("--state-dir", default=None, help="job folders and logs (default: a temporary folder)")
