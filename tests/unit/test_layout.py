@@ -38,3 +38,21 @@ def test_python_dash_m_works_from_the_repo_root() -> None:
         [sys.executable, "-m", "pip", "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_operator_import_closure_has_no_torch_ray_or_kserve() -> None:
+    # Every module under operator/ (found by walking the folder, so new ones are covered), plus the
+    # torch-free runtime parts the operator imports: none may pull in the training or serving stack.
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import conveyor.operator as op\n"
+        "names = [m.name for m in pkgutil.walk_packages(op.__path__, 'conveyor.operator.')]\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "import conveyor.runtime.spec, conveyor.runtime.package.registry\n"
+        "heavy = sorted(n for n in ('torch', 'ray', 'kserve', 'torchvision') if n in sys.modules)\n"
+        "print(len(names), heavy)\n"
+    )
+    modules, heavy = _run_in_root(code).split(" ", 1)
+    assert int(modules) > 1, "found no modules under operator/"
+    assert heavy == "[]", f"the operator's import closure pulls in {heavy}"
