@@ -18,7 +18,7 @@ import os
 import kopf
 
 from conveyor.operator import handlers  # noqa: F401 - registers the kopf handlers
-from conveyor.operator.handlers import Config
+from conveyor.operator.controller.manager import Config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -310,7 +310,7 @@ class RolloutSpec(_Model):
     interval: str = "1m"
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
     # None: the operator's default (Helm value operator.defaultKServeMode), fixed once the
-    # InferenceService exists; see conveyor.operator.deployment.with_kserve_mode.
+    # InferenceService exists; see conveyor.operator.modeldeployment.validate.with_kserve_mode.
     mode: Literal["Knative", "Standard"] | None = None
 
 

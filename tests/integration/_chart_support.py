@@ -130,7 +130,7 @@ def rules_as_grants(rules: list[Doc]) -> set[tuple[str, str, str]]:
     }
 
 
-# What the operator does with the API (operator/handlers.py and kube.py, plus kopf's own watches),
+# What the operator does with the API (operator/*/reconcile.py and controller/client.py, plus kopf's own watches),
 # as (apiGroup, resource, verb). The chart must grant exactly this: a verb more is a privilege the
 # operator never uses, a verb less breaks a reconcile.
 OPERATOR_NAMESPACED_GRANTS: set[tuple[str, str, str]] = {

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from conveyor.runtime.registry import Registry
+from conveyor.runtime.package.registry import Registry
 
 T = TypeVar("T")
 GROUP, VERSION = "conveyor.dev", "v1alpha1"

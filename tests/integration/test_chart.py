@@ -279,7 +279,7 @@ def _sample(name: str) -> dict[str, Any]:
 
 def _commit_model_version(registry_uri: str, model: str) -> str:
     """A committed version in a real registry (the operator reads metadata only, so the weights are a stand-in)."""
-    from conveyor.runtime.registry import REQUIRED_FILES, Registry
+    from conveyor.runtime.package.registry import REQUIRED_FILES, Registry
 
     def write(area: Any) -> dict[str, Any]:
         for name in REQUIRED_FILES:

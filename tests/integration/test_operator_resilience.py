@@ -131,10 +131,12 @@ def test_status_write_conflict_rereads_and_retries(
 
     import kopf
 
-    from conveyor.operator.builders import FIELD_MANAGER
-    from conveyor.operator.handlers import Operator
-    from conveyor.operator.kube import Kube, connection_info
-    from conveyor.operator.workqueue import Requeue
+    from conveyor.operator.controller.children import FIELD_MANAGER
+    from conveyor.operator.controller.client import ApiClient, connection_info
+    from conveyor.operator.controller.manager import Operator
+    from conveyor.operator.controller.status import write_status
+    from conveyor.operator.controller.workqueue import Requeue
+    from conveyor.operator.mlpipeline.reconcile import reconcile_pipeline
 
     monkeypatch.setenv("KUBECONFIG", kubeconfig)
     stale = cluster.create(MLP, "fraud", pipeline_spec(registry))
@@ -142,14 +144,15 @@ def test_status_write_conflict_rereads_and_retries(
     key = (cluster.ns, "fraud")
 
     async def main() -> None:
-        op = Operator(kube=Kube(connection_info(kopf.OperatorSettings()), field_manager=FIELD_MANAGER))
+        op = Operator(client=ApiClient(connection_info(kopf.OperatorSettings()), field_manager=FIELD_MANAGER))
         try:
-            op.pipelines[key] = stale
+            op.pipelines.remember(stale)
             with pytest.raises(Requeue):
-                await op.write_status(op.pipelines, stale, {"phase": "Pending"})
-            fresh = op.pipelines[key]
+                await write_status(op.client, op.pipelines, stale, {"phase": "Pending"})
+            fresh = op.pipelines.get(key)
+            assert fresh is not None
             assert fresh["metadata"]["labels"] == {"team": "risk"}  # re-read
-            await op.reconcile_pipeline(key)  # the retry succeeds on the fresh copy
+            await reconcile_pipeline(op, key)  # the retry succeeds on the fresh copy
         finally:
             await op.stop()  # waits for the events it posts in the background, closes the client
 

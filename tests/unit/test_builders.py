@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 import yaml
 
-from conveyor.operator import builders
-from conveyor.operator.builders import (
-    InvalidSpecError,
-    build_inference_service,
-    build_rayjob,
-    build_run_configmap,
-)
+from conveyor.operator.controller import children
+from conveyor.operator.controller.validation import InvalidSpecError
+from conveyor.operator.mlpipeline import build as builders
+from conveyor.operator.mlpipeline.build import build_rayjob, build_run_configmap
+from conveyor.operator.mlpipeline.validate import validate_pipeline
+from conveyor.operator.modeldeployment.build import build_inference_service
+from conveyor.operator.modeldeployment.validate import validate_deployment
 from conveyor.runtime.spec import MLPipelineSpec, ModelDeploymentSpec, RunConfig
 
 # The pinned third-party CRDs, where hack/local-cluster.sh caches them or in the Go module cache.
@@ -69,11 +69,17 @@ def deployment_obj(name: str = "fraud", **spec: Any) -> dict[str, Any]:
 
 
 def rayjob_for(obj: dict[str, Any], run: int = 3) -> dict[str, Any]:
-    return build_rayjob(obj, MLPipelineSpec.model_validate(obj["spec"]), run)
+    """Validate, then build: what the reconciler does."""
+    spec = MLPipelineSpec.model_validate(obj["spec"])
+    validate_pipeline(obj, spec, run)
+    return build_rayjob(obj, spec, run)
 
 
 def isvc_for(obj: dict[str, Any], **kw: Any) -> dict[str, Any]:
-    return build_inference_service(obj, ModelDeploymentSpec.model_validate(obj["spec"]), **kw)
+    """Validate, then build: what the reconciler does."""
+    spec = ModelDeploymentSpec.model_validate(obj["spec"])
+    validate_deployment(spec)
+    return build_inference_service(obj, spec, **kw)
 
 
 V1 = ("v1", "file:///tmp/registry/fraud/v1")
@@ -367,7 +373,7 @@ def test_applied_hash_changes_with_content_only() -> None:
     a = isvc_for(deployment_obj(), stable=V1)
     b = isvc_for(deployment_obj(), stable=V1)
     c = isvc_for(deployment_obj(), stable=V1, candidate=V2, weight=10)
-    h = builders.ANNOTATION_APPLIED_HASH
+    h = children.ANNOTATION_APPLIED_HASH
     assert a["metadata"]["annotations"][h] == b["metadata"]["annotations"][h]
     assert a["metadata"]["annotations"][h] != c["metadata"]["annotations"][h]
 

@@ -299,7 +299,7 @@ def test_every_metric_in_alerts_and_dashboard_is_exported_by_conveyor() -> None:
     queries = [a["expr"] for a in _alerts().values()]
     queries += [t["expr"] for p in _dashboard()["panels"] for t in p["targets"]]
     used = {re.sub(r"_(bucket|sum|count)$", "", m) for q in queries for m in re.findall(r"\bconveyor_[a-z_]+", q)}
-    source = "\n".join(p.read_text() for d in ("operator", "runtime") for p in (ROOT / d).glob("*.py"))
+    source = "\n".join(p.read_text() for d in ("operator", "runtime") for p in (ROOT / d).rglob("*.py"))
     defined = set(re.findall(r"[\"'](conveyor_[a-z_]+)[\"']", source))
     for awaited, owner in AWAITED_METRICS.items():
         assert awaited not in defined, f"{awaited} is exported now ({owner}): drop it from AWAITED_METRICS"

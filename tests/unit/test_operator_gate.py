@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from conveyor.operator.gate import evaluate_gate, find_run_version, numeric_metrics
-from conveyor.runtime.registry import Registry
+from conveyor.operator.mlpipeline.gate import evaluate_gate, find_run_version, numeric_metrics
+from conveyor.runtime.package.registry import Registry
 from conveyor.runtime.spec import EvaluationSpec
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor.operator.builders import KSERVE_DEPLOYMENT_MODE, build_inference_service
-from conveyor.operator.deployment import kserve_mode_conflict, with_kserve_mode
+from conveyor.operator.modeldeployment.build import KSERVE_DEPLOYMENT_MODE, build_inference_service
+from conveyor.operator.modeldeployment.validate import kserve_mode_conflict, with_kserve_mode
 from conveyor.runtime.spec import ModelDeploymentSpec
 
 

@@ -7,9 +7,14 @@ from typing import Any
 
 import pytest
 
-from conveyor.operator import conditions as c
-from conveyor.operator.builders import ANNOTATION_APPLIED_HASH
-from conveyor.operator.deployment import DeploymentPlan, Resolution, observed_traffic, plan_deployment
+from conveyor.operator.controller import conditions as c
+from conveyor.operator.controller.children import ANNOTATION_APPLIED_HASH
+from conveyor.operator.modeldeployment.plan import (
+    DeploymentPlan,
+    Resolution,
+    observed_traffic,
+    plan_deployment,
+)
 from conveyor.runtime.spec import ModelDeploymentSpec
 
 NOW = datetime(2026, 1, 5, 12, 0, 0, tzinfo=UTC)

@@ -7,17 +7,16 @@ from typing import Any
 
 import pytest
 
-from conveyor.operator import conditions as c
-from conveyor.operator.gate import GateResult
-from conveyor.operator.pipeline import (
-    ANNOTATION_RERUN,
+from conveyor.operator.controller import conditions as c
+from conveyor.operator.mlpipeline.build import ANNOTATION_RERUN, spec_hash
+from conveyor.operator.mlpipeline.gate import GateResult
+from conveyor.operator.mlpipeline.plan import (
     DeployTarget,
     GateOutcome,
     PipelinePlan,
     plan_pipeline,
     rayjob_state,
     runs_awaiting_gate,
-    spec_hash,
 )
 from conveyor.runtime.spec import MLPipelineSpec
 
@@ -356,7 +355,7 @@ def test_spec_hash_ignores_non_training_fields() -> None:
 def test_adopted_orphan_keeps_the_spec_it_was_built_from() -> None:
     """Crash between creating run 1 and recording it, while the user changed the spec: run 1 trains
     the old spec, so the new one still gets its own run once run 1 ends."""
-    from conveyor.operator.builders import build_rayjob
+    from conveyor.operator.mlpipeline.build import build_rayjob
 
     old = pipeline()
     orphan = build_rayjob(old, MLPipelineSpec.model_validate(old["spec"]), 1, "Created")

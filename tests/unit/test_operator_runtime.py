@@ -9,10 +9,11 @@ from collections.abc import Hashable
 
 import pytest
 
-from conveyor.operator import conditions as c
 from conveyor.operator.__main__ import parse_args
-from conveyor.operator.kube import merge_patch, object_path
-from conveyor.operator.workqueue import Requeue, WorkQueue
+from conveyor.operator.controller import conditions as c
+from conveyor.operator.controller.client import object_path
+from conveyor.operator.controller.status import merge_patch
+from conveyor.operator.controller.workqueue import Requeue, WorkQueue
 
 
 def run(coro):  # noqa: ANN001, ANN201
@@ -171,7 +172,7 @@ async def with_client(script, fn):  # noqa: ANN001, ANN201
     import kopf
     from aiohttp import web
 
-    from conveyor.operator.kube import Kube
+    from conveyor.operator.controller.client import ApiClient
 
     app, seen = serve_script(script)
     runner = web.AppRunner(app)
@@ -179,7 +180,7 @@ async def with_client(script, fn):  # noqa: ANN001, ANN201
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    kube = Kube(kopf.ConnectionInfo(server=f"http://127.0.0.1:{port}"), field_manager="test", backoff_base=0.01)
+    kube = ApiClient(kopf.ConnectionInfo(server=f"http://127.0.0.1:{port}"), field_manager="test", backoff_base=0.01)
     try:
         return await fn(kube), seen
     finally:
@@ -206,7 +207,7 @@ def test_client_reads_credentials_again_after_401() -> None:
 
 
 def test_client_does_not_retry_client_errors() -> None:
-    from conveyor.operator.kube import ApiError, Conflict
+    from conveyor.operator.controller.client import ApiError, Conflict
 
     async def bad(k):  # noqa: ANN001, ANN202
         with pytest.raises(Conflict):
@@ -235,7 +236,7 @@ def test_apply_is_server_side_apply_under_one_field_manager() -> None:
 
 
 def test_spec_errors_name_the_field() -> None:
-    from conveyor.operator.handlers import _parse
+    from conveyor.operator.controller.validation import parse_spec as _parse
     from conveyor.runtime.spec import MLPipelineSpec, ModelDeploymentSpec
 
     spec, message = _parse(MLPipelineSpec, {"data": {"source": {"uri": "x"}}, "registry": {"uri": "file:///r"}, "training": {"numWorkers": "many"}})

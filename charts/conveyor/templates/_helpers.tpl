@@ -47,7 +47,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{/*
-The operator's namespaced permissions: exactly the verbs it uses (operator/handlers.py, kube.py),
+The operator's namespaced permissions: exactly the verbs it uses (each kind's reconcile.py and controller/client.py under operator/),
 nothing else (no Secrets, no Pods, no deletes of users' objects).
 - Our kinds: kopf lists and watches them (event handlers only: no finalizers, no annotations); the
   operator re-reads one after a write conflict (get) and merge-patches its status subresource.

@@ -96,6 +96,45 @@ def evaluate_gate(
     return GateResult(True, "Passed", f"{metric}={value:.4g} reaches the threshold {evaluation.threshold:.4g}", metric, value)
 
 
+@dataclass(frozen=True)
+class GateOutcome:
+    """What the registry says of a run whose RayJob succeeded: its version, metrics and the verdict."""
+
+    version: str | None  # None: the run committed no package
+    metrics: dict[str, float]
+    result: GateResult | None
+
+
+def judge_run(
+    registry: MetadataSource,
+    evaluation: EvaluationSpec,
+    *,
+    pipeline: str,
+    namespace: str,
+    run: int,
+    deployed: tuple[str, MetadataSource | None] | None = None,
+) -> GateOutcome:
+    """Blocking registry reads (run it in a thread): the run's package, the deployed one, the verdict.
+
+    `deployed` is (version, its registry) of what the target ModelDeployment serves, for mustBeatDeployed.
+    """
+    from conveyor.runtime.package.registry import PackageError
+
+    found = find_run_version(registry, pipeline=pipeline, namespace=namespace, run=run)
+    if found is None:
+        return GateOutcome(None, {}, None)
+    version, metadata = found
+    deployed_version = deployed_metadata = None
+    if deployed is not None:
+        deployed_version, deployed_registry = deployed
+        try:
+            deployed_metadata = deployed_registry.read_metadata(deployed_version) if deployed_registry else None
+        except PackageError:
+            deployed_metadata = None
+    result = evaluate_gate(evaluation, metadata, deployed_version=deployed_version, deployed=deployed_metadata)
+    return GateOutcome(version, numeric_metrics(metadata), result)
+
+
 def find_run_version(
     registry: MetadataSource, *, pipeline: str, namespace: str, run: int, scan: int = 50
 ) -> tuple[str, dict[str, Any]] | None:

@@ -13,7 +13,7 @@ minute: a registry announces nothing).
 Rollout. The first version becomes `status.stableVersion` directly. A later wanted version:
 - strategy `immediate`: replaces the stable version in place;
 - strategy `canary`: becomes `status.canaryVersion` at the first step's weight (`spec.rollout.steps[0]`)
-  beside the stable one (see builders.py for how each KServe mode splits traffic). Stepping, analysis,
+  beside the stable one (see build.py for how each KServe mode splits traffic). Stepping, analysis,
   promotion and rollback are the rollout state machine's (a later issue): it moves
   `status.canaryWeight`/`stableVersion`, and this module builds whatever those say.
 If the wanted version returns to the stable one while a canary runs (a Git revert), the canary is
@@ -28,15 +28,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from conveyor.operator import conditions as c
-from conveyor.operator.builders import (
-    ANNOTATION_APPLIED_HASH,
-    KSERVE_DEPLOYMENT_MODE,
-    InvalidSpecError,
-    build_inference_service,
-)
-from conveyor.operator.pipeline import rfc3339
-from conveyor.runtime.spec import DEFAULT_KSERVE_MODE, ModelDeploymentSpec
+from conveyor.operator.controller import conditions as c
+from conveyor.operator.controller.children import needs_apply
+from conveyor.operator.controller.events import Event
+from conveyor.operator.controller.times import rfc3339
+from conveyor.operator.controller.validation import InvalidSpecError
+from conveyor.operator.modeldeployment.build import build_inference_service
+from conveyor.operator.modeldeployment.validate import validate_deployment, validate_version, with_kserve_mode
+from conveyor.runtime.spec import ModelDeploymentSpec
 
 STABLE = "Stable"
 PROGRESSING = "Progressing"
@@ -60,7 +59,7 @@ class Resolution:
 class DeploymentPlan:
     status: dict[str, Any]
     inference_service: dict[str, Any] | None = None  # desired manifest; None: leave it as it is
-    events: list[tuple[str, str, str]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
 
 
 def _isvc_ready(isvc: dict[str, Any] | None) -> tuple[bool, str, str]:
@@ -132,31 +131,6 @@ def observed_traffic(
     return [{"version": stable, "percent": 100, "tag": "stable"}]
 
 
-def contains(live: Any, desired: Any) -> bool:
-    """Whether `live` holds everything `desired` sets (extra fields from defaulting or others are fine)."""
-    if isinstance(desired, dict):
-        return isinstance(live, dict) and all(k in live and contains(live[k], v) for k, v in desired.items())
-    if isinstance(desired, list):
-        return isinstance(live, list) and len(live) == len(desired) and all(map(contains, live, desired))
-    return live == desired
-
-
-def needs_apply(desired: dict[str, Any], live: dict[str, Any] | None) -> bool:
-    """Apply only when the child is missing, our last apply differs (the hash annotation: catches
-    fields we dropped), or someone changed a field we own."""
-    if live is None:
-        return True
-    annotations = live.get("metadata", {}).get("annotations") or {}
-    if annotations.get(ANNOTATION_APPLIED_HASH) != desired["metadata"]["annotations"][ANNOTATION_APPLIED_HASH]:
-        return True
-    meta = desired["metadata"]
-    return not (
-        contains(live.get("spec"), desired["spec"])
-        and contains(live["metadata"].get("labels") or {}, meta.get("labels") or {})
-        and contains(annotations, meta.get("annotations") or {})
-    )
-
-
 def plan_deployment(
     deployment: dict[str, Any],
     spec: ModelDeploymentSpec | None,
@@ -170,8 +144,7 @@ def plan_deployment(
         spec = with_kserve_mode(spec, isvc)
     meta = deployment["metadata"]
     generation = meta.get("generation")
-    old = deployment.get("status") or {}
-    status: dict[str, Any] = json.loads(json.dumps(old))
+    status: dict[str, Any] = json.loads(json.dumps(deployment.get("status") or {}))
     status["observedGeneration"] = generation
     status["inferenceService"] = meta["name"]
     ts = rfc3339(now)
@@ -182,64 +155,81 @@ def plan_deployment(
     def put(type_: str, st: str, reason: str, message: str) -> bool:
         return c.set_condition(conds, type_, st, reason, message, generation=generation, now=ts)
 
-    def reject(message: str) -> DeploymentPlan:
-        if put(c.ACCEPTED, c.FALSE, "InvalidSpec", message):
-            plan.events.append(("Warning", "InvalidSpec", message))
-        put(c.PROGRESSING, c.FALSE, "InvalidSpec", "Nothing is rolled out until the spec is fixed.")
-        _mirror(status, put, isvc, spec.rollout.mode if spec else DEFAULT_KSERVE_MODE)
-        return plan
-
+    if spec is not None and invalid is None:
+        try:
+            validate_deployment(spec)
+        except InvalidSpecError as e:
+            invalid = str(e)
     if spec is None or invalid is not None:
-        return reject(invalid or "invalid spec")
-    try:  # what the schema cannot see (e.g. an autoscaling metric the mode's autoscaler lacks)
-        build_inference_service(deployment, spec, stable=("v1", "validate://"))
+        return _reject(plan, put, isvc, invalid or "invalid spec")
+    wanted = resolution.version if resolution else None
+    stable, canary, weight = _next_versions(plan, spec, resolution, ts)
+    try:
+        for version in filter(None, (stable, canary)):
+            validate_version(version)
     except InvalidSpecError as e:
-        return reject(str(e))
+        plan.events.clear()
+        return _reject(plan, put, isvc, str(e))
+    put(c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.")
+    if stable is not None:
+        desired = build_inference_service(
+            deployment,
+            spec,
+            stable=(stable, uri_for(stable)),
+            candidate=(canary, uri_for(canary)) if canary else None,
+            weight=weight,
+        )
+        if needs_apply(desired, isvc):
+            plan.inference_service = desired
+        status["stableVersion"] = stable
+    _record_versions(status, stable, canary, weight, wanted)
+    status["traffic"] = observed_traffic(isvc, spec.rollout.mode, stable, canary, weight)
+    _set_conditions(plan, put, isvc, resolution, stable, canary, weight)
+    _mirror_url(status, isvc)
+    return plan
 
+
+def _reject(plan: DeploymentPlan, put: Callable[..., bool], isvc: dict[str, Any] | None, message: str) -> DeploymentPlan:
+    """An invalid spec: say so, and leave the InferenceService as it is (still reporting what it does)."""
+    if put(c.ACCEPTED, c.FALSE, "InvalidSpec", message):
+        plan.events.append(("Warning", "InvalidSpec", message))
+    put(c.PROGRESSING, c.FALSE, "InvalidSpec", "Nothing is rolled out until the spec is fixed.")
+    ready, reason, ready_message = _isvc_ready(isvc)
+    put(c.READY, c.TRUE if ready else c.FALSE, reason, ready_message)
+    _mirror_url(plan.status, isvc)
+    return plan
+
+
+def _next_versions(
+    plan: DeploymentPlan, spec: ModelDeploymentSpec, resolution: Resolution | None, ts: str
+) -> tuple[str | None, str | None, int]:
+    """(stable, canary, weight) once the wanted version is taken in (the module docstring's rules)."""
+    status = plan.status
     stable = status.get("stableVersion")
     canary = status.get("canaryVersion")
     weight = int(status.get("canaryWeight") or 0)
     wanted = resolution.version if resolution else None
+    if wanted is None or wanted == canary:
+        return stable, canary, weight
+    if stable is None:
+        plan.events.append(("Normal", "VersionDeployed", f"serving {wanted} ({resolution.source})"))  # type: ignore[union-attr]
+        return wanted, None, 0
+    if wanted == stable:
+        if canary is not None:
+            plan.events.append(("Normal", "CanaryDropped", f"{canary} dropped: the wanted version is {stable} again"))
+        return stable, None, 0
+    if spec.rollout.strategy == "immediate":
+        plan.events.append(("Normal", "VersionReplaced", f"{wanted} replaces {stable} (immediate)"))
+        return wanted, None, 0
+    weight = spec.rollout.steps[0]
+    status["rolloutStep"] = 0
+    status["stepStartTime"] = ts
+    status["failedAnalyses"] = 0
+    plan.events.append(("Normal", "CanaryStarted", f"{wanted} takes {weight}% beside {stable} ({spec.rollout.mode} mode)"))
+    return stable, wanted, weight
 
-    if wanted is not None:
-        if stable is None:
-            stable, canary, weight = wanted, None, 0
-            plan.events.append(("Normal", "VersionDeployed", f"serving {wanted} ({resolution.source})"))
-        elif wanted == stable:
-            if canary is not None:
-                plan.events.append(("Normal", "CanaryDropped", f"{canary} dropped: the wanted version is {stable} again"))
-            canary, weight = None, 0
-        elif wanted != canary:
-            if spec.rollout.strategy == "immediate":
-                plan.events.append(("Normal", "VersionReplaced", f"{wanted} replaces {stable} (immediate)"))
-                stable, canary, weight = wanted, None, 0
-            else:
-                canary, weight = wanted, spec.rollout.steps[0]
-                status["rolloutStep"] = 0
-                status["stepStartTime"] = ts
-                status["failedAnalyses"] = 0
-                plan.events.append(
-                    ("Normal", "CanaryStarted", f"{wanted} takes {weight}% beside {stable} ({spec.rollout.mode} mode)")
-                )
 
-    if stable is not None:
-        try:
-            desired = build_inference_service(
-                deployment,
-                spec,
-                stable=(stable, uri_for(stable)),
-                candidate=(canary, uri_for(canary)) if canary else None,
-                weight=weight,
-            )
-        except InvalidSpecError as e:
-            plan.events.clear()
-            return reject(str(e))
-        put(c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.")
-        if needs_apply(desired, isvc):
-            plan.inference_service = desired
-        status["stableVersion"] = stable
-    else:
-        put(c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.")
+def _record_versions(status: dict[str, Any], stable: str | None, canary: str | None, weight: int, wanted: str | None) -> None:
     for key, value in (("canaryVersion", canary), ("canaryWeight", weight if canary else None)):
         if value is None:
             status.pop(key, None)
@@ -254,12 +244,19 @@ def plan_deployment(
             status.pop(key, None)
     if stable is not None:
         status["rolloutPhase"] = PROGRESSING if canary else STABLE
-    status["traffic"] = observed_traffic(isvc, spec.rollout.mode, stable, canary, weight)
 
-    # Conditions.
+
+def _set_conditions(
+    plan: DeploymentPlan,
+    put: Callable[..., bool],
+    isvc: dict[str, Any] | None,
+    resolution: Resolution | None,
+    stable: str | None,
+    canary: str | None,
+    weight: int,
+) -> None:
     ready, ready_reason, ready_message = _isvc_ready(isvc)
     up_to_date = plan.inference_service is None
-    failure = _isvc_failure(isvc)
     if stable is None:
         reason = resolution.reason if resolution and resolution.reason else "NoModelVersion"
         message = resolution.message if resolution and resolution.message else "No model version to serve yet."
@@ -278,6 +275,7 @@ def plan_deployment(
             put(c.PROGRESSING, c.TRUE, "Reconciling", f"Rolling out {stable}.")
         else:
             put(c.PROGRESSING, c.FALSE, "RolloutComplete", f"{stable} serves all traffic.")
+    failure = _isvc_failure(isvc)
     if resolution is not None and resolution.degraded:
         if put(c.DEGRADED, c.TRUE, resolution.reason or "ModelUnavailable", resolution.message):
             plan.events.append(("Warning", resolution.reason or "ModelUnavailable", resolution.message))
@@ -286,8 +284,6 @@ def plan_deployment(
             plan.events.append(("Warning", "ModelLoadFailed", failure))
     else:
         put(c.DEGRADED, c.FALSE, "AsExpected", "No failure reported.")
-    _mirror_url(status, isvc)
-    return plan
 
 
 def _mirror_url(status: dict[str, Any], isvc: dict[str, Any] | None) -> None:
@@ -296,39 +292,3 @@ def _mirror_url(status: dict[str, Any], isvc: dict[str, Any] | None) -> None:
         status["url"] = url
     else:
         status.pop("url", None)
-
-
-def _mirror(status: dict[str, Any], put: Callable[..., bool], isvc: dict[str, Any] | None, mode: str) -> None:
-    """With an invalid spec the InferenceService is left as it was; still report what it does."""
-    ready, reason, message = _isvc_ready(isvc)
-    put(c.READY, c.TRUE if ready else c.FALSE, reason, message)
-    _mirror_url(status, isvc)
-
-
-def with_kserve_mode(
-    spec: ModelDeploymentSpec, isvc: dict[str, Any] | None, default: str = DEFAULT_KSERVE_MODE
-) -> ModelDeploymentSpec:
-    """The spec with its KServe mode settled: `spec.rollout.mode` when set; otherwise the mode its live
-    InferenceService was created in (KServe cannot switch a running one), else the operator's default."""
-    if spec.rollout.mode is not None:
-        return spec
-    mode = _live_kserve_mode(isvc) or default
-    return spec.model_copy(update={"rollout": spec.rollout.model_copy(update={"mode": mode})})
-
-
-def kserve_mode_conflict(spec: ModelDeploymentSpec, isvc: dict[str, Any] | None) -> str | None:
-    """Why the spec's mode cannot apply to the live InferenceService (KServe cannot switch modes), if so."""
-    live = _live_kserve_mode(isvc)
-    if live is not None and spec.rollout.mode not in (None, live):
-        return (
-            f"spec.rollout.mode: the InferenceService runs in {live} mode and KServe cannot switch it to "
-            f"{spec.rollout.mode}; set it back to {live}, or create a new ModelDeployment"
-        )
-    return None
-
-
-def _live_kserve_mode(isvc: dict[str, Any] | None) -> str | None:
-    """The mode the InferenceService was created in, if it exists and says so."""
-    annotations = ((isvc or {}).get("metadata") or {}).get("annotations") or {}
-    live = annotations.get(KSERVE_DEPLOYMENT_MODE)
-    return live if live in ("Knative", "Standard") else None

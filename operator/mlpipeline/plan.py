@@ -21,7 +21,7 @@ deployment status fails the run whatever jobStatus says; success needs `Complete
 
 On success the handler reads the package the run registered (found by its lineage) and the gate
 decides: a passing version becomes `status.latestVersion`, which the ModelDeployment in `spec.deploy`
-follows (see deployment.py for the hand-off); a failing one is recorded (outcome GateFailed) and goes
+follows (see modeldeployment/plan.py for the hand-off); a failing one is recorded (outcome GateFailed) and goes
 nowhere. Finished runs beyond `runsHistoryLimit` leave the status, and their RayJobs are deleted.
 """
 
@@ -30,15 +30,24 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from croniter import croniter
 
-from conveyor.operator import builders
-from conveyor.operator import conditions as c
-from conveyor.operator.builders import ANNOTATION_RERUN, LABEL_RUN, rayjob_name, spec_hash
-from conveyor.operator.gate import GateResult
+from conveyor.operator.controller import conditions as c
+from conveyor.operator.controller.events import Event
+from conveyor.operator.controller.times import parse_time, rfc3339
+from conveyor.operator.mlpipeline.build import (
+    ANNOTATION_RERUN,
+    ANNOTATION_SPEC_GENERATION,
+    ANNOTATION_SPEC_HASH,
+    ANNOTATION_TRIGGER,
+    LABEL_RUN,
+    rayjob_name,
+    spec_hash,
+)
+from conveyor.operator.mlpipeline.gate import GateOutcome
 from conveyor.runtime.spec import MLPipelineSpec
 
 PENDING = "Pending"
@@ -51,16 +60,6 @@ ACTIVE = (PENDING, RUNNING)
 # How a failed run's message tells a data-contract violation from other failures (the training
 # entrypoint raises DataValidationError with the validation report).
 _DATA_VALIDATION = re.compile(r"DataValidationError|data contract|DataContract", re.IGNORECASE)
-
-
-def rfc3339(t: datetime) -> str:
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_time(s: str | None) -> datetime | None:
-    if not s:
-        return None
-    return datetime.fromisoformat(s.replace("Z", "+00:00"))
 
 
 @dataclass(frozen=True)
@@ -97,15 +96,6 @@ def rayjob_state(rayjob: dict[str, Any]) -> RayJobState:
 
 
 @dataclass(frozen=True)
-class GateOutcome:
-    """What the handler found in the registry for a run whose RayJob succeeded."""
-
-    version: str | None  # None: the run committed no package
-    metrics: dict[str, float]
-    result: GateResult | None
-
-
-@dataclass(frozen=True)
 class DeployTarget:
     """The ModelDeployment named in spec.deploy, as the handler found it."""
 
@@ -121,7 +111,7 @@ class PipelinePlan:
     start_run: int | None = None
     start_trigger: str | None = None
     delete_rayjobs: list[str] = field(default_factory=list)
-    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message)
+    events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
     handed_over: str | None = None  # version newly handed to spec.deploy
 
@@ -159,101 +149,125 @@ def plan_pipeline(
     `rayjobs` maps run number -> RayJob of this pipeline; `missing_rayjobs` are runs whose RayJob was
     confirmed gone (deleted by someone) with a live read.
     """
-    meta = pipeline["metadata"]
-    generation = meta.get("generation")
-    old = pipeline.get("status") or {}
-    status: dict[str, Any] = json.loads(json.dumps(old))  # deep copy: the plan never mutates its input
+    generation = pipeline["metadata"].get("generation")
+    status: dict[str, Any] = json.loads(json.dumps(pipeline.get("status") or {}))  # the plan never mutates its input
     status["observedGeneration"] = generation
     ts = rfc3339(now)
     plan = PipelinePlan(status=status)
     conds: list[dict[str, Any]] = status.setdefault("conditions", [])
     c.ensure_conditions(conds, c.PIPELINE_CONDITIONS, generation=generation, now=ts)
     runs: list[dict[str, Any]] = status.setdefault("runs", [])
-    raw_spec = pipeline.get("spec") or {}
-
-    # 1. Follow the active runs.
     for run in runs:
-        if run.get("outcome") not in ACTIVE:
-            continue
-        n = run["run"]
-        rj = rayjobs.get(n)
-        if rj is None:
-            if n in missing_rayjobs:
-                _finish(run, FAILED, "RayJobDeleted", f"RayJob {run.get('rayJob')} disappeared before it finished", ts)
-                plan.events.append(("Warning", "RunFailed", f"run {n}: its RayJob was deleted"))
-            continue
-        state = rayjob_state(rj)
-        if state.attempts > int(run.get("attempts") or 1) and state.outcome in ACTIVE:
-            plan.events.append(("Normal", "RunRetrying", f"run {n}: attempt {state.attempts} ({state.message or state.reason})"))
-        run["attempts"] = state.attempts
-        if state.outcome in ACTIVE:
-            if run.get("outcome") != state.outcome:
-                run["outcome"] = state.outcome
-            run["reason"] = state.reason
-            if state.message:
-                run["message"] = state.message[:2000]
-            continue
-        end = state.end or ts
-        if state.outcome == FAILED:
-            _finish(run, FAILED, state.reason, state.message, end)
-            plan.events.append(("Warning", "RunFailed", f"run {n} failed: {state.reason}: {state.message[:300]}"))
-            continue
-        outcome = gate.get(n)
-        if outcome is None:
-            run["outcome"] = RUNNING
-            run["reason"] = "ReadingModelPackage"
-            continue
-        if outcome.version is None:
-            _finish(run, GATE_FAILED, "NoModelPackage", "the run succeeded but no committed model package names it in its lineage", end)
-            plan.events.append(("Warning", "GateFailed", f"run {n}: no model package found"))
-            continue
-        run["modelVersion"] = outcome.version
-        run["metrics"] = outcome.metrics
-        result = outcome.result
-        assert result is not None
-        if not result.passed:
-            _finish(run, GATE_FAILED, result.reason, result.message, end)
-            plan.events.append(("Warning", "GateFailed", f"run {n} ({outcome.version}): {result.message}"))
-            continue
-        _finish(run, SUCCEEDED, "GatePassed", result.message, end)
-        status["latestVersion"] = outcome.version
-        if result.value is not None:
-            status["latestMetric"] = f"{result.metric}={result.value:.4g}"
-        plan.events.append(("Normal", "RunSucceeded", f"run {n} produced {outcome.version}: {result.message}"))
-        if deploy_target is not None:
-            run["deployed"] = deploy_target.exists and deploy_target.follows
-            if run["deployed"]:
-                plan.handed_over = outcome.version
-                plan.events.append(
-                    ("Normal", "ModelHandedOver", f"{outcome.version} is the candidate of ModelDeployment {deploy_target.name}")
-                )
-            elif not deploy_target.exists:
-                plan.events.append(
-                    ("Warning", "DeploymentNotFound", f"spec.deploy names ModelDeployment {deploy_target.name}, which does not exist")
-                )
-            else:
-                plan.events.append(
-                    (
-                        "Warning",
-                        "DeploymentPinned",
-                        f"ModelDeployment {deploy_target.name} pins {deploy_target.pinned_version}; set its "
-                        f"spec.model.version to latest (and pipeline to {meta['name']}) to follow this pipeline",
-                    )
-                )
-
-    active = [r for r in runs if r.get("outcome") in ACTIVE]
-
-    # 2. Accepted, and the triggers.
+        if run.get("outcome") in ACTIVE:
+            _follow_run(plan, pipeline, run, rayjobs, gate, missing_rayjobs, deploy_target, ts)
     if invalid is not None or spec is None:
         if c.set_condition(conds, c.ACCEPTED, c.FALSE, "InvalidSpec", invalid or "invalid spec", generation=generation, now=ts):
             plan.events.append(("Warning", "InvalidSpec", invalid or "invalid spec"))
     else:
         c.set_condition(conds, c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.", generation=generation, now=ts)
+        active = [r for r in runs if r.get("outcome") in ACTIVE]
+        _plan_triggers(plan, pipeline, spec, active, rayjobs, now)
+    _prune_history(plan, spec, rayjobs)
+    _summarize(plan, spec, generation, ts)
+    return plan
 
-    if spec is not None and invalid is None:
-        _plan_triggers(plan, pipeline, spec, raw_spec, active, rayjobs, now)
 
-    # 3. History: keep active runs and the newest runsHistoryLimit finished ones.
+def _follow_run(
+    plan: PipelinePlan,
+    pipeline: dict[str, Any],
+    run: dict[str, Any],
+    rayjobs: dict[int, dict[str, Any]],
+    gate: dict[int, GateOutcome],
+    missing_rayjobs: frozenset[int],
+    deploy_target: DeployTarget | None,
+    ts: str,
+) -> None:
+    """An active run: its RayJob's state, then (once it succeeded) the gate's verdict."""
+    n = run["run"]
+    rj = rayjobs.get(n)
+    if rj is None:
+        if n in missing_rayjobs:
+            _finish(run, FAILED, "RayJobDeleted", f"RayJob {run.get('rayJob')} disappeared before it finished", ts)
+            plan.events.append(("Warning", "RunFailed", f"run {n}: its RayJob was deleted"))
+        return
+    state = rayjob_state(rj)
+    if state.attempts > int(run.get("attempts") or 1) and state.outcome in ACTIVE:
+        plan.events.append(("Normal", "RunRetrying", f"run {n}: attempt {state.attempts} ({state.message or state.reason})"))
+    run["attempts"] = state.attempts
+    if state.outcome in ACTIVE:
+        run["outcome"] = state.outcome
+        run["reason"] = state.reason
+        if state.message:
+            run["message"] = state.message[:2000]
+        return
+    end = state.end or ts
+    if state.outcome == FAILED:
+        _finish(run, FAILED, state.reason, state.message, end)
+        plan.events.append(("Warning", "RunFailed", f"run {n} failed: {state.reason}: {state.message[:300]}"))
+        return
+    outcome = gate.get(n)
+    if outcome is None:
+        run["outcome"] = RUNNING
+        run["reason"] = "ReadingModelPackage"
+        return
+    _record_gate(plan, pipeline, run, outcome, deploy_target, end)
+
+
+def _record_gate(
+    plan: PipelinePlan,
+    pipeline: dict[str, Any],
+    run: dict[str, Any],
+    outcome: GateOutcome,
+    deploy_target: DeployTarget | None,
+    end: str,
+) -> None:
+    n = run["run"]
+    if outcome.version is None:
+        _finish(run, GATE_FAILED, "NoModelPackage", "the run succeeded but no committed model package names it in its lineage", end)
+        plan.events.append(("Warning", "GateFailed", f"run {n}: no model package found"))
+        return
+    run["modelVersion"] = outcome.version
+    run["metrics"] = outcome.metrics
+    result = outcome.result
+    assert result is not None
+    if not result.passed:
+        _finish(run, GATE_FAILED, result.reason, result.message, end)
+        plan.events.append(("Warning", "GateFailed", f"run {n} ({outcome.version}): {result.message}"))
+        return
+    _finish(run, SUCCEEDED, "GatePassed", result.message, end)
+    plan.status["latestVersion"] = outcome.version
+    if result.value is not None:
+        plan.status["latestMetric"] = f"{result.metric}={result.value:.4g}"
+    plan.events.append(("Normal", "RunSucceeded", f"run {n} produced {outcome.version}: {result.message}"))
+    if deploy_target is not None:
+        run["deployed"] = deploy_target.exists and deploy_target.follows
+        _hand_over(plan, pipeline["metadata"]["name"], outcome.version, deploy_target, deployed=run["deployed"])
+
+
+def _hand_over(plan: PipelinePlan, pipeline: str, version: str, target: DeployTarget, *, deployed: bool) -> None:
+    """Tell whether the version passed to spec.deploy's ModelDeployment, and if not, why."""
+    if deployed:
+        plan.handed_over = version
+        plan.events.append(("Normal", "ModelHandedOver", f"{version} is the candidate of ModelDeployment {target.name}"))
+    elif not target.exists:
+        plan.events.append(
+            ("Warning", "DeploymentNotFound", f"spec.deploy names ModelDeployment {target.name}, which does not exist")
+        )
+    else:
+        plan.events.append(
+            (
+                "Warning",
+                "DeploymentPinned",
+                f"ModelDeployment {target.name} pins {target.pinned_version}; set its "
+                f"spec.model.version to latest (and pipeline to {pipeline}) to follow this pipeline",
+            )
+        )
+
+
+def _prune_history(plan: PipelinePlan, spec: MLPipelineSpec | None, rayjobs: dict[int, dict[str, Any]]) -> None:
+    """Keep active runs and the newest runsHistoryLimit finished ones; delete the RayJobs of the rest."""
+    status = plan.status
+    runs = status["runs"]
     limit = spec.runs_history_limit if spec is not None else max(len(runs), 1)
     finished = [r for r in runs if r.get("outcome") not in ACTIVE]
     keep_finished = {r["run"] for r in finished[-limit:]} if limit > 0 else set()
@@ -264,38 +278,39 @@ def plan_pipeline(
         if n not in kept and n <= last_run and n != plan.start_run and not rj["metadata"].get("deletionTimestamp"):
             plan.delete_rayjobs.append(rj["metadata"]["name"])
 
-    # 4. Summary fields and conditions from the newest run.
-    active = [r for r in status["runs"] if r.get("outcome") in ACTIVE]
+
+def _summarize(plan: PipelinePlan, spec: MLPipelineSpec | None, generation: int | None, ts: str) -> None:
+    """activeRun, phase and the run conditions, from the newest run."""
+    status = plan.status
+    runs = status["runs"]
+    active = [r for r in runs if r.get("outcome") in ACTIVE]
     if active:
         status["activeRun"] = active[-1]["run"]
     else:
         status.pop("activeRun", None)
-    _set_run_conditions(conds, status["runs"][-1] if status["runs"] else None, generation, ts)
+    _set_run_conditions(status["conditions"], runs[-1] if runs else None, generation, ts)
     if active:
         status["phase"] = RUNNING if active[-1].get("outcome") == RUNNING else PENDING
     elif spec is not None and spec.suspend:
         status["phase"] = "Suspended"
-    elif status["runs"]:
-        status["phase"] = SUCCEEDED if status["runs"][-1].get("outcome") == SUCCEEDED else FAILED
+    elif runs:
+        status["phase"] = SUCCEEDED if runs[-1].get("outcome") == SUCCEEDED else FAILED
     else:
         status["phase"] = PENDING
-    return plan
 
 
 def _plan_triggers(
     plan: PipelinePlan,
     pipeline: dict[str, Any],
     spec: MLPipelineSpec,
-    raw_spec: dict[str, Any],
     active: list[dict[str, Any]],
     rayjobs: dict[int, dict[str, Any]],
     now: datetime,
 ) -> None:
+    """Whether a run starts now, and why (the module docstring lists the triggers)."""
     status = plan.status
-    meta = pipeline["metadata"]
-    current_hash = spec_hash(raw_spec)
-    token = (meta.get("annotations") or {}).get(ANNOTATION_RERUN)
-
+    current_hash = spec_hash(pipeline.get("spec") or {})
+    token = (pipeline["metadata"].get("annotations") or {}).get(ANNOTATION_RERUN)
     trigger: str | None = None
     if not status.get("lastSpecHash"):
         trigger = "Created"
@@ -303,35 +318,46 @@ def _plan_triggers(
         trigger = "SpecChanged"
     elif token and token != status.get("lastRerunToken"):
         trigger = "Rerun"
-
-    fired: datetime | None = None
-    schedule = spec.triggers.schedule
-    if schedule:
-        if not croniter.is_valid(schedule):
-            # The CRD checks the shape only; croniter has the final word.
-            status.pop("nextScheduleTime", None)
-        else:
-            base = parse_time(status.get("lastScheduleTime")) or parse_time(meta.get("creationTimestamp")) or now
-            prev_fire = croniter(schedule, now).get_prev(datetime)
-            if prev_fire > base:
-                fired = prev_fire
-            next_fire = croniter(schedule, now).get_next(datetime)
-            status["nextScheduleTime"] = rfc3339(next_fire)
-            plan.requeue_after = max(1.0, (next_fire - now).total_seconds() + 0.5)
-            if fired is not None and trigger is None:
-                trigger = "Schedule"
-    else:
-        status.pop("nextScheduleTime", None)
-
+    fired = _schedule(plan, pipeline, spec, now)
+    if fired is not None and trigger is None:
+        trigger = "Schedule"
     if active or spec.suspend:
         if fired is not None:
             status["lastScheduleTime"] = rfc3339(fired)
             why = "a run is active" if active else "the pipeline is suspended"
             plan.events.append(("Normal", "ScheduleSkipped", f"the schedule fired at {rfc3339(fired)} while {why}"))
         return
-    if trigger is None:
-        return
+    if trigger is not None:
+        _start_run(plan, pipeline, rayjobs, trigger, current_hash, token, fired, now)
 
+
+def _schedule(plan: PipelinePlan, pipeline: dict[str, Any], spec: MLPipelineSpec, now: datetime) -> datetime | None:
+    """The cron firing not yet served, if any; sets nextScheduleTime and the requeue for the next one."""
+    status = plan.status
+    schedule = spec.triggers.schedule
+    if not schedule or not croniter.is_valid(schedule):  # the CRD checks the shape only; croniter has the final word
+        status.pop("nextScheduleTime", None)
+        return None
+    base = parse_time(status.get("lastScheduleTime")) or parse_time(pipeline["metadata"].get("creationTimestamp")) or now
+    prev_fire = croniter(schedule, now).get_prev(datetime)
+    next_fire = croniter(schedule, now).get_next(datetime)
+    status["nextScheduleTime"] = rfc3339(next_fire)
+    plan.requeue_after = max(1.0, (next_fire - now).total_seconds() + 0.5)
+    return prev_fire if prev_fire > base else None
+
+
+def _start_run(
+    plan: PipelinePlan,
+    pipeline: dict[str, Any],
+    rayjobs: dict[int, dict[str, Any]],
+    trigger: str,
+    current_hash: str,
+    token: str | None,
+    fired: datetime | None,
+    now: datetime,
+) -> None:
+    status = plan.status
+    meta = pipeline["metadata"]
     last_run = int(status.get("lastRun") or 0)
     known = {r["run"] for r in status["runs"]}
     # A RayJob newer than the status knows of was created just before a crash or restart: adopt it
@@ -342,10 +368,10 @@ def _plan_triggers(
     if orphans:
         # The orphan serves the spec and rerun request it was created from, not necessarily today's.
         made_from = rayjobs[n]["metadata"].get("annotations") or {}
-        current_hash = made_from.get(builders.ANNOTATION_SPEC_HASH, current_hash)
+        current_hash = made_from.get(ANNOTATION_SPEC_HASH, current_hash)
         token = made_from.get(ANNOTATION_RERUN, status.get("lastRerunToken"))
-        trigger = made_from.get(builders.ANNOTATION_TRIGGER, trigger)
-        generation = int(made_from.get(builders.ANNOTATION_SPEC_GENERATION) or generation or 0) or generation
+        trigger = made_from.get(ANNOTATION_TRIGGER, trigger)
+        generation = int(made_from.get(ANNOTATION_SPEC_GENERATION) or generation or 0) or generation
     status["lastRun"] = n
     status["lastSpecHash"] = current_hash
     if token:

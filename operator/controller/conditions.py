@@ -58,11 +58,6 @@ def get_condition(conditions: Iterable[dict[str, Any]] | None, type_: str) -> di
     return None
 
 
-def condition_status(conditions: Iterable[dict[str, Any]] | None, type_: str) -> str:
-    c = get_condition(conditions, type_)
-    return c.get("status", UNKNOWN) if c else UNKNOWN
-
-
 def set_condition(
     conditions: list[dict[str, Any]],
     type_: str,

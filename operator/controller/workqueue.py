@@ -17,12 +17,13 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Hashable
+from typing import Generic, TypeVar
 
-from conveyor.operator import metrics
+from conveyor.operator.controller import metrics
 
 log = logging.getLogger("conveyor.operator.workqueue")
 
-Reconcile = Callable[[Hashable], Awaitable[float | None]]
+K = TypeVar("K", bound=Hashable)
 
 
 class Requeue(Exception):  # noqa: N818 - a signal, not an error
@@ -33,11 +34,14 @@ class Requeue(Exception):  # noqa: N818 - a signal, not an error
         self.after = after
 
 
-class WorkQueue:
+class WorkQueue(Generic[K]):
+    """Keys of type K (for our kinds, (namespace, name)); `reconcile(key)` returns seconds until the next
+    look, or None."""
+
     def __init__(
         self,
         kind: str,
-        reconcile: Reconcile,
+        reconcile: Callable[[K], Awaitable[float | None]],
         *,
         workers: int = 4,
         backoff_base: float = 0.5,
@@ -48,19 +52,19 @@ class WorkQueue:
         self._workers = workers
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
-        self._due: dict[Hashable, float] = {}
-        self._heap: list[tuple[float, int, Hashable]] = []
+        self._due: dict[K, float] = {}
+        self._heap: list[tuple[float, int, K]] = []
         self._seq = itertools.count()
-        self._in_flight: set[Hashable] = set()
-        self._after_flight: dict[Hashable, float] = {}
-        self._failures: dict[Hashable, int] = {}
+        self._in_flight: set[K] = set()
+        self._after_flight: dict[K, float] = {}
+        self._failures: dict[K, int] = {}
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     def __len__(self) -> int:
         return len(self._due) + len(self._after_flight)
 
-    def add(self, key: Hashable, after: float = 0.0) -> None:
+    def add(self, key: K, after: float = 0.0) -> None:
         due = time.monotonic() + max(0.0, after)
         if key in self._in_flight:
             self._after_flight[key] = min(due, self._after_flight.get(key, due))
@@ -72,11 +76,11 @@ class WorkQueue:
         metrics.QUEUE_DEPTH.labels(self.kind).set(len(self))
         self._changed.set()
 
-    def forget(self, key: Hashable) -> None:
+    def forget(self, key: K) -> None:
         """The object is gone: drop its backoff state (a queued entry finds nothing and returns)."""
         self._failures.pop(key, None)
 
-    async def _next(self) -> Hashable:
+    async def _next(self) -> K:
         while True:
             while self._heap:
                 due, _, key = self._heap[0]

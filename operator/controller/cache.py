@@ -1,0 +1,92 @@
+"""The operator's view of one kind: the newest copy of each object, fed by the watch and by our own writes.
+
+resourceVersions are opaque (API conventions): they are compared only for equality, never ordered. The
+watch delivers one object's changes in order, so the only stale copy to guard against is a watch event
+older than a copy we wrote or read ourselves (a write's response can beat the watch). After such a
+write or read the cache waits for the watch to echo that resourceVersion and ignores the events before
+it; if the echo never comes (a relist after the watch expired skips it), it gives up waiting after
+`echo_timeout` seconds. A resourceVersion the watch has already delivered is never stored again from a
+write's response, since something newer may have followed it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from typing import Any
+
+Key = tuple[str, str]  # (namespace, name)
+
+
+def key_of(obj: dict[str, Any]) -> Key:
+    meta = obj["metadata"]
+    return (meta.get("namespace", ""), meta["name"])
+
+
+class ObjectCache:
+    def __init__(self, *, echo_timeout: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self._objects: dict[Key, dict[str, Any]] = {}
+        self._awaiting: dict[Key, tuple[str, float]] = {}  # our copy's resourceVersion, since when
+        self._seen: dict[Key, deque[str]] = {}  # resourceVersions the watch delivered lately
+        self._echo_timeout = echo_timeout
+        self._clock = clock
+
+    def get(self, key: Key) -> dict[str, Any] | None:
+        return self._objects.get(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._objects
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def keys(self) -> list[Key]:
+        return list(self._objects)
+
+    def items(self) -> Iterator[tuple[Key, dict[str, Any]]]:
+        return iter(list(self._objects.items()))
+
+    def values(self) -> Iterator[dict[str, Any]]:
+        return iter(list(self._objects.values()))
+
+    def in_namespace(self, namespace: str, *, label: str | None = None, value: str | None = None) -> list[dict[str, Any]]:
+        """The objects of a namespace, optionally only those whose `label` equals `value`."""
+        return [
+            obj
+            for (ns, _), obj in self._objects.items()
+            if ns == namespace and (label is None or (obj["metadata"].get("labels") or {}).get(label) == value)
+        ]
+
+    def observe(self, event: dict[str, Any]) -> dict[str, Any] | None:
+        """A watch event: store its object (or drop it when DELETED); returns the object."""
+        obj = event.get("object")
+        if not obj or "metadata" not in obj:
+            return None
+        key = key_of(obj)
+        if event.get("type") == "DELETED":
+            self._objects.pop(key, None)
+            self._awaiting.pop(key, None)
+            self._seen.pop(key, None)
+            return obj
+        rv = obj["metadata"].get("resourceVersion", "")
+        self._seen.setdefault(key, deque(maxlen=16)).append(rv)
+        awaiting = self._awaiting.get(key)
+        if awaiting is not None:
+            want, since = awaiting
+            current = self._objects.get(key)
+            same_object = current is not None and current["metadata"].get("uid") == obj["metadata"].get("uid")
+            if rv != want and same_object and self._clock() - since < self._echo_timeout:
+                return obj  # older than the copy we hold: the watch has not caught up yet
+            del self._awaiting[key]
+        self._objects[key] = obj
+        return obj
+
+    def remember(self, obj: dict[str, Any]) -> None:
+        """A copy we wrote or read ourselves, newer than any watch event not yet delivered."""
+        key = key_of(obj)
+        rv = obj["metadata"].get("resourceVersion", "")
+        if rv in self._seen.get(key, ()):
+            return  # the watch delivered it already; what the cache holds is as new or newer
+        self._objects[key] = obj
+        self._awaiting[key] = (rv, self._clock())

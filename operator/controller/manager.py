@@ -1,0 +1,119 @@
+"""The operator: what both kinds' reconcilers share, built once at startup and kept in kopf's memo.
+
+It holds the API client, one `ObjectCache` per watched kind, one `WorkQueue` per reconciled kind, the
+registry handles and the event poster. Each kind's reconcile lives in its own package
+(`mlpipeline/reconcile.py`, `modeldeployment/reconcile.py`) as observe -> plan -> act over this object;
+the kopf handlers (handlers.py) only feed the caches and the queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from conveyor.operator.controller import metrics
+from conveyor.operator.controller.cache import Key, ObjectCache
+from conveyor.operator.controller.client import Client
+from conveyor.operator.controller.events import Event, EventPoster
+from conveyor.operator.controller.workqueue import WorkQueue
+
+
+@dataclass
+class Config:
+    pipeline_workers: int = 2
+    deployment_workers: int = 16
+    resync_seconds: float = 600.0
+    registry_poll_seconds: float = 60.0
+    metrics_port: int | None = None
+    # The KServe mode of a ModelDeployment that names none (Helm: operator.defaultKServeMode).
+    default_kserve_mode: str = "Knative"
+
+
+def open_registry(uri: str, name: str) -> Any:
+    """The registry of a model (fsspec: file://, s3://, gs://); raises ValueError/ImportError when this
+    install cannot open the URI (s3:// without the s3 extra)."""
+    from conveyor.runtime.package.registry import Registry
+
+    return Registry(uri, name)
+
+
+@dataclass
+class Operator:
+    client: Client
+    config: Config = field(default_factory=Config)
+    registry_for: Callable[[str, str], Any] = open_registry
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC)
+    pipelines: ObjectCache = field(default_factory=ObjectCache)
+    deployments: ObjectCache = field(default_factory=ObjectCache)
+    rayjobs: ObjectCache = field(default_factory=ObjectCache)
+    isvcs: ObjectCache = field(default_factory=ObjectCache)
+    # Committed registry versions never change: a positive lookup is cached for good.
+    known_versions: set[tuple[str, str, str]] = field(default_factory=set)
+    pipeline_queue: WorkQueue[Key] = field(init=False)
+    deployment_queue: WorkQueue[Key] = field(init=False)
+
+    def __post_init__(self) -> None:
+        from conveyor.operator.mlpipeline.reconcile import reconcile_pipeline
+        from conveyor.operator.modeldeployment.reconcile import reconcile_deployment
+
+        async def pipeline(key: Key) -> float | None:
+            return await reconcile_pipeline(self, key)
+
+        async def deployment(key: Key) -> float | None:
+            return await reconcile_deployment(self, key)
+
+        self.pipeline_queue = WorkQueue("MLPipeline", pipeline, workers=self.config.pipeline_workers)
+        self.deployment_queue = WorkQueue("ModelDeployment", deployment, workers=self.config.deployment_workers)
+        self._registries: dict[tuple[str, str], Any] = {}
+        self._events = EventPoster(self.client)
+        self._resync_task: asyncio.Task[None] | None = None
+
+    def registry(self, uri: str, name: str) -> Any:
+        key = (uri, name)
+        if key not in self._registries:
+            self._registries[key] = self.registry_for(uri, name)
+        return self._registries[key]
+
+    def emit(self, obj: dict[str, Any], events: list[Event]) -> None:
+        self._events.post(obj, events)
+
+    def deployments_following(self, namespace: str, pipeline: dict[str, Any]) -> list[Key]:
+        """ModelDeployments that take this pipeline's versions (named by it, or naming it)."""
+        name = pipeline["metadata"]["name"]
+        target = ((pipeline.get("spec") or {}).get("deploy") or {}).get("modelDeployment")
+        return [
+            (namespace, md["metadata"]["name"])
+            for md in self.deployments.in_namespace(namespace)
+            if md["metadata"]["name"] == target or ((md.get("spec") or {}).get("model") or {}).get("pipeline") == name
+        ]
+
+    def update_gauges(self) -> None:
+        metrics.ACTIVE_RUNS.set(sum(1 for p in self.pipelines.values() if (p.get("status") or {}).get("activeRun") is not None))
+        metrics.ACTIVE_ROLLOUTS.set(sum(1 for d in self.deployments.values() if (d.get("status") or {}).get("canaryVersion")))
+
+    # ---------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        self.pipeline_queue.start()
+        self.deployment_queue.start()
+        self._resync_task = asyncio.create_task(self._resync(), name="resync")
+
+    async def _resync(self) -> None:
+        """Every so often, look at every object again (a missed watch event heals; nothing unchanged is written)."""
+        while True:
+            await asyncio.sleep(self.config.resync_seconds)
+            for key in self.pipelines:
+                self.pipeline_queue.add(key)
+            for key in self.deployments:
+                self.deployment_queue.add(key)
+
+    async def stop(self) -> None:
+        await self._events.drain()
+        if self._resync_task is not None:
+            self._resync_task.cancel()
+        await self.pipeline_queue.stop()
+        await self.deployment_queue.stop()
+        await self.client.close()

@@ -1,0 +1,198 @@
+"""The children of an MLPipeline run, pure: a spec in, the manifests out. No I/O; unit-tested table-style.
+
+- `build_rayjob(pipeline, spec, run)` -> the KubeRay RayJob (ray.io/v1) of run N of a pipeline.
+- `build_run_configmap(pipeline, spec, run, rayjob)` -> the ConfigMap holding that run's `RunConfig` as
+  `run.json`, owned by the RayJob (collected with it).
+
+Builders assume a spec that `validate.validate_pipeline` accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from conveyor.operator.controller.children import (
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    owner_reference,
+    stamp,
+    tolerations_to_api,
+)
+from conveyor.runtime.spec import HeadGroup, MLPipelineSpec, RunConfig, Toleration, WorkerGroup
+
+LABEL_PIPELINE = "conveyor.dev/pipeline"
+LABEL_RUN = "conveyor.dev/run"
+LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_RUN_CONFIG = "conveyor.dev/run-config"
+# What a run was started from, on its RayJob, so a RayJob adopted after a crash (before the pipeline's
+# status recorded it) tells which spec and which rerun request it already serves.
+ANNOTATION_SPEC_HASH = "conveyor.dev/spec-hash"
+ANNOTATION_SPEC_GENERATION = "conveyor.dev/spec-generation"
+ANNOTATION_TRIGGER = "conveyor.dev/trigger"
+ANNOTATION_RERUN = "conveyor.dev/rerun"
+
+# Spec fields whose change does not ask for retraining.
+NON_TRAINING_FIELDS = ("triggers", "deploy", "runsHistoryLimit", "suspend")
+
+RUN_CONFIG_DIR = "/etc/conveyor"
+RUN_CONFIG_FILE = "run.json"
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """Digest of the training-relevant part of an MLPipeline spec (a change starts a new run)."""
+    relevant = {k: v for k, v in spec.items() if k not in NON_TRAINING_FIELDS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+def rayjob_name(pipeline: str, run: int) -> str:
+    return f"{pipeline}-{run}"
+
+
+def run_configmap_name(pipeline: str, run: int) -> str:
+    return f"{pipeline}-{run}-config"
+
+
+def run_labels(pipeline: str, run: int) -> dict[str, str]:
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_PIPELINE: pipeline, LABEL_RUN: str(run)}
+
+
+def _ray_container(name: str, image: str, cpu: str, memory: str, gpus: int) -> dict[str, Any]:
+    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
+    if gpus:
+        limits["nvidia.com/gpu"] = gpus
+    return {
+        "name": name,
+        "image": image,
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": limits},
+        "volumeMounts": [{"name": "run-config", "mountPath": RUN_CONFIG_DIR, "readOnly": True}],
+    }
+
+
+def _pod_template(
+    container: dict[str, Any], config_map: str, node_selector: dict[str, str], tolerations: list[Toleration]
+) -> dict[str, Any]:
+    pod: dict[str, Any] = {
+        "containers": [container],
+        "volumes": [{"name": "run-config", "configMap": {"name": config_map}}],
+    }
+    if node_selector:
+        pod["nodeSelector"] = dict(node_selector)
+    if tolerations:
+        pod["tolerations"] = tolerations_to_api(tolerations)
+    return {"spec": pod}
+
+
+def worker_groups(spec: MLPipelineSpec) -> list[WorkerGroup]:
+    """The explicit worker groups, or one group of `numWorkers` replicas (one GPU each with useGpu)."""
+    t = spec.training
+    if t.worker_groups:
+        return list(t.worker_groups)
+    return [WorkerGroup(name="workers", replicas=t.num_workers, gpus=1 if t.use_gpu else 0)]
+
+
+def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, trigger: str = "") -> dict[str, Any]:
+    """The RayJob of run `run`: the cluster from spec.training, the entrypoint training with run.json."""
+    meta = pipeline["metadata"]
+    name = rayjob_name(meta["name"], run)
+    t = spec.training
+    groups = worker_groups(spec)
+    config_map = run_configmap_name(meta["name"], run)
+    head: HeadGroup = t.head_group
+    labels = run_labels(meta["name"], run)
+    if t.queue:
+        labels[LABEL_KUEUE_QUEUE] = t.queue
+    job_spec: dict[str, Any] = {
+        "entrypoint": f"python -m conveyor.runtime.train --config {RUN_CONFIG_DIR}/{RUN_CONFIG_FILE}",
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": t.ttl_seconds_after_finished,
+        "backoffLimit": t.backoff_limit,
+        "rayClusterSpec": {
+            "rayVersion": t.ray_version,
+            "headGroupSpec": {
+                "rayStartParams": {"dashboard-host": "0.0.0.0"},
+                "template": _pod_template(
+                    _ray_container("ray-head", t.image, head.cpu, head.memory, 0),
+                    config_map,
+                    head.node_selector,
+                    head.tolerations,
+                ),
+            },
+            "workerGroupSpecs": [
+                {
+                    "groupName": g.name,
+                    "replicas": g.replicas,
+                    "minReplicas": g.replicas,
+                    "maxReplicas": g.replicas,
+                    "rayStartParams": {},
+                    "template": _pod_template(
+                        _ray_container("ray-worker", t.image, g.cpu, g.memory, g.gpus),
+                        config_map,
+                        g.node_selector,
+                        g.tolerations,
+                    ),
+                }
+                for g in groups
+            ],
+        },
+    }
+    if t.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = t.active_deadline_seconds
+    # With a Kueue queue, Kueue's webhook suspends the job and admits it: we never set `suspend`, so
+    # the field stays Kueue's.
+    return stamp(
+        {
+            "apiVersion": "ray.io/v1",
+            "kind": "RayJob",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "labels": labels,
+                "annotations": run_annotations(pipeline, config_map, trigger),
+                "ownerReferences": [owner_reference(pipeline)],
+            },
+            "spec": job_spec,
+        }
+    )
+
+
+def run_annotations(pipeline: dict[str, Any], config_map: str, trigger: str) -> dict[str, str]:
+    meta = pipeline["metadata"]
+    annotations = {
+        ANNOTATION_RUN_CONFIG: config_map,
+        ANNOTATION_SPEC_HASH: spec_hash(pipeline.get("spec") or {}),
+        ANNOTATION_SPEC_GENERATION: str(meta.get("generation", "")),
+    }
+    if trigger:
+        annotations[ANNOTATION_TRIGGER] = trigger
+    token = (meta.get("annotations") or {}).get(ANNOTATION_RERUN)
+    if token:
+        annotations[ANNOTATION_RERUN] = token
+    return annotations
+
+
+def build_run_config(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int) -> RunConfig:
+    meta = pipeline["metadata"]
+    return RunConfig.for_run(spec, pipeline=meta["name"], namespace=meta["namespace"], run=run)
+
+
+def build_run_configmap(
+    pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, rayjob: dict[str, Any]
+) -> dict[str, Any]:
+    """run.json for `python -m conveyor.runtime.train --config`, owned by the run's RayJob."""
+    meta = pipeline["metadata"]
+    config = build_run_config(pipeline, spec, run)
+    return stamp(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": run_configmap_name(meta["name"], run),
+                "namespace": meta["namespace"],
+                "labels": run_labels(meta["name"], run),
+                "ownerReferences": [owner_reference(rayjob, controller=False)],
+            },
+            "data": {RUN_CONFIG_FILE: json.dumps(config.to_api(), indent=2, sort_keys=True)},
+        }
+    )

@@ -1,0 +1,188 @@
+"""Reconcile one MLPipeline: observe (every read, into one frozen snapshot), plan (pure, once), act.
+
+observe: the pipeline and its RayJobs from the cache; a live GET for an active run's RayJob the cache
+         lacks (not listed yet, or deleted); the registry's verdict on runs whose RayJob succeeded
+         (blocking reads, in a thread); the ModelDeployment that spec.deploy names.
+plan:    `plan.plan_pipeline` -> the status, the run to start, the RayJobs to delete, the events.
+act:     before creating a RayJob, one live LIST asks the apiserver whether a RayJob of this pipeline
+         exists that the snapshot did not know (made just before a restart); if so the reconcile is
+         requeued to plan again from a snapshot that holds it, instead of creating a second one. Then
+         the RayJob and its ConfigMap are applied, deletions made, status written once, events posted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from conveyor.operator.controller import metrics
+from conveyor.operator.controller.cache import Key
+from conveyor.operator.controller.client import resource_path
+from conveyor.operator.controller.status import write_status
+from conveyor.operator.controller.validation import InvalidSpecError, parse_spec, validate_registry
+from conveyor.operator.controller.workqueue import Requeue
+from conveyor.operator.mlpipeline.build import LABEL_PIPELINE, build_rayjob, build_run_configmap, rayjob_name
+from conveyor.operator.mlpipeline.gate import GateOutcome, judge_run
+from conveyor.operator.mlpipeline.plan import (
+    ACTIVE,
+    DeployTarget,
+    PipelinePlan,
+    plan_pipeline,
+    rayjobs_by_run,
+    runs_awaiting_gate,
+)
+from conveyor.operator.mlpipeline.validate import validate_pipeline
+from conveyor.runtime.spec import MLPipelineSpec
+
+if TYPE_CHECKING:
+    from conveyor.operator.controller.manager import Operator
+
+log = logging.getLogger("conveyor.operator.mlpipeline")
+
+
+@dataclass(frozen=True)
+class PipelineSnapshot:
+    """Everything the planner needs, read once."""
+
+    key: Key
+    pipeline: dict[str, Any]
+    spec: MLPipelineSpec | None
+    invalid: str | None
+    rayjobs: dict[int, dict[str, Any]]
+    missing_rayjobs: frozenset[int]
+    gate: dict[int, GateOutcome]
+    deploy_target: DeployTarget | None
+    now: datetime
+
+
+async def reconcile_pipeline(op: Operator, key: Key) -> float | None:
+    snapshot = await observe(op, key)
+    if snapshot is None:
+        op.pipeline_queue.forget(key)
+        return None
+    s = snapshot
+    plan = plan_pipeline(
+        s.pipeline, s.spec, s.invalid, s.rayjobs, s.gate, s.now, missing_rayjobs=s.missing_rayjobs, deploy_target=s.deploy_target
+    )
+    await act(op, snapshot, plan)
+    return plan.requeue_after
+
+
+# ---------------------------------------------------------------- observe
+
+
+async def observe(op: Operator, key: Key) -> PipelineSnapshot | None:
+    obj = op.pipelines.get(key)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        return None
+    namespace, name = key
+    status = obj.get("status") or {}
+    spec, invalid = parse_spec(MLPipelineSpec, obj.get("spec") or {})
+    if spec is not None and invalid is None:
+        try:
+            validate_pipeline(obj, spec, int(status.get("lastRun") or 0) + 1)
+        except InvalidSpecError as e:
+            invalid = str(e)
+    if spec is not None and invalid is None:
+        invalid = validate_registry(op.registry, spec.registry.uri, spec.registry.model_name, "spec.registry.uri")
+    rayjobs = rayjobs_by_run(op.rayjobs.in_namespace(namespace, label=LABEL_PIPELINE, value=name))
+    missing = await _confirm_missing(op, namespace, name, status, rayjobs)
+    deploy_target = _deploy_target(op, namespace, name, spec) if spec is not None else None
+    gate: dict[int, GateOutcome] = {}
+    for n in runs_awaiting_gate(status, rayjobs) if spec is not None else []:
+        gate[n] = await asyncio.to_thread(_judge, op, spec, namespace, name, n, deploy_target)
+    return PipelineSnapshot(key, obj, spec, invalid, rayjobs, frozenset(missing), gate, deploy_target, op.clock())
+
+
+async def _confirm_missing(
+    op: Operator, namespace: str, name: str, status: dict[str, Any], rayjobs: dict[int, dict[str, Any]]
+) -> set[int]:
+    """Active runs whose RayJob the cache lacks: read it live; absent there too means it was deleted."""
+    missing: set[int] = set()
+    for run in status.get("runs") or []:
+        n = run["run"]
+        if run.get("outcome") not in ACTIVE or n in rayjobs:
+            continue
+        live = await op.client.get(resource_path("ray.io/v1", "rayjobs", namespace, rayjob_name(name, n)), resource="RayJob")
+        if live is None:
+            missing.add(n)
+            continue
+        live.setdefault("apiVersion", "ray.io/v1")
+        live.setdefault("kind", "RayJob")
+        op.rayjobs.remember(live)
+        rayjobs[n] = live
+    return missing
+
+
+def _deploy_target(op: Operator, namespace: str, pipeline: str, spec: MLPipelineSpec) -> DeployTarget | None:
+    if spec.deploy is None:
+        return None
+    name = spec.deploy.model_deployment
+    md = op.deployments.get((namespace, name))
+    if md is None:
+        return DeployTarget(name, exists=False, follows=False)
+    model = (md.get("spec") or {}).get("model") or {}
+    version = model.get("version", "latest")
+    follows = version == "latest" and model.get("pipeline") in (None, pipeline)
+    pinned = version if version != "latest" else f"latest of MLPipeline {model.get('pipeline')}"
+    return DeployTarget(name, exists=True, follows=follows, pinned_version=None if follows else pinned)
+
+
+def _judge(
+    op: Operator, spec: MLPipelineSpec, namespace: str, pipeline: str, run: int, target: DeployTarget | None
+) -> GateOutcome:
+    """The gate's verdict on a run (blocking registry reads: called in a thread)."""
+    deployed = None
+    if spec.evaluation.must_beat_deployed and target is not None and target.exists:
+        md = op.deployments.get((namespace, target.name)) or {}
+        version = (md.get("status") or {}).get("stableVersion")
+        model = (md.get("spec") or {}).get("model") or {}
+        if version:
+            registry = op.registry(model["registryUri"], model["name"]) if model.get("registryUri") and model.get("name") else None
+            deployed = (version, registry)
+    registry = op.registry(spec.registry.uri, spec.registry.model_name)
+    return judge_run(registry, spec.evaluation, pipeline=pipeline, namespace=namespace, run=run, deployed=deployed)
+
+
+# ---------------------------------------------------------------- act
+
+
+async def act(op: Operator, s: PipelineSnapshot, plan: PipelinePlan) -> None:
+    namespace, name = s.key
+    if plan.start_run is not None:
+        assert s.spec is not None
+        await _refuse_unknown_rayjobs(op, s)
+        created = await op.client.apply(build_rayjob(s.pipeline, s.spec, plan.start_run, plan.start_trigger or ""))
+        op.rayjobs.remember(created)
+        await op.client.apply(build_run_configmap(s.pipeline, s.spec, plan.start_run, created))
+        log.info("%s/%s: run %d started (%s)", namespace, name, plan.start_run, plan.start_trigger)
+    for rj_name in plan.delete_rayjobs:
+        await op.client.delete({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": rj_name, "namespace": namespace}})
+    old = s.pipeline.get("status") or {}
+    await write_status(op.client, op.pipelines, s.pipeline, plan.status)
+    for run in plan.status.get("runs") or []:  # counted once: only after the status recorded it
+        before = next((r for r in old.get("runs") or [] if r.get("run") == run["run"]), None)
+        if run.get("outcome") not in ACTIVE and (before is None or before.get("outcome") in ACTIVE):
+            metrics.RUNS_FINISHED.labels(run.get("outcome", "")).inc()
+    op.emit(s.pipeline, plan.events)
+    if plan.status.get("latestVersion") != old.get("latestVersion"):
+        for md_key in op.deployments_following(namespace, s.pipeline):
+            op.deployment_queue.add(md_key)
+    op.update_gauges()
+
+
+async def _refuse_unknown_rayjobs(op: Operator, s: PipelineSnapshot) -> None:
+    """The cache may lag behind a RayJob made just before a restart: ask the apiserver itself, and plan
+    again from a snapshot that holds any RayJob we did not know of (adopting it keeps one RayJob per run)."""
+    namespace, name = s.key
+    live = await op.client.list(
+        resource_path("ray.io/v1", "rayjobs", namespace), label_selector=f"{LABEL_PIPELINE}={name}", resource="RayJob"
+    )
+    unknown = [rj for n, rj in rayjobs_by_run(live).items() if n not in s.rayjobs]
+    for rj in unknown:
+        op.rayjobs.remember(rj)
+    if unknown:
+        raise Requeue(0.0)

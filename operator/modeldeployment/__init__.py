@@ -1,0 +1,1 @@
+"""ModelDeployment -> KServe InferenceService: version resolution, rollout, status."""

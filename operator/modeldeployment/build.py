@@ -1,0 +1,184 @@
+"""The child of a ModelDeployment, pure: the KServe InferenceService (serving.kserve.io/v1beta1).
+
+`build_inference_service(deployment, spec, stable=..., candidate=..., weight=...)` serves `stable`
+(version, storage URI), with `candidate` beside it at `weight` percent of the traffic. It assumes a
+spec that `validate.validate_deployment` accepted.
+
+Canary in the two KServe deployment modes (checked against the pinned KServe v0.20.0 CRD):
+- Knative: one predictor, whose `storageUri` is the candidate, with `predictor.canaryTrafficPercent:
+  weight`; Knative keeps the previous rolled-out revision (the stable one) on the rest of the traffic.
+  The stable version is therefore not named in the spec: it is whatever revision last rolled out.
+- Standard: KServe v0.20.0 has `spec.canary[]` (`{predictor: {name, ...}, trafficPercent}`, Standard
+  mode only). The stable predictor gets `predictor.name: <stable version>` (its Deployment is
+  `<isvc>-<version>-predictor`), the candidate is `canary[0]` with `predictor.name: <candidate version>`
+  and its own container (KServe merges it over the stable predictor and gives it fixed replicas, so
+  the canary entry sets no autoscaling fields, as KServe's validation requires). Promotion, per KServe,
+  sets `predictor.name` to the candidate's and drops the canary entry: that is what this builder emits
+  for (stable=candidate, candidate=None).
+
+The predictor is the conveyor runtime image running `python -m conveyor.runtime.serve` as KServe's
+custom container (`kserve-container`); `STORAGE_URI` makes KServe's storage initializer fetch the
+registry version into /mnt/models before the server starts.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from conveyor.operator.controller.children import (
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    owner_reference,
+    stamp,
+    tolerations_to_api,
+)
+from conveyor.runtime.spec import DEFAULT_KSERVE_MODE, ModelDeploymentSpec
+
+LABEL_DEPLOYMENT = "conveyor.dev/model-deployment"
+ANNOTATION_STABLE_VERSION = "conveyor.dev/stable-version"
+ANNOTATION_CANDIDATE_VERSION = "conveyor.dev/candidate-version"
+
+KSERVE_DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
+KSERVE_AUTOSCALER_CLASS = "serving.kserve.io/autoscalerClass"
+KNATIVE_AUTOSCALER_CLASS = "autoscaling.knative.dev/class"
+
+MODEL_DIR = "/mnt/models"
+PREDICTOR_PORT = 8080
+
+
+_NAME_UNSAFE = re.compile(r"[^a-z0-9-]+")
+
+
+def predictor_name(version: str) -> str:
+    """A DNS-label-safe predictor name for a version (KServe names Deployments after it)."""
+    return _NAME_UNSAFE.sub("-", version.lower()).strip("-")[:20]
+
+
+def _predictor_container(
+    deployment: dict[str, Any], spec: ModelDeploymentSpec, storage_uri: str, version: str
+) -> dict[str, Any]:
+    p = spec.predictor
+    resources: dict[str, Any] = {}
+    requests = p.resources.requests.to_api()
+    limits = p.resources.limits.to_api()
+    if p.gpus:
+        limits["nvidia.com/gpu"] = p.gpus
+    if requests:
+        resources["requests"] = requests
+    if limits:
+        resources["limits"] = limits
+    name = deployment["metadata"]["name"]
+    container: dict[str, Any] = {
+        "name": "kserve-container",
+        "image": p.image,
+        "command": ["python", "-m", "conveyor.runtime.serve"],
+        "args": [
+            "--model-dir", MODEL_DIR,
+            "--name", name,
+            "--http-port", str(PREDICTOR_PORT),
+            "--max-batch-size", str(p.batching.max_batch_size),
+            "--max-latency-ms", str(p.batching.max_latency_ms),
+            "--drift-method", spec.monitoring.drift.method,
+        ],
+        # STORAGE_URI: KServe's storage initializer fetches it into MODEL_DIR. The server answers both
+        # protocols; CONVEYOR_PROTOCOL tells it (and people) which one clients are meant to use.
+        "env": [
+            {"name": "STORAGE_URI", "value": storage_uri},
+            {"name": "CONVEYOR_MODEL_VERSION", "value": version},
+            {"name": "CONVEYOR_PROTOCOL", "value": p.protocol},
+        ],
+        "ports": [{"containerPort": PREDICTOR_PORT, "protocol": "TCP"}],
+    }
+    if resources:
+        container["resources"] = resources
+    return container
+
+
+def _autoscaling(spec: ModelDeploymentSpec) -> tuple[dict[str, Any], dict[str, str]]:
+    """Predictor autoscaling fields and the autoscaler class annotations for the deployment mode."""
+    a = spec.autoscaling
+    mode = spec.rollout.mode or DEFAULT_KSERVE_MODE
+    fields: dict[str, Any] = {
+        "minReplicas": a.min_replicas,
+        "maxReplicas": a.max_replicas,
+        "scaleMetric": a.metric,
+        "scaleTarget": a.target,
+    }
+    if mode == "Knative":
+        if a.metric == "cpu":
+            # Knative's own HPA class scales on CPU; KPA only on concurrency and rps.
+            return fields, {KNATIVE_AUTOSCALER_CLASS: "hpa.autoscaling.knative.dev"}
+        return fields, {KNATIVE_AUTOSCALER_CLASS: "kpa.autoscaling.knative.dev"}
+    # Standard mode: Kubernetes HPA (validate.py refuses what KServe v0.20.0 does not allow).
+    return fields, {KSERVE_AUTOSCALER_CLASS: "hpa"}
+
+
+def build_inference_service(
+    deployment: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    *,
+    stable: tuple[str, str],
+    candidate: tuple[str, str] | None = None,
+    weight: int = 0,
+) -> dict[str, Any]:
+    """The InferenceService serving `stable` (version, storage URI), with `candidate` at `weight`%.
+
+    `candidate=None` serves `stable` alone. See the module docstring for how each mode splits traffic.
+    """
+    if candidate is not None and candidate[0] == stable[0]:
+        candidate = None
+    meta = deployment["metadata"]
+    mode = spec.rollout.mode or DEFAULT_KSERVE_MODE
+    scaling, class_annotations = _autoscaling(spec)
+    annotations = {KSERVE_DEPLOYMENT_MODE: mode, **class_annotations, ANNOTATION_STABLE_VERSION: stable[0]}
+    if candidate is not None:
+        annotations[ANNOTATION_CANDIDATE_VERSION] = candidate[0]
+
+    def placement(predictor: dict[str, Any]) -> dict[str, Any]:
+        if spec.predictor.node_selector:
+            predictor["nodeSelector"] = dict(spec.predictor.node_selector)
+        if spec.predictor.tolerations:
+            predictor["tolerations"] = tolerations_to_api(spec.predictor.tolerations)
+        return predictor
+
+    isvc_spec: dict[str, Any]
+    if mode == "Knative":
+        version, uri = candidate if candidate is not None else stable
+        predictor = placement({**scaling, "containers": [_predictor_container(deployment, spec, uri, version)]})
+        if candidate is not None:
+            predictor["canaryTrafficPercent"] = weight
+        isvc_spec = {"predictor": predictor}
+    else:
+        predictor = placement(
+            {
+                "name": predictor_name(stable[0]),
+                **scaling,
+                "containers": [_predictor_container(deployment, spec, stable[1], stable[0])],
+            }
+        )
+        isvc_spec = {"predictor": predictor}
+        if candidate is not None:
+            isvc_spec["canary"] = [
+                {
+                    "predictor": {
+                        "name": predictor_name(candidate[0]),
+                        "containers": [_predictor_container(deployment, spec, candidate[1], candidate[0])],
+                    },
+                    "trafficPercent": weight,
+                }
+            ]
+    return stamp(
+        {
+            "apiVersion": "serving.kserve.io/v1beta1",
+            "kind": "InferenceService",
+            "metadata": {
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: meta["name"]},
+                "annotations": annotations,
+                "ownerReferences": [owner_reference(deployment)],
+            },
+            "spec": isvc_spec,
+        }
+    )

@@ -1,0 +1,146 @@
+"""Reconcile one ModelDeployment: observe (every read, into one frozen snapshot), plan (pure, once), act.
+
+observe: the deployment and its InferenceService from the cache; the KServe mode settled (the spec's,
+         the live InferenceService's, or the operator's default); the version the spec asks for,
+         resolved from a pinned version (checked in the registry), a pipeline's status, or the
+         registry's newest version (blocking reads, in a thread).
+plan:    `plan.plan_deployment` -> the status, the InferenceService to apply (None when unchanged), events.
+act:     apply the InferenceService, write status once, post events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from conveyor.operator.controller.cache import Key
+from conveyor.operator.controller.status import write_status
+from conveyor.operator.controller.validation import parse_spec, validate_registry
+from conveyor.operator.modeldeployment.plan import DeploymentPlan, Resolution, plan_deployment
+from conveyor.operator.modeldeployment.validate import kserve_mode_conflict, with_kserve_mode
+from conveyor.runtime.spec import ModelDeploymentSpec
+
+if TYPE_CHECKING:
+    from conveyor.operator.controller.manager import Operator
+
+
+@dataclass(frozen=True)
+class DeploymentSnapshot:
+    key: Key
+    deployment: dict[str, Any]
+    spec: ModelDeploymentSpec | None
+    invalid: str | None
+    resolution: Resolution | None
+    isvc: dict[str, Any] | None
+    uri_for: Callable[[str], str]
+    now: datetime
+
+
+async def reconcile_deployment(op: Operator, key: Key) -> float | None:
+    s = await observe(op, key)
+    if s is None:
+        op.deployment_queue.forget(key)
+        return None
+    plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now)
+    await act(op, s, plan)
+    if s.resolution is not None and s.resolution.source == "registry":
+        # Nothing announces a new registry version: look again now and then (reads only).
+        return op.config.registry_poll_seconds
+    return None
+
+
+# ---------------------------------------------------------------- observe
+
+
+async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
+    obj = op.deployments.get(key)
+    if obj is None or obj["metadata"].get("deletionTimestamp"):
+        return None
+    spec, invalid = parse_spec(ModelDeploymentSpec, obj.get("spec") or {})
+    isvc = op.isvcs.get(key)
+    if spec is not None:
+        invalid = invalid or kserve_mode_conflict(spec, isvc)
+        spec = with_kserve_mode(spec, isvc, op.config.default_kserve_mode)
+    resolution = None
+    uri_for: Callable[[str], str] = str
+    if spec is not None and invalid is None:
+        invalid = validate_registry(op.registry, spec.model.registry_uri, spec.model.name, "spec.model.registryUri")
+    if spec is not None and invalid is None:
+        registry = op.registry(spec.model.registry_uri, spec.model.name)
+        uri_for = registry.package_uri
+        resolution = await _resolve(op, key, spec, registry)
+    return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, op.clock())
+
+
+async def _resolve(op: Operator, key: Key, spec: ModelDeploymentSpec, registry: Any) -> Resolution:
+    """The version the spec asks for (the module docstring of plan.py tells the hand-off rules)."""
+    namespace, name = key
+    model = spec.model
+    if model.version != "latest":
+        if await asyncio.to_thread(_version_exists, op, registry, model.registry_uri, model.name, model.version):
+            return Resolution(model.version, "pinned")
+        return Resolution(
+            None,
+            "pinned",
+            "VersionNotFound",
+            f"spec.model.version {model.version} is not a committed version of {model.name} in {model.registry_uri}",
+            degraded=True,
+        )
+    sources = [model.pipeline] if model.pipeline else [
+        p["metadata"]["name"]
+        for p in op.pipelines.in_namespace(namespace)
+        if ((p.get("spec") or {}).get("deploy") or {}).get("modelDeployment") == name
+    ]
+    if len(sources) > 1:
+        return Resolution(
+            None,
+            "pipelines",
+            "AmbiguousPipeline",
+            f"MLPipelines {', '.join(sorted(sources))} all deploy to {name}; set spec.model.pipeline to choose one",
+            degraded=True,
+        )
+    if sources:
+        return _from_pipeline(op.pipelines.get((namespace, sources[0])), sources[0])
+    latest = await asyncio.to_thread(registry.latest)
+    if latest is None:
+        return Resolution(None, "registry", "NoModelVersion", f"{model.registry_uri} holds no version of {model.name} yet")
+    return Resolution(latest, "registry")
+
+
+def _from_pipeline(pipeline: dict[str, Any] | None, name: str) -> Resolution:
+    if pipeline is None:
+        return Resolution(None, f"pipeline {name}", "PipelineNotFound", f"MLPipeline {name} does not exist")
+    version = (pipeline.get("status") or {}).get("latestVersion")
+    if not version:
+        return Resolution(
+            None,
+            f"pipeline {name}",
+            "AwaitingModel",
+            f"Waiting for MLPipeline {name} to pass a version through its evaluation gate.",
+        )
+    return Resolution(version, f"pipeline {name}")
+
+
+def _version_exists(op: Operator, registry: Any, uri: str, model: str, version: str) -> bool:
+    # Committed versions never change, so a positive answer is cached for good.
+    if (uri, model, version) in op.known_versions:
+        return True
+    # Committed (manifest valid, every file there at its size); the predictor verifies checksums at load.
+    if version in registry.versions(verify=False):
+        op.known_versions.add((uri, model, version))
+        return True
+    return False
+
+
+# ---------------------------------------------------------------- act
+
+
+async def act(op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan) -> None:
+    if plan.inference_service is not None:
+        op.isvcs.remember(await op.client.apply(plan.inference_service))
+    await write_status(op.client, op.deployments, s.deployment, plan.status)
+    op.emit(s.deployment, plan.events)
+    op.update_gauges()
