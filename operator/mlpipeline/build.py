@@ -92,14 +92,39 @@ def worker_groups(spec: MLPipelineSpec) -> list[WorkerGroup]:
     return [WorkerGroup(name="workers", replicas=t.num_workers, gpus=1 if t.use_gpu else 0)]
 
 
+def _ray_cluster(spec: MLPipelineSpec, config_map: str) -> dict[str, Any]:
+    """The RayCluster spec: one head, the worker groups, every pod mounting the run's ConfigMap."""
+    t = spec.training
+    head: HeadGroup = t.head_group
+    return {
+        "rayVersion": t.ray_version,
+        "headGroupSpec": {
+            "rayStartParams": {"dashboard-host": "0.0.0.0"},
+            "template": _pod_template(
+                _ray_container("ray-head", t.image, head.cpu, head.memory, 0), config_map, head.node_selector, head.tolerations
+            ),
+        },
+        "workerGroupSpecs": [
+            {
+                "groupName": g.name,
+                "replicas": g.replicas,
+                "minReplicas": g.replicas,
+                "maxReplicas": g.replicas,
+                "rayStartParams": {},
+                "template": _pod_template(
+                    _ray_container("ray-worker", t.image, g.cpu, g.memory, g.gpus), config_map, g.node_selector, g.tolerations
+                ),
+            }
+            for g in worker_groups(spec)
+        ],
+    }
+
+
 def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, trigger: str = "") -> dict[str, Any]:
     """The RayJob of run `run`: the cluster from spec.training, the entrypoint training with run.json."""
     meta = pipeline["metadata"]
-    name = rayjob_name(meta["name"], run)
     t = spec.training
-    groups = worker_groups(spec)
     config_map = run_configmap_name(meta["name"], run)
-    head: HeadGroup = t.head_group
     labels = run_labels(meta["name"], run)
     if t.queue:
         labels[LABEL_KUEUE_QUEUE] = t.queue
@@ -108,34 +133,7 @@ def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, trigg
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": t.ttl_seconds_after_finished,
         "backoffLimit": t.backoff_limit,
-        "rayClusterSpec": {
-            "rayVersion": t.ray_version,
-            "headGroupSpec": {
-                "rayStartParams": {"dashboard-host": "0.0.0.0"},
-                "template": _pod_template(
-                    _ray_container("ray-head", t.image, head.cpu, head.memory, 0),
-                    config_map,
-                    head.node_selector,
-                    head.tolerations,
-                ),
-            },
-            "workerGroupSpecs": [
-                {
-                    "groupName": g.name,
-                    "replicas": g.replicas,
-                    "minReplicas": g.replicas,
-                    "maxReplicas": g.replicas,
-                    "rayStartParams": {},
-                    "template": _pod_template(
-                        _ray_container("ray-worker", t.image, g.cpu, g.memory, g.gpus),
-                        config_map,
-                        g.node_selector,
-                        g.tolerations,
-                    ),
-                }
-                for g in groups
-            ],
-        },
+        "rayClusterSpec": _ray_cluster(spec, config_map),
     }
     if t.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = t.active_deadline_seconds
@@ -146,7 +144,7 @@ def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, trigg
             "apiVersion": "ray.io/v1",
             "kind": "RayJob",
             "metadata": {
-                "name": name,
+                "name": rayjob_name(meta["name"], run),
                 "namespace": meta["namespace"],
                 "labels": labels,
                 "annotations": run_annotations(pipeline, config_map, trigger),

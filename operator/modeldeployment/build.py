@@ -114,6 +114,46 @@ def _autoscaling(spec: ModelDeploymentSpec) -> tuple[dict[str, Any], dict[str, s
     return fields, {KSERVE_AUTOSCALER_CLASS: "hpa"}
 
 
+def _isvc_spec(
+    deployment: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    scaling: dict[str, Any],
+    stable: tuple[str, str],
+    candidate: tuple[str, str] | None,
+    weight: int,
+) -> dict[str, Any]:
+    """The predictor (and canary) of each mode; see the module docstring."""
+
+    def placement(predictor: dict[str, Any]) -> dict[str, Any]:
+        if spec.predictor.node_selector:
+            predictor["nodeSelector"] = dict(spec.predictor.node_selector)
+        if spec.predictor.tolerations:
+            predictor["tolerations"] = tolerations_to_api(spec.predictor.tolerations)
+        return predictor
+
+    if (spec.rollout.mode or DEFAULT_KSERVE_MODE) == "Knative":
+        version, uri = candidate if candidate is not None else stable
+        predictor = placement({**scaling, "containers": [_predictor_container(deployment, spec, uri, version)]})
+        if candidate is not None:
+            predictor["canaryTrafficPercent"] = weight
+        return {"predictor": predictor}
+    predictor = placement(
+        {"name": predictor_name(stable[0]), **scaling, "containers": [_predictor_container(deployment, spec, stable[1], stable[0])]}
+    )
+    isvc_spec: dict[str, Any] = {"predictor": predictor}
+    if candidate is not None:
+        isvc_spec["canary"] = [
+            {
+                "predictor": {
+                    "name": predictor_name(candidate[0]),
+                    "containers": [_predictor_container(deployment, spec, candidate[1], candidate[0])],
+                },
+                "trafficPercent": weight,
+            }
+        ]
+    return isvc_spec
+
+
 def build_inference_service(
     deployment: dict[str, Any],
     spec: ModelDeploymentSpec,
@@ -135,39 +175,7 @@ def build_inference_service(
     if candidate is not None:
         annotations[ANNOTATION_CANDIDATE_VERSION] = candidate[0]
 
-    def placement(predictor: dict[str, Any]) -> dict[str, Any]:
-        if spec.predictor.node_selector:
-            predictor["nodeSelector"] = dict(spec.predictor.node_selector)
-        if spec.predictor.tolerations:
-            predictor["tolerations"] = tolerations_to_api(spec.predictor.tolerations)
-        return predictor
-
-    isvc_spec: dict[str, Any]
-    if mode == "Knative":
-        version, uri = candidate if candidate is not None else stable
-        predictor = placement({**scaling, "containers": [_predictor_container(deployment, spec, uri, version)]})
-        if candidate is not None:
-            predictor["canaryTrafficPercent"] = weight
-        isvc_spec = {"predictor": predictor}
-    else:
-        predictor = placement(
-            {
-                "name": predictor_name(stable[0]),
-                **scaling,
-                "containers": [_predictor_container(deployment, spec, stable[1], stable[0])],
-            }
-        )
-        isvc_spec = {"predictor": predictor}
-        if candidate is not None:
-            isvc_spec["canary"] = [
-                {
-                    "predictor": {
-                        "name": predictor_name(candidate[0]),
-                        "containers": [_predictor_container(deployment, spec, candidate[1], candidate[0])],
-                    },
-                    "trafficPercent": weight,
-                }
-            ]
+    isvc_spec = _isvc_spec(deployment, spec, scaling, stable, candidate, weight)
     return stamp(
         {
             "apiVersion": "serving.kserve.io/v1beta1",
