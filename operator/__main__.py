@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    default=os.environ.get("CONVEYOR_DEFAULT_KSERVE_MODE", "Knative"),
                    help="KServe mode of a ModelDeployment that sets no spec.rollout.mode (fixed once its "
                         "InferenceService exists)")
+    p.add_argument("--prometheus-url", default=os.environ.get("CONVEYOR_PROMETHEUS_URL") or None,
+                   help="Prometheus that canary analysis and drift query (e.g. http://prometheus:9090); "
+                        "unset: a canary pauses for a person at its first analysis")
     p.add_argument("--log-level", default=os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     for ns in args.namespace:
@@ -65,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         registry_poll_seconds=args.registry_poll_seconds,
         metrics_port=args.metrics_port or None,
         default_kserve_mode=args.default_kserve_mode,
+        prometheus_url=args.prometheus_url,
     )
     liveness = f"http://{args.bind}:{args.liveness_port}/healthz" if args.liveness_port else None
     asyncio.run(

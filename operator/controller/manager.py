@@ -18,6 +18,7 @@ from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key, ObjectCache
 from conveyor.operator.controller.client import Client
 from conveyor.operator.controller.events import Event, EventPoster
+from conveyor.operator.controller.prometheus import Prometheus
 from conveyor.operator.controller.workqueue import WorkQueue
 
 
@@ -30,6 +31,8 @@ class Config:
     metrics_port: int | None = None
     # The KServe mode of a ModelDeployment that names none (Helm: operator.defaultKServeMode).
     default_kserve_mode: str = "Knative"
+    # Prometheus that rollout analysis and drift read (Helm sets CONVEYOR_PROMETHEUS_URL); None: no analysis.
+    prometheus_url: str | None = None
 
 
 def open_registry(uri: str, name: str) -> Any:
@@ -52,6 +55,8 @@ class Operator:
     isvcs: ObjectCache = field(default_factory=ObjectCache)
     # Committed registry versions never change: a positive lookup is cached for good.
     known_versions: set[tuple[str, str, str]] = field(default_factory=set)
+    # Built from config.prometheus_url unless given (tests point it at a local server).
+    prometheus: Prometheus | None = None
     pipeline_queue: WorkQueue[Key] = field(init=False)
     deployment_queue: WorkQueue[Key] = field(init=False)
 
@@ -69,6 +74,8 @@ class Operator:
         self.deployment_queue = WorkQueue("ModelDeployment", deployment, workers=self.config.deployment_workers)
         self._registries: dict[tuple[str, str], Any] = {}
         self._events = EventPoster(self.client)
+        if self.prometheus is None and self.config.prometheus_url:
+            self.prometheus = Prometheus(self.config.prometheus_url)
         self._resync_task: asyncio.Task[None] | None = None
 
     def registry(self, uri: str, name: str) -> Any:
@@ -117,3 +124,5 @@ class Operator:
         await self.pipeline_queue.stop()
         await self.deployment_queue.stop()
         await self.client.close()
+        if self.prometheus is not None:
+            await self.prometheus.close()
