@@ -123,12 +123,14 @@ class ModelArchitecture(_Model):
 
 
 class Hyperparameters(_Model):
+    # A maximum: training stops once the validation loss has not improved for earlyStoppingPatience epochs.
     epochs: int = 5
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     seed: int = 42
+    early_stopping_patience: int = 3
 
 
 class Toleration(_Model):
@@ -178,6 +180,31 @@ MetricName = Literal["accuracy", "f1Macro", "rocAuc", "rmse", "mae"]
 
 LOWER_IS_BETTER: frozenset[str] = frozenset({"rmse", "mae"})
 
+# Metrics of one class (the positive class of a binary task when `class` is not named).
+PER_CLASS_METRICS: frozenset[str] = frozenset({"precision", "recall", "f1"})
+
+RequirementMetricName = Literal[
+    "accuracy", "f1Macro", "rocAuc", "prAuc", "precision", "recall", "f1", "rmse", "mae"
+]
+
+
+def meets(metric: str, value: float, threshold: float) -> bool:
+    """Whether ``value`` of ``metric`` reaches ``threshold`` (at most it for error metrics)."""
+    return value <= threshold if metric in LOWER_IS_BETTER else value >= threshold
+
+
+class MetricRequirement(_Model):
+    """One more held-out metric a candidate must reach, beside `evaluation.metric`."""
+
+    metric: RequirementMetricName
+    threshold: float
+    class_name: str | None = Field(default=None, alias="class")
+
+    @property
+    def key(self) -> str:
+        """Its name in metrics.json: ``recall:<class>`` for a named class, else the metric itself."""
+        return f"{self.metric}:{self.class_name}" if self.class_name is not None else self.metric
+
 
 class EvaluationSpec(_Model):
     """The gate a trained model must pass before it is registered as deployable."""
@@ -186,6 +213,7 @@ class EvaluationSpec(_Model):
     threshold: float = 0.0
     must_beat_deployed: bool = False
     margin: float = 0.0
+    metrics: list[MetricRequirement] = Field(default_factory=list)
 
 
 class RegistrySpec(_Model):
