@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml hack/devstack/pyproject.toml
 	hack/install-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[runtime,dev]'
+	$(PY) -m pip install -q -e '.[runtime,dev,s3]'
 	$(PY) -m pip install -q -e hack/devstack
 	touch $@
 
