@@ -96,3 +96,23 @@ def namespace(kubectl: Kubectl) -> Iterator[str]:
 
 def kubectl_json(kubectl: Kubectl, *args: str) -> dict:
     return json.loads(kubectl(*args, "-o", "json").stdout)
+
+
+@pytest.fixture
+def prometheus(tmp_path: Path):
+    """A real Prometheus (hack/devstack's helper over Debian's binary) scraping file_sd targets once a
+    second, with its own temporary state; ``.add_target(name, "127.0.0.1:PORT", labels)``, ``.url``,
+    ``.query(promql)``, ``.value(promql)``. Missing binary: a skip locally, a failure under CI=true."""
+    from conveyor_devstack.prometheus import Prometheus, PrometheusError, binary
+
+    try:
+        binary()
+    except PrometheusError as e:
+        if os.environ.get("CI") == "true":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    prom = Prometheus.start(tmp_path / "prometheus")
+    try:
+        yield prom
+    finally:
+        prom.stop()
