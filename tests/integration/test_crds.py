@@ -173,6 +173,24 @@ INVALID = [
     ("scale-to-zero-on-cpu", DEPLOYMENT,
      _set("spec.autoscaling", {"minReplicas": 0, "maxReplicas": 2, "metric": "cpu", "target": 70}),
      "spec.autoscaling.minReplicas", "cannot scale to zero"),
+    # Hostile specs: names that would not fit downstream, paths that escape, sizes beyond reason.
+    ("pipeline-name-too-long", PIPELINE, _set("metadata.name", "p" * 41), "metadata.name", "at most 40 characters"),
+    ("deployment-name-too-long", DEPLOYMENT, _set("metadata.name", "d" * 46), "metadata.name", "at most 45 characters"),
+    ("deployment-name-not-dns-1035", DEPLOYMENT, _set("metadata.name", "1fraud"), "metadata.name", "start with a letter"),
+    ("registry-uri-escapes", PIPELINE, _set("spec.registry.uri", "file:///models/../etc"), "spec.registry.uri", ". or .. path segments"),
+    ("model-registry-uri-escapes", DEPLOYMENT, _set("spec.model.registryUri", "s3://bucket/models/.."), "spec.model.registryUri", ". or .. path segments"),
+    ("model-name-is-a-path", PIPELINE, _set("spec.registry.modelName", "../etc"), "spec.registry.modelName", "should match"),
+    ("absolute-model-name", DEPLOYMENT, _set("spec.model.name", "/etc/passwd"), "spec.model.name", "should match"),
+    ("image-beyond-sane-length", DEPLOYMENT, _set("spec.predictor.image", "r/" + "x" * 5000), "spec.predictor.image", "Too long"),
+    ("query-beyond-sane-length", DEPLOYMENT,
+     _set("spec.rollout.analysis.checks", [{"name": "q", "query": "x" * 5000, "max": 1}]),
+     "spec.rollout.analysis.checks[0].query", "Too long"),
+    ("cron-never-fires", PIPELINE, _set("spec.triggers.schedule", "0 0 30 2 *"), "spec.triggers.schedule", "never fires"),
+    ("cron-with-seconds", PIPELINE, _set("spec.triggers.schedule", "* * * * * *"), "spec.triggers.schedule", "should match"),
+    ("node-selector-value-not-a-label", DEPLOYMENT,
+     _set("spec.predictor.nodeSelector", {"pool": "gpu pool!"}), "spec.predictor.nodeSelector.pool", "should match"),
+    ("node-selector-key-not-a-label", PIPELINE,
+     _set("spec.training.workerGroups.0.nodeSelector", {"bad key": "x"}), "spec.training.workerGroups[0].nodeSelector", "label keys"),
 ]
 
 

@@ -44,6 +44,20 @@ def test_every_field_is_described(crd) -> None:
     assert undocumented == []
 
 
+def test_every_spec_value_is_bounded(crd) -> None:
+    """No string, list or map a user writes is unbounded: admission refuses sizes beyond reason (and the
+    apiserver can cost-check CEL rules over bounded values)."""
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    unbounded = [
+        path
+        for path, node in _walk(spec, "spec")
+        if (node.get("type") == "string" and "maxLength" not in node and "enum" not in node)
+        or (node.get("type") == "array" and "maxItems" not in node)
+        or (node.get("type") == "object" and isinstance(node.get("additionalProperties"), dict) and "maxProperties" not in node)
+    ]
+    assert unbounded == [], "give these a maxLength / maxItems / maxProperties"
+
+
 def test_api_conventions(crd) -> None:
     names = crd["spec"]["names"]
     assert crd["spec"]["group"] == spec.GROUP
