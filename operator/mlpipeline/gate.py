@@ -1,7 +1,8 @@
 """The evaluation gate: may a freshly trained model version be deployed?
 
 A version passes when its held-out `spec.evaluation.metric` reaches `threshold` (at least it, or at most
-it for error metrics such as rmse and mae) and, with `mustBeatDeployed`, beats the version the
+it for error metrics such as rmse and mae), every `spec.evaluation.metrics[]` requirement reaches its
+own threshold (for example recall of the positive class beside ROC AUC) and, with `mustBeatDeployed`, beats the version the
 deployment serves now by `margin` (higher by margin, or lower by margin for error metrics). With
 nothing deployed yet the second test passes: there is nothing to beat.
 
@@ -15,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from conveyor.runtime.spec import LOWER_IS_BETTER, EvaluationSpec
+from conveyor.runtime.spec import LOWER_IS_BETTER, EvaluationSpec, meets
 
 
 class MetadataSource(Protocol):
@@ -67,6 +68,9 @@ def evaluate_gate(
             metric,
             value,
         )
+    unmet = unmet_requirement(evaluation, candidate)
+    if unmet is not None:
+        return unmet
     if evaluation.must_beat_deployed and deployed is not None and deployed_version is not None:
         base = _metric_value(deployed, metric)
         if base is not None:
@@ -94,6 +98,27 @@ def evaluate_gate(
                 base,
             )
     return GateResult(True, "Passed", f"{metric}={value:.4g} reaches the threshold {evaluation.threshold:.4g}", metric, value)
+
+
+def unmet_requirement(evaluation: EvaluationSpec, candidate: dict[str, Any]) -> GateResult | None:
+    """The first of `evaluation.metrics[]` the candidate misses (MetricMissing or BelowThreshold)."""
+    for i, req in enumerate(evaluation.metrics):
+        where = f"evaluation.metrics[{i}]"
+        value = _metric_value(candidate, req.key)
+        if value is None:
+            return GateResult(
+                False, "MetricMissing", f"the model package has no numeric {req.key!r} ({where})", req.key, None
+            )
+        if not meets(req.metric, value, req.threshold):
+            cmp = "above" if req.metric in LOWER_IS_BETTER else "below"
+            return GateResult(
+                False,
+                "BelowThreshold",
+                f"{req.key}={value:.4g} is {cmp} the threshold {req.threshold:.4g} ({where})",
+                req.key,
+                value,
+            )
+    return None
 
 
 @dataclass(frozen=True)

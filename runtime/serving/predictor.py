@@ -37,6 +37,7 @@ import orjson
 from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput
 
+from conveyor.runtime.package.decision import decide, decision_threshold
 from conveyor.runtime.package.drift import DriftMonitor
 from conveyor.runtime.package.registry import ModelPackage, PackageError, open_package
 from conveyor.runtime.serving.batching import DynamicBatcher
@@ -152,6 +153,8 @@ class PackagePredictor(Model):
         self.batcher: DynamicBatcher | None = None
         self.version = ""
         self.device = "cpu"
+        # A binary package's decision threshold for its positive class (schema.json), else argmax.
+        self.threshold: float | None = None
 
     # ------------------------------------------------------------ loading
 
@@ -166,6 +169,7 @@ class PackagePredictor(Model):
         self.kind = pkg.transforms.kind
         self.task = pkg.task
         self.classes = [str(c) for c in pkg.classes] if pkg.classes is not None else None
+        self.threshold = decision_threshold(pkg.schema)
         if self.task == "classification" and not self.classes:
             raise PackageError(f"{self.model_dir}: schema.json has no classes for a classification model")
         self.device = _pick_device(self.requested_device)
@@ -291,7 +295,7 @@ class PackagePredictor(Model):
                 self.metrics.observe_batch(payload.rows, 1)
 
         if self.task == "classification":
-            idx = np.argmax(out, axis=1)
+            idx = decide(out, self.threshold)
             labels = [self.classes[i] for i in idx]  # type: ignore[index]
             answers: list[Any] = labels
         else:

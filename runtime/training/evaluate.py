@@ -1,7 +1,10 @@
 """Held-out evaluation and the pipeline's gate.
 
-Classification: accuracy, macro F1, ROC AUC (binary only), confusion matrix (rows = true class,
-columns = predicted, in ``classes`` order). Regression: RMSE and MAE.
+Classification: accuracy, macro F1, per-class precision, recall and F1 (``recall:<class>``), confusion
+matrix (rows = true class, columns = predicted, in ``classes`` order); for a binary task also ROC AUC, PR
+AUC (average precision) and the positive (second) class's ``precision``, ``recall`` and ``f1``, with
+predictions made by the package's decision threshold (``choose_threshold``, on the validation split).
+Regression: RMSE and MAE.
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from conveyor.runtime.spec import LOWER_IS_BETTER, EvaluationSpec
+from conveyor.runtime.package.decision import decide
+from conveyor.runtime.spec import LOWER_IS_BETTER, EvaluationSpec, meets
+
+# Metrics that depend on the decision rule and can be maximised by choosing the threshold.
+THRESHOLD_METRICS = ("accuracy", "f1Macro")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -20,11 +27,20 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def classification_metrics(logits: np.ndarray, y_true: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score
+def classification_metrics(
+    logits: np.ndarray, y_true: np.ndarray, classes: Sequence[str], threshold: float | None = None
+) -> dict[str, Any]:
+    from sklearn.metrics import (
+        average_precision_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
 
     y_true = np.asarray(y_true, dtype=np.int64)
-    pred = logits.argmax(axis=1)
+    probabilities = softmax(logits)
+    pred = decide(probabilities, threshold)
     labels = list(range(len(classes)))
     out: dict[str, Any] = {
         "accuracy": float((pred == y_true).mean()),
@@ -32,11 +48,47 @@ def classification_metrics(logits: np.ndarray, y_true: np.ndarray, classes: Sequ
         "confusionMatrix": confusion_matrix(y_true, pred, labels=labels).tolist(),
         "classes": list(classes),
     }
+    precision, recall, f1, _ = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
+    for i, c in enumerate(classes):
+        out[f"precision:{c}"] = float(precision[i])
+        out[f"recall:{c}"] = float(recall[i])
+        out[f"f1:{c}"] = float(f1[i])
     if len(classes) == 2:
-        # AUC is undefined when the test split holds one class only.
-        present = np.unique(y_true)
-        out["rocAuc"] = float(roc_auc_score(y_true, softmax(logits)[:, 1])) if len(present) == 2 else None
+        out.update(precision=float(precision[1]), recall=float(recall[1]), f1=float(f1[1]))
+        if threshold is not None:
+            out["decisionThreshold"] = threshold
+        # AUCs are undefined when the test split holds one class only.
+        both = len(np.unique(y_true)) == 2
+        out["rocAuc"] = float(roc_auc_score(y_true, probabilities[:, 1])) if both else None
+        out["prAuc"] = float(average_precision_score(y_true, probabilities[:, 1])) if both else None
     return out
+
+
+def choose_threshold(logits: np.ndarray, y_true: np.ndarray, objective: str) -> float | None:
+    """The positive-class probability threshold that maximises ``objective`` (accuracy or f1Macro; F1 of
+    the positive class for threshold-free metrics such as rocAuc) on a validation split; None (argmax)
+    for more than two classes or a split without both classes."""
+    from sklearn.metrics import f1_score
+
+    y_true = np.asarray(y_true, dtype=np.int64)
+    if logits.shape[1] != 2 or len(np.unique(y_true)) < 2:
+        return None
+    p = softmax(logits)[:, 1]
+    # Every distinct score is a candidate (at most ~400, by quantile, for large splits); 0.5 first, so a
+    # tie keeps the plain rule.
+    candidates = np.unique(np.quantile(p, np.linspace(0, 1, 401))) if len(p) > 400 else np.unique(p)
+    best, best_score = 0.5, -1.0
+    for t in [0.5, *candidates.tolist()]:
+        pred = (p >= t).astype(np.int64)
+        if objective == "accuracy":
+            score = float((pred == y_true).mean())
+        elif objective == "f1Macro":
+            score = float(f1_score(y_true, pred, average="macro", zero_division=0))
+        else:
+            score = float(f1_score(y_true, pred, zero_division=0))
+        if score > best_score + 1e-12:
+            best, best_score = float(t), score
+    return best
 
 
 def regression_metrics(predictions: np.ndarray, y_true: np.ndarray) -> dict[str, Any]:
@@ -47,21 +99,28 @@ def regression_metrics(predictions: np.ndarray, y_true: np.ndarray) -> dict[str,
 
 
 def gate(metrics: dict[str, Any], spec: EvaluationSpec) -> dict[str, Any]:
-    """Whether the held-out ``spec.metric`` passes ``spec.threshold`` (the operator adds the comparison
-    with the deployed version, which only it knows)."""
-    value = metrics.get(spec.metric)
-    lower = spec.metric in LOWER_IS_BETTER
-    if value is None:
-        passed, reason = False, f"metric {spec.metric!r} is not available for this task/data"
-    else:
-        passed = value <= spec.threshold if lower else value >= spec.threshold
-        cmp = "<=" if lower else ">="
-        reason = f"{spec.metric} {value:.4f} {'' if passed else 'not '}{cmp} threshold {spec.threshold}"
+    """Whether the held-out ``spec.metric`` passes ``spec.threshold`` and every ``spec.metrics[]``
+    requirement passes its own (the operator adds the comparison with the deployed version, which only
+    it knows)."""
+    checks = [(spec.metric, spec.metric, spec.threshold)] + [
+        (r.key, r.metric, r.threshold) for r in spec.metrics
+    ]
+    reasons, passed = [], True
+    for key, metric, threshold in checks:
+        value = metrics.get(key)
+        cmp = "<=" if metric in LOWER_IS_BETTER else ">="
+        if value is None:
+            passed = False
+            reasons.append(f"metric {key!r} is not available for this task/data")
+            continue
+        ok = meets(metric, value, threshold)
+        passed = passed and ok
+        reasons.append(f"{key} {value:.4f} {'' if ok else 'not '}{cmp} threshold {threshold}")
     return {
         "metric": spec.metric,
-        "value": value,
+        "value": metrics.get(spec.metric),
         "threshold": spec.threshold,
-        "lowerIsBetter": lower,
+        "lowerIsBetter": spec.metric in LOWER_IS_BETTER,
         "passed": passed,
-        "reason": reason,
+        "reason": "; ".join(reasons),
     }

@@ -1,6 +1,11 @@
 """The Ray Train part of a run: ``fit`` starts a TorchTrainer on the prepared data, and
 ``train_loop_per_worker`` runs on every worker (DDP when there are several), reporting metrics and a
-checkpoint a retried job resumes from."""
+checkpoint a retried job resumes from.
+
+Defaults that make the first model good without tuning: a class rarer than RARE_CLASS_FRACTION gets
+"balanced" loss weights (n / (classes * count), as scikit-learn's ``class_weight="balanced"``); every
+epoch is scored on the validation split, the best epoch's weights are kept, and training stops once the
+validation loss has not improved for ``earlyStoppingPatience`` epochs (so ``epochs`` is a maximum)."""
 
 from __future__ import annotations
 
@@ -22,6 +27,9 @@ from conveyor.runtime.spec import RunConfig
 from conveyor.runtime.training.prepare import PreparedData
 
 log = logging.getLogger("conveyor.train")
+
+# Below this share of the training rows a class counts as rare and the loss is class-weighted.
+RARE_CLASS_FRACTION = 0.2
 
 
 def tune_allocator() -> None:
@@ -70,11 +78,12 @@ def train_epoch(
     device: Any,
     amp: bool = False,
     scaler: Any = None,
+    class_weights: Any = None,
 ) -> dict[str, float]:
     """One pass over ``batches`` ((x, y) tensors): the step both Ray Train and the plain loop run."""
     import torch
 
-    loss_fn = torch.nn.CrossEntropyLoss() if classification else torch.nn.MSELoss()
+    loss_fn = _loss_fn(classification, class_weights, device)
     model.train()
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device)
@@ -100,6 +109,42 @@ def train_epoch(
         if classification:
             correct += (out.detach().argmax(dim=1) == y).sum()
     return {"loss_sum": float(total_loss), "correct": float(correct), "samples": float(seen)}
+
+
+def _loss_fn(classification: bool, class_weights: Any, device: Any) -> Any:
+    import torch
+
+    if not classification:
+        return torch.nn.MSELoss()
+    weight = (
+        None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32, device=device)
+    )
+    return torch.nn.CrossEntropyLoss(weight=weight)
+
+
+def class_weights_for(y: np.ndarray, classes: int) -> list[float] | None:
+    """Balanced loss weights when some class is rare in ``y`` (see the module docstring), else None."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=classes).astype(np.float64)
+    if len(y) == 0 or counts.min() / len(y) >= RARE_CLASS_FRACTION:
+        return None
+    return (len(y) / (classes * np.maximum(counts, 1.0))).tolist()
+
+
+def validation_loss(
+    model: Any, x: Any, y: Any, loss_fn: Any, classification: bool, batch_size: int = 4096
+) -> float:
+    """The mean loss over the validation split (eval mode, no gradients)."""
+    import torch
+
+    raw = model.module if hasattr(model, "module") else model
+    raw.eval()
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+            out = raw(xb).float()
+            total += float(loss_fn(out, yb if classification else yb.view(-1, 1))) * len(xb)
+    return total / max(len(x), 1)
 
 
 def _ray_batches(shard: Any, batch_size: int, seed: int, device: Any) -> Iterator[tuple[Any, Any]]:
@@ -149,7 +194,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         dropout=cfg["dropout"],
         pretrained=cfg["pretrained"],
     )
-    start_epoch, history, opt_state = 0, [], None
+    start_epoch, history, opt_state, finished = 0, [], None, False
+    best: dict[str, Any] | None = None  # the best epoch on the validation split: its weights and loss
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -159,6 +205,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         start_epoch = state["epoch"] + 1
         history = state["history"]
         history[-1]["resumedHere"] = True
+        best, finished = state.get("best"), bool(state.get("finished"))
     model = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(model, cfg)
     if opt_state is not None:
@@ -167,12 +214,17 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if amp and not torch.cuda.is_bf16_supported() else None
     shard = ray.train.get_dataset_shard("train")
     classification = cfg["task"] == "classification"
+    val = None
+    if cfg["validation"] is not None:
+        xv, yv = ray.get(cfg["validation"])
+        val = (torch.tensor(xv, device=device), torch.tensor(yv, device=device))  # copies: ray.get is read-only
+    val_loss_fn = _loss_fn(classification, cfg["classWeights"], device)
 
     # A shard that fits in memory is streamed from Ray Data once and then kept: later epochs shuffle it
     # in memory, as a plain PyTorch loop would, instead of paying Ray Data's per-batch cost again.
     cached: tuple[Any, Any] | None = None
     last_checkpoint = time.monotonic()
-    for epoch in range(start_epoch, cfg["epochs"]):
+    for epoch in range(start_epoch, cfg["epochs"] if not finished else start_epoch):
         started, cpu_started = time.perf_counter(), time.thread_time()
         epoch_seed = cfg["seed"] * 1000 + epoch * 10 + rank
         sink: list[tuple[Any, Any]] = []
@@ -190,6 +242,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             device=device,
             amp=amp,
             scaler=scaler,
+            class_weights=cfg["classWeights"],
         )
         elapsed = time.perf_counter() - started
         cpu_seconds = time.thread_time() - cpu_started
@@ -218,15 +271,39 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         }
         if classification:
             metrics["trainAccuracy"] = stats["correct"] / samples
+        stop = False
+        if val is not None:
+            # Every rank scores the same weights on the same split, so all reach the same decision.
+            loss = validation_loss(model, *val, val_loss_fn, classification)
+            metrics["validationLoss"] = loss
+            if best is None or loss < best["loss"] - 1e-6:
+                raw = model.module if hasattr(model, "module") else model
+                best = {"epoch": epoch + 1, "loss": loss, "model": _cpu_state(raw)}
+            stop = cfg["patience"] > 0 and epoch + 1 - best["epoch"] >= cfg["patience"]
         history.append(metrics)
-        last_epoch = epoch == cfg["epochs"] - 1
+        last_epoch = stop or epoch == cfg["epochs"] - 1
         due = time.monotonic() - last_checkpoint >= cfg["checkpointIntervalS"]
-        _report(model, optimizer, epoch, history, rank, checkpoint=last_epoch or due)
+        _report(
+            model,
+            optimizer,
+            epoch,
+            history,
+            rank,
+            checkpoint=last_epoch or due,
+            best=best,
+            finished=last_epoch,
+        )
         if last_epoch or due:
             last_checkpoint = time.monotonic()
-    if checkpoint is not None and start_epoch >= cfg["epochs"]:
-        # The previous attempt had finished every epoch: report its state again, marked as resumed.
-        _report(model, optimizer, start_epoch - 1, history, rank)
+        if stop:
+            break
+    if checkpoint is not None and (finished or start_epoch >= cfg["epochs"]):
+        # The previous attempt had finished: report its state again, marked as resumed.
+        _report(model, optimizer, start_epoch - 1, history, rank, best=best, finished=True)
+
+
+def _cpu_state(model: Any) -> dict[str, Any]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
 def _report(
@@ -237,6 +314,8 @@ def _report(
     rank: int,
     *,
     checkpoint: bool = True,
+    best: dict[str, Any] | None = None,
+    finished: bool = False,
 ) -> None:
     """Per-epoch metrics to Ray Train, with a checkpoint (written by rank 0) a retry resumes from."""
     import ray.train
@@ -251,6 +330,8 @@ def _report(
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "history": history,
+                "best": best,
+                "finished": finished,
             }
             torch.save(state, Path(d) / "state.pt")
             ckpt = ray.train.Checkpoint.from_directory(d)
@@ -315,6 +396,11 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         # Regression trains on standardized targets; the exported model maps back to the label's units.
         y_mean, y_std = float(y_train.mean()), float(y_train.std()) or 1.0
         y_train = ((y_train - y_mean) / y_std).astype(np.float32)
+    validation = None
+    if prepared.x_val is not None and prepared.y_val is not None:
+        y_val = prepared.y_val if prepared.classes is not None else ((prepared.y_val - y_mean) / y_std)
+        validation = ray.put((prepared.x_val, y_val.astype(prepared.y_train.dtype)))
+    class_weights = class_weights_for(prepared.y_train, prepared.outputs) if prepared.classes else None
     train_ds = ray.data.from_numpy(prepared.x_train).zip(ray.data.from_numpy(y_train))
     train_ds = train_ds.rename_columns({"data": "x", "data_1": "y"}).materialize()
     shard_bytes = (prepared.x_train.nbytes + y_train.nbytes) / tr.num_workers
@@ -333,6 +419,9 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         "weightDecay": hp.weight_decay,
         "optimizer": hp.optimizer,
         "seed": hp.seed,
+        "patience": hp.early_stopping_patience,
+        "validation": validation,
+        "classWeights": class_weights,
         "threads": threads,
         "amp": use_gpu,
         "cacheShard": shard_bytes <= cache_limit,
@@ -372,7 +461,8 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         dropout=tr.model.dropout,
         pretrained=False,
     )
-    model.load_state_dict(state["model"])
+    best = state.get("best")
+    model.load_state_dict(best["model"] if best else state["model"])
     if prepared.classes is None:
         from conveyor.runtime.training.models import TargetScale
 
@@ -387,5 +477,8 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         "threadsPerWorker": threads,
         "shardCachedInMemory": loop_config["cacheShard"],
         "resumedAfterEpoch": next((h["epoch"] for h in history if h.get("resumedHere")), None),
+        "bestEpoch": best["epoch"] if best else None,
+        "stoppedEarly": len(history) < hp.epochs,
+        "classWeights": class_weights,
     }
     return model, history, facts

@@ -1,11 +1,12 @@
 """Data preparation for a training run: ingest with Ray Data, validate against the data contract, split
 (seeded, stratified for classification), profile the training split and fit the declared feature
-transforms on it only."""
+transforms on it only, then carve a validation split out of the training split (early stopping and the
+decision threshold are chosen on it; the test split stays untouched for the gate)."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,8 @@ class PreparedData:
     y_test: np.ndarray
     data_sha256: str
     validation: ValidationReport
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     @property
     def input_shape(self) -> list[int]:
@@ -84,12 +87,21 @@ def _classes(labels: np.ndarray, config: RunConfig) -> list[str]:
     return sorted(keys, key=order)
 
 
+# The share of the training split held out for validation, and the fewest training rows that get one.
+VALIDATION_FRACTION = 0.15
+MIN_ROWS_FOR_VALIDATION = 50
+
+
 def _split(y: np.ndarray, config: RunConfig, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train/test row indices; stratified by class for classification."""
     frac = config.data.split.test_fraction
     if not 0.0 < frac < 1.0:
         raise ValueError(f"data.split.testFraction must be within (0, 1), got {frac}")
-    rng = np.random.default_rng(config.data.split.seed)
+    return _seeded_split(y, frac, config.data.split.seed, stratify)
+
+
+def _seeded_split(y: np.ndarray, frac: float, seed: int, stratify: bool) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
     groups = [np.nonzero(y == c)[0] for c in np.unique(y)] if stratify else [np.arange(len(y))]
     train, test = [], []
     for idx in groups:
@@ -105,8 +117,24 @@ def _split(y: np.ndarray, config: RunConfig, stratify: bool) -> tuple[np.ndarray
     return tr, te
 
 
+def with_validation(prepared: PreparedData, seed: int) -> PreparedData:
+    """``prepared`` with VALIDATION_FRACTION of its training rows moved to a validation split (seeded,
+    stratified for classification); unchanged when the training split is too small to spare them."""
+    y = prepared.y_train
+    if len(y) < MIN_ROWS_FOR_VALIDATION:
+        return prepared
+    fit_idx, val_idx = _seeded_split(y, VALIDATION_FRACTION, seed + 1, prepared.classes is not None)
+    x = prepared.x_train
+    return replace(prepared, x_train=x[fit_idx], y_train=y[fit_idx], x_val=x[val_idx], y_val=y[val_idx])
+
+
 def prepare_data(config: RunConfig) -> PreparedData:
-    """Ingest, validate, split, profile and fit transforms (raises DataValidationError on bad data)."""
+    """Ingest, validate, split, profile and fit transforms, then carve the validation split (raises
+    DataValidationError on bad data)."""
+    return with_validation(_prepare_split(config), config.data.split.seed)
+
+
+def _prepare_split(config: RunConfig) -> PreparedData:
     source = config.data.source
     ds = data_mod.load_dataset(source, label=config.data.label).materialize()
     report = validate_dataset(ds, config.data)

@@ -35,6 +35,13 @@ def meta(**metrics: Any) -> dict[str, Any]:
         ({"metric": "accuracy", "threshold": 0.5, "mustBeatDeployed": True, "margin": 0.5}, meta(accuracy=0.6), None, True, "Passed"),
         # not asked to beat it
         ({"metric": "accuracy", "threshold": 0.5}, meta(accuracy=0.6), meta(accuracy=0.99), True, "Passed"),
+        # evaluation.metrics[]: every requirement must pass too (recall of the positive class beside ROC AUC)
+        ({"metric": "rocAuc", "threshold": 0.85, "metrics": [{"metric": "recall", "threshold": 0.5}]}, meta(rocAuc=0.9, recall=0.6), None, True, "Passed"),
+        ({"metric": "rocAuc", "threshold": 0.85, "metrics": [{"metric": "recall", "threshold": 0.5}]}, meta(rocAuc=0.9, recall=0.2), None, False, "BelowThreshold"),
+        ({"metric": "rocAuc", "threshold": 0.85, "metrics": [{"metric": "recall", "threshold": 0.5}]}, meta(rocAuc=0.8, recall=0.9), None, False, "BelowThreshold"),
+        ({"metric": "accuracy", "threshold": 0.5, "metrics": [{"metric": "recall", "class": "fraud", "threshold": 0.5}]}, {"metrics": {"accuracy": 0.9, "recall:fraud": 0.7}}, None, True, "Passed"),
+        ({"metric": "accuracy", "threshold": 0.5, "metrics": [{"metric": "recall", "class": "fraud", "threshold": 0.5}]}, meta(accuracy=0.9, recall=0.7), None, False, "MetricMissing"),
+        ({"metric": "accuracy", "threshold": 0.5, "metrics": [{"metric": "mae", "threshold": 2}]}, meta(accuracy=0.9, mae=3), None, False, "BelowThreshold"),
     ],
 )
 def test_gate_table(evaluation: dict[str, Any], candidate: dict[str, Any], deployed: dict[str, Any] | None, passed: bool, reason: str) -> None:
