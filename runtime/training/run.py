@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from conveyor.runtime.package import profile
+from conveyor.runtime.package.decision import decide
 from conveyor.runtime.package.registry import PackageError, Registry, StagingArea
 from conveyor.runtime.package.validation import DataValidationError
 from conveyor.runtime.spec import RunConfig
@@ -138,17 +139,26 @@ def run(config: RunConfig) -> RunResult:
     scripted = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu").eval()
     outputs = _predict(scripted, prepared.x_test)
     if prepared.classes is not None:
-        metrics = evaluate.classification_metrics(outputs, prepared.y_test, prepared.classes)
-        predicted = outputs.argmax(axis=1)
+        # The decision threshold is chosen on the validation split and shipped in schema.json, so the
+        # test split judges exactly the rule serving applies.
+        threshold = None
+        if prepared.x_val is not None:
+            val_outputs = _predict(scripted, prepared.x_val)
+            threshold = evaluate.choose_threshold(val_outputs, prepared.y_val, config.evaluation.metric)
+        if threshold is not None:
+            prepared.schema["decisionThreshold"] = threshold
+        metrics = evaluate.classification_metrics(outputs, prepared.y_test, prepared.classes, threshold)
+        predicted = decide(evaluate.softmax(outputs), threshold)
     else:
         metrics = evaluate.regression_metrics(outputs, prepared.y_test)
         predicted = outputs.reshape(-1)
     metrics.update(
         {
             "trainSamples": int(len(prepared.y_train)),
+            "validationSamples": int(len(prepared.y_val)) if prepared.y_val is not None else 0,
             "testSamples": int(len(prepared.y_test)),
             "history": history,
-            **{k: v for k, v in facts.items() if k in ("resumedAfterEpoch",)},
+            **{k: v for k, v in facts.items() if k in ("resumedAfterEpoch", "bestEpoch", "stoppedEarly")},
         }
     )
     gate = evaluate.gate(metrics, config.evaluation)
