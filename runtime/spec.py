@@ -327,6 +327,9 @@ class AnalysisSpec(_Model):
     checks: list[MetricCheck] = Field(default_factory=list)
     failure_limit: int = 1
     window: str = "1m"
+    min_requests: int = 10
+    inconclusive_limit: int = 3
+    consecutive_error_limit: int = 4
 
 
 DEFAULT_KSERVE_MODE = "Knative"
@@ -340,6 +343,7 @@ class RolloutSpec(_Model):
     # None: the operator's default (Helm value operator.defaultKServeMode), fixed once the
     # InferenceService exists; see conveyor.operator.modeldeployment.validate.with_kserve_mode.
     mode: Literal["Knative", "Standard"] | None = None
+    paused: bool = False
 
 
 class DriftSpec(_Model):
