@@ -141,11 +141,55 @@ class Toleration(_Model):
     toleration_seconds: int | None = None
 
 
+class PodSettings(_Model):
+    """What platform teams set on every pod the operator asks for (training head and workers, predictors):
+    identity, environment and credentials, image pull secrets, placement, priority, metadata, security.
+
+    `env`, `envFrom`, `imagePullSecrets`, `affinity` and the security contexts are Kubernetes' own
+    shapes (core/v1), checked by the CRD schema and passed to KubeRay and KServe as they are.
+    """
+
+    service_account_name: str | None = None
+    env: list[dict[str, Any]] = Field(default_factory=list)
+    env_from: list[dict[str, Any]] = Field(default_factory=list)
+    image_pull_secrets: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] | None = None
+    priority_class_name: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    security_context: dict[str, Any] | None = None
+    container_security_context: dict[str, Any] | None = None
+
+    def overlaid(self, override: PodSettings | None) -> PodSettings:
+        """These settings with a narrower scope's on top (a Ray group's over the training's): labels,
+        annotations and env merge (the override wins per key or name), envFrom adds, the rest replace."""
+        if override is None:
+            return self
+        env = {e["name"]: e for e in self.env} | {e["name"]: e for e in override.env}
+        return PodSettings(
+            service_account_name=override.service_account_name or self.service_account_name,
+            env=list(env.values()),
+            env_from=[*self.env_from, *override.env_from],
+            image_pull_secrets=override.image_pull_secrets or self.image_pull_secrets,
+            affinity=override.affinity if override.affinity is not None else self.affinity,
+            priority_class_name=override.priority_class_name or self.priority_class_name,
+            labels={**self.labels, **override.labels},
+            annotations={**self.annotations, **override.annotations},
+            security_context=override.security_context if override.security_context is not None else self.security_context,
+            container_security_context=(
+                override.container_security_context
+                if override.container_security_context is not None
+                else self.container_security_context
+            ),
+        )
+
+
 class HeadGroup(_Model):
     cpu: str = "1"
     memory: str = "2Gi"
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    pod: PodSettings | None = None
 
 
 class WorkerGroup(_Model):
@@ -156,6 +200,7 @@ class WorkerGroup(_Model):
     gpus: int = 0
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    pod: PodSettings | None = None
 
 
 class TrainingSpec(_Model):
@@ -167,6 +212,7 @@ class TrainingSpec(_Model):
     use_gpu: bool = False
     head_group: HeadGroup = Field(default_factory=HeadGroup)
     worker_groups: list[WorkerGroup] = Field(default_factory=list)
+    pod: PodSettings = Field(default_factory=PodSettings)
     queue: str | None = None
     active_deadline_seconds: int | None = None
     backoff_limit: int = 0
@@ -297,6 +343,7 @@ class PredictorSpec(_Model):
     gpus: int = 0
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list)
+    pod: PodSettings = Field(default_factory=PodSettings)
     batching: Batching = Field(default_factory=Batching)
 
 

@@ -20,7 +20,8 @@ from conveyor.operator.controller.children import (
     stamp,
     tolerations_to_api,
 )
-from conveyor.runtime.spec import HeadGroup, MLPipelineSpec, RunConfig, Toleration, WorkerGroup
+from conveyor.operator.controller.pods import pod_template
+from conveyor.runtime.spec import HeadGroup, MLPipelineSpec, PodSettings, RunConfig, Toleration, WorkerGroup
 
 LABEL_PIPELINE = "conveyor.dev/pipeline"
 LABEL_RUN = "conveyor.dev/run"
@@ -71,7 +72,11 @@ def _ray_container(name: str, image: str, cpu: str, memory: str, gpus: int) -> d
 
 
 def _pod_template(
-    container: dict[str, Any], config_map: str, node_selector: dict[str, str], tolerations: list[Toleration]
+    container: dict[str, Any],
+    config_map: str,
+    node_selector: dict[str, str],
+    tolerations: list[Toleration],
+    settings: PodSettings,
 ) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "containers": [container],
@@ -81,7 +86,7 @@ def _pod_template(
         pod["nodeSelector"] = dict(node_selector)
     if tolerations:
         pod["tolerations"] = tolerations_to_api(tolerations)
-    return {"spec": pod}
+    return pod_template(settings, pod)
 
 
 def worker_groups(spec: MLPipelineSpec) -> list[WorkerGroup]:
@@ -101,7 +106,11 @@ def _ray_cluster(spec: MLPipelineSpec, config_map: str) -> dict[str, Any]:
         "headGroupSpec": {
             "rayStartParams": {"dashboard-host": "0.0.0.0"},
             "template": _pod_template(
-                _ray_container("ray-head", t.image, head.cpu, head.memory, 0), config_map, head.node_selector, head.tolerations
+                _ray_container("ray-head", t.image, head.cpu, head.memory, 0),
+                config_map,
+                head.node_selector,
+                head.tolerations,
+                t.pod.overlaid(head.pod),
             ),
         },
         "workerGroupSpecs": [
@@ -112,7 +121,11 @@ def _ray_cluster(spec: MLPipelineSpec, config_map: str) -> dict[str, Any]:
                 "maxReplicas": g.replicas,
                 "rayStartParams": {},
                 "template": _pod_template(
-                    _ray_container("ray-worker", t.image, g.cpu, g.memory, g.gpus), config_map, g.node_selector, g.tolerations
+                    _ray_container("ray-worker", t.image, g.cpu, g.memory, g.gpus),
+                    config_map,
+                    g.node_selector,
+                    g.tolerations,
+                    t.pod.overlaid(g.pod),
                 ),
             }
             for g in worker_groups(spec)

@@ -33,6 +33,7 @@ from conveyor.operator.controller.children import (
     stamp,
     tolerations_to_api,
 )
+from conveyor.operator.controller.pods import predictor_with_settings
 from conveyor.runtime.spec import DEFAULT_KSERVE_MODE, ModelDeploymentSpec
 
 LABEL_DEPLOYMENT = "conveyor.dev/model-deployment"
@@ -129,7 +130,7 @@ def _isvc_spec(
             predictor["nodeSelector"] = dict(spec.predictor.node_selector)
         if spec.predictor.tolerations:
             predictor["tolerations"] = tolerations_to_api(spec.predictor.tolerations)
-        return predictor
+        return predictor_with_settings(predictor, spec.predictor.pod)
 
     if (spec.rollout.mode or DEFAULT_KSERVE_MODE) == "Knative":
         version, uri = candidate if candidate is not None else stable
@@ -144,10 +145,15 @@ def _isvc_spec(
     if candidate is not None:
         isvc_spec["canary"] = [
             {
-                "predictor": {
-                    "name": predictor_name(candidate[0]),
-                    "containers": [_predictor_container(deployment, spec, candidate[1], candidate[0])],
-                },
+                # KServe merges the canary over the stable predictor, but a container list is replaced
+                # whole: the canary's container carries the pod settings' env itself.
+                "predictor": predictor_with_settings(
+                    {
+                        "name": predictor_name(candidate[0]),
+                        "containers": [_predictor_container(deployment, spec, candidate[1], candidate[0])],
+                    },
+                    spec.predictor.pod,
+                ),
                 "trafficPercent": weight,
             }
         ]

@@ -404,3 +404,91 @@ def test_rayjob_records_what_the_run_was_started_from() -> None:
     assert annotations[builders.ANNOTATION_SPEC_HASH] == builders.spec_hash(obj["spec"])
     assert (annotations[builders.ANNOTATION_TRIGGER], annotations[builders.ANNOTATION_RERUN]) == ("Rerun", "tok")
     assert annotations[builders.ANNOTATION_SPEC_GENERATION] == "1"
+
+
+# ---------------------------------------------------------------- pod settings (both kinds)
+
+POD = {
+    "serviceAccountName": "trainer",
+    "env": [{"name": "LOG_LEVEL", "value": "debug"}, {"name": "STORAGE_URI", "value": "s3://not/ours"}],
+    "envFrom": [{"secretRef": {"name": "registry-credentials"}}],
+    "imagePullSecrets": [{"name": "ghcr"}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h100"]}]}]}}},
+    "priorityClassName": "training-high",
+    "labels": {"team": "fraud"},
+    "annotations": {"example.com/cost-center": "42"},
+    "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "fsGroup": 1000},
+    "containerSecurityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+}
+
+
+def _ray_templates(rj: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = rj["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
+def test_rayjob_pods_carry_the_pod_settings() -> None:
+    rj = rayjob_for(pipeline_obj(training={"pod": POD, "workerGroups": [{"name": "gpu", "gpus": 1}]}))
+    for template in _ray_templates(rj):
+        pod, container = template["spec"], template["spec"]["containers"][0]
+        assert pod["serviceAccountName"] == "trainer" and pod["priorityClassName"] == "training-high"
+        assert pod["imagePullSecrets"] == [{"name": "ghcr"}] and pod["affinity"] == POD["affinity"]
+        assert pod["securityContext"]["runAsUser"] == 1000
+        assert template["metadata"] == {"labels": {"team": "fraud"}, "annotations": {"example.com/cost-center": "42"}}
+        assert container["envFrom"] == [{"secretRef": {"name": "registry-credentials"}}]
+        assert {"name": "LOG_LEVEL", "value": "debug"} in container["env"]
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert container["volumeMounts"][0]["name"] == "run-config"  # our own fields stay
+
+
+def test_a_ray_group_lays_its_pod_settings_over_the_trainings() -> None:
+    training = {
+        "pod": {"serviceAccountName": "trainer", "labels": {"team": "fraud", "tier": "cpu"},
+                "env": [{"name": "A", "value": "1"}], "envFrom": [{"secretRef": {"name": "s3"}}]},
+        "headGroup": {"pod": {"priorityClassName": "head"}},
+        "workerGroups": [{"name": "gpu", "gpus": 1, "pod": {
+            "serviceAccountName": "gpu-trainer", "labels": {"tier": "gpu"}, "env": [{"name": "A", "value": "2"}],
+            "envFrom": [{"configMapRef": {"name": "nccl"}}]}}],
+    }
+    head, worker = _ray_templates(rayjob_for(pipeline_obj(training=training)))
+    assert (head["spec"]["serviceAccountName"], head["spec"]["priorityClassName"]) == ("trainer", "head")
+    assert head["metadata"]["labels"] == {"team": "fraud", "tier": "cpu"}
+    assert worker["spec"]["serviceAccountName"] == "gpu-trainer" and "priorityClassName" not in worker["spec"]
+    assert worker["metadata"]["labels"] == {"team": "fraud", "tier": "gpu"}
+    assert worker["spec"]["containers"][0]["env"] == [{"name": "A", "value": "2"}]
+    assert worker["spec"]["containers"][0]["envFrom"] == [{"secretRef": {"name": "s3"}}, {"configMapRef": {"name": "nccl"}}]
+
+
+def test_no_pod_settings_leave_the_pods_as_before() -> None:
+    for template in _ray_templates(rayjob_for(pipeline_obj())):
+        assert set(template) == {"spec"} and "serviceAccountName" not in template["spec"]
+        assert "envFrom" not in template["spec"]["containers"][0]
+
+
+@pytest.mark.parametrize("mode", ["Knative", "Standard"])
+def test_isvc_predictors_carry_the_pod_settings(mode: str) -> None:
+    extra = {"autoscaling": {"minReplicas": 1, "metric": "cpu", "target": 80}} if mode == "Standard" else {}
+    obj = deployment_obj(rollout={"mode": mode}, predictor={"pod": {**POD, "serviceAccountName": "kserve-s3"}}, **extra)
+    isvc = isvc_for(obj, stable=V1, candidate=V2, weight=20)
+    predictors = [isvc["spec"]["predictor"]] + [c["predictor"] for c in isvc["spec"].get("canary", [])]
+    assert len(predictors) == (2 if mode == "Standard" else 1)
+    for p in predictors:
+        assert p["serviceAccountName"] == "kserve-s3" and p["priorityClassName"] == "training-high"
+        assert p["labels"] == {"team": "fraud"} and p["annotations"] == {"example.com/cost-center": "42"}
+        assert p["imagePullSecrets"] == [{"name": "ghcr"}] and p["securityContext"]["fsGroup"] == 1000
+        container = p["containers"][0]
+        assert container["envFrom"] == [{"secretRef": {"name": "registry-credentials"}}]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        # The storage URI stays the operator's: a user's variable of the same name cannot redirect the model.
+        assert env["LOG_LEVEL"] == "debug" and env["STORAGE_URI"].startswith("file:///tmp/registry/fraud/v")
+
+
+def test_pod_settings_fit_the_pinned_kuberay_and_kserve_schemas() -> None:
+    """Each setting lands where KubeRay v1.6.0 and KServe v0.20.0 read it (a misplaced one would be pruned)."""
+    rj = rayjob_for(pipeline_obj(training={"pod": POD, "workerGroups": [{"name": "g", "gpus": 1, "pod": POD}]}))
+    _assert_fits(rj["spec"], crd_schema(RAYJOB_CRD, "v1")["properties"]["spec"], "spec")
+    for mode, extra in (("Knative", {}), ("Standard", {"autoscaling": {"minReplicas": 1, "metric": "cpu", "target": 80}})):
+        obj = deployment_obj(rollout={"mode": mode}, predictor={"pod": POD}, **extra)
+        isvc = isvc_for(obj, stable=V1, candidate=V2, weight=20)
+        _assert_fits(isvc["spec"], crd_schema(KSERVE_CRD, "v1beta1")["properties"]["spec"], "spec")
