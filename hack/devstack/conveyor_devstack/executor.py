@@ -39,6 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from conveyor_devstack.podenv import container_env
+
 log = logging.getLogger("conveyor.local-executor")
 
 RAY = ("ray.io", "v1", "rayjobs")
@@ -134,11 +136,20 @@ class Executor:
             })
             return
         log_path = workdir / "job.log"
+        head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+        try:  # the entrypoint runs on the head: its container's env and envFrom, resolved as a kubelet would
+            pod_env = container_env(self.core, head, meta["namespace"], f"{meta['name']}-head")
+        except Exception as exc:  # noqa: BLE001 - a pod that cannot start fails the job's start
+            self._patch_status(RAY, rayjob, {
+                "jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "startTime": _now(), "endTime": _now(),
+                "reason": "SubmissionFailed", "message": f"head pod: {exc}",
+            })
+            return
         # cwd is the job's own folder, as in a Ray head pod: never the repository root.
         proc = subprocess.Popen(
             [self.python, "-m", "conveyor.runtime.train", "--config", str(workdir / "run.json")],
             cwd=workdir, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            env={**os.environ, **pod_env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
         )
         self.trainings[meta["uid"]] = TrainingProcess(proc, log_path)
         log.info("started RayJob %s/%s as pid %d (log %s)", meta["namespace"], meta["name"], proc.pid, log_path)
@@ -200,7 +211,9 @@ class Executor:
         log_path = self.state_dir / "predictors" / f"{meta['namespace']}-{meta['name']}-{version}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         container = isvc["spec"]["predictor"]["containers"][0] if isvc["spec"]["predictor"].get("containers") else {}
-        env = {e["name"]: e.get("value", "") for e in container.get("env", [])}
+        # env and envFrom (Secrets, ConfigMaps) as a kubelet resolves them; a missing Secret raises and
+        # the sync retries, as a pod waits in CreateContainerConfigError.
+        env = container_env(self.core, container, meta["namespace"], f"{meta['name']}-predictor-{version}")
         proc = subprocess.Popen(
             [self.python, "-m", "conveyor.runtime.serve", "--model-dir", uri, "--name", meta["name"],
              "--http-port", str(port), "--host", "127.0.0.1"],
