@@ -6,11 +6,12 @@
 #
 # Usage: hack/build-tool.sh <tool>          build if needed; print the binary's path on stdout
 #        hack/build-tool.sh --path <tool>   print the path only; exit 1 if it is not built yet
-# Tools: helm (helm.sh/helm/v3), kubectl (k8s.io/kubernetes/cmd/kubectl at the k8s.io/kubectl release)
+# Tools: helm (helm.sh/helm/v3), kubectl (k8s.io/kubernetes/cmd/kubectl at the k8s.io/kubectl release),
+#        versitygw (github.com/versity/versitygw: the local stack's S3 server, run by hack/s3.sh)
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [--path] helm|kubectl" >&2
+    echo "usage: $0 [--path] helm|kubectl|versitygw" >&2
     exit 2
 }
 
@@ -57,6 +58,11 @@ case "${tool}" in
             ldflags+=" -X ${pkg}.gitMinor=${minor} -X ${pkg}.gitTreeState=clean"
             ldflags+=" -X ${pkg}.buildDate=1970-01-01T00:00:00Z"
         done
+        ;;
+    versitygw)
+        package=github.com/versity/versitygw/cmd/versitygw
+        version="$(module_version github.com/versity/versitygw)"
+        ldflags="-s -w -X main.Version=${version}"
         ;;
     *)
         echo "build-tool: unknown tool '${tool}'" >&2
