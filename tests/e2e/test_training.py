@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from _training_support import start_local_ray, wait_for
 
+from conveyor.runtime.package.decision import decide, decision_threshold
 from conveyor.runtime.package.registry import Registry, open_package
 from conveyor.runtime.spec import DataSource, RunConfig
 from conveyor.runtime.training import data as data_mod
@@ -66,7 +67,7 @@ def test_fraud_model_ranks_fraud_above_legitimate(fraud_run) -> None:
     m = pkg.metrics
     assert m["rocAuc"] >= 0.8, m
     assert m["gate"] == {**m["gate"], "metric": "rocAuc", "passed": True}
-    assert m["trainSamples"] + m["testSamples"] == 8000
+    assert m["trainSamples"] + m["validationSamples"] + m["testSamples"] == 8000
     assert [h["epoch"] for h in m["history"]] == [1, 2, 3, 4]
     assert m["history"][-1]["trainLoss"] < m["history"][0]["trainLoss"]
     assert all(h["samples"] == m["trainSamples"] and h["samplesPerSecond"] > 0 for h in m["history"])
@@ -87,7 +88,53 @@ def test_serving_path_reproduces_the_held_out_metrics(fraud_run) -> None:
         logits = pkg.load_model()(torch.from_numpy(x)).numpy()
     y = frame["label"].to_numpy()[test_idx]
     assert roc_auc_score(y, softmax(logits)[:, 1]) == pytest.approx(pkg.metrics["rocAuc"], abs=1e-6)
-    assert float((logits.argmax(1) == y).mean()) == pytest.approx(pkg.metrics["accuracy"])
+    predicted = decide(softmax(logits), decision_threshold(pkg.schema))
+    assert float((predicted == y).mean()) == pytest.approx(pkg.metrics["accuracy"])
+
+
+# The demo's two requests (hack/demo.sh): an everyday purchase and an obviously fraudulent one.
+EVERYDAY = {"amount": 24.5, "merchant": "grocery", "hour": 14, "foreign": False, "card_age_days": 900,
+            "distance_km": 2.1, "txn_last_hour": 0}  # fmt: skip
+OBVIOUS_FRAUD = {"amount": 2450.0, "merchant": "electronics", "hour": 3, "foreign": True, "card_age_days": 9,
+                 "distance_km": 840.0, "txn_last_hour": 4}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_imbalanced_fraud_flags_the_obvious_fraud_by_default(fraud_run) -> None:
+    # No tuning in the config: class weights, a threshold chosen on the validation split, served as is.
+    import asyncio
+
+    from conveyor.runtime.serving.predictor import PackagePredictor
+
+    _, pkg = fraud_run
+    m = pkg.metrics
+    threshold = pkg.schema["decisionThreshold"]
+    assert 0 < threshold < 1 and m["decisionThreshold"] == threshold
+    assert m["recall"] > 0.2 and m["recall:1"] == m["recall"] and 0 < m["prAuc"] < 1
+    assert {"precision:0", "recall:0", "precision:1", "f1:1"} <= set(m)
+    assert pkg.lineage["training"]["classWeights"][1] > 10 * pkg.lineage["training"]["classWeights"][0]
+    assert all("validationLoss" in h for h in m["history"]) and 1 <= m["bestEpoch"] <= 4
+
+    predictor = PackagePredictor("fraud", pkg.uri, batching=False, with_metrics=False)
+    predictor.load()
+
+    async def ask() -> dict:
+        decoded = await predictor.preprocess({"instances": [EVERYDAY, OBVIOUS_FRAUD]})
+        return await predictor.postprocess(await predictor.predict(decoded))
+
+    answers = asyncio.run(ask())["predictions"]
+    assert [a["label"] for a in answers] == ["0", "1"], answers
+
+
+@pytest.mark.slow
+def test_early_stopping_keeps_the_best_epoch(ray_cluster: str, tmp_path: Path) -> None:
+    config = quick_config("fraud", str(tmp_path), pipeline="early", rows=3000)
+    hp = config.training.hyperparameters
+    hp.epochs, hp.learning_rate, hp.early_stopping_patience = 60, 0.05, 2
+    m = open_package(train_and_register(config)).metrics
+    losses = [h["validationLoss"] for h in m["history"]]
+    assert m["stoppedEarly"] is True and len(losses) < 60
+    assert m["bestEpoch"] == 1 + int(np.argmin(losses)) == len(losses) - 2
 
 
 @pytest.mark.slow
@@ -261,6 +308,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(ray_cluster: str, tmp_path:
     config = quick_config("fraud", str(registry), pipeline="retry", rows=20000)
     config.training.hyperparameters.epochs = 8
     config.training.hyperparameters.batch_size = 32
+    config.training.hyperparameters.early_stopping_patience = 0  # every epoch, to have one to kill
     run_json = tmp_path / "run.json"
     run_json.write_text(json.dumps(config.to_api()))
     checkpoints = registry / "fraud" / ".checkpoints"
