@@ -26,10 +26,22 @@ API_LATENCY = Histogram(
     ["verb"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
+LEADER = Gauge("conveyor_leader", "1 while this replica holds the leader Lease (or runs without leader election).")
 ACTIVE_RUNS = Gauge("conveyor_active_runs", "Training runs in progress (MLPipelines with an active run).")
 ACTIVE_ROLLOUTS = Gauge("conveyor_active_rollouts", "ModelDeployments with a canary in progress.")
 RUNS_FINISHED = Counter(
     "conveyor_runs_finished_total", "Training runs finished, by outcome (Succeeded, Failed, GateFailed).", ["outcome"]
+)
+
+ROLLOUTS_FINISHED = Counter(
+    "conveyor_rollouts_finished_total",
+    "Canary rollouts finished, by ModelDeployment and outcome (Promoted, RolledBack by analysis, Aborted by hand).",
+    ["namespace", "deployment", "outcome"],
+)
+CANARY_WEIGHT = Gauge(
+    "conveyor_canary_weight",
+    "Percent of a ModelDeployment's traffic its canary takes (0 without a canary).",
+    ["namespace", "deployment"],
 )
 
 

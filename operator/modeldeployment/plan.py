@@ -10,19 +10,22 @@ exactly that version, and the pipeline reports the hand-off as refused (Warning 
 With `latest` and no pipeline at all it follows the registry's newest committed version (polled every
 minute: a registry announces nothing).
 
-Rollout. The first version becomes `status.stableVersion` directly. A later wanted version:
-- strategy `immediate`: replaces the stable version in place;
-- strategy `canary`: becomes `status.canaryVersion` at the first step's weight (`spec.rollout.steps[0]`)
-  beside the stable one (see build.py for how each KServe mode splits traffic). Stepping, analysis,
-  promotion and rollback are the rollout state machine's (a later issue): it moves
-  `status.canaryWeight`/`stableVersion`, and this module builds whatever those say.
-If the wanted version returns to the stable one while a canary runs (a Git revert), the canary is
-dropped.
+Rollout. The state lives in status (stableVersion, canaryVersion, canaryWeight, rolloutPhase, ...);
+each reconcile feeds it to the pure state machine (rollout.py) with what the cluster shows (the wanted
+version, rejected versions, the weight KServe reports, spec.rollout.paused, a one-shot
+`conveyor.dev/rollout-action` annotation) and the analysis the handler took when one was due; this
+module then builds the InferenceService the new state says (build.py: how each KServe mode splits
+traffic) and records events, analyses and rejected versions.
+
+Manual actions: the annotation `conveyor.dev/rollout-action: <promote|abort|resume|retry>[@token]`
+acts once per distinct value (status.lastRolloutAction records the value acted on; `kubectl conveyor`
+writes `<action>@<time>`), so Argo CD or a person can set it again with a new token.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -33,12 +36,31 @@ from conveyor.operator.controller.children import needs_apply
 from conveyor.operator.controller.events import Event
 from conveyor.operator.controller.times import rfc3339
 from conveyor.operator.controller.validation import InvalidSpecError
-from conveyor.operator.modeldeployment.build import build_inference_service
+from conveyor.operator.modeldeployment.build import build_inference_service, predictor_name
+from conveyor.operator.modeldeployment.rollout import (
+    ACTIONS,
+    PAUSED,
+    ROLLED_BACK,
+    ROLLING_BACK,
+    Analysed,
+    Analysis,
+    Emit,
+    Finished,
+    Rejected,
+    RolloutState,
+    Seen,
+    Unrejected,
+    next_step,
+    policy_for,
+    state_from_status,
+    state_to_status,
+)
 from conveyor.operator.modeldeployment.validate import validate_deployment, validate_version, with_kserve_mode
 from conveyor.runtime.spec import ModelDeploymentSpec
 
-STABLE = "Stable"
-PROGRESSING = "Progressing"
+ANNOTATION_ROLLOUT_ACTION = "conveyor.dev/rollout-action"
+KEEP_ANALYSES = 5
+KEEP_REJECTED = 10
 
 # KServe model states that mean the model will not come up without a change.
 _FAILED_TRANSITIONS = {"BlockedByFailedLoad", "InvalidSpec"}
@@ -60,6 +82,7 @@ class DeploymentPlan:
     status: dict[str, Any]
     inference_service: dict[str, Any] | None = None  # desired manifest; None: leave it as it is
     events: list[Event] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # rollout outcomes (Promoted, RolledBack, Aborted)
 
 
 def _isvc_ready(isvc: dict[str, Any] | None) -> tuple[bool, str, str]:
@@ -139,7 +162,9 @@ def plan_deployment(
     isvc: dict[str, Any] | None,
     uri_for: Callable[[str], str],
     now: datetime,
+    analysis: Analysis | None = None,
 ) -> DeploymentPlan:
+    """`analysis`: the one the handler took because status said it was due (None otherwise)."""
     if spec is not None:  # the handler settles it with the operator's configured default first
         spec = with_kserve_mode(spec, isvc)
     meta = deployment["metadata"]
@@ -163,14 +188,15 @@ def plan_deployment(
     if spec is None or invalid is not None:
         return _reject(plan, put, isvc, invalid or "invalid spec")
     wanted = resolution.version if resolution else None
-    stable, canary, weight = _next_versions(plan, spec, resolution, ts)
+    state = _roll(plan, deployment, spec, isvc, wanted, analysis, now)
     try:
-        for version in filter(None, (stable, canary)):
+        for version in filter(None, (state.stable, state.canary)):
             validate_version(version)
     except InvalidSpecError as e:
-        plan.events.clear()
+        plan = DeploymentPlan(status=status)
         return _reject(plan, put, isvc, str(e))
     put(c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.")
+    stable, canary, weight = state.stable, state.canary, state.weight
     if stable is not None:
         desired = build_inference_service(
             deployment,
@@ -181,12 +207,114 @@ def plan_deployment(
         )
         if needs_apply(desired, isvc):
             plan.inference_service = desired
-        status["stableVersion"] = stable
-    _record_versions(status, stable, canary, weight, wanted)
+    state_to_status(state, status)
+    if wanted is not None and wanted != stable:
+        status["candidateVersion"] = wanted
+    else:
+        status.pop("candidateVersion", None)
     status["traffic"] = observed_traffic(isvc, spec.rollout.mode, stable, canary, weight)
-    _set_conditions(plan, put, isvc, resolution, stable, canary, weight)
+    _mirror_kserve_conditions(status, isvc)
+    _set_conditions(plan, put, isvc, resolution, state)
     _mirror_url(status, isvc)
     return plan
+
+
+def pending_action(deployment: dict[str, Any]) -> tuple[str, str] | None:
+    """(action, annotation value) when the rollout-action annotation holds a value not yet acted on."""
+    value = ((deployment["metadata"].get("annotations") or {}).get(ANNOTATION_ROLLOUT_ACTION) or "").strip()
+    if not value or value == (deployment.get("status") or {}).get("lastRolloutAction"):
+        return None
+    return value.split("@", 1)[0].strip().lower(), value
+
+
+def reported_weight(isvc: dict[str, Any] | None, mode: str | None, canary: str | None) -> int | None:
+    """The canary's share of traffic as KServe reports it for the current spec; None when not reported
+    (KServe has not observed the latest spec, or says nothing about the canary)."""
+    if isvc is None or canary is None:
+        return None
+    st = isvc.get("status") or {}
+    observed, gen = st.get("observedGeneration"), isvc["metadata"].get("generation")
+    if observed is None or (gen is not None and observed < gen):
+        return None
+    if mode == "Knative":
+        entries = ((st.get("components") or {}).get("predictor") or {}).get("traffic") or []
+        latest = [e for e in entries if e.get("latestRevision")]
+        return int(latest[0].get("percent") or 0) if latest else None
+    if (c.get_condition(st.get("conditions"), "IngressReady") or {}).get("status") == c.FALSE:
+        return None  # Standard mode splits traffic only through an ingress: nothing is split yet
+    for e in st.get("canaryStatuses") or []:
+        if e.get("name") == predictor_name(canary) and e.get("ready") is not False:
+            return int(e.get("trafficPercent") or 0)
+    return None
+
+
+def _roll(
+    plan: DeploymentPlan,
+    deployment: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    isvc: dict[str, Any] | None,
+    wanted: str | None,
+    analysis: Analysis | None,
+    now: datetime,
+) -> RolloutState:
+    """One step of the rollout state machine; its actions become events, outcomes and status records."""
+    status = plan.status
+    state = state_from_status(status)
+    pending = pending_action(deployment)
+    action = None
+    if pending is not None:
+        status["lastRolloutAction"] = pending[1]  # acted on once, whatever it was
+        if pending[0] in ACTIONS:
+            action = pending[0]
+        else:
+            plan.events.append(("Warning", "UnknownRolloutAction",
+                                f"{ANNOTATION_ROLLOUT_ACTION}: {pending[1]!r} is not one of {', '.join(ACTIONS)}"))
+    seen = Seen(
+        wanted=wanted,
+        rejected=frozenset(r["version"] for r in status.get("rejectedVersions") or [] if r.get("version")),
+        reported_weight=reported_weight(isvc, spec.rollout.mode, state.canary),
+        paused=spec.rollout.paused,
+        action=action,
+    )
+    new, actions = next_step(state, analysis, now, policy=policy_for(spec), seen=seen)
+    ts = rfc3339(now)
+    for a in actions:
+        if isinstance(a, Emit):
+            plan.events.append((a.type, a.reason, a.message))
+        elif isinstance(a, Finished):
+            plan.finished.append(a.outcome)
+        elif isinstance(a, Rejected):
+            entry = {"version": a.version, "check": a.check, "message": a.message, "time": ts}
+            if a.value is not None and math.isfinite(a.value):
+                entry["value"] = a.value
+            kept = [r for r in status.get("rejectedVersions") or [] if r.get("version") != a.version]
+            status["rejectedVersions"] = [*kept, entry][-KEEP_REJECTED:]
+        elif isinstance(a, Unrejected):
+            kept = [r for r in status.get("rejectedVersions") or [] if r.get("version") != a.version]
+            if kept:
+                status["rejectedVersions"] = kept
+            else:
+                status.pop("rejectedVersions", None)
+        elif isinstance(a, Analysed):
+            record = _analysis_record(a.analysis, state, ts)
+            status["analyses"] = [*(status.get("analyses") or []), record][-KEEP_ANALYSES:]
+    if action is not None and not actions and new == state:
+        plan.events.append(("Normal", "RolloutActionIgnored", f"{action}: nothing to {action} in phase {state.phase}"))
+    return new
+
+
+def _analysis_record(analysis: Analysis, state: RolloutState, ts: str) -> dict[str, Any]:
+    checks = []
+    for check in analysis.checks:
+        entry: dict[str, Any] = {"name": check.name, "verdict": check.verdict, "threshold": check.threshold}
+        for key, value in (("candidate", check.candidate), ("stable", check.stable)):
+            if value is not None and math.isfinite(value):
+                entry[key] = value
+        if check.message:
+            entry["message"] = check.message
+        checks.append(entry)
+    return {"time": ts, "version": state.canary, "step": state.step, "weight": state.weight,
+            "verdict": analysis.verdict, "message": analysis.message, "checks": checks}
 
 
 def _reject(plan: DeploymentPlan, put: Callable[..., bool], isvc: dict[str, Any] | None, message: str) -> DeploymentPlan:
@@ -200,63 +328,16 @@ def _reject(plan: DeploymentPlan, put: Callable[..., bool], isvc: dict[str, Any]
     return plan
 
 
-def _next_versions(
-    plan: DeploymentPlan, spec: ModelDeploymentSpec, resolution: Resolution | None, ts: str
-) -> tuple[str | None, str | None, int]:
-    """(stable, canary, weight) once the wanted version is taken in (the module docstring's rules)."""
-    status = plan.status
-    stable = status.get("stableVersion")
-    canary = status.get("canaryVersion")
-    weight = int(status.get("canaryWeight") or 0)
-    wanted = resolution.version if resolution else None
-    if wanted is None or wanted == canary:
-        return stable, canary, weight
-    if stable is None:
-        plan.events.append(("Normal", "VersionDeployed", f"serving {wanted} ({resolution.source})"))  # type: ignore[union-attr]
-        return wanted, None, 0
-    if wanted == stable:
-        if canary is not None:
-            plan.events.append(("Normal", "CanaryDropped", f"{canary} dropped: the wanted version is {stable} again"))
-        return stable, None, 0
-    if spec.rollout.strategy == "immediate":
-        plan.events.append(("Normal", "VersionReplaced", f"{wanted} replaces {stable} (immediate)"))
-        return wanted, None, 0
-    weight = spec.rollout.steps[0]
-    status["rolloutStep"] = 0
-    status["stepStartTime"] = ts
-    status["failedAnalyses"] = 0
-    plan.events.append(("Normal", "CanaryStarted", f"{wanted} takes {weight}% beside {stable} ({spec.rollout.mode} mode)"))
-    return stable, wanted, weight
-
-
-def _record_versions(status: dict[str, Any], stable: str | None, canary: str | None, weight: int, wanted: str | None) -> None:
-    for key, value in (("canaryVersion", canary), ("canaryWeight", weight if canary else None)):
-        if value is None:
-            status.pop(key, None)
-        else:
-            status[key] = value
-    if wanted is not None and wanted != stable:
-        status["candidateVersion"] = wanted
-    else:
-        status.pop("candidateVersion", None)
-    if canary is None:
-        for key in ("rolloutStep", "stepStartTime", "failedAnalyses"):
-            status.pop(key, None)
-    if stable is not None:
-        status["rolloutPhase"] = PROGRESSING if canary else STABLE
-
-
 def _set_conditions(
     plan: DeploymentPlan,
     put: Callable[..., bool],
     isvc: dict[str, Any] | None,
     resolution: Resolution | None,
-    stable: str | None,
-    canary: str | None,
-    weight: int,
+    state: RolloutState,
 ) -> None:
     ready, ready_reason, ready_message = _isvc_ready(isvc)
     up_to_date = plan.inference_service is None
+    stable, canary, weight = state.stable, state.canary, state.weight
     if stable is None:
         reason = resolution.reason if resolution and resolution.reason else "NoModelVersion"
         message = resolution.message if resolution and resolution.message else "No model version to serve yet."
@@ -269,12 +350,39 @@ def _set_conditions(
             put(c.READY, c.FALSE, "Updating", "Applying the InferenceService spec.")
         else:
             put(c.READY, c.FALSE, ready_reason, ready_message)
-        if canary:
-            put(c.PROGRESSING, c.TRUE, "CanaryInProgress", f"{canary} at {weight}% beside {stable}.")
-        elif not up_to_date or not ready:
-            put(c.PROGRESSING, c.TRUE, "Reconciling", f"Rolling out {stable}.")
-        else:
-            put(c.PROGRESSING, c.FALSE, "RolloutComplete", f"{stable} serves all traffic.")
+        _set_progressing(put, isvc, state, up_to_date and ready)
+    _set_degraded(plan, put, isvc, resolution, state)
+
+
+def _set_progressing(put: Callable[..., bool], isvc: dict[str, Any] | None, state: RolloutState, settled: bool) -> None:
+    stable, canary, weight = state.stable, state.canary, state.weight
+    if state.phase == PAUSED:
+        # As a paused Deployment (and an Argo Rollout) reports it: progress is neither made nor failed.
+        put(c.PROGRESSING, c.UNKNOWN, "RolloutPaused", f"{canary} held at {weight}%: {state.pause_message}")
+    elif state.phase == ROLLING_BACK:
+        put(c.PROGRESSING, c.TRUE, "RollingBack", f"{canary} at 0%; {stable} takes all traffic back.")
+    elif canary:
+        message = f"{canary} at {weight}% beside {stable}."
+        ingress = c.get_condition(((isvc or {}).get("status") or {}).get("conditions"), "IngressReady")
+        if ingress is not None and ingress.get("status") == c.FALSE:
+            message += (" KServe reports IngressReady=False: Standard mode splits traffic only through an ingress "
+                        "(Gateway API with enableGatewayApi, or Istio); the step waits until it does.")
+        put(c.PROGRESSING, c.TRUE, "CanaryInProgress", message)
+    elif not settled:
+        put(c.PROGRESSING, c.TRUE, "Reconciling", f"Rolling out {stable}.")
+    elif state.phase == ROLLED_BACK:
+        put(c.PROGRESSING, c.FALSE, "RolledBack", f"{stable} serves all traffic after a rollback.")
+    else:
+        put(c.PROGRESSING, c.FALSE, "RolloutComplete", f"{stable} serves all traffic.")
+
+
+def _set_degraded(
+    plan: DeploymentPlan,
+    put: Callable[..., bool],
+    isvc: dict[str, Any] | None,
+    resolution: Resolution | None,
+    state: RolloutState,
+) -> None:
     failure = _isvc_failure(isvc)
     if resolution is not None and resolution.degraded:
         if put(c.DEGRADED, c.TRUE, resolution.reason or "ModelUnavailable", resolution.message):
@@ -282,8 +390,24 @@ def _set_conditions(
     elif failure is not None:
         if put(c.DEGRADED, c.TRUE, "ModelLoadFailed", failure):
             plan.events.append(("Warning", "ModelLoadFailed", failure))
+    elif state.phase in (ROLLING_BACK, ROLLED_BACK):
+        last = (plan.status.get("rejectedVersions") or [{}])[-1]
+        put(c.DEGRADED, c.TRUE, "RolledBack",
+            f"{last.get('version', 'the candidate')} was rolled back ({last.get('check', '')}: {last.get('message', '')}); "
+            f"{state.stable} serves. A newer version, or kubectl conveyor retry, starts a new rollout.")
     else:
         put(c.DEGRADED, c.FALSE, "AsExpected", "No failure reported.")
+
+
+def _mirror_kserve_conditions(status: dict[str, Any], isvc: dict[str, Any] | None) -> None:
+    """KServe's own conditions (PredictorReady, IngressReady, CanaryPredictorReady, ...), without their
+    times, so a person sees in one place why traffic is or is not split."""
+    conds = ((isvc or {}).get("status") or {}).get("conditions") or []
+    mirrored = [{k: x[k] for k in ("type", "status", "reason", "message") if x.get(k)} for x in conds if x.get("type")]
+    if mirrored:
+        status["inferenceServiceConditions"] = mirrored
+    else:
+        status.pop("inferenceServiceConditions", None)
 
 
 def _mirror_url(status: dict[str, Any], isvc: dict[str, Any] | None) -> None:

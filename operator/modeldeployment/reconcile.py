@@ -4,22 +4,29 @@ observe: the deployment and its InferenceService from the cache; the KServe mode
          the live InferenceService's, or the operator's default); the version the spec asks for,
          resolved from a pinned version (checked in the registry), a pipeline's status, or the
          registry's newest version (blocking reads, in a thread).
+         When status says a canary's analysis is due (rollout.py), the analysis from Prometheus
+         (analysis.py): taken here, so that planning stays pure.
 plan:    `plan.plan_deployment` -> the status, the InferenceService to apply (None when unchanged), events.
-act:     apply the InferenceService, write status once, post events.
+act:     apply the InferenceService, write status once, post events, count finished rollouts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key
 from conveyor.operator.controller.status import write_status
+from conveyor.operator.controller.times import parse_time
 from conveyor.operator.controller.validation import parse_spec, validate_registry
-from conveyor.operator.modeldeployment.plan import DeploymentPlan, Resolution, plan_deployment
+from conveyor.operator.modeldeployment.analysis import Target, analyse
+from conveyor.operator.modeldeployment.plan import DeploymentPlan, Resolution, pending_action, plan_deployment
+from conveyor.operator.modeldeployment.rollout import Analysis, state_from_status
 from conveyor.operator.modeldeployment.validate import kserve_mode_conflict, with_kserve_mode
 from conveyor.runtime.spec import ModelDeploymentSpec
 
@@ -37,19 +44,30 @@ class DeploymentSnapshot:
     isvc: dict[str, Any] | None
     uri_for: Callable[[str], str]
     now: datetime
+    analysis: Analysis | None = None
 
 
 async def reconcile_deployment(op: Operator, key: Key) -> float | None:
     s = await observe(op, key)
     if s is None:
         op.deployment_queue.forget(key)
+        with contextlib.suppress(KeyError):
+            metrics.CANARY_WEIGHT.remove(*key)
         return None
-    plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now)
+    plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now, s.analysis)
     await act(op, s, plan)
+    return _requeue_after(op, s, plan)
+
+
+def _requeue_after(op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan) -> float | None:
+    """Nothing announces that an analysis is due or that the registry has a new version: come back then."""
+    waits = []
+    next_analysis = parse_time(plan.status.get("nextAnalysisTime"))
+    if next_analysis is not None:
+        waits.append(max(0.0, (next_analysis - s.now).total_seconds()))
     if s.resolution is not None and s.resolution.source == "registry":
-        # Nothing announces a new registry version: look again now and then (reads only).
-        return op.config.registry_poll_seconds
-    return None
+        waits.append(op.config.registry_poll_seconds)
+    return min(waits) if waits else None
 
 
 # ---------------------------------------------------------------- observe
@@ -72,7 +90,22 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
         registry = op.registry(spec.model.registry_uri, spec.model.name)
         uri_for = registry.package_uri
         resolution = await _resolve(op, key, spec, registry)
-    return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, op.clock())
+    now = op.clock()
+    analysis = None
+    if spec is not None and invalid is None:
+        analysis = await _analysis_if_due(op, key, obj, spec, now)
+    return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, now, analysis)
+
+
+async def _analysis_if_due(
+    op: Operator, key: Key, obj: dict[str, Any], spec: ModelDeploymentSpec, now: datetime
+) -> Analysis | None:
+    """The canary's analysis, when status says one is due and no person's action or pause overrides it."""
+    state = state_from_status(obj.get("status") or {})
+    if not state.analysis_due(now) or state.canary is None or spec.rollout.paused or pending_action(obj):
+        return None
+    namespace, name = key
+    return await analyse(op.prometheus, spec.rollout.analysis, Target(namespace, name, state.canary, state.stable))
 
 
 async def _resolve(op: Operator, key: Key, spec: ModelDeploymentSpec, registry: Any) -> Resolution:
@@ -143,4 +176,7 @@ async def act(op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan) -> None
         op.isvcs.remember(await op.client.apply(plan.inference_service))
     await write_status(op.client, op.deployments, s.deployment, plan.status)
     op.emit(s.deployment, plan.events)
+    for outcome in plan.finished:
+        metrics.ROLLOUTS_FINISHED.labels(*s.key, outcome).inc()
+    metrics.CANARY_WEIGHT.labels(*s.key).set(plan.status.get("canaryWeight") or 0)
     op.update_gauges()

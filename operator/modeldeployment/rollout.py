@@ -23,9 +23,13 @@ Semantics follow Argo Rollouts and Flagger:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Any, Literal
+
+from conveyor.operator.controller.times import parse_time, rfc3339
+from conveyor.runtime.spec import DEFAULT_KSERVE_MODE, ModelDeploymentSpec
 
 STABLE = "Stable"
 PROGRESSING = "Progressing"
@@ -308,3 +312,63 @@ def _judge(s: _Step, policy: Policy, analysis: Analysis, now: datetime) -> None:
             message = f"{count} analyses in a row could not be made ({detail}); resume once metrics are back"
             s.emit("Warning", "RolloutPaused", message)
             s.state = _paused(s.state, ANALYSIS_ERRORS, message)
+
+
+# ---------------------------------------------------------------- the state in status, the policy from the spec
+
+_DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
+_UNIT = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    """A Go/PromQL-style duration such as 30s, 2m or 1h30m (the CRD's pattern admits only those)."""
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"not a duration: {text!r}")
+    return timedelta(seconds=sum(int(n) * _UNIT[u] for n, u in parts))
+
+
+def policy_for(spec: ModelDeploymentSpec) -> Policy:
+    r = spec.rollout
+    return Policy(
+        strategy=r.strategy,
+        steps=tuple(r.steps),
+        interval=parse_duration(r.interval),
+        failure_limit=r.analysis.failure_limit,
+        inconclusive_limit=r.analysis.inconclusive_limit,
+        error_limit=r.analysis.consecutive_error_limit,
+        mode=r.mode or DEFAULT_KSERVE_MODE,
+    )
+
+
+# status field <- state attribute, for the fields that exist only while a canary runs
+_CANARY_FIELDS = {
+    "canaryVersion": "canary", "canaryWeight": "weight", "rolloutStep": "step", "failedAnalyses": "failures",
+    "inconclusiveAnalyses": "inconclusive", "analysisErrors": "errors", "pauseReason": "pause_reason",
+    "pauseMessage": "pause_message",
+}
+_TIME_FIELDS = {"stepStartTime": "step_start", "nextAnalysisTime": "next_analysis"}
+
+
+def state_from_status(status: dict[str, Any]) -> RolloutState:
+    canary = status.get("canaryVersion")
+    values: dict[str, Any] = {attr: status.get(key) for key, attr in _CANARY_FIELDS.items()}
+    for key in ("weight", "step", "failures", "inconclusive", "errors"):
+        values[key] = int(values[key] or 0)
+    values.update({attr: parse_time(status.get(key)) for key, attr in _TIME_FIELDS.items()})
+    phase = status.get("rolloutPhase") or (PROGRESSING if canary else STABLE)
+    return RolloutState(phase=phase, stable=status.get("stableVersion"), **values)
+
+
+def state_to_status(state: RolloutState, status: dict[str, Any]) -> None:
+    """Write the state into status in place; fields of a canary disappear with it."""
+    if state.stable is not None:
+        status["stableVersion"] = state.stable
+        status["rolloutPhase"] = state.phase
+    fields = {key: getattr(state, attr) for key, attr in _CANARY_FIELDS.items()}
+    fields.update({key: rfc3339(t) if (t := getattr(state, attr)) else None for key, attr in _TIME_FIELDS.items()})
+    for key, value in fields.items():
+        if state.canary is None or value is None:
+            status.pop(key, None)
+        else:
+            status[key] = value

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from _chart_support import (  # noqa: E402 - the support module lives beside the integration tests
     CHART,
     DISCOVERY_GRANTS,
+    LEADER_ELECTION_GRANTS,
     MANIFESTS,
     OPERATOR_NAMESPACED_GRANTS,
     ROOT,
@@ -95,7 +96,7 @@ BAD_VALUES = [
     ({"operator": {"logLevel": "verbose"}}, "logLevel"),
     ({"operator": {"defaultKServeMode": "Serverless"}}, "defaultKServeMode"),
     ({"operator": {"prometheusUrl": "prometheus:9090"}}, "prometheusUrl"),
-    ({"replicas": 2}, "replicas"),
+    ({"replicas": 11}, "replicas"),
     ({"watch": {"namespaces": ["Team_A"]}}, "namespaces"),
     ({"watch": {"namespaces": "team-a"}}, "namespaces"),
     ({"image": {"digest": "latest"}}, "digest"),
@@ -182,7 +183,7 @@ def test_operator_arguments_parse_with_the_operator_cli() -> None:
     from conveyor.operator.__main__ import parse_args
 
     cluster = parse_args(container(render())["args"])
-    assert cluster.all_namespaces and not cluster.namespace and cluster.peering is None
+    assert cluster.all_namespaces and not cluster.namespace and not cluster.leader_elect
     scoped = parse_args(container(render({"watch": {"namespaces": ["team-a", "team-b"]}}))["args"])
     assert scoped.namespace == ["team-a", "team-b"]
 
@@ -206,11 +207,18 @@ def test_cluster_wide_rbac_grants_exactly_what_the_operator_uses() -> None:
     binding = one(documents, "ClusterRoleBinding", "conveyor-operator")
     assert binding["roleRef"]["name"] == "conveyor-operator"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "conveyor-operator", "namespace": "conveyor-system"}]
-    assert not of_kind(documents, "Role") and not of_kind(documents, "RoleBinding")
+    # Namespaced: only the leader-election Lease, in the release namespace.
+    (lease_role,) = of_kind(documents, "Role")
+    assert lease_role["metadata"]["namespace"] == "conveyor-system"
+    assert rules_as_grants(lease_role["rules"]) == LEADER_ELECTION_GRANTS
+    (lease_binding,) = of_kind(documents, "RoleBinding")
+    assert lease_binding["roleRef"]["name"] == lease_role["metadata"]["name"]
+    without_election = render({"leaderElection": {"enabled": False}, "replicas": 1})
+    assert not of_kind(without_election, "Role") and not of_kind(without_election, "RoleBinding")
 
 
 def test_namespaced_rbac_grants_only_in_the_watched_namespaces() -> None:
-    documents = render({"watch": {"namespaces": ["team-a", "team-b"]}})
+    documents = render({"watch": {"namespaces": ["team-a", "team-b"]}, "leaderElection": {"enabled": False}})
     roles = of_kind(documents, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
     for role in roles:
@@ -292,7 +300,7 @@ def test_dashboard_is_valid_grafana_json_with_parsable_queries() -> None:
 
 # Metrics the alerts name before their exporter exists; each entry says who adds it. The test fails
 # once the metric appears, so this list cannot go stale.
-AWAITED_METRICS = {"conveyor_rollouts_finished_total": "the rollout issue (progressive rollout, analysis, rollback)"}
+AWAITED_METRICS: dict[str, str] = {}
 
 
 def test_every_metric_in_alerts_and_dashboard_is_exported_by_conveyor() -> None:
