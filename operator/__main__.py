@@ -14,10 +14,12 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 
 import kopf
 
 from conveyor.operator import handlers  # noqa: F401 - registers the kopf handlers
+from conveyor.operator.controller.leader import LeaseConfig
 from conveyor.operator.controller.manager import Config
 
 
@@ -34,8 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--liveness-port", type=int, default=int(os.environ.get("CONVEYOR_LIVENESS_PORT", "8080")),
                    help="liveness endpoint port (/healthz), 0 to disable (default 8080)")
     p.add_argument("--bind", default=os.environ.get("CONVEYOR_BIND", "0.0.0.0"), help="address for both endpoints")
-    p.add_argument("--peering", default=None,
-                   help="kopf peering object name for running replicas in turn (default: standalone)")
     p.add_argument("--pipeline-workers", type=int, default=2)
     p.add_argument("--deployment-workers", type=int, default=16)
     p.add_argument("--resync-seconds", type=float, default=600.0, help="reconcile everything this often")
@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prometheus-url", default=os.environ.get("CONVEYOR_PROMETHEUS_URL") or None,
                    help="Prometheus that canary analysis and drift query (e.g. http://prometheus:9090); "
                         "unset: a canary pauses for a person at its first analysis")
+    p.add_argument("--leader-elect", action="store_true", default=os.environ.get("CONVEYOR_LEADER_ELECT") == "true",
+                   help="for several replicas: only the holder of a coordination.k8s.io Lease reconciles")
+    p.add_argument("--leader-election-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
+                   help="namespace of the Lease (default: $POD_NAMESPACE)")
+    p.add_argument("--leader-election-id", default="conveyor-operator", help="name of the Lease")
     p.add_argument("--log-level", default=os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
     for ns in args.namespace:
@@ -69,14 +74,20 @@ def main(argv: list[str] | None = None) -> None:
         metrics_port=args.metrics_port or None,
         default_kserve_mode=args.default_kserve_mode,
         prometheus_url=args.prometheus_url,
+        leader_election=LeaseConfig(
+            namespace=args.leader_election_namespace,
+            name=args.leader_election_id,
+            identity=os.environ.get("POD_NAME") or f"{socket.gethostname()}-{os.getpid()}",
+        )
+        if args.leader_elect
+        else None,
     )
     liveness = f"http://{args.bind}:{args.liveness_port}/healthz" if args.liveness_port else None
     asyncio.run(
         kopf.operator(
             clusterwide=not args.namespace,
             namespaces=args.namespace,
-            standalone=args.peering is None,
-            peering_name=args.peering,
+            standalone=True,  # kopf's peering pauses peers of equal priority; replicas use the Lease instead
             liveness_endpoint=liveness,
             memo=kopf.Memo(config=config),
         )

@@ -18,8 +18,11 @@ never shadows the standard library's `operator`):
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import os
+import signal
 from typing import Any
 
 import kopf
@@ -28,6 +31,7 @@ from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import ObjectCache
 from conveyor.operator.controller.children import FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY
 from conveyor.operator.controller.client import ApiClient, connection_info
+from conveyor.operator.controller.leader import LeaderElector
 from conveyor.operator.controller.manager import Config, Operator
 from conveyor.operator.controller.workqueue import WorkQueue
 from conveyor.operator.mlpipeline.build import LABEL_PIPELINE
@@ -63,12 +67,32 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         memo.conveyor = Operator(client=client, config=config)
     if config.metrics_port:
         metrics.serve(config.metrics_port)
-    _op(memo).start()
+    op = _op(memo)
+    if config.leader_election is None:
+        metrics.LEADER.set(1)
+        op.start()
+    else:
+        memo.conveyor_elector = LeaderElector(op.client, config.leader_election, on_started=op.start, on_stopped=_step_down(op))
+        memo.conveyor_election = asyncio.create_task(memo.conveyor_elector.run(), name="leader-election")
     log.info("conveyor operator started (field manager %s)", FIELD_MANAGER)
+
+
+def _step_down(op: Operator) -> Any:
+    async def stop_reconciling_and_exit() -> None:
+        # Stop writing before another replica may take over, then exit: Kubernetes restarts this one as a follower.
+        await op.pipeline_queue.stop()
+        await op.deployment_queue.stop()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    return stop_reconciling_and_exit
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    election = getattr(memo, "conveyor_election", None)
+    if election is not None:
+        election.cancel()
+        await memo.conveyor_elector.release()
     await _op(memo).stop()
 
 

@@ -18,6 +18,7 @@ from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key, ObjectCache
 from conveyor.operator.controller.client import Client
 from conveyor.operator.controller.events import Event, EventPoster
+from conveyor.operator.controller.leader import LeaseConfig
 from conveyor.operator.controller.prometheus import Prometheus
 from conveyor.operator.controller.workqueue import WorkQueue
 
@@ -31,6 +32,8 @@ class Config:
     metrics_port: int | None = None
     # The KServe mode of a ModelDeployment that names none (Helm: operator.defaultKServeMode).
     default_kserve_mode: str = "Knative"
+    # With a Lease: several replicas, one reconciling (Helm: replicas > 1). None: this replica reconciles.
+    leader_election: LeaseConfig | None = None
     # Prometheus that rollout analysis and drift read (Helm sets CONVEYOR_PROMETHEUS_URL); None: no analysis.
     prometheus_url: str | None = None
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration"))
 
 from _operator_support import OperatorProcess, train, wait_for  # noqa: E402
 from kubernetes import client, config, watch  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 RESULTS = ROOT / "tests" / "bench" / "results" / "operator.json"
 THREADS = 8
@@ -119,18 +120,15 @@ def apiserver_writes(api: client.ApiClient) -> dict[str, float]:
     """apiserver_request_total for our kinds and their children, non-GET verbs, by verb/resource."""
     text = api.call_api("/metrics", "GET", auth_settings=["BearerToken"], response_type="str", _preload_content=False)[0].data.decode()
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line.startswith("apiserver_request_total{"):
-            continue
-        labels, _, value = line.rpartition(" ")
-        fields = dict(part.split("=", 1) for part in labels[len("apiserver_request_total{"):-1].split(",") if "=" in part)
-        fields = {k: v.strip('"') for k, v in fields.items()}
+    samples = (s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "apiserver_request_total")
+    for sample in samples:
+        fields = sample.labels
         if fields.get("verb") in ("GET", "LIST", "WATCH", "CONNECT"):
             continue
         if fields.get("resource") not in ("modeldeployments", "inferenceservices", "events"):
             continue
         key = f'{fields["verb"]} {fields["resource"]}{"/" + fields["subresource"] if fields.get("subresource") else ""}'
-        out[key] = out.get(key, 0.0) + float(value)
+        out[key] = out.get(key, 0.0) + sample.value
     return out
 
 

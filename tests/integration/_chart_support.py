@@ -165,6 +165,12 @@ DISCOVERY_GRANTS: set[tuple[str, str, str]] = {
     ("", "namespaces", "list"),
     ("", "namespaces", "watch"),
 }
+# Leader election among the replicas: one Lease in the release namespace (leaderElection.enabled).
+LEADER_ELECTION_GRANTS: set[tuple[str, str, str]] = {
+    ("coordination.k8s.io", "leases", "get"),
+    ("coordination.k8s.io", "leases", "create"),
+    ("coordination.k8s.io", "leases", "update"),
+}
 
 
 def lua_literal(value: Any) -> str:
