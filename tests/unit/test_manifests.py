@@ -423,3 +423,24 @@ def test_helm_is_the_pinned_release_cached_outside_the_clone() -> None:
     assert helm("template", "x", str(CHART), check=False).returncode == 0
     old = helm("template", "x", str(CHART), "--kube-version", "1.29.0", check=False)
     assert old.returncode != 0 and "kubeVersion" in old.stderr, old.stderr
+
+
+def test_pod_monitor_selects_the_predictors_of_conveyors_inference_services() -> None:
+    from conveyor.operator.controller.children import LABEL_MANAGED_BY, MANAGED_BY
+    from conveyor.operator.modeldeployment.build import PREDICTOR_PORT
+
+    assert not of_kind(render(), "PodMonitor")
+    monitor = one(render({"podMonitor": {"enabled": True, "namespaces": ["team-a"]}}), "PodMonitor")
+    selector = monitor["spec"]["selector"]
+    # The labels a predictor pod carries: the InferenceService's own (the operator's), which KServe
+    # copies onto it, plus KServe's (pkg/controller/v1beta1/inferenceservice/components/predictor.go).
+    pod = {LABEL_MANAGED_BY: MANAGED_BY, "serving.kserve.io/inferenceservice": "fraud", "component": "predictor"}
+    assert selector["matchLabels"].items() <= pod.items()
+    assert all(e["key"] in pod for e in selector["matchExpressions"] if e["operator"] == "Exists")
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a"]}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["targetPort"] == PREDICTOR_PORT and endpoint["path"] == "/metrics"
+    relabel = {r["targetLabel"]: r["sourceLabels"] for r in endpoint["relabelings"]}
+    assert relabel["namespace"] == ["__meta_kubernetes_namespace"]
+    everywhere = one(render({"podMonitor": {"enabled": True}}), "PodMonitor")
+    assert everywhere["spec"]["namespaceSelector"] == {"any": True}
