@@ -142,7 +142,7 @@ def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, trigg
     if t.queue:
         labels[LABEL_KUEUE_QUEUE] = t.queue
     job_spec: dict[str, Any] = {
-        "entrypoint": f"python -m conveyor.runtime.train --config {RUN_CONFIG_DIR}/{RUN_CONFIG_FILE}",
+        "entrypoint": f"python -m conveyor.runtime.train --config {RUN_CONFIG_DIR}/{RUN_CONFIG_FILE} --exit-zero-when-reported",
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": t.ttl_seconds_after_finished,
         "backoffLimit": t.backoff_limit,

@@ -19,6 +19,13 @@ Run state comes from both RayJob status fields, because they can disagree (KubeR
 deployment status fails the run whatever jobStatus says; success needs `Complete` and `SUCCEEDED`;
 `Retrying` keeps the run active and counts the attempt.
 
+A run reports its outcome through the registry, not its log (a real RayJob's status carries only an
+exit code): when its RayJob ends, the handler reads the run's outcome record. A record of a data-contract
+violation fails the run (`DataValidated=False`, the violations in the message) even though the job
+ended successfully: the training entrypoint exits 0 once it recorded the violation, because a
+deterministic failure must not be retried by the RayJob's backoffLimit. Other failures fail the job, which
+KubeRay retries; the record's message, when there is one, says why.
+
 On success the handler reads the package the run registered (found by its lineage) and the gate
 decides: a passing version becomes `status.latestVersion`, which the ModelDeployment in `spec.deploy`
 follows (see modeldeployment/plan.py for the hand-off); a failing one is recorded (outcome GateFailed) and goes
@@ -28,7 +35,6 @@ nowhere. Finished runs beyond `runsHistoryLimit` leave the status, and their Ray
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -57,9 +63,9 @@ FAILED = "Failed"
 GATE_FAILED = "GateFailed"
 ACTIVE = (PENDING, RUNNING)
 
-# How a failed run's message tells a data-contract violation from other failures (the training
-# entrypoint raises DataValidationError with the validation report).
-_DATA_VALIDATION = re.compile(r"DataValidationError|data contract|DataContract", re.IGNORECASE)
+# The outcome a run records in the registry when its data broke the contract (runtime/training/run.py).
+RECORD_DATA_VALIDATION_FAILED = "DataValidationFailed"
+DATA_CONTRACT_VIOLATED = "DataContractViolated"
 
 
 @dataclass(frozen=True)
@@ -116,14 +122,41 @@ class PipelinePlan:
     handed_over: str | None = None  # version newly handed to spec.deploy
 
 
-def runs_awaiting_gate(status: dict[str, Any], rayjobs: dict[int, dict[str, Any]]) -> list[int]:
-    """Active runs whose RayJob succeeded: the handler must read their package before planning."""
+def runs_awaiting_report(status: dict[str, Any], rayjobs: dict[int, dict[str, Any]]) -> list[int]:
+    """Active runs whose RayJob ended: the handler reads their outcome record before planning."""
     out = []
     for run in status.get("runs") or []:
         rj = rayjobs.get(run["run"])
-        if run.get("outcome") in ACTIVE and rj is not None and rayjob_state(rj).outcome == SUCCEEDED:
+        if run.get("outcome") in ACTIVE and rj is not None and rayjob_state(rj).outcome not in ACTIVE:
             out.append(run["run"])
     return out
+
+
+def runs_awaiting_gate(
+    status: dict[str, Any], rayjobs: dict[int, dict[str, Any]], reports: dict[int, dict[str, Any]] | None = None
+) -> list[int]:
+    """Active runs whose RayJob succeeded and whose record reports no data violation: the handler must
+    read their package before planning."""
+    out = []
+    for n in runs_awaiting_report(status, rayjobs):
+        violated = ((reports or {}).get(n) or {}).get("outcome") == RECORD_DATA_VALIDATION_FAILED
+        if rayjob_state(rayjobs[n]).outcome == SUCCEEDED and not violated:
+            out.append(n)
+    return out
+
+
+def summarize_violations(report: dict[str, Any]) -> str:
+    """One line per run record's data-validation report: which columns broke which rule, how often."""
+    validation = report.get("dataValidation") or {}
+    violations = validation.get("violations") or []
+    head = f"data contract violated: {len(violations)} violation(s) in {validation.get('rows', '?')} rows of {validation.get('source', '?')}"
+    parts = []
+    for v in violations[:10]:
+        column = v.get("column")
+        where = "the dataset" if column in (None, "*") else f"column {column}"
+        parts.append(f"{where}: {v.get('rule')} ({v.get('count')} value(s); expected {v.get('expected')})")
+    more = f"; and {len(violations) - 10} more" if len(violations) > 10 else ""
+    return head + (": " + "; ".join(parts) if parts else "") + more
 
 
 def _finish(run: dict[str, Any], outcome: str, reason: str, message: str, end: str) -> None:
@@ -143,11 +176,13 @@ def plan_pipeline(
     *,
     missing_rayjobs: frozenset[int] = frozenset(),
     deploy_target: DeployTarget | None = None,
+    reports: dict[int, dict[str, Any]] | None = None,
 ) -> PipelinePlan:
     """Desired status and actions. `invalid` is the reason the spec cannot be used (None when fine).
 
     `rayjobs` maps run number -> RayJob of this pipeline; `missing_rayjobs` are runs whose RayJob was
-    confirmed gone (deleted by someone) with a live read.
+    confirmed gone (deleted by someone) with a live read; `reports` maps run number -> the outcome record
+    the run wrote to the registry (runs whose RayJob ended and that wrote one).
     """
     generation = pipeline["metadata"].get("generation")
     status: dict[str, Any] = json.loads(json.dumps(pipeline.get("status") or {}))  # the plan never mutates its input
@@ -159,7 +194,7 @@ def plan_pipeline(
     runs: list[dict[str, Any]] = status.setdefault("runs", [])
     for run in runs:
         if run.get("outcome") in ACTIVE:
-            _follow_run(plan, pipeline, run, rayjobs, gate, missing_rayjobs, deploy_target, ts)
+            _follow_run(plan, pipeline, run, rayjobs, gate, missing_rayjobs, deploy_target, ts, (reports or {}).get(run["run"]))
     if invalid is not None or spec is None:
         if c.set_condition(conds, c.ACCEPTED, c.FALSE, "InvalidSpec", invalid or "invalid spec", generation=generation, now=ts):
             plan.events.append(("Warning", "InvalidSpec", invalid or "invalid spec"))
@@ -181,8 +216,9 @@ def _follow_run(
     missing_rayjobs: frozenset[int],
     deploy_target: DeployTarget | None,
     ts: str,
+    report: dict[str, Any] | None,
 ) -> None:
-    """An active run: its RayJob's state, then (once it succeeded) the gate's verdict."""
+    """An active run: its RayJob's state and outcome record, then (once it succeeded) the gate's verdict."""
     n = run["run"]
     rj = rayjobs.get(n)
     if rj is None:
@@ -201,9 +237,16 @@ def _follow_run(
             run["message"] = state.message[:2000]
         return
     end = state.end or ts
+    report = report or {}
+    if report.get("outcome") == RECORD_DATA_VALIDATION_FAILED:
+        message = summarize_violations(report)
+        _finish(run, FAILED, DATA_CONTRACT_VIOLATED, message, end)
+        plan.events.append(("Warning", DATA_CONTRACT_VIOLATED, f"run {n}: {message[:1000]}"))
+        return
     if state.outcome == FAILED:
-        _finish(run, FAILED, state.reason, state.message, end)
-        plan.events.append(("Warning", "RunFailed", f"run {n} failed: {state.reason}: {state.message[:300]}"))
+        message = report.get("message") or state.message  # the record says why; a RayJob only gives an exit code
+        _finish(run, FAILED, state.reason, message, end)
+        plan.events.append(("Warning", "RunFailed", f"run {n} failed: {state.reason}: {message[:300]}"))
         return
     outcome = gate.get(n)
     if outcome is None:
@@ -414,11 +457,15 @@ def _set_run_conditions(conds: list[dict[str, Any]], run: dict[str, Any] | None,
             put(t, c.UNKNOWN, "RunInProgress", f"Run {n} is {outcome.lower()}.")
         put(c.SUCCEEDED, c.UNKNOWN, "RunInProgress", f"Run {n} is {outcome.lower()}.")
         return
+    if outcome == FAILED and reason == DATA_CONTRACT_VIOLATED:
+        put(c.DATA_VALIDATED, c.FALSE, DATA_CONTRACT_VIOLATED, message[:1000])
+        put(c.TRAINED, c.FALSE, "DataRejected", f"Run {n} did not train: its data broke the contract.")
+        put(c.REGISTERED, c.FALSE, "NotTrained", f"Run {n} registered no model.")
+        put(c.EVALUATED, c.UNKNOWN, "NotTrained", f"Run {n} produced no model to evaluate.")
+        put(c.SUCCEEDED, c.FALSE, DATA_CONTRACT_VIOLATED, f"Run {n} failed: its data broke the contract.")
+        return
     if outcome == FAILED:
-        if _DATA_VALIDATION.search(message):
-            put(c.DATA_VALIDATED, c.FALSE, "DataContractViolated", message[:1000])
-        else:
-            put(c.DATA_VALIDATED, c.UNKNOWN, "NotReported", f"Run {n} failed before reporting on its data.")
+        put(c.DATA_VALIDATED, c.UNKNOWN, "NotReported", f"Run {n} failed before reporting on its data.")
         put(c.TRAINED, c.FALSE, reason or "TrainingFailed", f"Run {n}: {message[:1000]}")
         put(c.REGISTERED, c.FALSE, "NotTrained", f"Run {n} registered no model.")
         put(c.EVALUATED, c.UNKNOWN, "NotTrained", f"Run {n} produced no model to evaluate.")

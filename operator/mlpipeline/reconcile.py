@@ -1,8 +1,9 @@
 """Reconcile one MLPipeline: observe (every read, into one frozen snapshot), plan (pure, once), act.
 
 observe: the pipeline and its RayJobs from the cache; a live GET for an active run's RayJob the cache
-         lacks (not listed yet, or deleted); the registry's verdict on runs whose RayJob succeeded
-         (blocking reads, in a thread); the ModelDeployment that spec.deploy names.
+         lacks (not listed yet, or deleted); the outcome record of each run whose RayJob ended and the
+         registry's verdict on runs whose RayJob succeeded (blocking reads, in a thread); the
+         ModelDeployment that spec.deploy names.
 plan:    `plan.plan_pipeline` -> the status, the run to start, the RayJobs to delete, the events.
 act:     before creating a RayJob, one live LIST asks the apiserver whether a RayJob of this pipeline
          exists that the snapshot did not know (made just before a restart); if so the reconcile is
@@ -33,8 +34,10 @@ from conveyor.operator.mlpipeline.plan import (
     plan_pipeline,
     rayjobs_by_run,
     runs_awaiting_gate,
+    runs_awaiting_report,
 )
 from conveyor.operator.mlpipeline.validate import validate_pipeline
+from conveyor.runtime.package.registry import PackageError
 from conveyor.runtime.spec import MLPipelineSpec
 
 if TYPE_CHECKING:
@@ -56,6 +59,7 @@ class PipelineSnapshot:
     gate: dict[int, GateOutcome]
     deploy_target: DeployTarget | None
     now: datetime
+    reports: dict[int, dict[str, Any]]
 
 
 async def reconcile_pipeline(op: Operator, key: Key) -> float | None:
@@ -65,7 +69,15 @@ async def reconcile_pipeline(op: Operator, key: Key) -> float | None:
         return None
     s = snapshot
     plan = plan_pipeline(
-        s.pipeline, s.spec, s.invalid, s.rayjobs, s.gate, s.now, missing_rayjobs=s.missing_rayjobs, deploy_target=s.deploy_target
+        s.pipeline,
+        s.spec,
+        s.invalid,
+        s.rayjobs,
+        s.gate,
+        s.now,
+        missing_rayjobs=s.missing_rayjobs,
+        deploy_target=s.deploy_target,
+        reports=s.reports,
     )
     await act(op, snapshot, plan)
     return plan.requeue_after
@@ -87,14 +99,27 @@ async def observe(op: Operator, key: Key) -> PipelineSnapshot | None:
         except InvalidSpecError as e:
             invalid = str(e)
     if spec is not None and invalid is None:
-        invalid = validate_registry(op.registry, spec.registry.uri, spec.registry.model_name, "spec.registry.uri")
+        invalid = await asyncio.to_thread(
+            validate_registry, op.registry, spec.registry.uri, spec.registry.model_name, "spec.registry.uri"
+        )
     rayjobs = rayjobs_by_run(op.rayjobs.in_namespace(namespace, label=LABEL_PIPELINE, value=name))
     missing = await _confirm_missing(op, namespace, name, status, rayjobs)
     deploy_target = _deploy_target(op, namespace, name, spec) if spec is not None else None
+    reports: dict[int, dict[str, Any]] = {}
     gate: dict[int, GateOutcome] = {}
-    for n in runs_awaiting_gate(status, rayjobs) if spec is not None else []:
-        gate[n] = await asyncio.to_thread(_judge, op, spec, namespace, name, n, deploy_target)
-    return PipelineSnapshot(key, obj, spec, invalid, rayjobs, frozenset(missing), gate, deploy_target, op.clock())
+    if spec is not None:
+        registry = op.registry(spec.registry.uri, spec.registry.model_name)
+        for n in runs_awaiting_report(status, rayjobs):
+            try:
+                report = await asyncio.to_thread(registry.read_run_record, namespace, name, n)
+            except PackageError as e:  # a corrupt record says nothing; the RayJob and the package still do
+                log.warning("%s/%s: run %d's outcome record is unreadable: %s", namespace, name, n, e)
+                report = None
+            if report is not None:
+                reports[n] = report
+        for n in runs_awaiting_gate(status, rayjobs, reports):
+            gate[n] = await asyncio.to_thread(_judge, op, spec, namespace, name, n, deploy_target)
+    return PipelineSnapshot(key, obj, spec, invalid, rayjobs, frozenset(missing), gate, deploy_target, op.clock(), reports)
 
 
 async def _confirm_missing(

@@ -15,6 +15,15 @@ A directory counts as a committed version only if its ``package.json`` is valid,
 every file it lists is there with the recorded size and sha256. A partial or corrupt directory is
 skipped by ``versions()`` and refused by ``open_package``.
 
+Beside the versions the registry keeps small records, each one object written whole (a local file is
+written under a temporary name and renamed; an object store's PUT is atomic):
+
+- ``<model>/.runs/<namespace>.<pipeline>-<run>.json``: a training run's outcome record (``Registered``,
+  ``DataValidationFailed`` or ``Failed``, the data-validation report, metrics, the version or why none),
+  which the operator reads instead of log text (a real RayJob's status carries only an exit code);
+- ``<model>/.rejected/<version>.json``: a version that failed the evaluation gate; ``latest`` never
+  resolves to it.
+
 Importing this module and ``Registry.read_metadata`` need no torch or ray (the operator uses them);
 ``ModelPackage.load_model`` imports torch when called.
 """
@@ -78,6 +87,27 @@ def _fs_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def _protocol(fs: fsspec.AbstractFileSystem) -> str:
     p = fs.protocol
     return p if isinstance(p, str) else p[0]
+
+
+def run_record_name(namespace: str, pipeline: str, run: int) -> str:
+    """The name a run's outcome record is kept under (the run's checkpoint directory has the same)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", f"{namespace}.{pipeline}-{run}")
+
+
+def write_json_atomically(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    """Readers see the old object or the new one, never a part (local: write aside, then rename)."""
+    data = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode()
+    parent = path.rsplit("/", 1)[0]
+    fs.makedirs(parent, exist_ok=True)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)  # one PUT: object stores never show a partial object
+        return
+    tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------- verification
@@ -284,8 +314,55 @@ class Registry:
         return committed
 
     def latest(self) -> str | None:
-        versions = self.versions()
+        """The newest committed version that was not rejected by the evaluation gate."""
+        rejected = self.rejected()
+        versions = [v for v in self.versions() if v not in rejected]
         return versions[-1] if versions else None
+
+    # ---- records beside the versions (see the module docstring)
+
+    def _record_path(self, kind: str, name: str) -> str:
+        if "/" in name or name.startswith("."):
+            raise PackageError(f"{name!r} is not a record name")
+        return _join(self.model_path, kind, f"{name}.json")
+
+    def _read_record(self, path: str) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except ValueError as e:
+            raise PackageError(f"{path}: not valid JSON ({e})") from e
+        return obj if isinstance(obj, dict) else None
+
+    def write_run_record(self, namespace: str, pipeline: str, run: int, record: Mapping[str, Any]) -> None:
+        """Record a training run's outcome (replacing an earlier attempt's)."""
+        body = {**record, "namespace": namespace, "pipeline": pipeline, "run": run}
+        write_json_atomically(self.fs, self._record_path(".runs", run_record_name(namespace, pipeline, run)), body)
+
+    def read_run_record(self, namespace: str, pipeline: str, run: int) -> dict[str, Any] | None:
+        """The run's outcome record, or None when the run wrote none (yet)."""
+        return self._read_record(self._record_path(".runs", run_record_name(namespace, pipeline, run)))
+
+    def reject(self, version: str, reason: str) -> None:
+        """Mark a version as failed by the evaluation gate: it stays readable, ``latest`` skips it."""
+        if not _VERSION_RE.match(version):
+            raise PackageError(f"version {version!r} must be v<N>")
+        write_json_atomically(self.fs, self._record_path(".rejected", version), {"version": version, "reason": reason})
+
+    def rejected(self) -> dict[str, str]:
+        """Rejected versions and why."""
+        try:
+            entries = self.fs.ls(_join(self.model_path, ".rejected"), detail=False)
+        except FileNotFoundError:
+            return {}
+        out = {}
+        for entry in entries:
+            name = entry.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(".json") and _VERSION_RE.match(name[:-5]):
+                record = self._read_record(entry) or {}
+                out[name[:-5]] = str(record.get("reason", ""))
+        return out
 
     def resolve(self, version: str) -> str:
         """``latest`` -> the newest committed version; ``v<N>`` as is (PackageError if there is none)."""

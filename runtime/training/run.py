@@ -23,6 +23,12 @@ It registers the model whether or not the evaluation gate passed: the gate's res
 ``metrics.json`` (``gate``), and the operator, which also knows the deployed version, decides. Exit codes:
 0 registered, 2 data validation failed, 1 any other error. ``--result PATH`` writes the outcome as JSON.
 
+Every outcome is also recorded in the registry under the run's name (``Registry.write_run_record``):
+that record, not the log, is how the operator learns what happened. A data-contract violation is
+deterministic, so retrying it is pointless; with ``--exit-zero-when-reported`` (what the operator's
+RayJob runs) the process exits 0 once the violation is recorded, so KubeRay's ``backoffLimit`` does not
+retry it, and the operator fails the run from the record. Other failures exit 1 and are retried.
+
 For tests and samples, ``train_and_register(config)`` runs the same steps in-process and returns the
 package URI (a local Ray is started when none is running).
 """
@@ -104,24 +110,50 @@ class RunResult:
     package_uri: str
     metrics: dict[str, Any]
     gate: dict[str, Any]
+    data_validation: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "outcome": "Registered",
             "version": self.version,
             "packageUri": self.package_uri,
             "metrics": {k: v for k, v in self.metrics.items() if k not in ("history", "gate")},
             "gate": self.gate,
         }
+        if self.data_validation is not None:
+            out["dataValidation"] = self.data_validation
+        return out
 
 
 def run(config: RunConfig) -> RunResult:
-    """The whole run (see the module docstring); Ray must be initialised (``ensure_ray``)."""
+    """The whole run (see the module docstring); Ray must be initialised (``ensure_ray``). Its outcome,
+    whichever it is, is recorded in the registry under the run's name."""
+    registry = Registry(config.registry.uri, config.registry.model_name)  # bad names fail before any work
+    try:
+        result = _run(config, registry)
+    except DataValidationError as e:
+        _record(config, registry, {"outcome": "DataValidationFailed", "message": str(e), "dataValidation": e.report.to_json()})
+        raise
+    except Exception as e:
+        _record(config, registry, {"outcome": "Failed", "message": f"{type(e).__name__}: {e}"[:4000]})
+        raise
+    _record(config, registry, result.to_json())
+    return result
+
+
+def _record(config: RunConfig, registry: Registry, record: dict[str, Any]) -> None:
+    try:
+        registry.write_run_record(config.namespace, config.pipeline, config.run, _finite(record))
+    except Exception:  # the run's own error matters more than the record's; the log keeps both
+        log.exception("could not record the run's outcome in %s", registry.uri)
+        raise
+
+
+def _run(config: RunConfig, registry: Registry) -> RunResult:
     import torch
 
     from conveyor.runtime.training.models import export_torchscript
 
-    registry = Registry(config.registry.uri, config.registry.model_name)  # bad names fail before any work
     done = _already_registered(config, registry)
     if done is not None:
         log.info("run %s already registered %s; nothing to do", run_name(config), done.package_uri)
@@ -194,7 +226,7 @@ def run(config: RunConfig) -> RunResult:
     uri = registry.package_uri(version)
     log.info("registered %s (%s %s)", uri, gate["metric"], gate["value"])
     _mark_registered(config, version, uri)
-    return RunResult(version, uri, metrics, gate)
+    return RunResult(version, uri, metrics, gate, prepared.validation.to_json())
 
 
 def _run_storage(config: RunConfig) -> tuple[Any, str]:
@@ -274,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--result", help="write the outcome (registered version, metrics or the validation report) here"
     )
+    parser.add_argument(
+        "--exit-zero-when-reported",
+        action="store_true",
+        help="exit 0 after a data-contract violation is recorded in the registry (it is deterministic: "
+        "a job retry would fail the same way)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
@@ -293,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataValidationError as e:
         print(str(e), file=sys.stderr)
         write_result({"outcome": "DataValidationFailed", "message": str(e), "report": e.report.to_json()})
-        return EXIT_INVALID_DATA
+        return EXIT_OK if args.exit_zero_when_reported else EXIT_INVALID_DATA
     except Exception as e:
         log.exception("training run failed")
         write_result({"outcome": "Failed", "message": f"{type(e).__name__}: {e}"})

@@ -21,6 +21,7 @@ from _operator_support import (
     wait_until,
 )
 
+from conveyor.runtime.package.registry import Registry
 from conveyor.runtime.spec import RunConfig
 
 pytestmark = pytest.mark.cluster
@@ -105,21 +106,51 @@ def test_run_succeeds_passes_gate_and_hands_over(cluster: Cluster, operator: Ope
 
 
 def test_training_failure_is_recorded(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    """The run's outcome record in the registry says why; a RayJob's status holds only an exit code."""
     cluster.create(MLP, "fraud", pipeline_spec(registry))
     wait_for("RayJob", lambda: cluster.rayjob("fraud-1"))
-    message = "DataValidationError: column amount has 12 nulls; the contract says nullable: false"
-    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="FAILED", message=message)
+    Registry(registry, "fraud").write_run_record(
+        cluster.ns, "fraud", 1, {"outcome": "Failed", "message": "RuntimeError: CUDA out of memory"}
+    )
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="FAILED", message="exit code 1")
     assert wait_for("run failed", lambda: outcome(cluster, "fraud", 1) == "Failed")
     run = run_entry(cluster, "fraud", 1)
-    assert run is not None and (run["reason"], run["message"]) == ("JobFailed", message)
+    assert run is not None and (run["reason"], run["message"]) == ("JobFailed", "RuntimeError: CUDA out of memory")
     assert condition(cluster, MLP, "fraud", "Trained") == ("False", "JobFailed")
-    assert condition(cluster, MLP, "fraud", "DataValidated") == ("False", "DataContractViolated")
+    assert condition(cluster, MLP, "fraud", "DataValidated") == ("Unknown", "NotReported")
     assert condition(cluster, MLP, "fraud", "Succeeded") == ("False", "TrainingFailed")
     assert cluster.status(MLP, "fraud")["phase"] == "Failed" and "latestVersion" not in cluster.status(MLP, "fraud")
     assert ("Warning", "RunFailed") in [e[:2] for e in wait_for("event", lambda: cluster.events("fraud"))]
     # A failed run is not retried on its own: no new RayJob appears.
     time.sleep(2)
     assert [r["metadata"]["name"] for r in cluster.rayjobs()] == ["fraud-1"]
+
+
+def test_a_recorded_contract_violation_fails_the_run(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+    """The entrypoint records the violation and ends its job successfully (a deterministic failure is not
+    worth KubeRay's retries); the operator fails the run from the record."""
+    cluster.create(MLP, "fraud", pipeline_spec(registry))
+    wait_for("RayJob", lambda: cluster.rayjob("fraud-1"))
+    violation = {"column": "amount", "rule": "nullable", "count": 12, "expected": "no nulls", "examples": []}
+    Registry(registry, "fraud").write_run_record(
+        cluster.ns,
+        "fraud",
+        1,
+        {
+            "outcome": "DataValidationFailed",
+            "dataValidation": {"source": "builtin://fraud", "rows": 3000, "ok": False, "violations": [violation]},
+        },
+    )
+    cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED", endTime="2026-01-01T00:10:00Z")
+    assert wait_for("run failed", lambda: outcome(cluster, "fraud", 1) == "Failed")
+    run = run_entry(cluster, "fraud", 1)
+    assert run is not None and (run["reason"], run["attempts"]) == ("DataContractViolated", 1)
+    status, reason = condition(cluster, MLP, "fraud", "DataValidated")
+    assert (status, reason) == ("False", "DataContractViolated")
+    message = next(x["message"] for x in cluster.status(MLP, "fraud")["conditions"] if x["type"] == "DataValidated")
+    assert "column amount: nullable (12 value(s)" in message
+    assert condition(cluster, MLP, "fraud", "Registered") == ("False", "NotTrained")
+    assert "latestVersion" not in cluster.status(MLP, "fraud")
 
 
 def test_deadline_failure_wins_over_a_running_job_status(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:

@@ -173,7 +173,7 @@ def test_rayjob_gpu_pool_placement() -> None:
 
 def test_rayjob_entrypoint_reads_the_mounted_run_config() -> None:
     rj = rayjob_for(pipeline_obj(), run=7)
-    assert rj["spec"]["entrypoint"] == "python -m conveyor.runtime.train --config /etc/conveyor/run.json"
+    assert rj["spec"]["entrypoint"] == "python -m conveyor.runtime.train --config /etc/conveyor/run.json --exit-zero-when-reported"
     cluster = rj["spec"]["rayClusterSpec"]
     pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
     for pod in pods:

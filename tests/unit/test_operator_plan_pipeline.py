@@ -273,22 +273,74 @@ def test_success_without_a_package() -> None:
     assert cond(p, c.REGISTERED) == ("False", "NoModelPackage")
 
 
+VIOLATION_RECORD = {
+    "outcome": "DataValidationFailed",
+    "message": "data validation failed: 2 violation(s) in 3000 rows of builtin://fraud",
+    "dataValidation": {
+        "source": "builtin://fraud",
+        "rows": 3000,
+        "ok": False,
+        "violations": [
+            {"column": "amount", "rule": "max", "count": 12, "expected": "<= 500", "examples": [812.5]},
+            {"column": "*", "rule": "minRows", "count": 1, "expected": ">= 5000 rows", "examples": []},
+        ],
+    },
+}
+
+
+def test_a_recorded_contract_violation_fails_the_run_without_a_retry() -> None:
+    """The entrypoint exits 0 once it recorded the violation (no backoffLimit retry); the record fails the run."""
+    obj = settled(pipeline(), plan(pipeline()))
+    done = {1: rayjob(1, "Complete", "SUCCEEDED", endTime="2026-01-05T12:02:00Z")}
+    # The gate is not consulted for a run whose record reports a violation: there is no package.
+    assert runs_awaiting_gate(obj["status"], done, {1: VIOLATION_RECORD}) == []
+    p = plan(obj, done, reports={1: VIOLATION_RECORD})
+    run = p.status["runs"][0]
+    assert (run["outcome"], run["reason"], run["attempts"]) == ("Failed", "DataContractViolated", 1)
+    assert "column amount: max (12 value(s); expected <= 500)" in run["message"]
+    assert "the dataset: minRows" in run["message"] and "3000 rows of builtin://fraud" in run["message"]
+    status, reason = cond(p, c.DATA_VALIDATED)
+    assert (status, reason) == ("False", "DataContractViolated")
+    assert "column amount" in c.get_condition(p.status["conditions"], c.DATA_VALIDATED)["message"]
+    assert cond(p, c.TRAINED) == ("False", "DataRejected")
+    assert cond(p, c.SUCCEEDED) == ("False", "DataContractViolated")
+    assert p.status["phase"] == "Failed" and p.start_run is None
+    assert [e[:2] for e in p.events] == [("Warning", "DataContractViolated")]
+    # Level-based: the next reconcile changes nothing and starts nothing.
+    again = plan(settled(obj, p), done, reports={1: VIOLATION_RECORD})
+    assert again.status == p.status and again.start_run is None and again.events == []
+
+
+def test_a_violation_recorded_by_a_failed_job_is_still_a_contract_violation() -> None:
+    obj = settled(pipeline(), plan(pipeline()))
+    p = plan(obj, {1: rayjob(1, "Failed", "FAILED", message="exit code 2")}, reports={1: VIOLATION_RECORD})
+    assert cond(p, c.DATA_VALIDATED) == ("False", "DataContractViolated")
+
+
 @pytest.mark.parametrize(
-    ("message", "data_validated"),
+    ("record", "message"),
     [
-        ("DataValidationError: column amount: 12 nulls, nullable is false", ("False", "DataContractViolated")),
-        ("CUDA out of memory", ("Unknown", "NotReported")),
+        (None, "exit code 1"),
+        ({"outcome": "Failed", "message": "RuntimeError: CUDA out of memory"}, "RuntimeError: CUDA out of memory"),
     ],
 )
-def test_training_failure_conditions(message: str, data_validated: tuple[str, str]) -> None:
+def test_training_failure_conditions(record: dict[str, Any] | None, message: str) -> None:
+    """A failed job is not a data verdict, whatever its log says; the record's message says why."""
     obj = settled(pipeline(), plan(pipeline()))
-    p = plan(obj, {1: rayjob(1, "Complete", "FAILED", message=message)})
+    reports = {1: record} if record else {}
+    p = plan(obj, {1: rayjob(1, "Complete", "FAILED", message="exit code 1")}, reports=reports)
     run = p.status["runs"][0]
     assert (run["outcome"], run["reason"], run["message"]) == ("Failed", "JobFailed", message)
-    assert cond(p, c.DATA_VALIDATED) == data_validated
+    assert cond(p, c.DATA_VALIDATED) == ("Unknown", "NotReported")
     assert cond(p, c.TRAINED) == ("False", "JobFailed")
     assert cond(p, c.SUCCEEDED) == ("False", "TrainingFailed")
     assert [e[:2] for e in p.events] == [("Warning", "RunFailed")]
+
+
+def test_log_text_is_not_a_data_verdict() -> None:
+    obj = settled(pipeline(), plan(pipeline()))
+    p = plan(obj, {1: rayjob(1, "Complete", "FAILED", message="DataValidationError: column amount: 12 nulls")})
+    assert cond(p, c.DATA_VALIDATED) == ("Unknown", "NotReported")
 
 
 def test_retry_keeps_the_run_active_and_counts_attempts() -> None:

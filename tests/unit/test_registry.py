@@ -205,3 +205,32 @@ def test_read_metadata_needs_no_torch(tmp_path: Path) -> None:
         "assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_run_records_are_written_whole_and_replaced_by_a_retry(tmp_path: Path) -> None:
+    reg = Registry(str(tmp_path), "fraud")
+    assert reg.read_run_record("ml", "fraud", 1) is None
+    reg.write_run_record("ml", "fraud", 1, {"outcome": "Failed", "message": "attempt 1"})
+    reg.write_run_record("ml", "fraud", 1, {"outcome": "Registered", "version": "v1"})
+    record = reg.read_run_record("ml", "fraud", 1)
+    assert record == {"outcome": "Registered", "version": "v1", "namespace": "ml", "pipeline": "fraud", "run": 1}
+    assert reg.read_run_record("ml", "fraud", 2) is None and reg.read_run_record("other", "fraud", 1) is None
+    # Written aside then renamed: no temporary file is left, and records never count as versions.
+    assert [p.name for p in (tmp_path / "fraud" / ".runs").iterdir()] == ["ml.fraud-1.json"]
+    assert reg.versions() == []
+
+
+def test_a_rejected_version_is_never_latest(tmp_path: Path) -> None:
+    reg = Registry(str(tmp_path), "fraud")
+    reg.register(_writer("a"))
+    reg.register(_writer("b"))
+    reg.reject("v2", "accuracy=0.5 is below the threshold 0.9")
+    assert reg.latest() == "v1" and reg.resolve("latest") == "v1"
+    assert reg.rejected() == {"v2": "accuracy=0.5 is below the threshold 0.9"}
+    # Still there to read (lineage, a person's comparison), just never chosen by `latest`.
+    assert reg.versions() == ["v1", "v2"] and reg.read_metadata("v2")["metrics"]["tag"] == "b"
+    assert reg.register(_writer("c")) == "v3" and reg.latest() == "v3"
+    reg.reject("v1", "x")
+    reg.reject("v3", "y")
+    with pytest.raises(PackageError):
+        reg.resolve("latest")

@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -147,7 +148,8 @@ class Executor:
             return
         # cwd is the job's own folder, as in a Ray head pod: never the repository root.
         proc = subprocess.Popen(
-            [self.python, "-m", "conveyor.runtime.train", "--config", str(workdir / "run.json")],
+            [self.python, "-m", "conveyor.runtime.train", "--config", str(workdir / "run.json"),
+             *_entrypoint_flags(rayjob["spec"].get("entrypoint", ""))],
             cwd=workdir, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
             env={**os.environ, **pod_env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
         )
@@ -297,6 +299,12 @@ class Executor:
                 except Exception:  # noqa: BLE001 - a fake controller keeps going, like the real ones
                     log.exception("%s failed; retrying", sync.__name__)
             time.sleep(interval)
+
+
+def _entrypoint_flags(entrypoint: str) -> list[str]:
+    """The flags the RayJob's entrypoint passes after its run config (the config is written locally)."""
+    args = shlex.split(entrypoint)
+    return args[args.index("--config") + 2 :] if "--config" in args else []
 
 
 def _comparable(status: dict[str, Any]) -> str:
