@@ -401,6 +401,10 @@ class DriftSpec(_Model):
 class MonitoringSpec(_Model):
     drift: DriftSpec = Field(default_factory=DriftSpec)
     retrain_pipeline: str | None = None
+    interval: str = "1m"
+    window: str = "10m"
+    min_samples: int = 100
+    retrain_cooldown: str = "1h"
 
 
 class ModelDeploymentSpec(_Model):

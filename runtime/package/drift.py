@@ -15,6 +15,15 @@ Methods (``--drift-method``, the ModelDeployment's ``spec.monitoring.drift.metho
 The overall drift score is the largest per-feature score, prediction drift included: one drifted feature
 is enough to act on, and averaging over many stable features would hide it.
 Nothing is reported until the window holds ``min_samples`` rows; a score from a handful of requests is noise.
+
+Two forms of the same math:
+
+- ``DriftMonitor`` scores one process's sliding window (the predictor's own gauges, for people);
+- ``bin_counts`` / ``score_counts`` are the additive form the decisions use: a predictor counts live
+  values per feature and bin (``bin_labels``: a numeric profile's bin index, a categorical profile's
+  value or ``__other__``), those counters are summed across replicas and worker processes by
+  Prometheus over a window, and the operator scores the summed counts against the profile. Summing
+  counts is exact; averaging per-process scores is not.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from conveyor.runtime.package import profile as profiles
+from conveyor.runtime.package.features import category_key, is_null
 
 METHODS = ("psi", "ks")
 PREDICTION = "__prediction__"
@@ -148,3 +158,71 @@ class DriftMonitor:
                 else feature_score(ref, predictions, self.method)
             )
         return report
+
+
+# ---------------------------------------------------------------- the additive form
+
+OTHER = "__other__"  # a category the training split never had: one bin, so label cardinality stays bounded
+
+
+def references(profile: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Every profiled input (features or image statistics) and the prediction distribution, by name."""
+    out: dict[str, Mapping[str, Any]] = dict(profile.get("features") or {})
+    out.update(profile.get("imageStats") or {})
+    dist = profile.get("predictionDistribution")
+    if isinstance(dist, Mapping) and dist.get("kind") == "numeric":
+        out[PREDICTION] = dict(dist)
+    elif isinstance(dist, Mapping) and dist:
+        out[PREDICTION] = {"kind": "categorical", "frequencies": {str(k): float(v) for k, v in dist.items()}}
+    return out
+
+
+def bin_labels(entry: Mapping[str, Any]) -> list[str]:
+    """The bins of one profile entry, in order: numeric bin indexes, or the categories then ``__other__``."""
+    if entry.get("kind") == "numeric":
+        return [str(i) for i in range(max(len(entry.get("binEdges") or []) - 1, 1))]
+    return [*(entry.get("frequencies") or {}), OTHER]
+
+
+def reference_fractions(entry: Mapping[str, Any]) -> list[float]:
+    """The training split's fraction in each of ``bin_labels(entry)``."""
+    if entry.get("kind") == "numeric":
+        return [float(f) for f in entry.get("binFractions") or [1.0]]
+    return [*(float(f) for f in (entry.get("frequencies") or {}).values()), 0.0]
+
+
+def bin_counts(entry: Mapping[str, Any], values: Any) -> dict[str, int]:
+    """How many of ``values`` fall in each bin of ``entry`` (nulls are not counted, as in the profile)."""
+    if entry.get("kind") == "numeric":
+        if not entry.get("binEdges"):
+            return {}
+        arr = profiles._as_float(values)
+        arr = arr[~np.isnan(arr)]
+        n_bins = len(bin_labels(entry))
+        idx = np.searchsorted(np.asarray(entry["binEdges"][1:-1], dtype=np.float64), arr, side="right")
+        counts = np.bincount(idx, minlength=n_bins)
+        return {str(i): int(c) for i, c in enumerate(counts) if c}
+    known = entry.get("frequencies") or {}
+    out: dict[str, int] = {}
+    for v in values:
+        if is_null(v):
+            continue
+        key = category_key(v)
+        key = key if key in known else OTHER
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def score_counts(entry: Mapping[str, Any], counts: Mapping[str, float], method: str = "psi") -> float | None:
+    """Drift of live bin ``counts`` (summed over any number of processes) against ``entry``; None when
+    there are none. KS for numeric entries under ``ks``, PSI otherwise (as ``feature_score``)."""
+    labels = bin_labels(entry)
+    live = np.asarray([max(float(counts.get(label, 0.0)), 0.0) for label in labels], dtype=np.float64)
+    total = live.sum()
+    if total <= 0:
+        return None
+    live /= total
+    ref = np.asarray(reference_fractions(entry), dtype=np.float64)
+    if method == "ks" and entry.get("kind") == "numeric":
+        return float(np.max(np.abs(np.cumsum(live) - np.cumsum(ref))))
+    return profiles.psi(ref, live)

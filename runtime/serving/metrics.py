@@ -9,9 +9,14 @@ apart in one Prometheus. Names (all prefixed ``conveyor_``):
 - ``request_duration_seconds{protocol}``: end-to-end latency histogram of those requests.
 - ``batch_size`` (rows per forward pass) and ``batch_requests`` (requests per forward pass) histograms.
 - ``predictions_total{class}`` (classification) or ``prediction_value`` histogram (regression).
+- ``drift_bin_total{feature, bin}``: live inputs (and predictions, feature ``__prediction__``) counted
+  per bin of the training profile. Additive across replicas and worker processes: the operator's drift
+  decision sums these in Prometheus over a window and scores them (``drift.score_counts``). Every
+  series starts at 0, so ``increase()`` counts a window's first observations too.
 - ``feature_drift{feature, method}``, ``prediction_drift{method}``, ``drift_score{method}`` (the overall
-  score: the largest of the others) and ``drift_window_rows``; the scores are computed at scrape time
-  from the sliding window (see ``conveyor.runtime.package.drift``) and absent until the window holds enough rows.
+  score: the largest of the others) and ``drift_window_rows``: this process's own window, for people;
+  computed at scrape time (see ``conveyor.runtime.package.drift``) and absent until the window holds
+  enough rows. Not summable across replicas, so nothing decides on them.
 - ``feedback_total{result}`` (correct|incorrect for classification, scored for regression,
   unknown_id), ``online_accuracy`` (classification) or ``online_mae`` (regression) over the last
   ``feedback_window`` labelled rows.
@@ -22,14 +27,14 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from conveyor.runtime.package.drift import DriftMonitor
+from conveyor.runtime.package.drift import PREDICTION, DriftMonitor, bin_counts, bin_labels, references
 
 LABELS = ("model_name", "model_version")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -143,6 +148,7 @@ class ServingMetrics:
         task: str,
         architecture: str,
         drift: DriftMonitor | None,
+        profile: Mapping[str, Any] | None = None,
         registry: CollectorRegistry = REGISTRY,
     ) -> None:
         self.model_name = model_name
@@ -206,6 +212,16 @@ class ServingMetrics:
             LABELS,
             registry=registry,
         )
+        self.drift_bins = Counter(
+            "conveyor_drift_bin_total",
+            "Live inputs and predictions (feature __prediction__) per training-profile bin; additive across replicas",
+            [*LABELS, "feature", "bin"],
+            registry=registry,
+        )
+        self._references = references(profile or {})
+        for feature, entry in self._references.items():
+            for label in bin_labels(entry):
+                self.drift_bins.labels(*lv, feature, label)
         info = Gauge(
             "conveyor_model_info",
             "The served model version",
@@ -237,6 +253,15 @@ class ServingMetrics:
             counts[str(p)] = counts.get(str(p), 0) + 1
         for cls, n in counts.items():
             self.predictions.labels(self.model_name, self.model_version, cls).inc(n)
+
+    def observe_bins(self, columns: Mapping[str, Sequence[Any]], predictions: Sequence[Any]) -> None:
+        """Count a batch's live values (and predictions) per profile bin."""
+        for feature, entry in self._references.items():
+            values = predictions if feature == PREDICTION else columns.get(feature)
+            if values is None or len(values) == 0:
+                continue
+            for label, n in bin_counts(entry, values).items():
+                self.drift_bins.labels(self.model_name, self.model_version, feature, label).inc(n)
 
     def observe_feedback(self, result: str, rows: int, online_value: float | None) -> None:
         self.feedback.labels(self.model_name, self.model_version, result).inc(rows)

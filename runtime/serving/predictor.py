@@ -207,6 +207,7 @@ class PackagePredictor(Model):
                 task=self.task,
                 architecture=str(pkg.manifest.get("architecture", "unknown")),
                 drift=self.drift,
+                profile=pkg.profile,
             )
         if self.batching:
             self.batcher = DynamicBatcher(
@@ -336,6 +337,7 @@ class PackagePredictor(Model):
             self.feedback.remember(request_id, answers)
         if self.metrics is not None:
             self.metrics.observe_predictions(answers)
+            self.metrics.observe_bins(columns, answers)
 
     def _v2_response(
         self, request: InferRequest, request_id: str, out: np.ndarray, answers: list[Any]

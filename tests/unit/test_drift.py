@@ -104,3 +104,37 @@ def test_bad_settings_are_refused() -> None:
         DriftMonitor({"features": {}}, classes=None, method="chi2")
     with pytest.raises(ValueError, match="at least 1"):
         DriftMonitor({"features": {}}, classes=None, window=0)
+
+
+# ---------------------------------------------------------------- the additive form
+
+
+@pytest.mark.parametrize("method", ["psi", "ks"])
+def test_counts_summed_over_processes_score_as_one_window(method: str) -> None:
+    """Three predictor processes each count a third of the traffic; the summed counts score exactly as the
+    whole traffic seen by one process (what the operator computes from Prometheus)."""
+    from conveyor.runtime.package.drift import PREDICTION, bin_counts, feature_score, references, score_counts
+
+    rng = np.random.default_rng(11)
+    prof = _training_profile(rng)
+    cols, preds = _live(rng, 1500, shift=0.7)
+    cols["country"][:40] = ["jp"] * 40  # a category training never saw
+    refs = references(prof)
+    assert set(refs) == {"amount", "age", "country", PREDICTION}
+    for name, entry in refs.items():
+        values = preds if name == PREDICTION else cols[name]
+        summed: dict[str, int] = {}
+        for part in (values[:500], values[500:1000], values[1000:]):
+            for label, n in bin_counts(entry, part).items():
+                summed[label] = summed.get(label, 0) + n
+        assert sum(summed.values()) == len(values)
+        additive = score_counts(entry, summed, method)
+        whole = score_counts(entry, bin_counts(entry, values), method)
+        assert additive == pytest.approx(whole, rel=1e-12)
+        if entry["kind"] == "numeric":  # the same statistic as the per-process monitor
+            assert additive == pytest.approx(feature_score(entry, values, method), rel=1e-9)
+    assert score_counts(refs["amount"], {}, method) is None
+    shifted = score_counts(refs["amount"], bin_counts(refs["amount"], cols["amount"]), method)
+    calm = score_counts(refs["age"], bin_counts(refs["age"], cols["age"]), method)
+    assert shifted > 0.2 and calm < 0.05
+    assert bin_counts(refs["country"], cols["country"])["__other__"] == 40
