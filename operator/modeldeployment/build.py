@@ -11,10 +11,18 @@ Canary in the two KServe deployment modes (checked against the pinned KServe v0.
 - Standard: KServe v0.20.0 has `spec.canary[]` (`{predictor: {name, ...}, trafficPercent}`, Standard
   mode only). The stable predictor gets `predictor.name: <stable version>` (its Deployment is
   `<isvc>-<version>-predictor`), the candidate is `canary[0]` with `predictor.name: <candidate version>`
-  and its own container (KServe merges it over the stable predictor and gives it fixed replicas, so
-  the canary entry sets no autoscaling fields, as KServe's validation requires). Promotion, per KServe,
-  sets `predictor.name` to the candidate's and drops the canary entry: that is what this builder emits
-  for (stable=candidate, candidate=None).
+  and its own container (KServe merges it over the stable predictor). Autoscaling of the canary:
+  KServe v0.20.0's validation (`validateCanarySpecs`) refuses maxReplicas, scaleMetric, scaleTarget and
+  autoScaling on a canary ("canary uses fixed replicas") and allows only `minReplicas`, at most the
+  stable predictor's; its controller then runs the canary at that fixed count (default
+  ceil(stable minReplicas x trafficPercent / 100)) and takes as many from the stable predictor's
+  minimum. So the most of the deployment's autoscaling a canary can get is its share of
+  `autoscaling.minReplicas`: this builder sets `minReplicas: max(1, ceil(minReplicas x weight / 100))`
+  explicitly (the same count KServe would pick, never 0, visible in the spec); the stable predictor
+  keeps the full autoscaling. Promotion, per KServe, sets `predictor.name` to the candidate's and
+  drops the canary entry: that is what this builder emits for (stable=candidate, candidate=None).
+  KServe splits Standard-mode traffic only through an ingress (a Gateway API HTTPRoute with
+  `enableGatewayApi`, or Istio); without one it reports `IngressReady=False` and nothing is split.
 
 The predictor is the conveyor runtime image running `python -m conveyor.runtime.serve` as KServe's
 custom container (`kserve-container`); `STORAGE_URI` makes KServe's storage initializer fetch the
@@ -23,6 +31,7 @@ registry version into /mnt/models before the server starts.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -150,6 +159,7 @@ def _isvc_spec(
                 "predictor": predictor_with_settings(
                     {
                         "name": predictor_name(candidate[0]),
+                        "minReplicas": canary_replicas(spec, weight),
                         "containers": [_predictor_container(deployment, spec, candidate[1], candidate[0])],
                     },
                     spec.predictor.pod,
@@ -158,6 +168,12 @@ def _isvc_spec(
             }
         ]
     return isvc_spec
+
+
+def canary_replicas(spec: ModelDeploymentSpec, weight: int) -> int:
+    """The Standard-mode canary's fixed replica count: its share of the deployment's minimum (see the
+    module docstring for why KServe allows nothing more)."""
+    return max(1, math.ceil(spec.autoscaling.min_replicas * weight / 100))
 
 
 def build_inference_service(

@@ -343,9 +343,19 @@ def test_isvc_canary_standard(candidate: tuple[str, str] | None, weight: int) ->
     [canary] = isvc["spec"]["canary"]
     assert canary["trafficPercent"] == weight
     assert canary["predictor"]["name"] == "v2"
-    # KServe v0.20.0 refuses autoscaling fields on a canary (fixed replicas).
-    assert not {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget"} & canary["predictor"].keys()
+    # KServe v0.20.0 refuses autoscaling fields on a canary but minReplicas, at most the stable one's:
+    # the canary runs its share of the deployment's minimum (never 0), as KServe's controller would.
+    assert not {"maxReplicas", "scaleMetric", "scaleTarget", "autoScaling"} & canary["predictor"].keys()
+    assert 1 <= canary["predictor"]["minReplicas"] <= predictor["minReplicas"]
     assert {e["name"]: e["value"] for e in canary["predictor"]["containers"][0]["env"]}["STORAGE_URI"] == V2[1]
+
+
+@pytest.mark.parametrize(("weight", "replicas"), [(10, 1), (25, 1), (50, 2), (100, 4)])
+def test_isvc_standard_canary_takes_its_share_of_the_minimum(weight: int, replicas: int) -> None:
+    obj = deployment_obj(rollout={"mode": "Standard"}, autoscaling={"metric": "cpu", "target": 80, "minReplicas": 4, "maxReplicas": 8})
+    isvc = isvc_for(obj, stable=V1, candidate=V2, weight=weight)
+    assert isvc["spec"]["canary"][0]["predictor"]["minReplicas"] == replicas
+    assert (isvc["spec"]["predictor"]["minReplicas"], isvc["spec"]["predictor"]["maxReplicas"]) == (4, 8)
 
 
 def test_isvc_standard_promotion_renames_the_stable_predictor() -> None:
