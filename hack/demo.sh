@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The demo on one machine, on the local control plane (real kube-apiserver, etcd, controller-manager):
-#   1. the operator (python -m conveyor.operator) and the local executor, a stand-in for the KubeRay and
-#      KServe controllers that runs RayJob entrypoints and predictors as local processes;
+#   1. a real local Prometheus (hack/prometheus.sh) scraping the operator and every predictor; the
+#      operator (python -m conveyor.operator --prometheus-url) and the local executor, a stand-in for
+#      the KubeRay and KServe controllers that runs RayJob entrypoints and predictors as local processes
+#      and routes each InferenceService's traffic by its live weights;
 #   2. an MLPipeline: its run becomes a RayJob; the executor runs the real training (Ray Train, torch);
 #      the operator gates the registered version and hands it to the ModelDeployment;
 #   3. the ModelDeployment: its InferenceService is served by KServe's real model server; predictions
@@ -17,6 +19,8 @@ TIMEOUT=${DEMO_TIMEOUT:-900s}
 
 kubeconfig=$("$ROOT/hack/local-cluster.sh" up)
 eval "$("$ROOT/hack/local-cluster.sh" env)"
+"$ROOT/hack/prometheus.sh" up >/dev/null
+eval "$("$ROOT/hack/prometheus.sh" env)" # CONVEYOR_PROMETHEUS_URL, CONVEYOR_PROMETHEUS_TARGETS
 export KUBECONFIG=$kubeconfig
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -33,14 +37,18 @@ kubectl delete namespace "$NS" --ignore-not-found --wait=true >/dev/null
 kubectl create namespace "$NS" >/dev/null
 rm -rf "$DEMO" && mkdir -p "$DEMO/registry" "$DEMO/logs"
 
-step "start the operator and the local executor (logs in $DEMO/logs)"
-(cd "$DEMO" && exec "$PY" -m conveyor.operator --namespace "$NS" --metrics-port 0 --liveness-port 0) \
-  >"$DEMO/logs/operator.log" 2>&1 &
+step "start the operator and the local executor (logs in $DEMO/logs); Prometheus at $CONVEYOR_PROMETHEUS_URL"
+metrics_port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+(cd "$DEMO" && exec "$PY" -m conveyor.operator --namespace "$NS" --metrics-port "$metrics_port" --liveness-port 0 \
+  --prometheus-url "$CONVEYOR_PROMETHEUS_URL") >"$DEMO/logs/operator.log" 2>&1 &
 operator_pid=$!
+# The local Prometheus scrapes the operator too (file_sd, as for the predictors the executor lists).
+printf '[{"targets": ["127.0.0.1:%s"], "labels": {"component": "operator"}}]\n' "$metrics_port" \
+  >"$CONVEYOR_PROMETHEUS_TARGETS/operator-$NS.json"
 (cd "$DEMO" && exec "$PY" -m conveyor_devstack.executor --kubeconfig "$kubeconfig" --namespace "$NS" \
-  --state-dir "$DEMO/executor") >"$DEMO/logs/executor.log" 2>&1 &
+  --state-dir "$DEMO/executor" --prometheus-targets "$CONVEYOR_PROMETHEUS_TARGETS") >"$DEMO/logs/executor.log" 2>&1 &
 executor_pid=$!
-trap 'kill $operator_pid $executor_pid 2>/dev/null || true; wait 2>/dev/null || true' EXIT
+trap 'kill $operator_pid $executor_pid 2>/dev/null || true; wait 2>/dev/null || true; rm -f "$CONVEYOR_PROMETHEUS_TARGETS/operator-$NS.json"' EXIT
 
 step "apply the MLPipeline and the ModelDeployment (hack/demo/fraud.yaml)"
 sed "s#REGISTRY#file://$DEMO/registry#g" "$ROOT/hack/demo/fraud.yaml" | kubectl apply --server-side -n "$NS" -f -
@@ -82,4 +90,4 @@ kubectl get -n "$NS" ml
 echo "traffic:"
 kubectl get -n "$NS" mdep/fraud -o jsonpath='{range .status.traffic[*]}  {.version}{"\t"}{.tag}{"\t"}{.percent}%{"\n"}{end}'
 
-printf '\nThe control plane keeps running (make cluster-down stops it); the operator and executor stop now.\n'
+printf '\nThe control plane and Prometheus keep running (make cluster-down, hack/prometheus.sh down stop them); the operator and executor stop now.\n'

@@ -1,6 +1,7 @@
 """The local executor: a stand-in for the KubeRay and KServe controllers on a machine with no kubelet.
 
     python -m conveyor_devstack.executor --kubeconfig PATH [--namespace NS] [--state-dir DIR]
+        [--prometheus-targets DIR] [--faults FILE]
 
 A development stand-in (``conveyor-devstack``, under ``hack/devstack``): never shipped in the images.
 
@@ -13,8 +14,15 @@ It is a FAKE of those two controllers, and only of them; what it runs is real:
 - an InferenceService (serving.kserve.io/v1beta1) is served by starting, for each model version its
   predictors name (`STORAGE_URI` of the predictor and of `canary[]`), KServe's real model server
   (`python -m conveyor.runtime.serve`) on a free 127.0.0.1 port, and its `status` is patched as KServe
-  reports it (`url`, `Ready` and `PredictorReady` conditions, `components.predictor.traffic`).
-  Versions no InferenceService names any more are stopped.
+  reports it (`url`, `Ready` and `PredictorReady` conditions, `components.predictor.traffic`, and in
+  Standard mode `canaryStatuses`). Versions no InferenceService names any more are stopped;
+- the InferenceService's `url` is its traffic router (`conveyor_devstack.router`, one fixed port per
+  InferenceService), which sends each request to the stable or the canary predictor by the live weights
+  of the spec (Knative `canaryTrafficPercent`, Standard `canary[].trafficPercent`), ready ones only;
+- with `--prometheus-targets DIR` (hack/prometheus.sh's file_sd directory) every Ready predictor is
+  listed there for the local Prometheus to scrape, labelled `namespace` and `inferenceservice` (its own
+  series carry `model_name` and `model_version`); with `--faults FILE` predictors start through
+  `conveyor_devstack.faults`, which plants 5xx answers or delays per version for tests and the demo.
 
 Pods, Services, scheduling, Knative revisions and KServe's storage initializer are not imitated: the
 predictor reads the registry URI directly. The executor polls (once a second): it is a development tool,
@@ -40,7 +48,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from conveyor_devstack import faults
 from conveyor_devstack.podenv import container_env
+from conveyor_devstack.prometheus import remove_targets, write_targets
+from conveyor_devstack.router import Backend, RouterHost
 
 log = logging.getLogger("conveyor.local-executor")
 
@@ -82,8 +93,11 @@ class Executor:
     state_dir: Path
     namespace: str | None = None
     python: str = sys.executable
+    targets_dir: Path | None = None  # file_sd targets for Prometheus, one file per predictor
+    faults: Path | None = None  # planted faults (conveyor_devstack.faults)
     trainings: dict[str, TrainingProcess] = field(default_factory=dict)
     predictors: dict[tuple[str, str, str], PredictorProcess] = field(default_factory=dict)
+    routers: RouterHost = field(default_factory=RouterHost)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -216,8 +230,12 @@ class Executor:
         # env and envFrom (Secrets, ConfigMaps) as a kubelet resolves them; a missing Secret raises and
         # the sync retries, as a pod waits in CreateContainerConfigError.
         env = container_env(self.core, container, meta["namespace"], f"{meta['name']}-predictor-{version}")
+        module = "conveyor.runtime.serve"
+        if self.faults is not None:  # the same server, with the planted-fault middleware inside
+            module = "conveyor_devstack.faults"
+            env |= {faults.ENV_FILE: str(self.faults), faults.ENV_KEY: faults.fault_key(*key)}
         proc = subprocess.Popen(
-            [self.python, "-m", "conveyor.runtime.serve", "--model-dir", uri, "--name", meta["name"],
+            [self.python, "-m", module, "--model-dir", uri, "--name", meta["name"],
              "--http-port", str(port), "--host", "127.0.0.1"],
             cwd=log_path.parent, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
@@ -226,55 +244,82 @@ class Executor:
         self.predictors[key] = PredictorProcess(proc, port, log_path)
         return self.predictors[key]
 
-    @staticmethod
-    def _ready(name: str, predictor: PredictorProcess) -> bool:
+    def _ready(self, key: tuple[str, str, str], predictor: PredictorProcess) -> bool:
         if predictor.ready:
             return True
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{predictor.port}/v2/models/{name}/ready", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{predictor.port}/v2/models/{key[1]}/ready", timeout=1) as r:
                 predictor.ready = r.status == 200
         except OSError:
             predictor.ready = False
+        if predictor.ready and self.targets_dir is not None:
+            # Scraped from Ready on, as a pod joins its ServiceMonitor/PodMonitor once it runs.
+            write_targets(self.targets_dir, _target_name(key), [f"127.0.0.1:{predictor.port}"],
+                          {"namespace": key[0], "inferenceservice": key[1], "component": "predictor"})
         return predictor.ready
+
+    def _serve(self, isvc: dict[str, Any]) -> dict[str, Any]:
+        """Start the predictors of every version, route to the ready ones; the status KServe would write."""
+        meta = isvc["metadata"]
+        versions = self._versions(isvc)
+        traffic, backends, all_ready, failure = [], [], True, None
+        for version, uri, percent in versions:
+            key = (meta["namespace"], meta["name"], version)
+            predictor = self._ensure_predictor(isvc, version, uri)
+            if predictor.proc.poll() is not None:
+                failure = predictor.log_path.read_text(errors="replace")[-MESSAGE_TAIL:].strip()
+                all_ready = False
+                continue
+            ready = self._ready(key, predictor)
+            all_ready = all_ready and ready
+            if ready:
+                backends.append(Backend(version, f"http://127.0.0.1:{predictor.port}", percent))
+            traffic.append({"revisionName": f"{meta['name']}-predictor-{version}", "tag": version,
+                            "percent": percent, "latestRevision": version == versions[-1][0],
+                            "url": f"http://127.0.0.1:{predictor.port}"})
+        router = self.routers.ensure((meta["namespace"], meta["name"]), meta["name"])
+        self.routers.set_backends((meta["namespace"], meta["name"]), backends)
+        status_word = "True" if all_ready else "False"
+        reason = None if all_ready else ("PredictorFailed" if failure else "PredictorNotReady")
+        conditions = [
+            {"type": t, "status": status_word, "lastTransitionTime": _now(),
+             **({"reason": reason, "message": failure or "the model server is loading"} if reason else {})}
+            for t in ("PredictorReady", "IngressReady", "Ready")
+        ]
+        predictor_status: dict[str, Any] = {
+            "traffic": traffic, "url": router.url,
+            "latestReadyRevision": traffic[-1]["revisionName"] if traffic else None}
+        status: dict[str, Any] = {"url": router.url, "address": {"url": router.url},
+                                  "observedGeneration": meta.get("generation"), "conditions": conditions,
+                                  "components": {"predictor": predictor_status}}
+        canary = (isvc["spec"].get("canary") or [None])[0]
+        if canary is not None:  # Standard mode, as KServe v0.20 reports a canary entry
+            ready = any(b.version == versions[-1][0] for b in backends)
+            status["canaryStatuses"] = [{"name": canary["predictor"].get("name") or f"{meta['name']}-canary",
+                                         "ready": ready, "trafficPercent": versions[-1][2]}]
+        elif len(versions) == 1 and all_ready:
+            predictor_status["latestRolledoutRevision"] = traffic[0]["revisionName"]
+        return status
 
     def sync_inference_services(self) -> None:
         wanted: set[tuple[str, str, str]] = set()
+        services: set[tuple[str, str]] = set()
         for isvc in self._list(*KSERVE):
             meta = isvc["metadata"]
-            versions = self._versions(isvc)
-            traffic, all_ready, url, failure = [], True, None, None
-            for version, uri, percent in versions:
-                wanted.add((meta["namespace"], meta["name"], version))
-                predictor = self._ensure_predictor(isvc, version, uri)
-                if predictor.proc.poll() is not None:
-                    failure = predictor.log_path.read_text(errors="replace")[-MESSAGE_TAIL:].strip()
-                    all_ready = False
-                    continue
-                ready = self._ready(meta["name"], predictor)
-                all_ready = all_ready and ready
-                traffic.append({"revisionName": f"{meta['name']}-predictor-{version}", "tag": version,
-                                "percent": percent, "latestRevision": version == versions[-1][0],
-                                "url": f"http://127.0.0.1:{predictor.port}"})
-                if percent >= 50 or url is None:
-                    url = f"http://127.0.0.1:{predictor.port}"
-            status_word = "True" if all_ready else "False"
-            reason = None if all_ready else ("PredictorFailed" if failure else "PredictorNotReady")
-            conditions = [
-                {"type": t, "status": status_word, "lastTransitionTime": _now(),
-                 **({"reason": reason, "message": failure or "the model server is loading"} if reason else {})}
-                for t in ("PredictorReady", "IngressReady", "Ready")
-            ]
-            status = {"url": url, "address": {"url": url}, "observedGeneration": meta.get("generation"),
-                      "conditions": conditions,
-                      "components": {"predictor": {"traffic": traffic, "url": url,
-                                                   "latestReadyRevision": traffic[-1]["revisionName"] if traffic else None}}}
+            services.add((meta["namespace"], meta["name"]))
+            wanted.update((meta["namespace"], meta["name"], v) for v, _, _ in self._versions(isvc))
+            status = self._serve(isvc)
             old = isvc.get("status") or {}
             if _comparable(old) != _comparable(status):
                 self._patch_status(KSERVE, isvc, status)
         for key in list(self.predictors):
             if key not in wanted:
                 self._stop(self.predictors.pop(key).proc)
+                if self.targets_dir is not None:
+                    remove_targets(self.targets_dir, _target_name(key))
                 log.info("stopped predictor %s/%s %s", *key)
+        for key in [k for k in self.routers.routers if k not in services]:
+            self.routers.remove(key)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -288,8 +333,13 @@ class Executor:
                 os.killpg(proc.pid, signal.SIGKILL)
 
     def shutdown(self) -> None:
-        for p in [*self.trainings.values(), *self.predictors.values()]:
+        self.routers.shutdown()
+        for key, p in self.predictors.items():
             self._stop(p.proc)
+            if self.targets_dir is not None:
+                remove_targets(self.targets_dir, _target_name(key))
+        for t in self.trainings.values():
+            self._stop(t.proc)
 
     def run_forever(self, interval: float = 1.0) -> None:
         while True:
@@ -307,6 +357,10 @@ def _entrypoint_flags(entrypoint: str) -> list[str]:
     return args[args.index("--config") + 2 :] if "--config" in args else []
 
 
+def _target_name(key: tuple[str, str, str]) -> str:
+    return "predictor_" + "_".join(key)
+
+
 def _comparable(status: dict[str, Any]) -> str:
     """The status without timestamps, so an unchanged state is not written again."""
     stripped = json.loads(json.dumps(status))
@@ -320,6 +374,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--namespace", default=None, help="only this namespace (default: all)")
     parser.add_argument("--state-dir", default=None, help="job folders and logs (default: a temporary folder)")
+    parser.add_argument("--prometheus-targets", default=os.environ.get("CONVEYOR_PROMETHEUS_TARGETS"),
+                        help="file_sd directory of the local Prometheus: one targets file per running predictor "
+                             "(default $CONVEYOR_PROMETHEUS_TARGETS, as hack/prometheus.sh env exports)")
+    parser.add_argument("--faults", default=None,
+                        help="planted-faults JSON file (see conveyor_devstack.faults); re-read when it changes")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -327,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
 
     api = config.new_client_from_config(config_file=args.kubeconfig)
     state = Path(args.state_dir or tempfile.mkdtemp(prefix="conveyor-local-executor-"))
-    executor = Executor(client.CustomObjectsApi(api), client.CoreV1Api(api), state, args.namespace)
+    executor = Executor(client.CustomObjectsApi(api), client.CoreV1Api(api), state, args.namespace,
+                        targets_dir=Path(args.prometheus_targets) if args.prometheus_targets else None,
+                        faults=Path(args.faults) if args.faults else None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     log.info("local executor (a stand-in for the KubeRay and KServe controllers) watching %s; state in %s",
              args.namespace or "all namespaces", state)

@@ -1,0 +1,123 @@
+"""Planted faults for tests and the demo: a predictor that answers 5xx for a share of requests, or slowly.
+
+A development-only mechanism, never in ``conveyor.runtime``. The local executor starts every predictor
+through this module when it is given a faults file (``--faults FILE``)::
+
+    {"<namespace>/<inferenceservice>/<version>": {"errorRate": 0.3, "delayMs": 200}}
+
+``python -m conveyor_devstack.faults SERVE-ARGS...`` runs the real predictor
+(``conveyor.runtime.serving.server.main``, KServe's model server) with one extra ASGI middleware placed
+INSIDE the serving middleware, so the predictor's own metrics (``conveyor_requests_total`` by code,
+``conveyor_request_duration_seconds``), the ones Prometheus scrapes, count the planted 5xx and include the
+planted delay, exactly as they would a real regression. The file is read again whenever it changes, so a
+fault can be planted or lifted while the predictor runs; only inference routes are affected (readiness,
+metadata and /metrics stay healthy, as with a model that regressed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any
+
+ENV_FILE = "CONVEYOR_DEVSTACK_FAULTS"
+ENV_KEY = "CONVEYOR_DEVSTACK_FAULT_KEY"
+INFERENCE_PATH = re.compile(r"^/v1/models/[^/]+:predict$|^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+def fault_key(namespace: str, inference_service: str, version: str) -> str:
+    return f"{namespace}/{inference_service}/{version}"
+
+
+def plant(path: Path, key: str, *, error_rate: float = 0.0, delay_ms: float = 0.0) -> None:
+    """Plant (or, with both zero, lift) the fault of ``key`` in the faults file, atomically."""
+    try:
+        faults = json.loads(path.read_text())
+    except (OSError, ValueError):
+        faults = {}
+    if error_rate or delay_ms:
+        faults[key] = {"errorRate": error_rate, "delayMs": delay_ms}
+    else:
+        faults.pop(key, None)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(faults, indent=1))
+    os.replace(tmp, path)
+
+
+class _FaultsFile:
+    """The fault planted for one key, re-read when the file's mtime changes."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+        self._stamp: float | None = None
+        self.fault: dict[str, float] = {}
+
+    def current(self) -> dict[str, float]:
+        try:
+            stamp = self.path.stat().st_mtime_ns
+        except OSError:
+            self._stamp, self.fault = None, {}
+            return self.fault
+        if stamp != self._stamp:
+            try:
+                self.fault = dict(json.loads(self.path.read_text()).get(self.key) or {})
+            except (OSError, ValueError):
+                return self.fault  # half-written by an editor: keep the last good one
+            self._stamp = stamp
+        return self.fault
+
+
+class FaultMiddleware:
+    """Delays, then fails a share of, the inference requests of this predictor (see the module doc)."""
+
+    def __init__(self, app: Any, *, faults_file: Path, key: str) -> None:
+        self.app = app
+        self.faults = _FaultsFile(faults_file, key)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not INFERENCE_PATH.match(scope.get("path", "")):
+            await self.app(scope, receive, send)
+            return
+        fault = self.faults.current()
+        delay = float(fault.get("delayMs") or 0)
+        if delay > 0:
+            await asyncio.sleep(delay / 1000)
+        if random.random() < float(fault.get("errorRate") or 0):
+            # Drain the body, as a server that failed while handling it would have read it.
+            while (await receive()).get("more_body"):
+                pass
+            body = json.dumps({"error": f"planted fault ({self.faults.key}): the predictor failed"}).encode()
+            await send({"type": "http.response.start", "status": 503,
+                        "headers": [(b"content-type", b"application/json"),
+                                    (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # KServe's module parses sys.argv on import; the serve flags are passed through untouched.
+    from kserve.model_server import app
+
+    from conveyor.runtime.serving import server
+
+    path, key = os.environ.get(ENV_FILE), os.environ.get(ENV_KEY)
+    if path and key:
+        # Added before server.main adds the ServingMiddleware: Starlette puts later middleware outside,
+        # so the serving middleware sees (and counts) what this one answers.
+        app.add_middleware(FaultMiddleware, faults_file=Path(path), key=key)
+    return server.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
