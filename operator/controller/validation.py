@@ -7,6 +7,7 @@ child) is checked by each kind's `validate_*` functions, which return a message 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -36,9 +37,32 @@ def parse_spec(model: type[SpecT], spec: dict[str, Any]) -> tuple[SpecT | None, 
 
 
 def validate_registry(open_registry: Callable[[str, str], Any], uri: str, name: str, field: str) -> str | None:
-    """Whether this install can open the registry (s3:// needs the s3 extra); a message naming `field`."""
+    """Whether this operator can open the registry (s3:// needs the s3 extra) and read it (credentials,
+    endpoint, permissions); a message naming `field` and the reason. It does blocking I/O: call it off
+    the event loop."""
     try:
-        open_registry(uri, name)
+        registry = open_registry(uri, name)
     except (ValueError, ImportError) as e:
         return f"{field}: cannot open {uri}: {e}"
+    return _probe(registry, uri, field)
+
+
+# Registries this process has read once: later reconciles skip the probe (a registry that stops being
+# readable then fails the read that needs it, and that read's caller reports it).
+_readable: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _probe(registry: Any, uri: str, field: str) -> str | None:
+    """One listing of the model's folder, the cheapest read every later one depends on."""
+    fs, path = getattr(registry, "fs", None), getattr(registry, "model_path", None)
+    if fs is None or path is None or registry in _readable:
+        return None
+    try:
+        fs.ls(path, detail=False)
+    except FileNotFoundError:
+        pass  # nothing registered yet: the storage answered, so it can be read
+    except Exception as e:  # noqa: BLE001 - any failure to read (denied, no credentials, unreachable) is the reason
+        reason = str(e).strip() or type(e).__name__
+        return f"{field}: the operator cannot read {uri} ({type(e).__name__}: {reason}); give it the storage credentials (see the README's install section)"
+    _readable.add(registry)
     return None

@@ -85,7 +85,9 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
     resolution = None
     uri_for: Callable[[str], str] = str
     if spec is not None and invalid is None:
-        invalid = validate_registry(op.registry, spec.model.registry_uri, spec.model.name, "spec.model.registryUri")
+        invalid = await asyncio.to_thread(
+            validate_registry, op.registry, spec.model.registry_uri, spec.model.name, "spec.model.registryUri"
+        )
     if spec is not None and invalid is None:
         registry = op.registry(spec.model.registry_uri, spec.model.name)
         uri_for = registry.package_uri
