@@ -11,7 +11,12 @@ A new run starts when no run is active, the spec is accepted, `spec.suspend` is 
 - the `conveyor.dev/rerun` annotation holds a value no run consumed yet (Rerun);
 - the cron schedule (`spec.triggers.schedule`, UTC, via croniter) fired since the last scheduled run
   (Schedule). A firing while a run is active is skipped, as CronJob's `concurrencyPolicy: Forbid`;
-  missed firings collapse into one.
+  missed firings collapse into one;
+- with `spec.triggers.onDrift`, a ModelDeployment whose `monitoring.retrainPipeline` names this pipeline
+  is `Drifted=True` (Drift), once per drift episode (the condition's lastTransitionTime, recorded in
+  `status.lastDriftEpisode` by whichever run starts during it) and no sooner than the deployment's
+  `monitoring.retrainCooldown` after the last drift-started run (`status.lastDriftRunTime`). Level-based:
+  a drift that arrives during a run is served when the run ends, if it still holds.
 Spec changes and reruns that arrive during a run wait for it to end. Never two active runs.
 
 Run state comes from both RayJob status fields, because they can disagree (KubeRay issue 2314:
@@ -111,6 +116,16 @@ class DeployTarget:
     pinned_version: str | None = None
 
 
+@dataclass(frozen=True)
+class DriftSignal:
+    """A ModelDeployment retraining through this pipeline reports drift (Drifted=True)."""
+
+    deployment: str
+    episode: str  # when its Drifted condition turned True
+    message: str
+    cooldown_seconds: float
+
+
 @dataclass
 class PipelinePlan:
     status: dict[str, Any]
@@ -177,6 +192,7 @@ def plan_pipeline(
     missing_rayjobs: frozenset[int] = frozenset(),
     deploy_target: DeployTarget | None = None,
     reports: dict[int, dict[str, Any]] | None = None,
+    drift: DriftSignal | None = None,
 ) -> PipelinePlan:
     """Desired status and actions. `invalid` is the reason the spec cannot be used (None when fine).
 
@@ -201,7 +217,7 @@ def plan_pipeline(
     else:
         c.set_condition(conds, c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.", generation=generation, now=ts)
         active = [r for r in runs if r.get("outcome") in ACTIVE]
-        _plan_triggers(plan, pipeline, spec, active, rayjobs, now)
+        _plan_triggers(plan, pipeline, spec, active, rayjobs, now, drift if spec.triggers.on_drift else None)
     _prune_history(plan, spec, rayjobs)
     _summarize(plan, spec, generation, ts)
     return plan
@@ -349,6 +365,7 @@ def _plan_triggers(
     active: list[dict[str, Any]],
     rayjobs: dict[int, dict[str, Any]],
     now: datetime,
+    drift: DriftSignal | None = None,
 ) -> None:
     """Whether a run starts now, and why (the module docstring lists the triggers)."""
     status = plan.status
@@ -364,6 +381,8 @@ def _plan_triggers(
     fired = _schedule(plan, pipeline, spec, now)
     if fired is not None and trigger is None:
         trigger = "Schedule"
+    if trigger is None and _drift_due(plan, drift, now):
+        trigger = "Drift"
     if active or spec.suspend:
         if fired is not None:
             status["lastScheduleTime"] = rfc3339(fired)
@@ -372,6 +391,24 @@ def _plan_triggers(
         return
     if trigger is not None:
         _start_run(plan, pipeline, rayjobs, trigger, current_hash, token, fired, now)
+        if drift is not None:  # whatever started it, this run trains on the drifted data: the episode is served
+            status["lastDriftEpisode"] = drift.episode
+        if drift is not None and status["runs"][-1]["trigger"] == "Drift":
+            status["lastDriftRunTime"] = rfc3339(now)
+            plan.events.append(("Normal", "DriftRetrain", f"ModelDeployment {drift.deployment}: {drift.message}"[:1000]))
+
+
+def _drift_due(plan: PipelinePlan, drift: DriftSignal | None, now: datetime) -> bool:
+    """A drift episode no run served yet, outside the cooldown (a requeue for its end otherwise)."""
+    if drift is None or drift.episode == plan.status.get("lastDriftEpisode"):
+        return False
+    last = parse_time(plan.status.get("lastDriftRunTime"))
+    if last is not None:
+        wait = drift.cooldown_seconds - (now - last).total_seconds()
+        if wait > 0:
+            plan.requeue_after = min(plan.requeue_after or wait + 0.5, wait + 0.5)
+            return False
+    return True
 
 
 def _schedule(plan: PipelinePlan, pipeline: dict[str, Any], spec: MLPipelineSpec, now: datetime) -> datetime | None:

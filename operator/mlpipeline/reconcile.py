@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from conveyor.operator.controller import conditions as c
 from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key
 from conveyor.operator.controller.client import resource_path
@@ -30,6 +31,7 @@ from conveyor.operator.mlpipeline.gate import GateOutcome, judge_run
 from conveyor.operator.mlpipeline.plan import (
     ACTIVE,
     DeployTarget,
+    DriftSignal,
     PipelinePlan,
     plan_pipeline,
     rayjobs_by_run,
@@ -37,6 +39,7 @@ from conveyor.operator.mlpipeline.plan import (
     runs_awaiting_report,
 )
 from conveyor.operator.mlpipeline.validate import validate_pipeline
+from conveyor.operator.modeldeployment.rollout import parse_duration
 from conveyor.runtime.package.registry import PackageError
 from conveyor.runtime.spec import MLPipelineSpec
 
@@ -60,6 +63,7 @@ class PipelineSnapshot:
     deploy_target: DeployTarget | None
     now: datetime
     reports: dict[int, dict[str, Any]]
+    drift: DriftSignal | None = None
 
 
 async def reconcile_pipeline(op: Operator, key: Key) -> float | None:
@@ -78,6 +82,7 @@ async def reconcile_pipeline(op: Operator, key: Key) -> float | None:
         missing_rayjobs=s.missing_rayjobs,
         deploy_target=s.deploy_target,
         reports=s.reports,
+        drift=s.drift,
     )
     await act(op, snapshot, plan)
     return plan.requeue_after
@@ -119,7 +124,21 @@ async def observe(op: Operator, key: Key) -> PipelineSnapshot | None:
                 reports[n] = report
         for n in runs_awaiting_gate(status, rayjobs, reports):
             gate[n] = await asyncio.to_thread(_judge, op, spec, namespace, name, n, deploy_target)
-    return PipelineSnapshot(key, obj, spec, invalid, rayjobs, frozenset(missing), gate, deploy_target, op.clock(), reports)
+    drift = _drift_signal(op, namespace, name)
+    return PipelineSnapshot(key, obj, spec, invalid, rayjobs, frozenset(missing), gate, deploy_target, op.clock(), reports, drift)
+
+
+def _drift_signal(op: Operator, namespace: str, pipeline: str) -> DriftSignal | None:
+    """The first ModelDeployment retraining through this pipeline that reports Drifted=True."""
+    for md in op.deployments.in_namespace(namespace):
+        monitoring = (md.get("spec") or {}).get("monitoring") or {}
+        if monitoring.get("retrainPipeline") != pipeline:
+            continue
+        drifted = c.get_condition((md.get("status") or {}).get("conditions"), c.DRIFTED) or {}
+        if drifted.get("status") == c.TRUE and drifted.get("lastTransitionTime"):
+            cooldown = parse_duration(monitoring.get("retrainCooldown") or "1h").total_seconds()
+            return DriftSignal(md["metadata"]["name"], drifted["lastTransitionTime"], drifted.get("message", ""), cooldown)
+    return None
 
 
 async def _confirm_missing(

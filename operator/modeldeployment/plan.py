@@ -37,6 +37,8 @@ from conveyor.operator.controller.events import Event
 from conveyor.operator.controller.times import rfc3339
 from conveyor.operator.controller.validation import InvalidSpecError
 from conveyor.operator.modeldeployment.build import build_inference_service, predictor_name
+from conveyor.operator.modeldeployment.drift import DriftReading
+from conveyor.operator.modeldeployment.drift import record as record_drift
 from conveyor.operator.modeldeployment.rollout import (
     ACTIONS,
     PAUSED,
@@ -163,8 +165,10 @@ def plan_deployment(
     uri_for: Callable[[str], str],
     now: datetime,
     analysis: Analysis | None = None,
+    drift_reading: DriftReading | None = None,
 ) -> DeploymentPlan:
-    """`analysis`: the one the handler took because status said it was due (None otherwise)."""
+    """`analysis`: the one the handler took because status said it was due (None otherwise); likewise
+    `drift_reading` (drift.py), recorded in status.drift and the Drifted condition."""
     if spec is not None:  # the handler settles it with the operator's configured default first
         spec = with_kserve_mode(spec, isvc)
     meta = deployment["metadata"]
@@ -216,6 +220,7 @@ def plan_deployment(
     _mirror_kserve_conditions(status, isvc)
     _set_conditions(plan, put, isvc, resolution, state)
     _mirror_url(status, isvc)
+    record_drift(status, plan.events, drift_reading, spec, generation=generation)
     return plan
 
 

@@ -5,7 +5,8 @@ observe: the deployment and its InferenceService from the cache; the KServe mode
          resolved from a pinned version (checked in the registry), a pipeline's status, or the
          registry's newest version (blocking reads, in a thread).
          When status says a canary's analysis is due (rollout.py), the analysis from Prometheus
-         (analysis.py): taken here, so that planning stays pure.
+         (analysis.py); every monitoring.interval, the stable version's drift reading (drift.py):
+         taken here, so that planning stays pure.
 plan:    `plan.plan_deployment` -> the status, the InferenceService to apply (None when unchanged), events.
 act:     apply the InferenceService, write status once, post events, count finished rollouts.
 """
@@ -24,6 +25,7 @@ from conveyor.operator.controller.cache import Key
 from conveyor.operator.controller.status import write_status
 from conveyor.operator.controller.times import parse_time
 from conveyor.operator.controller.validation import parse_spec, validate_registry
+from conveyor.operator.modeldeployment import drift
 from conveyor.operator.modeldeployment.analysis import Target, analyse
 from conveyor.operator.modeldeployment.plan import DeploymentPlan, Resolution, pending_action, plan_deployment
 from conveyor.operator.modeldeployment.rollout import Analysis, state_from_status
@@ -45,6 +47,7 @@ class DeploymentSnapshot:
     uri_for: Callable[[str], str]
     now: datetime
     analysis: Analysis | None = None
+    drift_reading: drift.DriftReading | None = None
 
 
 async def reconcile_deployment(op: Operator, key: Key) -> float | None:
@@ -54,7 +57,7 @@ async def reconcile_deployment(op: Operator, key: Key) -> float | None:
         with contextlib.suppress(KeyError):
             metrics.CANARY_WEIGHT.remove(*key)
         return None
-    plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now, s.analysis)
+    plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now, s.analysis, s.drift_reading)
     await act(op, s, plan)
     return _requeue_after(op, s, plan)
 
@@ -67,6 +70,8 @@ def _requeue_after(op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan) ->
         waits.append(max(0.0, (next_analysis - s.now).total_seconds()))
     if s.resolution is not None and s.resolution.source == "registry":
         waits.append(op.config.registry_poll_seconds)
+    if s.spec is not None and s.invalid is None and (drift_wait := drift.seconds_until_due(plan.status, s.spec, s.now)) is not None:
+        waits.append(drift_wait)
     return min(waits) if waits else None
 
 
@@ -93,10 +98,11 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
         uri_for = registry.package_uri
         resolution = await _resolve(op, key, spec, registry)
     now = op.clock()
-    analysis = None
+    analysis = drift_reading = None
     if spec is not None and invalid is None:
         analysis = await _analysis_if_due(op, key, obj, spec, now)
-    return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, now, analysis)
+        drift_reading = await drift.measure_if_due(op, key, obj, spec, now)
+    return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, now, analysis, drift_reading)
 
 
 async def _analysis_if_due(
@@ -178,6 +184,8 @@ async def act(op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan) -> None
         op.isvcs.remember(await op.client.apply(plan.inference_service))
     await write_status(op.client, op.deployments, s.deployment, plan.status)
     op.emit(s.deployment, plan.events)
+    if s.spec is not None and (pipeline := drift.pipeline_to_wake(s.deployment.get("status") or {}, plan.status, s.spec)):
+        op.pipeline_queue.add((s.key[0], pipeline))
     for outcome in plan.finished:
         metrics.ROLLOUTS_FINISHED.labels(*s.key, outcome).inc()
     metrics.CANARY_WEIGHT.labels(*s.key).set(plan.status.get("canaryWeight") or 0)

@@ -393,6 +393,16 @@ class Registry:
             "lineage": _read_json(self.fs, path, "lineage.json", manifest, uri),
         }
 
+    def read_json(self, version: str, name: str) -> Any:
+        """One JSON file of a committed version (``profile.json``, ``schema.json``), checked against its
+        sha256; torch-free (the operator measures drift and checks schemas with them)."""
+        version = self.resolve(version)
+        path = _join(self.model_path, version)
+        manifest = _check_package(self.fs, path, deep=False)
+        if name not in manifest["files"]:
+            raise PackageError(f"{self.package_uri(version)}: the package has no {name}")
+        return _read_json(self.fs, path, name, manifest, self.package_uri(version))
+
     def open(self, version: str = "latest", *, verify: bool = True) -> ModelPackage:
         return open_package(self.package_uri(self.resolve(version)), verify=verify)
 
