@@ -113,13 +113,24 @@ class FeaturesSpec(_Model):
 # ---------------------------------------------------------------- MLPipeline: training
 
 
+class TreesSpec(_Model):
+    """Gradient-boosted trees (`architecture: xgboost`)."""
+
+    max_rounds: int = 500
+    max_depth: int = 6
+    learning_rate: float = 0.1
+
+
 class ModelArchitecture(_Model):
-    """`mlp` for tabular data, or a torchvision classification model name (`resnet18`, ...) for images."""
+    """`mlp` or `xgboost` for tabular data, a torchvision classification model name (`resnet18`, ...) or
+    `cnn` for images, or `custom` with `module` (`package.module:function` building a torch.nn.Module)."""
 
     architecture: str = "mlp"
     hidden_layers: list[int] = Field(default_factory=lambda: [64, 32])
     dropout: float = 0.0
     pretrained: bool = False
+    module: str | None = None
+    trees: TreesSpec = Field(default_factory=TreesSpec)
 
 
 class Hyperparameters(_Model):
