@@ -424,3 +424,72 @@ class ModelDeploymentSpec(_Model):
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     rollout: RolloutSpec = Field(default_factory=RolloutSpec)
     monitoring: MonitoringSpec = Field(default_factory=MonitoringSpec)
+
+
+# ---------------------------------------------------------------- BatchPrediction
+
+
+class BatchModelRef(_Model):
+    """The model a batch scores with: a registry version (`registryUri`, `name`, `version`), the latest
+    version an MLPipeline passed through its gate (`pipeline`), or a ModelDeployment's stable version
+    (`modelDeployment`). The CRD admits exactly one of the three."""
+
+    registry_uri: str | None = None
+    name: str | None = None
+    version: str = "latest"
+    pipeline: str | None = None
+    model_deployment: str | None = None
+
+
+class BatchInput(DataSource):
+    """The rows to score (any URI and format training reads) and the columns that identify a row."""
+
+    id_columns: list[str] = Field(default_factory=list)
+
+
+class BatchOutput(_Model):
+    """Where each run writes `<uri>/run-<N>/` (predictions, rejects, `_SUCCESS`)."""
+
+    uri: str
+
+
+class BatchRaySpec(_Model):
+    """The Ray cluster a batch runs on: the training section's cluster fields, built the same way."""
+
+    image: str = "ghcr.io/conveyor-ml/conveyor-runtime:0.1.0"
+    ray_version: str = "2.55.1"
+    num_workers: int = 1
+    use_gpu: bool = False
+    head_group: HeadGroup = Field(default_factory=HeadGroup)
+    worker_groups: list[WorkerGroup] = Field(default_factory=list)
+    pod: PodSettings = Field(default_factory=PodSettings)
+    queue: str | None = None
+    active_deadline_seconds: int | None = None
+    backoff_limit: int = 0
+    ttl_seconds_after_finished: int = 600
+
+
+class BatchPredictionSpec(_Model):
+    model: BatchModelRef
+    input: BatchInput
+    output: BatchOutput
+    schedule: str | None = None
+    batch_size: int = 1024
+    ray: BatchRaySpec = Field(default_factory=BatchRaySpec)
+    runs_history_limit: int = 5
+    suspend: bool = False
+
+
+class BatchRunConfig(_Model):
+    """One batch run: what `python -m conveyor.runtime.batch --config run.json` executes. The operator
+    resolves the model to a registry and version (`latest` is resolved by the job when it starts)."""
+
+    batch_prediction: str
+    namespace: str = "default"
+    run: int
+    registry_uri: str
+    model_name: str
+    version: str = "latest"
+    input: BatchInput
+    output: BatchOutput
+    batch_size: int = 1024
