@@ -110,6 +110,28 @@ MDEP_CASES = [
         "success rate 0.91 < 0.99",
     ),
     (
+        "canary paused for a person",
+        obj(
+            MD,
+            {
+                "observedGeneration": 1,
+                "stableVersion": "v4",
+                "canaryVersion": "v5",
+                "canaryWeight": 10,
+                "rolloutPhase": "Paused",
+                "pauseReason": "InconclusiveAnalysis",
+                "pauseMessage": "4 inconclusive analyses at 10%",
+                "conditions": [
+                    cond("Ready", "True", "InferenceServiceReady"),
+                    cond("Progressing", "Unknown", "RolloutPaused", "v5 held at 10%"),
+                    cond("Degraded", "False", "AsExpected"),
+                ],
+            },
+        ),
+        "Suspended",
+        "Rollout paused (InconclusiveAnalysis): 4 inconclusive analyses at 10%",
+    ),
+    (
         "InferenceService failed",
         obj(
             MD,

@@ -1,6 +1,7 @@
 -- Argo CD health check for conveyor.dev/ModelDeployment (resource.customizations.health.conveyor.dev_ModelDeployment).
--- Reads the operator's status: observedGeneration, then the conditions Degraded, Progressing, Ready
--- (and Drifted, which is reported but leaves a serving model Healthy). Lua 5.1 (Argo CD's gopher-lua).
+-- Reads the operator's status: observedGeneration, then the conditions Degraded, the rollout phase
+-- (Paused: Suspended), Progressing, Ready (and Drifted, which is reported but leaves a serving model
+-- Healthy). Lua 5.1 (Argo CD's gopher-lua).
 local hs = {}
 
 local function condition(conditions, kind)
@@ -58,6 +59,19 @@ end
 if current(degraded) and degraded.status == "True" then
   hs.status = "Degraded"
   hs.message = describe(degraded)
+  return hs
+end
+-- A canary held at its weight (spec.rollout.paused, or the operator paused it for a person after
+-- inconclusive analyses or analysis errors): Suspended, as Argo CD shows a paused Argo Rollout.
+if status.rolloutPhase == "Paused" then
+  hs.status = "Suspended"
+  hs.message = "Rollout paused"
+  if status.pauseReason ~= nil then
+    hs.message = hs.message .. " (" .. status.pauseReason .. ")"
+  end
+  if status.pauseMessage ~= nil then
+    hs.message = hs.message .. ": " .. status.pauseMessage
+  end
   return hs
 end
 if current(progressing) and progressing.status == "True" then
