@@ -37,11 +37,11 @@ import orjson
 from kserve import InferOutput, InferRequest, InferResponse, Model
 from kserve.errors import InvalidInput
 
-from conveyor.runtime.package.decision import decide, decision_threshold
 from conveyor.runtime.package.drift import DriftMonitor
-from conveyor.runtime.package.registry import ModelPackage, PackageError, open_package
+from conveyor.runtime.package.registry import ModelPackage
 from conveyor.runtime.serving.batching import DynamicBatcher
 from conveyor.runtime.serving.metrics import FeedbackTracker, ServingMetrics
+from conveyor.runtime.serving.model import ScoringModel
 
 log = logging.getLogger("conveyor.predictor")
 
@@ -107,16 +107,6 @@ class Prediction:
     answers: list[Any]
 
 
-def _pick_device(requested: str | None) -> str:
-    import torch
-
-    if requested:
-        if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: no CUDA device is available here")
-        return requested
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 class PackagePredictor(Model):
     """Serves the model package at ``model_dir`` under ``name``."""
 
@@ -161,32 +151,15 @@ class PackagePredictor(Model):
     def load(self) -> bool:
         """Open and verify the package, load the weights, run one warm-up pass. Raises PackageError
         (naming the path and the reason) for a missing or corrupt package; ready only after this."""
-        import torch
-
-        pkg = open_package(self.model_dir)
-        self.package = pkg
-        self.version = pkg.version
-        self.kind = pkg.transforms.kind
-        self.task = pkg.task
-        self.classes = [str(c) for c in pkg.classes] if pkg.classes is not None else None
-        self.threshold = decision_threshold(pkg.schema)
-        if self.task == "classification" and not self.classes:
-            raise PackageError(f"{self.model_dir}: schema.json has no classes for a classification model")
-        self.device = _pick_device(self.requested_device)
-        self.module = pkg.load_model(self.device)
-        self._torch = torch
-        warm = np.zeros([1, *pkg.transforms.input_shape], dtype=np.float32)
-        try:
-            out = self._forward(warm)
-        except Exception as e:  # a package whose weights do not take its own input layout
-            raise PackageError(
-                f"{self.model_dir}: model.pt does not accept input of shape {list(warm.shape)} ({e})"
-            ) from e
-        if self.task == "classification" and out.shape[1] != len(self.classes or []):
-            raise PackageError(
-                f"{self.model_dir}: model.pt outputs {out.shape[1]} logits, schema.json lists "
-                f"{len(self.classes or [])} classes"
-            )
+        # Decode, transform, forward and decide are ScoringModel's, shared with the batch job.
+        self.model = ScoringModel.open(self.model_dir, self.requested_device)
+        pkg = self.package = self.model.package
+        self.version = self.model.version
+        self.kind = self.model.kind
+        self.task = self.model.task
+        self.classes = self.model.classes
+        self.threshold = self.model.threshold
+        self.device = self.model.device
         if self.kind == "image":
             # Built once: per-request construction of torchvision transforms costs more than the decode.
             from torchvision.transforms import v2 as T
@@ -230,15 +203,7 @@ class PackagePredictor(Model):
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
         """One forward pass: probabilities [B, K] (classification) or values [B] (regression)."""
-        torch = self._torch
-        with torch.inference_mode():
-            t = torch.from_numpy(x).to(self.device, non_blocking=True)
-            out = self.module(t)
-            if self.task == "classification":
-                out = torch.softmax(out.float(), dim=1)
-            else:
-                out = out.float().reshape(out.shape[0], -1)[:, 0]
-            return out.cpu().numpy()
+        return self.model.forward(x)
 
     # ------------------------------------------------------------ metadata
 
@@ -295,12 +260,7 @@ class PackagePredictor(Model):
             if self.metrics:
                 self.metrics.observe_batch(payload.rows, 1)
 
-        if self.task == "classification":
-            idx = decide(out, self.threshold)
-            labels = [self.classes[i] for i in idx]  # type: ignore[index]
-            answers: list[Any] = labels
-        else:
-            answers = [float(v) for v in out]
+        answers = self.model.answers(out)
         self._observe(payload.columns, answers, payload.request_id)
         if response_headers is not None:
             response_headers["x-request-id"] = payload.request_id
@@ -415,6 +375,7 @@ class PackagePredictor(Model):
                     f"instances[{i}] must be an object {{feature: value}} or a list in feature order, "
                     f"got {type(inst).__name__}"
                 )
+        rows = self._conform(rows, names)
         for i, row in enumerate(rows):
             for k, v in row.items():
                 if isinstance(v, list | dict):
@@ -422,6 +383,31 @@ class PackagePredictor(Model):
         x = self._transform(rows)
         columns = {name: [row.get(name) for row in rows] for name in names}
         return x, self._for_drift(columns), len(rows)
+
+    def _optional_inputs(self) -> list[str]:
+        """Inputs a request may leave out: nullable ones the fitted transforms impute."""
+        transforms = self.package.transforms  # type: ignore[union-attr]
+        imputed = {s.column for s in transforms.steps if s.type == "impute"}
+        return [f.name for f in transforms.features if f.nullable and f.name in imputed]
+
+    def _conform(self, rows: list[Mapping[str, Any]], names: list[str]) -> list[Mapping[str, Any]]:
+        """Rows as the model takes them: a field it does not know is dropped and counted (an upstream
+        producer adding a field must break nothing); a missing input the transforms impute is null."""
+        known, optional = set(names), self._optional_inputs()
+        ignored: dict[str, int] = {}
+        out: list[Mapping[str, Any]] = []
+        for row in rows:
+            extra = [k for k in row if k not in known]
+            missing = [k for k in optional if k not in row]
+            if not extra and not missing:
+                out.append(row)
+                continue
+            for k in extra:
+                ignored[str(k)] = ignored.get(str(k), 0) + 1
+            out.append({**{k: v for k, v in row.items() if k in known}, **dict.fromkeys(missing)})
+        if ignored and self.metrics is not None:
+            self.metrics.observe_ignored(ignored)
+        return out
 
     def _for_drift(self, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
         """Bool features are profiled as categories "true"/"false": a 1/0 (V2 BOOL arrives as numbers,
@@ -435,7 +421,7 @@ class PackagePredictor(Model):
 
     def _transform(self, data: Any) -> np.ndarray:
         try:
-            return self.package.transforms.apply(data)  # type: ignore[union-attr]
+            return self.model.transform(data)
         except ValueError as e:
             raise InvalidInput(str(e)) from e
 
@@ -467,13 +453,20 @@ class PackagePredictor(Model):
 
         features = self.package.transforms.features  # type: ignore[union-attr]
         known = {f.name: f for f in features}
+        datatypes = {inp.name: inp.datatype for inp in request.inputs}
         unknown = [name for name in arrays if name not in known]
-        if unknown:
-            raise InvalidInput(f"unknown input(s) {unknown}; the model takes {[f.name for f in features]}")
+        if unknown and self.metrics is not None:  # ignored and counted, as in V1
+            self.metrics.observe_ignored({name: len(arrays[name]) for name in unknown})
+        arrays = {k: v for k, v in arrays.items() if k in known}
+        rows = next((len(a) for a in arrays.values()), 0)
+        for name in self._optional_inputs():
+            if name not in arrays and rows:  # imputed by the fitted transforms
+                string = known[name].type == "string"
+                arrays[name] = np.array([None] * rows, dtype=object) if string else np.full(rows, np.nan)
+                datatypes[name] = "BYTES" if string else "FP64"
         missing = [f.name for f in features if f.name not in arrays]
         if missing:
             raise InvalidInput(f"input(s) {missing} missing; see GET /v2/models/{self.name} for the inputs")
-        datatypes = {inp.name: inp.datatype for inp in request.inputs}
         columns: dict[str, Any] = {}
         n: int | None = None
         for f in features:
