@@ -37,6 +37,7 @@ from conveyor.operator.controller.events import Event
 from conveyor.operator.controller.times import rfc3339
 from conveyor.operator.controller.validation import InvalidSpecError
 from conveyor.operator.modeldeployment.build import build_inference_service, predictor_name
+from conveyor.operator.modeldeployment.compat import Compatibility, hold_back
 from conveyor.operator.modeldeployment.drift import DriftReading
 from conveyor.operator.modeldeployment.drift import record as record_drift
 from conveyor.operator.modeldeployment.rollout import (
@@ -166,6 +167,7 @@ def plan_deployment(
     now: datetime,
     analysis: Analysis | None = None,
     drift_reading: DriftReading | None = None,
+    compatibility: Compatibility | None = None,
 ) -> DeploymentPlan:
     """`analysis`: the one the handler took because status said it was due (None otherwise); likewise
     `drift_reading` (drift.py), recorded in status.drift and the Drifted condition."""
@@ -191,7 +193,7 @@ def plan_deployment(
             invalid = str(e)
     if spec is None or invalid is not None:
         return _reject(plan, put, isvc, invalid or "invalid spec")
-    wanted = resolution.version if resolution else None
+    wanted = hold_back(conds, plan.events, resolution.version if resolution else None, compatibility, put)
     state = _roll(plan, deployment, spec, isvc, wanted, analysis, now)
     try:
         for version in filter(None, (state.stable, state.canary)):

@@ -25,7 +25,7 @@ from conveyor.operator.controller.cache import Key
 from conveyor.operator.controller.status import write_status
 from conveyor.operator.controller.times import parse_time
 from conveyor.operator.controller.validation import parse_spec, validate_registry
-from conveyor.operator.modeldeployment import drift
+from conveyor.operator.modeldeployment import compat, drift
 from conveyor.operator.modeldeployment.analysis import Target, analyse
 from conveyor.operator.modeldeployment.plan import DeploymentPlan, Resolution, pending_action, plan_deployment
 from conveyor.operator.modeldeployment.rollout import Analysis, state_from_status
@@ -48,6 +48,7 @@ class DeploymentSnapshot:
     now: datetime
     analysis: Analysis | None = None
     drift_reading: drift.DriftReading | None = None
+    compatibility: compat.Compatibility | None = None
 
 
 async def reconcile_deployment(op: Operator, key: Key) -> float | None:
@@ -57,7 +58,7 @@ async def reconcile_deployment(op: Operator, key: Key) -> float | None:
         with contextlib.suppress(KeyError):
             metrics.CANARY_WEIGHT.remove(*key)
         return None
-    plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now, s.analysis, s.drift_reading)
+    plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now, s.analysis, s.drift_reading, s.compatibility)
     await act(op, s, plan)
     return _requeue_after(op, s, plan)
 
@@ -87,7 +88,7 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
     if spec is not None:
         invalid = invalid or kserve_mode_conflict(spec, isvc)
         spec = with_kserve_mode(spec, isvc, op.config.default_kserve_mode)
-    resolution = None
+    resolution = compatibility = None
     uri_for: Callable[[str], str] = str
     if spec is not None and invalid is None:
         invalid = await asyncio.to_thread(
@@ -97,12 +98,13 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
         registry = op.registry(spec.model.registry_uri, spec.model.name)
         uri_for = registry.package_uri
         resolution = await _resolve(op, key, spec, registry)
+        compatibility = await compat.check(registry, (obj.get("status") or {}).get("stableVersion"), resolution.version)
     now = op.clock()
     analysis = drift_reading = None
     if spec is not None and invalid is None:
         analysis = await _analysis_if_due(op, key, obj, spec, now)
         drift_reading = await drift.measure_if_due(op, key, obj, spec, now)
-    return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, now, analysis, drift_reading)
+    return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, now, analysis, drift_reading, compatibility)
 
 
 async def _analysis_if_due(

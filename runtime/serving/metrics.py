@@ -20,6 +20,8 @@ apart in one Prometheus. Names (all prefixed ``conveyor_``):
 - ``feedback_total{result}`` (correct|incorrect for classification, scored for regression,
   unknown_id), ``online_accuracy`` (classification) or ``online_mae`` (regression) over the last
   ``feedback_window`` labelled rows.
+- ``ignored_inputs_total{field}``: request fields the model does not take, dropped rather than
+  refused (at most ``MAX_IGNORED_FIELDS`` names, then ``__other__``).
 - ``model_info{task, architecture}`` = 1.
 """
 
@@ -39,6 +41,7 @@ from conveyor.runtime.package.drift import PREDICTION, DriftMonitor, bin_counts,
 LABELS = ("model_name", "model_version")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+MAX_IGNORED_FIELDS = 50  # clients choose these names: bound the label's cardinality
 
 
 def outcome_of(code: int) -> str:
@@ -222,6 +225,13 @@ class ServingMetrics:
         for feature, entry in self._references.items():
             for label in bin_labels(entry):
                 self.drift_bins.labels(*lv, feature, label)
+        self.ignored_inputs = Counter(
+            "conveyor_ignored_inputs_total",
+            "Request fields the model does not take, ignored (rows that carried them)",
+            [*LABELS, "field"],
+            registry=registry,
+        )
+        self._ignored_names: set[str] = set()
         info = Gauge(
             "conveyor_model_info",
             "The served model version",
@@ -262,6 +272,13 @@ class ServingMetrics:
                 continue
             for label, n in bin_counts(entry, values).items():
                 self.drift_bins.labels(self.model_name, self.model_version, feature, label).inc(n)
+
+    def observe_ignored(self, fields: Mapping[str, int]) -> None:
+        for name, n in fields.items():
+            if name not in self._ignored_names and len(self._ignored_names) >= MAX_IGNORED_FIELDS:
+                name = "__other__"
+            self._ignored_names.add(name)
+            self.ignored_inputs.labels(self.model_name, self.model_version, name).inc(n)
 
     def observe_feedback(self, result: str, rows: int, online_value: float | None) -> None:
         self.feedback.labels(self.model_name, self.model_version, result).inc(rows)

@@ -396,7 +396,6 @@ JSON = {"content-type": "application/json"}
 # (case, path, body (object -> JSON, bytes as is), extra headers, expected status, words the message must hold)
 BAD_PAYLOADS: list[tuple[str, str, Any, dict[str, str], int, list[str]]] = [
     ("v1 missing feature", V1, {"instances": [_with(amount=_DROP)]}, {}, 400, ["amount", "missing"]),
-    ("v1 unknown feature", V1, {"instances": [_with(colour="red")]}, {}, 400, ["colour", "unknown"]),
     ("v1 wrong type", V1, {"instances": [_with(amount="lots")]}, {}, 400, ["amount", "lots"]),
     ("v1 null where not nullable", V1, {"instances": [_with(hour=None)]}, {}, 400, ["hour", "null"]),
     ("v1 NaN where not nullable", V1, {"instances": [_with(amount="NaN")]}, {}, 400, ["amount", "null"]),
@@ -410,7 +409,7 @@ BAD_PAYLOADS: list[tuple[str, str, Any, dict[str, str], int, list[str]]] = [
     ("v1 not JSON", V1, b"{not json", {}, 400, ["request format", "char 1"]),
     ("v1 too many rows", V1, {"instances": [[1, "a", 1, True, 1, 1, 1]] * (MAX_ROWS + 1)}, {}, 400, [str(MAX_ROWS + 1), "rows"]),
     ("v2 missing input", V2, _v2_json(drop="hour"), {}, 400, ["hour", "missing"]),
-    ("v2 unknown input", V2, _v2_json({"hour": {"name": "hours"}}), {}, 400, ["hours"]),
+    ("v2 misnamed input", V2, _v2_json({"hour": {"name": "hours"}}), {}, 400, ["hour", "missing"]),
     ("v2 data does not fit shape", V2, _v2_json({"amount": {"shape": [2]}}), {}, 400, ["amount", "shape"]),
     ("v2 rows differ", V2, _v2_json({"hour": {"shape": [2], "data": [1, 2]}}), {}, 400, ["hour", "rows"]),
     ("v2 2-d feature", V2, _v2_json({"amount": {"shape": [1, 2], "data": [1.0, 2.0]}}), {}, 400, ["amount", "shape"]),
@@ -426,6 +425,24 @@ BAD_PAYLOADS: list[tuple[str, str, Any, dict[str, str], int, list[str]]] = [
     ("feedback without id", FEEDBACK, {"label": "1"}, {}, 400, ["id"]),
     ("feedback not JSON", FEEDBACK, b"[[", {}, 400, ["json"]),
 ]  # fmt: skip
+
+
+def test_an_unknown_field_is_ignored_and_counted_and_an_imputed_one_may_be_left_out(fraud_server: ServerProcess) -> None:
+    """An upstream producer adding a field breaks nothing; a field the fitted transforms impute is optional."""
+    row = _with(colour="red")
+    got, raw, _ = http("POST", fraud_server.url + V1, json.dumps({"instances": [row, _with(distance_km=_DROP)]}).encode(), JSON)
+    assert got == 200, raw
+    assert len(json.loads(raw)["predictions"]) == 2
+    v2 = _v2_json()
+    v2["inputs"].append({"name": "colour", "datatype": "BYTES", "shape": [1], "data": ["red"]})
+    got, raw, _ = http("POST", fraud_server.url + V2, json.dumps(v2).encode(), JSON)
+    assert got == 200, raw
+    got, raw, _ = http("POST", fraud_server.url + V2, json.dumps(_v2_json(drop="distance_km")).encode(), JSON)
+    assert got == 200, raw
+    _, text, _ = http("GET", fraud_server.url + "/metrics")
+    counted = [line for line in text.decode().splitlines()
+               if line.startswith("conveyor_ignored_inputs_total{") and 'field="colour"' in line]
+    assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 2, counted
 
 
 @pytest.mark.parametrize(
