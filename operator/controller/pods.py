@@ -8,13 +8,28 @@ same settings the same way. KubeRay (v1.6.0) reads them from a pod template (`te
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from conveyor.runtime.spec import PodSettings
 
+# The restricted Pod Security Standard's demands, as defaults for pods whose settings set no security
+# context: a namespace enforcing `pod-security.kubernetes.io/enforce: restricted` forbids any pod without
+# them (and KubeRay's or KServe's controller then retries for ever, the run never starting). A user's
+# own securityContext replaces ours whole: theirs is the policy their cluster asks for. The images run
+# as a numeric non-root user (docker/runtime.Dockerfile), so runAsNonRoot holds without a runAsUser.
+RESTRICTED_POD_SECURITY: dict[str, Any] = {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+RESTRICTED_CONTAINER_SECURITY: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
 
 def pod_fields(settings: PodSettings) -> dict[str, Any]:
-    """The PodSpec fields the settings set (none of them when unset, so defaults stay the cluster's)."""
+    """The PodSpec fields the settings set (none of them when unset, so defaults stay the cluster's),
+    but for the security context: the restricted standard's when the settings have none."""
     fields: dict[str, Any] = {}
     if settings.service_account_name:
         fields["serviceAccountName"] = settings.service_account_name
@@ -24,8 +39,7 @@ def pod_fields(settings: PodSettings) -> dict[str, Any]:
         fields["affinity"] = settings.affinity
     if settings.priority_class_name:
         fields["priorityClassName"] = settings.priority_class_name
-    if settings.security_context:
-        fields["securityContext"] = settings.security_context
+    fields["securityContext"] = settings.security_context or copy.deepcopy(RESTRICTED_POD_SECURITY)
     return fields
 
 
@@ -51,8 +65,7 @@ def with_container_settings(container: dict[str, Any], settings: PodSettings) ->
         out["env"] = env
     if settings.env_from:
         out["envFrom"] = [dict(e) for e in settings.env_from]
-    if settings.container_security_context:
-        out["securityContext"] = settings.container_security_context
+    out["securityContext"] = settings.container_security_context or copy.deepcopy(RESTRICTED_CONTAINER_SECURITY)
     return out
 
 

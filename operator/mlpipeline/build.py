@@ -89,6 +89,25 @@ def _pod_template(
     return pod_template(settings, pod)
 
 
+def _submitter_template(spec: MLPipelineSpec) -> dict[str, Any]:
+    """KubeRay's submitter Job pod (K8sJobMode), which it would otherwise default to a container with no
+    securityContext: forbidden in a namespace enforcing the restricted Pod Security Standard, the run
+    then waiting for ever. KubeRay fills in the `ray job submit` command; it runs where the head runs."""
+    t = spec.training
+    head = t.head_group
+    container = {
+        "name": "ray-job-submitter",
+        "image": t.image,
+        "resources": {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
+    }
+    pod: dict[str, Any] = {"containers": [container], "restartPolicy": "Never"}
+    if head.node_selector:
+        pod["nodeSelector"] = dict(head.node_selector)
+    if head.tolerations:
+        pod["tolerations"] = tolerations_to_api(head.tolerations)
+    return pod_template(t.pod.overlaid(head.pod), pod)
+
+
 def worker_groups(spec: MLPipelineSpec) -> list[WorkerGroup]:
     """The explicit worker groups, or one group of `numWorkers` replicas (one GPU each with useGpu)."""
     t = spec.training
@@ -147,6 +166,7 @@ def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, trigg
         "ttlSecondsAfterFinished": t.ttl_seconds_after_finished,
         "backoffLimit": t.backoff_limit,
         "rayClusterSpec": _ray_cluster(spec, config_map),
+        "submitterPodTemplate": _submitter_template(spec),
     }
     if t.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = t.active_deadline_seconds

@@ -476,6 +476,32 @@ def test_no_pod_settings_leave_the_pods_as_before() -> None:
         assert "envFrom" not in template["spec"]["containers"][0]
 
 
+RESTRICTED_CONTAINER = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]},
+                        "runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def test_pods_without_a_security_context_meet_the_restricted_pod_security_standard() -> None:
+    """Head, workers, KubeRay's submitter and both predictors: admitted where the namespace enforces
+    `restricted` (checked against the real apiserver's PodSecurity admission in tests/placement)."""
+    rj = rayjob_for(pipeline_obj(training={"workerGroups": [{"name": "gpu", "gpus": 1}]}))
+    templates = [*_ray_templates(rj), rj["spec"]["submitterPodTemplate"]]
+    obj = deployment_obj(rollout={"mode": "Standard"}, autoscaling={"minReplicas": 1, "metric": "cpu", "target": 80})
+    isvc = isvc_for(obj, stable=V1, candidate=V2, weight=20)
+    predictors = [isvc["spec"]["predictor"], *(c["predictor"] for c in isvc["spec"]["canary"])]
+    for pod in [t["spec"] for t in templates] + predictors:
+        assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+        assert pod["containers"][0]["securityContext"] == RESTRICTED_CONTAINER
+    assert rj["spec"]["submitterPodTemplate"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_a_users_security_context_replaces_the_restricted_default() -> None:
+    rj = rayjob_for(pipeline_obj(training={"pod": {"securityContext": {"runAsUser": 0},
+                                                   "containerSecurityContext": {"privileged": True}}}))
+    for template in [*_ray_templates(rj), rj["spec"]["submitterPodTemplate"]]:
+        assert template["spec"]["securityContext"] == {"runAsUser": 0}
+        assert template["spec"]["containers"][0]["securityContext"] == {"privileged": True}
+
+
 @pytest.mark.parametrize("mode", ["Knative", "Standard"])
 def test_isvc_predictors_carry_the_pod_settings(mode: str) -> None:
     extra = {"autoscaling": {"minReplicas": 1, "metric": "cpu", "target": 80}} if mode == "Standard" else {}
