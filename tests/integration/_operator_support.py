@@ -159,7 +159,7 @@ class Cluster:
 
     # ours
     def create(self, plural: str, name: str, spec: dict[str, Any], annotations: dict[str, str] | None = None) -> dict[str, Any]:
-        kind = {"mlpipelines": "MLPipeline", "modeldeployments": "ModelDeployment"}[plural]
+        kind = {"mlpipelines": "MLPipeline", "modeldeployments": "ModelDeployment", "batchpredictions": "BatchPrediction"}[plural]
         body = {
             "apiVersion": f"{GROUP}/{VERSION}",
             "kind": kind,

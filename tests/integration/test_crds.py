@@ -20,6 +20,7 @@ SAMPLES = sorted((ROOT / "manifests" / "samples").glob("*.yaml"))
 CRDS = [
     "mlpipelines.conveyor.dev",
     "modeldeployments.conveyor.dev",
+    "batchpredictions.conveyor.dev",
     "rayjobs.ray.io",
     "rayclusters.ray.io",
     "inferenceservices.serving.kserve.io",

@@ -30,7 +30,7 @@ def crd(request) -> dict[str, Any]:
 
 
 def test_crds_exist() -> None:
-    assert {p.stem for p in CRD_FILES} == {"mlpipeline", "modeldeployment"}
+    assert {p.stem for p in CRD_FILES} == {"batchprediction", "mlpipeline", "modeldeployment"}
 
 
 def test_every_field_is_described(crd) -> None:
@@ -81,7 +81,11 @@ def _model_fields(model: type[spec._Model]) -> set[str]:
 
 @pytest.mark.parametrize(
     ("crd_file", "model"),
-    [("mlpipeline.yaml", spec.MLPipelineSpec), ("modeldeployment.yaml", spec.ModelDeploymentSpec)],
+    [
+        ("mlpipeline.yaml", spec.MLPipelineSpec),
+        ("modeldeployment.yaml", spec.ModelDeploymentSpec),
+        ("batchprediction.yaml", spec.BatchPredictionSpec),
+    ],
 )
 def test_python_models_mirror_the_crd(crd_file: str, model: type[spec._Model]) -> None:
     """Every field the CRD accepts is known to the typed model the operator and runtime read, and back."""
@@ -117,6 +121,10 @@ def _submodels(annotation: Any) -> list[type[spec._Model]]:
 def test_samples_parse_into_the_typed_models() -> None:
     for path in sorted((ROOT / "manifests" / "samples").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            model = {"MLPipeline": spec.MLPipelineSpec, "ModelDeployment": spec.ModelDeploymentSpec}[doc["kind"]]
+            model = {
+                "MLPipeline": spec.MLPipelineSpec,
+                "ModelDeployment": spec.ModelDeploymentSpec,
+                "BatchPrediction": spec.BatchPredictionSpec,
+            }[doc["kind"]]
             parsed = model.model_validate(doc["spec"])
             assert parsed.to_api()

@@ -71,7 +71,7 @@ def test_kustomize_base_is_the_chart_rendering() -> None:
 def test_helm_installs_the_crds_from_the_chart() -> None:
     crds = of_kind(render(include_crds=True), "CustomResourceDefinition")
     names = sorted(c["metadata"]["name"] for c in crds)
-    assert names == ["mlpipelines.conveyor.dev", "modeldeployments.conveyor.dev"]
+    assert names == ["batchpredictions.conveyor.dev", "mlpipelines.conveyor.dev", "modeldeployments.conveyor.dev"]
 
 
 # ---------------------------------------------------------------- lint and values schema
@@ -331,7 +331,7 @@ def _namespaced(documents: list[Doc]) -> list[Doc]:
 def test_kustomize_builds(overlay: str, namespace: str, image: str) -> None:
     documents = kustomize(MANIFESTS / overlay)
     assert sorted(c["metadata"]["name"] for c in of_kind(documents, "CustomResourceDefinition")) == [
-        "mlpipelines.conveyor.dev", "modeldeployments.conveyor.dev",
+        "batchpredictions.conveyor.dev", "mlpipelines.conveyor.dev", "modeldeployments.conveyor.dev",
     ]
     assert [n["metadata"]["name"] for n in of_kind(documents, "Namespace")] == [namespace]
     assert {d["metadata"]["namespace"] for d in _namespaced(documents)} == {namespace}

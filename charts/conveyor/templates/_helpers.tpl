@@ -63,13 +63,13 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
 */}}
 {{- define "conveyor.namespacedRules" -}}
 - apiGroups: ["conveyor.dev"]
-  resources: ["mlpipelines", "modeldeployments"]
+  resources: ["mlpipelines", "modeldeployments", "batchpredictions"]
   verbs: ["get", "list", "watch"]
 - apiGroups: ["conveyor.dev"]
-  resources: ["mlpipelines/status", "modeldeployments/status"]
+  resources: ["mlpipelines/status", "modeldeployments/status", "batchpredictions/status"]
   verbs: ["patch"]
 - apiGroups: ["conveyor.dev"]
-  resources: ["mlpipelines/finalizers", "modeldeployments/finalizers"]
+  resources: ["mlpipelines/finalizers", "modeldeployments/finalizers", "batchpredictions/finalizers"]
   verbs: ["update"]
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
