@@ -162,7 +162,7 @@ install_crds() {
     -f "$CRD_CACHE" -f "$ROOT/crds" >/dev/null
   "$kubectl" --kubeconfig "$KUBECONFIG_PATH" wait --for condition=established --timeout=60s \
     crd/rayjobs.ray.io crd/rayclusters.ray.io crd/inferenceservices.serving.kserve.io \
-    crd/mlpipelines.conveyor.dev crd/modeldeployments.conveyor.dev >/dev/null
+    crd/mlpipelines.conveyor.dev crd/modeldeployments.conveyor.dev crd/batchpredictions.conveyor.dev >/dev/null
 }
 
 cmd_up() {
