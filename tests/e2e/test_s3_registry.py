@@ -96,10 +96,15 @@ def _manifests() -> str:
         "apiVersion": "conveyor.dev/v1alpha1", "kind": "MLPipeline", "metadata": {"name": "fraud"},
         "spec": {
             "data": {"source": {"uri": "builtin://fraud?rows=4000&seed=3", "format": "builtin"}},
-            "features": {"transforms": [{"type": "impute", "columns": ["distance_km"], "strategy": "median"},
-                                        {"type": "oneHot", "columns": ["merchant"]}]},
-            "training": {"model": {"architecture": "mlp", "hiddenLayers": [8]},
-                         "hyperparameters": {"epochs": 1, "batchSize": 256, "seed": 1}, "numWorkers": 1, "pod": pod},
+            "features": {"transforms": [
+                {"type": "impute", "columns": ["distance_km"], "strategy": "median"},
+                {"type": "clip", "columns": ["amount"], "min": 0, "max": 20000},
+                {"type": "standardize", "columns": ["amount", "distance_km", "card_age_days", "txn_last_hour"]},
+                {"type": "oneHot", "columns": ["merchant"]}]},
+            # Tiny and one epoch: small batches and a brisk learning rate make that epoch count.
+            "training": {"model": {"architecture": "mlp", "hiddenLayers": [16]},
+                         "hyperparameters": {"epochs": 1, "batchSize": 32, "learningRate": 0.01, "seed": 1},
+                         "numWorkers": 1, "pod": pod},
             "evaluation": {"metric": "rocAuc", "threshold": 0.5},
             "registry": {"uri": REGISTRY, "modelName": "fraud"},
             "deploy": {"modelDeployment": "fraud"},
