@@ -13,19 +13,19 @@ import hashlib
 import json
 from typing import Any
 
-from conveyor.operator.controller.children import (
-    LABEL_MANAGED_BY,
-    MANAGED_BY,
-    owner_reference,
-    stamp,
-    tolerations_to_api,
+from conveyor.operator.controller.children import LABEL_MANAGED_BY, MANAGED_BY, owner_reference, stamp
+from conveyor.operator.controller.raycluster import (
+    LABEL_KUEUE_QUEUE,
+    RUN_CONFIG_DIR,
+    RUN_CONFIG_FILE,
+    ray_cluster,
+    submitter_template,
 )
-from conveyor.operator.controller.pods import pod_template
-from conveyor.runtime.spec import HeadGroup, MLPipelineSpec, PodSettings, RunConfig, Toleration, WorkerGroup
+from conveyor.operator.controller.raycluster import worker_groups as cluster_worker_groups
+from conveyor.runtime.spec import MLPipelineSpec, RunConfig, WorkerGroup
 
 LABEL_PIPELINE = "conveyor.dev/pipeline"
 LABEL_RUN = "conveyor.dev/run"
-LABEL_KUEUE_QUEUE = "kueue.x-k8s.io/queue-name"
 ANNOTATION_RUN_CONFIG = "conveyor.dev/run-config"
 # What a run was started from, on its RayJob, so a RayJob adopted after a crash (before the pipeline's
 # status recorded it) tells which spec and which rerun request it already serves.
@@ -36,9 +36,6 @@ ANNOTATION_RERUN = "conveyor.dev/rerun"
 
 # Spec fields whose change does not ask for retraining.
 NON_TRAINING_FIELDS = ("triggers", "deploy", "runsHistoryLimit", "suspend")
-
-RUN_CONFIG_DIR = "/etc/conveyor"
-RUN_CONFIG_FILE = "run.json"
 
 
 def spec_hash(spec: dict[str, Any]) -> str:
@@ -59,97 +56,9 @@ def run_labels(pipeline: str, run: int) -> dict[str, str]:
     return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_PIPELINE: pipeline, LABEL_RUN: str(run)}
 
 
-def _ray_container(name: str, image: str, cpu: str, memory: str, gpus: int) -> dict[str, Any]:
-    limits: dict[str, Any] = {"cpu": cpu, "memory": memory}
-    if gpus:
-        limits["nvidia.com/gpu"] = gpus
-    return {
-        "name": name,
-        "image": image,
-        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": limits},
-        "volumeMounts": [{"name": "run-config", "mountPath": RUN_CONFIG_DIR, "readOnly": True}],
-    }
-
-
-def _pod_template(
-    container: dict[str, Any],
-    config_map: str,
-    node_selector: dict[str, str],
-    tolerations: list[Toleration],
-    settings: PodSettings,
-) -> dict[str, Any]:
-    pod: dict[str, Any] = {
-        "containers": [container],
-        "volumes": [{"name": "run-config", "configMap": {"name": config_map}}],
-    }
-    if node_selector:
-        pod["nodeSelector"] = dict(node_selector)
-    if tolerations:
-        pod["tolerations"] = tolerations_to_api(tolerations)
-    return pod_template(settings, pod)
-
-
-def _submitter_template(spec: MLPipelineSpec) -> dict[str, Any]:
-    """KubeRay's submitter Job pod (K8sJobMode), which it would otherwise default to a container with no
-    securityContext: forbidden in a namespace enforcing the restricted Pod Security Standard, the run
-    then waiting for ever. KubeRay fills in the `ray job submit` command; it runs where the head runs."""
-    t = spec.training
-    head = t.head_group
-    container = {
-        "name": "ray-job-submitter",
-        "image": t.image,
-        "resources": {"requests": {"cpu": "500m", "memory": "200Mi"}, "limits": {"cpu": "1", "memory": "1Gi"}},
-    }
-    pod: dict[str, Any] = {"containers": [container], "restartPolicy": "Never"}
-    if head.node_selector:
-        pod["nodeSelector"] = dict(head.node_selector)
-    if head.tolerations:
-        pod["tolerations"] = tolerations_to_api(head.tolerations)
-    return pod_template(t.pod.overlaid(head.pod), pod)
-
-
 def worker_groups(spec: MLPipelineSpec) -> list[WorkerGroup]:
     """The explicit worker groups, or one group of `numWorkers` replicas (one GPU each with useGpu)."""
-    t = spec.training
-    if t.worker_groups:
-        return list(t.worker_groups)
-    return [WorkerGroup(name="workers", replicas=t.num_workers, gpus=1 if t.use_gpu else 0)]
-
-
-def _ray_cluster(spec: MLPipelineSpec, config_map: str) -> dict[str, Any]:
-    """The RayCluster spec: one head, the worker groups, every pod mounting the run's ConfigMap."""
-    t = spec.training
-    head: HeadGroup = t.head_group
-    return {
-        "rayVersion": t.ray_version,
-        "headGroupSpec": {
-            "rayStartParams": {"dashboard-host": "0.0.0.0"},
-            "template": _pod_template(
-                _ray_container("ray-head", t.image, head.cpu, head.memory, 0),
-                config_map,
-                head.node_selector,
-                head.tolerations,
-                t.pod.overlaid(head.pod),
-            ),
-        },
-        "workerGroupSpecs": [
-            {
-                "groupName": g.name,
-                "replicas": g.replicas,
-                "minReplicas": g.replicas,
-                "maxReplicas": g.replicas,
-                "rayStartParams": {},
-                "template": _pod_template(
-                    _ray_container("ray-worker", t.image, g.cpu, g.memory, g.gpus),
-                    config_map,
-                    g.node_selector,
-                    g.tolerations,
-                    t.pod.overlaid(g.pod),
-                ),
-            }
-            for g in worker_groups(spec)
-        ],
-    }
+    return cluster_worker_groups(spec.training)
 
 
 def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, trigger: str = "") -> dict[str, Any]:
@@ -165,8 +74,8 @@ def build_rayjob(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, trigg
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": t.ttl_seconds_after_finished,
         "backoffLimit": t.backoff_limit,
-        "rayClusterSpec": _ray_cluster(spec, config_map),
-        "submitterPodTemplate": _submitter_template(spec),
+        "rayClusterSpec": ray_cluster(t, config_map),
+        "submitterPodTemplate": submitter_template(t),
     }
     if t.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = t.active_deadline_seconds
