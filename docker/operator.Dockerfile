@@ -14,8 +14,9 @@ COPY pyproject.toml README.md ./
 COPY operator/ operator/
 COPY runtime/ runtime/
 # Only the operator's dependencies: the runtime extra (torch, Ray, KServe) lives in the runtime image.
-RUN /opt/conveyor/bin/pip install --no-compile . \
-    && /opt/conveyor/bin/python -c "import conveyor.operator"
+# The s3 and gcs extras (s3fs, gcsfs): the operator reads s3:// and gs:// registries' metadata.
+RUN /opt/conveyor/bin/pip install --no-compile ".[s3,gcs]" \
+    && /opt/conveyor/bin/python -c "import conveyor.operator, s3fs, gcsfs"
 
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="conveyor-operator" \

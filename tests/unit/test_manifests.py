@@ -197,6 +197,18 @@ def test_registry_volume_is_mounted_read_only_when_named() -> None:
     assert volume["persistentVolumeClaim"]["claimName"] == "models"
 
 
+def test_registry_credentials_from_a_secret_or_workload_identity() -> None:
+    """The operator reads an s3:// or gs:// registry with a Secret's keys as its environment, or with
+    its ServiceAccount's cloud identity (IRSA, GKE Workload Identity); by default with neither."""
+    assert "envFrom" not in container(render({}))
+    documents = render({"registry": {"credentialsSecret": "registry-credentials"}})
+    assert container(documents)["envFrom"] == [{"secretRef": {"name": "registry-credentials"}}]
+    identity = {"eks.amazonaws.com/role-arn": "arn:aws:iam::123456789012:role/conveyor",
+                "iam.gke.io/gcp-service-account": "conveyor@project.iam.gserviceaccount.com"}
+    sa = one(render({"serviceAccount": {"annotations": identity}}), "ServiceAccount", "conveyor-operator")
+    assert sa["metadata"]["annotations"] == identity
+
+
 # ---------------------------------------------------------------- RBAC
 
 
