@@ -10,6 +10,8 @@ PY := $(VENV)/bin/python
 PYTEST := $(VENV)/bin/pytest
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# Where `make demo` keeps the model registry: file (a folder) or s3 (the local S3 server, hack/s3.sh).
+REGISTRY ?= file
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,10 +26,11 @@ $(STAMP): pyproject.toml hack/devstack/pyproject.toml
 
 venv: $(STAMP) ## the Python environment (torch, ray, kserve, kopf, test tools)
 
-tools: ## build (once, cached) kube-apiserver, etcd, kube-controller-manager, kubectl, helm; fetch third-party CRDs
+tools: ## build (once, cached) kube-apiserver, etcd, kube-controller-manager, kubectl, helm, the S3 server; fetch third-party CRDs
 	hack/install-deps.sh
 	hack/local-cluster.sh build
 	hack/build-tool.sh helm >/dev/null
+	hack/build-tool.sh versitygw >/dev/null
 
 helm: ## build (once, cached) the pinned helm and print its path
 	hack/build-tool.sh helm
@@ -44,8 +47,8 @@ cluster-down: ## stop what cluster-up started
 cluster-status: ## what runs and whether it is healthy
 	hack/local-cluster.sh status
 
-demo: venv tools ## the main job: bring up the control plane and run the sample (see README)
-	hack/demo.sh
+demo: venv tools ## the main job: bring up the control plane and run the sample (REGISTRY=s3: in the local S3 server)
+	REGISTRY=$(REGISTRY) hack/demo.sh
 
 test: venv tools ## the whole suite except benchmarks (unit, integration on the real apiserver, e2e)
 	$(PYTEST) -m "not bench" $(PYTEST_ARGS)

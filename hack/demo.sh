@@ -10,12 +10,18 @@
 #      over HTTP;
 #   4. a spec change starts run 2; its version, if it passes the gate, arrives as a canary at the first
 #      step's weight. (Stepping, analysis, promotion and rollback come with a later issue.)
+# REGISTRY=file (default) keeps the model registry in a folder; REGISTRY=s3 in the local S3 server
+# (hack/s3.sh: versitygw), with the credentials delivered as on a cluster: the operator gets them in
+# its environment (the chart's registry.credentialsSecret), training and serving from a Secret named in
+# the pods' envFrom, which the executor resolves from the apiserver (its own environment has none).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NS=${DEMO_NAMESPACE:-conveyor-demo}
 DEMO=${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/demo
 PY=$ROOT/.venv/bin/python
 TIMEOUT=${DEMO_TIMEOUT:-900s}
+REGISTRY=${REGISTRY:-file}
+[[ $REGISTRY == file || $REGISTRY == s3 ]] || { echo "REGISTRY must be file or s3, not '$REGISTRY'" >&2; exit 2; }
 
 kubeconfig=$("$ROOT/hack/local-cluster.sh" up)
 eval "$("$ROOT/hack/local-cluster.sh" env)"
@@ -36,6 +42,17 @@ kubectl get crd
 kubectl delete namespace "$NS" --ignore-not-found --wait=true >/dev/null
 kubectl create namespace "$NS" >/dev/null
 rm -rf "$DEMO" && mkdir -p "$DEMO/registry" "$DEMO/logs"
+registry_uri=file://$DEMO/registry
+pod_settings='{}'
+if [[ $REGISTRY == s3 ]]; then
+  step "the registry in the local S3 server: $("$ROOT/hack/s3.sh" up)"
+  eval "$("$ROOT/hack/s3.sh" env)" # AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, AWS_DEFAULT_REGION
+  registry_uri=s3://conveyor/demo-$(date +%s)
+  kubectl create secret generic registry-credentials -n "$NS" --from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" \
+    --from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" --from-literal=AWS_ENDPOINT_URL="$AWS_ENDPOINT_URL" \
+    --from-literal=AWS_DEFAULT_REGION="$AWS_DEFAULT_REGION" >/dev/null
+  pod_settings='{"envFrom": [{"secretRef": {"name": "registry-credentials"}}]}'
+fi
 
 step "start the operator and the local executor (logs in $DEMO/logs); Prometheus at $CONVEYOR_PROMETHEUS_URL"
 metrics_port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -45,21 +62,33 @@ operator_pid=$!
 # The local Prometheus scrapes the operator too (file_sd, as for the predictors the executor lists).
 printf '[{"targets": ["127.0.0.1:%s"], "labels": {"component": "operator"}}]\n' "$metrics_port" \
   >"$CONVEYOR_PROMETHEUS_TARGETS/operator-$NS.json"
-(cd "$DEMO" && exec "$PY" -m conveyor_devstack.executor --kubeconfig "$kubeconfig" --namespace "$NS" \
+(cd "$DEMO" && exec env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_ENDPOINT_URL "$PY" -m conveyor_devstack.executor --kubeconfig "$kubeconfig" --namespace "$NS" \
   --state-dir "$DEMO/executor" --prometheus-targets "$CONVEYOR_PROMETHEUS_TARGETS") >"$DEMO/logs/executor.log" 2>&1 &
 executor_pid=$!
 trap 'kill $operator_pid $executor_pid 2>/dev/null || true; wait 2>/dev/null || true; rm -f "$CONVEYOR_PROMETHEUS_TARGETS/operator-$NS.json"' EXIT
 
 step "apply the MLPipeline and the ModelDeployment (hack/demo/fraud.yaml)"
-sed "s#REGISTRY#file://$DEMO/registry#g" "$ROOT/hack/demo/fraud.yaml" | kubectl apply --server-side -n "$NS" -f -
+# With REGISTRY=s3, the pipeline's and the deployment's pods name the credentials Secret (pod settings).
+sed "s#REGISTRY#$registry_uri#g" "$ROOT/hack/demo/fraud.yaml" | "$PY" -c '
+import json, sys, yaml
+pod = json.loads(sys.argv[1])
+docs = list(yaml.safe_load_all(sys.stdin))
+for d in docs:
+    if pod:
+        (d["spec"]["training"] if d["kind"] == "MLPipeline" else d["spec"]["predictor"])["pod"] = pod
+print(json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))' "$pod_settings" \
+  | kubectl apply --server-side -n "$NS" -f -
 
 step "run 1: data validation, training on Ray, evaluation, registration"
 kubectl wait -n "$NS" mlp/fraud --for=jsonpath='{.status.phase}'=Succeeded --timeout="$TIMEOUT" >/dev/null \
   || fail "the pipeline did not succeed"
 kubectl get -n "$NS" mlp,rayjobs
-ls "$DEMO/registry/fraud"
-"$PY" -c 'import json,sys; m=json.load(open(sys.argv[1])); print({k: round(v, 4) for k, v in m.items() if isinstance(v, float)})' \
-  "$DEMO/registry/fraud/v1/metrics.json"
+# Read back through fsspec, whichever storage holds the registry.
+"$PY" -c 'import fsspec, json, sys
+fs, root = fsspec.core.url_to_fs(sys.argv[1] + "/fraud")
+print(sys.argv[1] + "/fraud:", sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)))
+m = json.loads(fs.cat_file(root + "/v1/metrics.json"))
+print({k: round(v, 4) for k, v in m.items() if isinstance(v, float)})' "$registry_uri"
 
 step "serving v1 through the InferenceService"
 kubectl wait -n "$NS" mdep/fraud --for=condition=Ready --timeout="$TIMEOUT" >/dev/null || fail "the deployment is not Ready"
