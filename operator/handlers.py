@@ -1,6 +1,6 @@
 """kopf wiring, thin: watch events fill the caches and queue keys; the reconcilers do the rest.
 
-kopf watches MLPipelines, ModelDeployments and the children we label (RayJobs, InferenceServices)
+kopf watches MLPipelines, ModelDeployments, BatchPredictions and the children we label (RayJobs, InferenceServices)
 with `on.event` handlers only: nothing kopf-specific is written to our objects (no finalizers, no
 progress annotations). Each event updates the kind's cache and queues the owning object's key.
 
@@ -14,6 +14,7 @@ never shadows the standard library's `operator`):
 - mlpipeline/            reconcile.py (observe -> plan -> act), plan.py (pure), build.py (the RayJob and
                          its ConfigMap, pure), validate.py, gate.py (the evaluation gate)
 - modeldeployment/       reconcile.py, plan.py, build.py (the InferenceService), validate.py
+- batchprediction/       reconcile.py, plan.py, build.py (the RayJob of a batch run and its ConfigMap), validate.py
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import kopf
 
+from conveyor.operator.batchprediction.build import LABEL_BATCH
 from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import ObjectCache
 from conveyor.operator.controller.children import FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY
@@ -82,6 +84,7 @@ def _step_down(op: Operator) -> Any:
         # Stop writing before another replica may take over, then exit: Kubernetes restarts this one as a follower.
         await op.pipeline_queue.stop()
         await op.deployment_queue.stop()
+        await op.batch_queue.stop()
         os.kill(os.getpid(), signal.SIGTERM)
 
     return stop_reconciling_and_exit
@@ -99,7 +102,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.probe(id="queued")
 def probe_queue(memo: kopf.Memo, **_: Any) -> dict[str, int]:
     op = _op(memo)
-    return {"pipelines": len(op.pipeline_queue), "deployments": len(op.deployment_queue)}
+    return {"pipelines": len(op.pipeline_queue), "deployments": len(op.deployment_queue), "batches": len(op.batch_queue)}
 
 
 _MANAGED = {LABEL_MANAGED_BY: MANAGED_BY}
@@ -125,16 +128,33 @@ async def on_deployment(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> Non
         op.deployment_queue.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
 
 
+@kopf.on.event("conveyor.dev", "v1alpha1", "batchpredictions")
+async def on_batch(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    op = _op(memo)
+    obj = op.batches.observe(event)
+    if obj is not None:
+        op.batch_queue.add((obj["metadata"]["namespace"], obj["metadata"]["name"]))
+
+
 @kopf.on.event("ray.io", "v1", "rayjobs", labels=_MANAGED)
 async def on_rayjob(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
     op = _op(memo)
+    # A RayJob is a training run (labelled with its pipeline) or a batch run (with its BatchPrediction).
     _enqueue_owner(op.rayjobs, event, LABEL_PIPELINE, op.pipeline_queue)
+    _enqueue_labelled(event, LABEL_BATCH, op.batch_queue)
 
 
 @kopf.on.event("serving.kserve.io", "v1beta1", "inferenceservices", labels=_MANAGED)
 async def on_inference_service(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
     op = _op(memo)
     _enqueue_owner(op.isvcs, event, LABEL_DEPLOYMENT, op.deployment_queue)
+
+
+def _enqueue_labelled(event: dict[str, Any], owner_label: str, queue: WorkQueue[Any]) -> None:
+    obj = event.get("object") or {}
+    owner = (obj.get("metadata", {}).get("labels") or {}).get(owner_label)
+    if owner and obj["metadata"].get("namespace"):
+        queue.add((obj["metadata"]["namespace"], owner))
 
 
 def _enqueue_owner(cache: ObjectCache, event: dict[str, Any], owner_label: str, queue: WorkQueue[Any]) -> None:

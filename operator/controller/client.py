@@ -86,6 +86,7 @@ PLURALS = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservices",
     ("conveyor.dev/v1alpha1", "MLPipeline"): "mlpipelines",
     ("conveyor.dev/v1alpha1", "ModelDeployment"): "modeldeployments",
+    ("conveyor.dev/v1alpha1", "BatchPrediction"): "batchpredictions",
 }
 
 

@@ -46,24 +46,35 @@ def open_registry(uri: str, name: str) -> Any:
     return Registry(uri, name)
 
 
+def open_outputs(uri: str) -> Any:
+    """A BatchPrediction's output storage (its runs' outcome records), fsspec as the registry."""
+    from conveyor.runtime.package.outputs import BatchOutputs
+
+    return BatchOutputs(uri)
+
+
 @dataclass
 class Operator:
     client: Client
     config: Config = field(default_factory=Config)
     registry_for: Callable[[str, str], Any] = open_registry
+    outputs_for: Callable[[str], Any] = open_outputs
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     pipelines: ObjectCache = field(default_factory=ObjectCache)
     deployments: ObjectCache = field(default_factory=ObjectCache)
     rayjobs: ObjectCache = field(default_factory=ObjectCache)
     isvcs: ObjectCache = field(default_factory=ObjectCache)
+    batches: ObjectCache = field(default_factory=ObjectCache)
     # Committed registry versions never change: a positive lookup is cached for good.
     known_versions: set[tuple[str, str, str]] = field(default_factory=set)
     # Built from config.prometheus_url unless given (tests point it at a local server).
     prometheus: Prometheus | None = None
     pipeline_queue: WorkQueue[Key] = field(init=False)
     deployment_queue: WorkQueue[Key] = field(init=False)
+    batch_queue: WorkQueue[Key] = field(init=False)
 
     def __post_init__(self) -> None:
+        from conveyor.operator.batchprediction.reconcile import reconcile_batch
         from conveyor.operator.mlpipeline.reconcile import reconcile_pipeline
         from conveyor.operator.modeldeployment.reconcile import reconcile_deployment
 
@@ -75,6 +86,11 @@ class Operator:
 
         self.pipeline_queue = WorkQueue("MLPipeline", pipeline, workers=self.config.pipeline_workers)
         self.deployment_queue = WorkQueue("ModelDeployment", deployment, workers=self.config.deployment_workers)
+
+        async def batch(key: Key) -> float | None:
+            return await reconcile_batch(self, key)
+
+        self.batch_queue = WorkQueue("BatchPrediction", batch, workers=self.config.pipeline_workers)
         self._registries: dict[tuple[str, str], Any] = {}
         self._events = EventPoster(self.client)
         if self.prometheus is None and self.config.prometheus_url:
@@ -109,6 +125,7 @@ class Operator:
     def start(self) -> None:
         self.pipeline_queue.start()
         self.deployment_queue.start()
+        self.batch_queue.start()
         self._resync_task = asyncio.create_task(self._resync(), name="resync")
 
     async def _resync(self) -> None:
@@ -119,6 +136,8 @@ class Operator:
                 self.pipeline_queue.add(key)
             for key in self.deployments:
                 self.deployment_queue.add(key)
+            for key in self.batches:
+                self.batch_queue.add(key)
 
     async def stop(self) -> None:
         await self._events.drain()
@@ -126,6 +145,7 @@ class Operator:
             self._resync_task.cancel()
         await self.pipeline_queue.stop()
         await self.deployment_queue.stop()
+        await self.batch_queue.stop()
         await self.client.close()
         if self.prometheus is not None:
             await self.prometheus.close()

@@ -44,10 +44,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from croniter import croniter
-
 from conveyor.operator.controller import conditions as c
 from conveyor.operator.controller.events import Event
+from conveyor.operator.controller.schedule import cron_firing
 from conveyor.operator.controller.times import parse_time, rfc3339
 from conveyor.operator.mlpipeline.build import (
     ANNOTATION_RERUN,
@@ -413,17 +412,21 @@ def _drift_due(plan: PipelinePlan, drift: DriftSignal | None, now: datetime) -> 
 
 def _schedule(plan: PipelinePlan, pipeline: dict[str, Any], spec: MLPipelineSpec, now: datetime) -> datetime | None:
     """The cron firing not yet served, if any; sets nextScheduleTime and the requeue for the next one."""
+    return schedule_due(plan, pipeline, spec.triggers.schedule, now)
+
+
+def schedule_due(plan: Any, obj: dict[str, Any], schedule: str | None, now: datetime) -> datetime | None:
+    """The firing of `schedule` not yet served (since status.lastScheduleTime, or the object's creation),
+    if any; sets status.nextScheduleTime and the plan's requeue for the next firing."""
     status = plan.status
-    schedule = spec.triggers.schedule
-    if not schedule or not croniter.is_valid(schedule):  # the CRD checks the shape only; croniter has the final word
+    base = parse_time(status.get("lastScheduleTime")) or parse_time(obj["metadata"].get("creationTimestamp")) or now
+    fired, next_fire = cron_firing(schedule, base, now)
+    if next_fire is None:
         status.pop("nextScheduleTime", None)
         return None
-    base = parse_time(status.get("lastScheduleTime")) or parse_time(pipeline["metadata"].get("creationTimestamp")) or now
-    prev_fire = croniter(schedule, now).get_prev(datetime)
-    next_fire = croniter(schedule, now).get_next(datetime)
     status["nextScheduleTime"] = rfc3339(next_fire)
     plan.requeue_after = max(1.0, (next_fire - now).total_seconds() + 0.5)
-    return prev_fire if prev_fire > base else None
+    return fired
 
 
 def _start_run(

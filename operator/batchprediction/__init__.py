@@ -1,0 +1,1 @@
+"""The BatchPrediction kind: reconcile.py (observe -> plan -> act), plan.py, build.py, validate.py."""
