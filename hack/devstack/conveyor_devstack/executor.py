@@ -7,7 +7,8 @@ A development stand-in (``conveyor-devstack``, under ``hack/devstack``): never s
 
 It is a FAKE of those two controllers, and only of them; what it runs is real:
 - a RayJob (ray.io/v1) that appears is executed by running its entrypoint's program,
-  `python -m conveyor.runtime.train --config run.json`, as a local process (local Ray, real torch), with
+  `python -m conveyor.runtime.train --config run.json` (an MLPipeline's run) or
+  `python -m conveyor.runtime.batch --config run.json` (a BatchPrediction's run), as a local process (local Ray, real torch), with
   the run's ConfigMap written to a file; the RayJob's `status` is then patched the way KubeRay reports it
   (`jobDeploymentStatus` Initializing/Running/Complete/Failed, `jobStatus` RUNNING/SUCCEEDED/FAILED,
   start and end times, the failure message);
@@ -60,6 +61,7 @@ KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
 FIELD_MANAGER = "conveyor-local-executor"
 # Why a run failed, as the training runtime prints it last; the rest of stderr stays in the log file.
 MESSAGE_TAIL = 1500
+RUNTIME_ENTRYPOINTS = frozenset({"conveyor.runtime.train", "conveyor.runtime.batch"})
 
 
 def _now() -> str:
@@ -143,6 +145,7 @@ class Executor:
         workdir = self.state_dir / "rayjobs" / f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}"
         workdir.mkdir(parents=True, exist_ok=True)
         try:
+            module = _entrypoint_module(rayjob["spec"].get("entrypoint", ""))
             (workdir / "run.json").write_text(self._run_config(rayjob))
         except Exception as exc:  # noqa: BLE001 - any failure to start is the job's failure
             self._patch_status(RAY, rayjob, {
@@ -162,7 +165,7 @@ class Executor:
             return
         # cwd is the job's own folder, as in a Ray head pod: never the repository root.
         proc = subprocess.Popen(
-            [self.python, "-m", "conveyor.runtime.train", "--config", str(workdir / "run.json"),
+            [self.python, "-m", module, "--config", str(workdir / "run.json"),
              *_entrypoint_flags(rayjob["spec"].get("entrypoint", ""))],
             cwd=workdir, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
             env={**os.environ, **pod_env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
@@ -349,6 +352,15 @@ class Executor:
                 except Exception:  # noqa: BLE001 - a fake controller keeps going, like the real ones
                     log.exception("%s failed; retrying", sync.__name__)
             time.sleep(interval)
+
+
+def _entrypoint_module(entrypoint: str) -> str:
+    """The runtime module the RayJob's entrypoint runs (`python -m conveyor.runtime.train|batch`)."""
+    args = shlex.split(entrypoint)
+    module = args[args.index("-m") + 1] if "-m" in args[:-1] else ""
+    if module not in RUNTIME_ENTRYPOINTS:
+        raise ValueError(f"entrypoint {entrypoint!r}: the local executor runs {sorted(RUNTIME_ENTRYPOINTS)} only")
+    return module
 
 
 def _entrypoint_flags(entrypoint: str) -> list[str]:
