@@ -48,6 +48,7 @@ from conveyor.operator.controller import conditions as c
 from conveyor.operator.controller.events import Event
 from conveyor.operator.controller.schedule import cron_firing
 from conveyor.operator.controller.times import parse_time, rfc3339
+from conveyor.operator.mlpipeline.blockers import BLOCKED_REASONS, StartBlocker
 from conveyor.operator.mlpipeline.build import (
     ANNOTATION_RERUN,
     ANNOTATION_SPEC_GENERATION,
@@ -192,12 +193,14 @@ def plan_pipeline(
     deploy_target: DeployTarget | None = None,
     reports: dict[int, dict[str, Any]] | None = None,
     drift: DriftSignal | None = None,
+    blockers: dict[int, StartBlocker] | None = None,
 ) -> PipelinePlan:
     """Desired status and actions. `invalid` is the reason the spec cannot be used (None when fine).
 
     `rayjobs` maps run number -> RayJob of this pipeline; `missing_rayjobs` are runs whose RayJob was
     confirmed gone (deleted by someone) with a live read; `reports` maps run number -> the outcome record
-    the run wrote to the registry (runs whose RayJob ended and that wrote one).
+    the run wrote to the registry (runs whose RayJob ended and that wrote one); `blockers` maps run
+    number -> why a pending run's pods are not up (blockers.py), for runs pending too long.
     """
     generation = pipeline["metadata"].get("generation")
     status: dict[str, Any] = json.loads(json.dumps(pipeline.get("status") or {}))  # the plan never mutates its input
@@ -209,7 +212,9 @@ def plan_pipeline(
     runs: list[dict[str, Any]] = status.setdefault("runs", [])
     for run in runs:
         if run.get("outcome") in ACTIVE:
+            reason_before = run.get("reason")
             _follow_run(plan, pipeline, run, rayjobs, gate, missing_rayjobs, deploy_target, ts, (reports or {}).get(run["run"]))
+            _explain_pending(plan, run, (blockers or {}).get(run["run"]), reason_before)
     if invalid is not None or spec is None:
         if c.set_condition(conds, c.ACCEPTED, c.FALSE, "InvalidSpec", invalid or "invalid spec", generation=generation, now=ts):
             plan.events.append(("Warning", "InvalidSpec", invalid or "invalid spec"))
@@ -269,6 +274,23 @@ def _follow_run(
         run["reason"] = "ReadingModelPackage"
         return
     _record_gate(plan, pipeline, run, outcome, deploy_target, end)
+
+
+# A run waiting for its pods is looked at again this often, so a reason reaches its status in the minute.
+PENDING_RECHECK = 15.0
+
+
+def _explain_pending(plan: PipelinePlan, run: dict[str, Any], blocker: StartBlocker | None, reason_before: str | None) -> None:
+    """A pending run: the reason its pods are not up, when the cluster gave one (a Warning event when it
+    first shows); while KubeRay is still making the cluster, a recheck (pods refused make no RayJob change)."""
+    if run.get("outcome") != PENDING:
+        return
+    if blocker is not None:
+        if reason_before != blocker.reason:
+            plan.events.append(("Warning", "RunCannotStart", f"run {run['run']}: {blocker.reason}: {blocker.message[:500]}"))
+        run["reason"], run["message"] = blocker.reason, blocker.message[:2000]
+    if run.get("reason") in ("Created", "New", "Initializing", "", *BLOCKED_REASONS):
+        plan.requeue_after = min(plan.requeue_after or PENDING_RECHECK, PENDING_RECHECK)
 
 
 def _record_gate(
@@ -492,6 +514,11 @@ def _set_run_conditions(conds: list[dict[str, Any]], run: dict[str, Any] | None,
     outcome = run.get("outcome")
     reason = run.get("reason") or ""
     message = run.get("message") or ""
+    if outcome in ACTIVE and reason in BLOCKED_REASONS:
+        for t in (c.DATA_VALIDATED, c.REGISTERED, c.EVALUATED, c.SUCCEEDED):
+            put(t, c.UNKNOWN, "RunInProgress", f"Run {n} is waiting for its pods.")
+        put(c.TRAINED, c.UNKNOWN, reason, f"Run {n} cannot start: {message[:1000]}")
+        return
     if outcome in ACTIVE:
         for t in (c.DATA_VALIDATED, c.TRAINED, c.REGISTERED, c.EVALUATED):
             put(t, c.UNKNOWN, "RunInProgress", f"Run {n} is {outcome.lower()}.")

@@ -4,6 +4,8 @@ observe: the pipeline and its RayJobs from the cache; a live GET for an active r
          lacks (not listed yet, or deleted); the outcome record of each run whose RayJob ended and the
          registry's verdict on runs whose RayJob succeeded (blocking reads, in a thread); the
          ModelDeployment that spec.deploy names.
+         For a run pending past blockers.STALLED_AFTER: its RayCluster, pods and the events on them (and
+         on its RayJob), read once, to say why it does not start.
 plan:    `plan.plan_pipeline` -> the status, the run to start, the RayJobs to delete, the events.
 act:     before creating a RayJob, one live LIST asks the apiserver whether a RayJob of this pipeline
          exists that the snapshot did not know (made just before a restart); if so the reconcile is
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -24,16 +26,20 @@ from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key
 from conveyor.operator.controller.client import resource_path
 from conveyor.operator.controller.status import write_status
+from conveyor.operator.controller.times import parse_time
 from conveyor.operator.controller.validation import InvalidSpecError, parse_spec, validate_registry
 from conveyor.operator.controller.workqueue import Requeue
+from conveyor.operator.mlpipeline.blockers import STALLED_AFTER, StartBlocker, start_blocker
 from conveyor.operator.mlpipeline.build import LABEL_PIPELINE, build_rayjob, build_run_configmap, rayjob_name
 from conveyor.operator.mlpipeline.gate import GateOutcome, judge_run
 from conveyor.operator.mlpipeline.plan import (
     ACTIVE,
+    PENDING,
     DeployTarget,
     DriftSignal,
     PipelinePlan,
     plan_pipeline,
+    rayjob_state,
     rayjobs_by_run,
     runs_awaiting_gate,
     runs_awaiting_report,
@@ -64,6 +70,7 @@ class PipelineSnapshot:
     now: datetime
     reports: dict[int, dict[str, Any]]
     drift: DriftSignal | None = None
+    blockers: dict[int, StartBlocker] = field(default_factory=dict)
 
 
 async def reconcile_pipeline(op: Operator, key: Key) -> float | None:
@@ -83,6 +90,7 @@ async def reconcile_pipeline(op: Operator, key: Key) -> float | None:
         deploy_target=s.deploy_target,
         reports=s.reports,
         drift=s.drift,
+        blockers=s.blockers,
     )
     await act(op, snapshot, plan)
     return plan.requeue_after
@@ -125,7 +133,44 @@ async def observe(op: Operator, key: Key) -> PipelineSnapshot | None:
         for n in runs_awaiting_gate(status, rayjobs, reports):
             gate[n] = await asyncio.to_thread(_judge, op, spec, namespace, name, n, deploy_target)
     drift = _drift_signal(op, namespace, name)
-    return PipelineSnapshot(key, obj, spec, invalid, rayjobs, frozenset(missing), gate, deploy_target, op.clock(), reports, drift)
+    now = op.clock()
+    blockers = await _start_blockers(op, namespace, status, rayjobs, now)
+    return PipelineSnapshot(
+        key, obj, spec, invalid, rayjobs, frozenset(missing), gate, deploy_target, now, reports, drift, blockers
+    )
+
+
+async def _start_blockers(
+    op: Operator, namespace: str, status: dict[str, Any], rayjobs: dict[int, dict[str, Any]], now: datetime
+) -> dict[int, StartBlocker]:
+    """Why runs pending past STALLED_AFTER do not start. Only those runs cost reads, and only while KubeRay
+    is still making their cluster (a Kueue-suspended RayJob is queued, which Kueue says itself)."""
+    found: dict[int, StartBlocker] = {}
+    for run in status.get("runs") or []:
+        rj, started = rayjobs.get(run["run"]), parse_time(run.get("startTime"))
+        if rj is None or run.get("outcome") != PENDING or started is None:
+            continue
+        if (now - started).total_seconds() < STALLED_AFTER or rayjob_state(rj).reason not in ("Created", "New", "Initializing"):
+            continue
+        blocker = await _read_blocker(op, namespace, rj)
+        if blocker is not None:
+            found[run["run"]] = blocker
+    return found
+
+
+async def _read_blocker(op: Operator, namespace: str, rayjob: dict[str, Any]) -> StartBlocker | None:
+    """The RayCluster's conditions, its pods, and the Warning events on the RayJob (and its submitter Job,
+    of the same name) and the RayCluster: what KubeRay, the job controller and the scheduler said."""
+    cluster = (rayjob.get("status") or {}).get("rayClusterName")
+    names = {rayjob["metadata"]["name"], cluster}
+    raycluster, pods = None, []
+    if cluster:
+        raycluster = await op.client.get(resource_path("ray.io/v1", "rayclusters", namespace, cluster), resource="RayCluster")
+        pods = await op.client.list(resource_path("v1", "pods", namespace), label_selector=f"ray.io/cluster={cluster}", resource="Pod")
+    events = await op.client.list(resource_path("v1", "events", namespace), resource="Event")
+    mine = [e for e in events if (e.get("involvedObject") or {}).get("name") in names]
+    mine.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", reverse=True)  # the newest first
+    return start_blocker(raycluster, pods, mine)
 
 
 def _drift_signal(op: Operator, namespace: str, pipeline: str) -> DriftSignal | None:

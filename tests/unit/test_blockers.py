@@ -1,0 +1,93 @@
+"""Why a run does not start, from the cluster's own words (blockers.py), and how the plan shows it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from test_operator_plan_pipeline import cond, pipeline, plan, rayjob, settled
+
+from conveyor.operator.controller import conditions as c
+from conveyor.operator.mlpipeline.blockers import (
+    IMAGE_PULL_FAILED,
+    PODS_FORBIDDEN,
+    QUOTA_EXCEEDED,
+    UNSCHEDULABLE,
+    StartBlocker,
+    start_blocker,
+)
+from conveyor.operator.mlpipeline.plan import PENDING_RECHECK
+
+FORBIDDEN = ('pods "fraud-1-head-x" is forbidden: violates PodSecurity "restricted:latest": '
+             'allowPrivilegeEscalation != false (container "ray-head" must set securityContext.allowPrivilegeEscalation=false)')
+
+
+def pod(name: str, *, conditions: list[dict[str, Any]] | None = None, waiting: str | None = None) -> dict[str, Any]:
+    status: dict[str, Any] = {"conditions": conditions or []}
+    if waiting:
+        status["containerStatuses"] = [{"name": "ray-worker", "image": "ghcr.io/x:1", "state": {"waiting": {"reason": waiting, "message": "not found"}}}]
+    return {"metadata": {"name": name}, "status": status}
+
+
+def event(kind: str, name: str, reason: str, message: str, type_: str = "Warning") -> dict[str, Any]:
+    return {"type": type_, "reason": reason, "message": message, "involvedObject": {"kind": kind, "name": name}}
+
+
+CASES = [
+    ("KubeRay's ReplicaFailure condition",
+     {"status": {"conditions": [{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreateHeadPod", "message": FORBIDDEN}]}},
+     [], [], PODS_FORBIDDEN, "violates PodSecurity"),
+    ("the submitter Job's FailedCreate event", None, [],
+     [event("Job", "fraud-1", "FailedCreate", FORBIDDEN)], PODS_FORBIDDEN, "Job fraud-1"),
+    ("a ResourceQuota's refusal", None, [],
+     [event("RayCluster", "fraud-1-abc", "FailedToCreateWorkerPod",
+            'pods "w" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, used: 4, limited: 4')],
+     QUOTA_EXCEEDED, "exceeded quota"),
+    ("the scheduler's verdict", None,
+     [pod("fraud-1-gpu-0", conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                        "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu."}])],
+     [], UNSCHEDULABLE, "Insufficient nvidia.com/gpu"),
+    ("a kubelet's pull failure", None, [pod("fraud-1-head-x", waiting="ImagePullBackOff")], [], IMAGE_PULL_FAILED, "ImagePullBackOff"),
+]
+
+
+@pytest.mark.parametrize(("what", "raycluster", "pods", "events", "reason", "says"), CASES, ids=[c[0] for c in CASES])
+def test_the_blocker_names_what_the_cluster_said(
+    what: str, raycluster: Any, pods: list[Any], events: list[Any], reason: str, says: str
+) -> None:
+    found = start_blocker(raycluster, pods, events)
+    assert found is not None and found.reason == reason and says in found.message
+
+
+def test_nothing_in_the_way_is_no_blocker() -> None:
+    scheduled = pod("fraud-1-head-x", conditions=[{"type": "PodScheduled", "status": "True"}])
+    normal = event("RayCluster", "fraud-1-abc", "CreatedHeadPod", "Created head Pod", type_="Normal")
+    assert start_blocker({"status": {"conditions": []}}, [scheduled], [normal]) is None
+
+
+def _pending_run() -> dict[str, Any]:
+    return {"runs": [{"run": 1, "rayJob": "fraud-1", "trigger": "Created", "startTime": "2026-01-05T11:59:00Z",
+                      "outcome": "Pending", "reason": "Initializing", "message": "", "attempts": 1}],
+            "lastRun": 1}
+
+
+def test_a_blocked_run_says_why_in_its_status_and_one_warning() -> None:
+    blocker = StartBlocker(PODS_FORBIDDEN, f"RayCluster fraud-1-abc (FailedToCreateHeadPod): {FORBIDDEN}")
+    obj = pipeline(status=_pending_run())
+    rjs = {1: rayjob(1, "Initializing")}
+    p = plan(obj, rjs, blockers={1: blocker})
+    run = p.status["runs"][-1]
+    assert (run["outcome"], run["reason"]) == ("Pending", PODS_FORBIDDEN) and "violates PodSecurity" in run["message"]
+    assert cond(p, c.TRAINED) == (c.UNKNOWN, PODS_FORBIDDEN)
+    assert [e for e in p.events if e[0] == "Warning"] == [("Warning", "RunCannotStart", f"run 1: {PODS_FORBIDDEN}: {blocker.message}")]
+    again = plan(settled(obj, p), rjs, blockers={1: blocker})
+    assert not [e for e in again.events if e[0] == "Warning"]  # one event per blocker, not per reconcile
+    assert again.requeue_after is not None and again.requeue_after <= PENDING_RECHECK
+
+
+def test_a_pending_run_is_rechecked_until_its_pods_are_up() -> None:
+    obj = pipeline(status=_pending_run())
+    assert plan(obj, {1: rayjob(1, "Initializing")}).requeue_after == PENDING_RECHECK
+    started = plan(obj, {1: rayjob(1, "Running", "RUNNING")})
+    assert started.status["runs"][-1]["outcome"] == "Running"
+    assert started.requeue_after is None or started.requeue_after > PENDING_RECHECK
