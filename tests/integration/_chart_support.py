@@ -155,6 +155,8 @@ OPERATOR_NAMESPACED_GRANTS: set[tuple[str, str, str]] = {
     ("ray.io", "rayjobs", "create"),
     ("ray.io", "rayjobs", "patch"),
     ("ray.io", "rayjobs", "delete"),
+    ("ray.io", "rayclusters", "get"),
+    ("", "pods", "list"),
     ("serving.kserve.io", "inferenceservices", "list"),
     ("serving.kserve.io", "inferenceservices", "watch"),
     ("serving.kserve.io", "inferenceservices", "create"),
@@ -162,6 +164,7 @@ OPERATOR_NAMESPACED_GRANTS: set[tuple[str, str, str]] = {
     ("", "configmaps", "create"),
     ("", "configmaps", "patch"),
     ("", "events", "create"),
+    ("", "events", "list"),
 }
 # kopf notices namespaces and CRDs appearing while it runs (rbac.clusterDiscovery).
 DISCOVERY_GRANTS: set[tuple[str, str, str]] = {

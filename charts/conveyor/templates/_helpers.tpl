@@ -74,6 +74,13 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# Why a run pending too long does not start: its RayCluster's conditions, its pods' (read only then).
+- apiGroups: ["ray.io"]
+  resources: ["rayclusters"]
+  verbs: ["get"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
   verbs: ["list", "watch", "create", "patch"]
@@ -82,7 +89,7 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
   verbs: ["create", "patch"]
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create"]
+  verbs: ["create", "list"]
 {{- end -}}
 
 {{/* What kopf reads cluster-wide to notice namespaces and CRDs appearing (rbac.clusterDiscovery). */}}
