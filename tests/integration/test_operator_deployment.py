@@ -173,7 +173,8 @@ def test_latest_without_pipeline_follows_the_registry(kubeconfig: str, cluster: 
         wait_for("newest version v2", lambda: env(cluster.isvc("fraud")["spec"]["predictor"])["STORAGE_URI"].endswith("/v2"))
         train(registry, "fraud", pipeline="offline", namespace=cluster.ns, run=3, accuracy=0.95)
         wait_for("v3 picked up", lambda: env(cluster.isvc("fraud")["spec"]["predictor"])["STORAGE_URI"].endswith("/v3"))
-        assert cluster.status(MDEP, "fraud")["stableVersion"] == "v3"
+        # The status write follows the InferenceService's apply in the same reconcile.
+        assert wait_for("status v3", lambda: cluster.status(MDEP, "fraud")["stableVersion"] == "v3")
     finally:
         op.stop()
         print(op.logs())
