@@ -8,6 +8,8 @@
 #   hack/local-cluster.sh up       start everything (or reuse a running one), install the CRDs,
 #                                  print the admin kubeconfig path
 #   hack/local-cluster.sh down     stop what `up` started, and nothing else
+#   hack/local-cluster.sh restart  kill etcd and the apiserver (a crash: SIGKILL) and start them again on
+#                                  the same ports with the same data (the chaos tests' outage)
 #   hack/local-cluster.sh status   what runs, where, and whether it is healthy
 #   hack/local-cluster.sh env      shell exports (KUBECONFIG, PATH with the pinned kubectl)
 #
@@ -165,6 +167,52 @@ install_crds() {
     crd/mlpipelines.conveyor.dev crd/modeldeployments.conveyor.dev crd/batchpredictions.conveyor.dev >/dev/null
 }
 
+start_etcd() { # on the ports recorded in $STATE/ports, with the data in $STATE/etcd
+  local port peer
+  port=$(cat "$STATE/ports/etcd"); peer=$(cat "$STATE/ports/etcd-peer")
+  start etcd "$ETCD_BIN/etcd" --name local --data-dir "$STATE/etcd" \
+    --listen-client-urls "http://127.0.0.1:$port" --advertise-client-urls "http://127.0.0.1:$port" \
+    --listen-peer-urls "http://127.0.0.1:$peer" --initial-advertise-peer-urls "http://127.0.0.1:$peer" \
+    --initial-cluster "local=http://127.0.0.1:$peer" --unsafe-no-fsync --log-level warn
+  wait_for "etcd" 30 curl -sf "http://127.0.0.1:$port/health" || { tail -20 "$STATE/logs/etcd.log" >&2; exit 1; }
+}
+
+start_apiserver() { # on the port recorded in $STATE/ports, against the recorded etcd
+  local pki=$STATE/pki
+  start kube-apiserver "$KUBE_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$(cat "$STATE/ports/etcd")" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$(cat "$STATE/ports/apiserver")" \
+    --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
+    --client-ca-file "$pki/ca.crt" \
+    --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local --api-audiences https://kubernetes.default.svc.cluster.local \
+    --authorization-mode Node,RBAC --service-cluster-ip-range 10.0.0.0/24 --allow-privileged \
+    --audit-policy-file "$STATE/audit-policy.yaml" --audit-log-path "$STATE/logs/audit.log" \
+    --audit-log-maxsize 100 --audit-log-maxbackup 1 \
+    --profiling=false --v 1
+  wait_for "kube-apiserver /readyz" 120 apiserver_ready || { tail -30 "$STATE/logs/kube-apiserver.log" >&2; exit 1; }
+}
+
+stop_component() { # name, signal: stop it if it is ours and still runs
+  local pid
+  if running "$1"; then
+    pid=$(pid_of "$1")
+    kill "-$2" "$pid" 2>/dev/null || true
+    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+    log "stopped $1 (pid $pid)"
+  fi
+}
+
+cmd_restart() {
+  running kube-apiserver || die "nothing to restart: run '$0 up' first"
+  stop_component kube-apiserver KILL
+  stop_component etcd KILL
+  start_etcd
+  start_apiserver
+  log "restarted etcd and kube-apiserver at https://127.0.0.1:$(cat "$STATE/ports/apiserver")"
+}
+
 cmd_up() {
   cmd_build
   if running kube-apiserver && apiserver_ready; then
@@ -174,15 +222,11 @@ cmd_up() {
     rm -rf "$STATE"
     mkdir -p "$STATE"/{pids,ports,logs,etcd}
     gen_certs
-    local etcd_port peer_port api_port kcm_port
-    etcd_port=$(free_port); peer_port=$(free_port); api_port=$(free_port); kcm_port=$(free_port)
-    echo "$api_port" >"$STATE/ports/apiserver"; echo "$etcd_port" >"$STATE/ports/etcd"; echo "$kcm_port" >"$STATE/ports/controller-manager"
-
-    start etcd "$ETCD_BIN/etcd" --name local --data-dir "$STATE/etcd" \
-      --listen-client-urls "http://127.0.0.1:$etcd_port" --advertise-client-urls "http://127.0.0.1:$etcd_port" \
-      --listen-peer-urls "http://127.0.0.1:$peer_port" --initial-advertise-peer-urls "http://127.0.0.1:$peer_port" \
-      --initial-cluster "local=http://127.0.0.1:$peer_port" --unsafe-no-fsync --log-level warn
-    wait_for "etcd" 30 curl -sf "http://127.0.0.1:$etcd_port/health" || { tail -20 "$STATE/logs/etcd.log" >&2; exit 1; }
+    local api_port kcm_port
+    api_port=$(free_port); kcm_port=$(free_port)
+    echo "$api_port" >"$STATE/ports/apiserver"; free_port >"$STATE/ports/etcd"; free_port >"$STATE/ports/etcd-peer"
+    echo "$kcm_port" >"$STATE/ports/controller-manager"
+    start_etcd
 
     # Audit log: every write at Metadata level, so benchmarks can count what a client really wrote.
     cat >"$STATE/audit-policy.yaml" <<'EOF'
@@ -194,20 +238,8 @@ rules:
   verbs: [create, update, patch, delete, deletecollection]
 - level: None
 EOF
-    local pki=$STATE/pki
-    start kube-apiserver "$KUBE_BIN/kube-apiserver" \
-      --etcd-servers "http://127.0.0.1:$etcd_port" \
-      --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$api_port" \
-      --tls-cert-file "$pki/apiserver.crt" --tls-private-key-file "$pki/apiserver.key" \
-      --client-ca-file "$pki/ca.crt" \
-      --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
-      --service-account-issuer https://kubernetes.default.svc.cluster.local --api-audiences https://kubernetes.default.svc.cluster.local \
-      --authorization-mode Node,RBAC --service-cluster-ip-range 10.0.0.0/24 --allow-privileged \
-      --audit-policy-file "$STATE/audit-policy.yaml" --audit-log-path "$STATE/logs/audit.log" \
-      --audit-log-maxsize 100 --audit-log-maxbackup 1 \
-      --profiling=false --v 1
-    wait_for "kube-apiserver /readyz" 120 apiserver_ready || { tail -30 "$STATE/logs/kube-apiserver.log" >&2; exit 1; }
-    local server="https://127.0.0.1:$api_port"
+    start_apiserver
+    local server="https://127.0.0.1:$api_port" pki=$STATE/pki
     write_kubeconfig "$KUBECONFIG_PATH" admin "$server"
     write_kubeconfig "$STATE/controller-manager.kubeconfig" controller-manager "$server"
 
@@ -234,13 +266,8 @@ EOF
 cmd_down() {
   local stopped=0
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
-    local c=${COMPONENTS[i]} pid
-    if running "$c"; then
-      pid=$(pid_of "$c")
-      kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -9 "$pid" 2>/dev/null || true
-      log "stopped $c (pid $pid)"; stopped=1
+    if running "${COMPONENTS[i]}"; then
+      stop_component "${COMPONENTS[i]}" TERM; stopped=1
     fi
   done
   ((stopped)) || log "nothing was running"
@@ -270,6 +297,7 @@ case ${1:-} in
   build) cmd_build ;;
   up) cmd_up ;;
   down) cmd_down ;;
+  restart) cmd_restart ;;
   status) cmd_status ;;
   env) cmd_env ;;
   kubeconfig) echo "$KUBECONFIG_PATH" ;;
