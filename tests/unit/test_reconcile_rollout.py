@@ -240,7 +240,8 @@ def test_pause_holds_and_queries_nothing_then_resumes(registry: str) -> None:  #
         h.edit_spec(rollout={"paused": True})
         h.later(300)
         assert await h.reconcile() == [("status", "ModelDeployment", "fraud")]
-        assert h.prom.queries == [] and h.status()["rolloutPhase"] == "Paused"
+        assert [q for q in h.prom.queries if "conveyor_requests_total" in q] == []  # no analysis
+        assert h.status()["rolloutPhase"] == "Paused"
         assert h.condition("Progressing") == ("Unknown", "RolloutPaused")
         assert await h.reconcile() == []
         h.edit_spec(rollout={"paused": False})
