@@ -1,9 +1,10 @@
 """Why a run's Ray cluster is not starting, from what the cluster itself says: pure, unit-tested.
 
 A RayJob whose pods cannot be made or placed stays `Initializing` for ever (KubeRay retries quietly), so
-a run that has been pending for `STALLED_AFTER` gets its RayCluster's conditions, its pods' conditions
-and container states, and the events on those objects (including the submitter Job's), read once, and
-`start_blocker` names the first thing in the way:
+a run that has been pending for `STALLED_AFTER` gets its RayCluster's conditions and the Warning events
+on its RayJob, submitter Job, RayCluster and pods (the scheduler's FailedScheduling, a kubelet's pull
+failures), read once, and `start_blocker` names the first thing in the way. Events, not the pods
+themselves: the operator is granted no read of pods (their specs can carry secrets' values).
 
 - PodsForbidden: pod creation refused (Pod Security admission, an admission webhook, RBAC);
 - QuotaExceeded: a ResourceQuota refused a pod;
@@ -45,10 +46,9 @@ def _refusal(message: str, subject: str) -> StartBlocker | None:
     return None
 
 
-def start_blocker(
-    raycluster: dict[str, Any] | None, pods: Iterable[dict[str, Any]], events: Iterable[dict[str, Any]]
-) -> StartBlocker | None:
-    """The first reason the run's pods are not up, or None when nothing says so (yet)."""
+def start_blocker(raycluster: dict[str, Any] | None, events: Iterable[dict[str, Any]]) -> StartBlocker | None:
+    """The first reason the run's pods are not up, or None when nothing says so (yet). `events` are the
+    Warning events on the run's objects and pods, the newest first."""
     for cond in ((raycluster or {}).get("status") or {}).get("conditions") or []:
         # KubeRay's ReplicaFailure carries the apiserver's refusal of a head or worker pod.
         if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
@@ -56,26 +56,15 @@ def start_blocker(
             if found:
                 return found
     for event in events:
-        if event.get("type") == "Warning":
-            obj = event.get("involvedObject") or {}
-            found = _refusal(event.get("message") or "", f"{obj.get('kind')} {obj.get('name')} ({event.get('reason')})")
-            if found:
-                return found
-    for pod in pods:
-        found = _pod_blocker(pod)
+        if event.get("type") != "Warning":
+            continue
+        obj, reason, message = event.get("involvedObject") or {}, event.get("reason") or "", event.get("message") or ""
+        subject = f"{obj.get('kind')} {obj.get('name')}"
+        if reason == "FailedScheduling":
+            return StartBlocker(UNSCHEDULABLE, f"{subject}: {message}")
+        if any(k in message for k in _IMAGE_PULL) or "pull image" in message or "pulling image" in message:
+            return StartBlocker(IMAGE_PULL_FAILED, f"{subject} ({reason}): {message}")
+        found = _refusal(message, f"{subject} ({reason})")
         if found:
             return found
-    return None
-
-
-def _pod_blocker(pod: dict[str, Any]) -> StartBlocker | None:
-    name = pod["metadata"]["name"]
-    status = pod.get("status") or {}
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
-            return StartBlocker(UNSCHEDULABLE, f"pod {name}: {cond.get('message') or 'no node fits'}")
-    for cs in [*(status.get("initContainerStatuses") or []), *(status.get("containerStatuses") or [])]:
-        waiting = (cs.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in _IMAGE_PULL:
-            return StartBlocker(IMAGE_PULL_FAILED, f"pod {name}: {waiting['reason']}: {waiting.get('message') or cs.get('image')}")
     return None

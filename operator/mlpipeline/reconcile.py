@@ -159,18 +159,25 @@ async def _start_blockers(
 
 
 async def _read_blocker(op: Operator, namespace: str, rayjob: dict[str, Any]) -> StartBlocker | None:
-    """The RayCluster's conditions, its pods, and the Warning events on the RayJob (and its submitter Job,
-    of the same name) and the RayCluster: what KubeRay, the job controller and the scheduler said."""
-    cluster = (rayjob.get("status") or {}).get("rayClusterName")
-    names = {rayjob["metadata"]["name"], cluster}
-    raycluster, pods = None, []
+    """The RayCluster's conditions and the Warning events on the RayJob (and its submitter Job, of the
+    same name), the RayCluster and its pods (named after it): what KubeRay, the job controller, the
+    scheduler and the kubelets said."""
+    job, cluster = rayjob["metadata"]["name"], (rayjob.get("status") or {}).get("rayClusterName")
+    raycluster = None
     if cluster:
         raycluster = await op.client.get(resource_path("ray.io/v1", "rayclusters", namespace, cluster), resource="RayCluster")
-        pods = await op.client.list(resource_path("v1", "pods", namespace), label_selector=f"ray.io/cluster={cluster}", resource="Pod")
+
+    def about_the_run(event: dict[str, Any]) -> bool:
+        name = (event.get("involvedObject") or {}).get("name") or ""
+        return name == job or bool(cluster) and (name == cluster or name.startswith(f"{cluster}-"))
+
     events = await op.client.list(resource_path("v1", "events", namespace), resource="Event")
-    mine = [e for e in events if (e.get("involvedObject") or {}).get("name") in names]
-    mine.sort(key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "", reverse=True)  # the newest first
-    return start_blocker(raycluster, pods, mine)
+    mine = sorted(
+        (e for e in events if about_the_run(e)),
+        key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "",
+        reverse=True,  # the newest first
+    )
+    return start_blocker(raycluster, mine)
 
 
 def _drift_signal(op: Operator, namespace: str, pipeline: str) -> DriftSignal | None:

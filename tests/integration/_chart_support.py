@@ -156,7 +156,6 @@ OPERATOR_NAMESPACED_GRANTS: set[tuple[str, str, str]] = {
     ("ray.io", "rayjobs", "patch"),
     ("ray.io", "rayjobs", "delete"),
     ("ray.io", "rayclusters", "get"),
-    ("", "pods", "list"),
     ("serving.kserve.io", "inferenceservices", "list"),
     ("serving.kserve.io", "inferenceservices", "watch"),
     ("serving.kserve.io", "inferenceservices", "create"),

@@ -74,13 +74,10 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
 - apiGroups: ["ray.io"]
   resources: ["rayjobs"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Why a run pending too long does not start: its RayCluster's conditions, its pods' (read only then).
+# Why a run pending too long does not start: its RayCluster's conditions and the events (read only then).
 - apiGroups: ["ray.io"]
   resources: ["rayclusters"]
   verbs: ["get"]
-- apiGroups: [""]
-  resources: ["pods"]
-  verbs: ["list"]
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
   verbs: ["list", "watch", "create", "patch"]
