@@ -261,31 +261,39 @@ class Executor:
                           {"namespace": key[0], "inferenceservice": key[1], "component": "predictor"})
         return predictor.ready
 
+    @staticmethod
+    def _effective(versions: list[tuple[str, str, int]], ready: dict[str, int]) -> dict[str, int]:
+        """The split actually served: the spec's weights once every version is Ready; until then the
+        Ready ones carry all the traffic (Knative routes only to ready revisions; a Service without
+        ready endpoints gets none)."""
+        if len(ready) == len(versions):
+            return {v: p for v, _, p in versions}
+        return {v: (100 if i == 0 else 0) for i, v in enumerate(ready)}
+
     def _serve(self, isvc: dict[str, Any]) -> dict[str, Any]:
         """Start the predictors of every version, route to the ready ones; the status KServe would write."""
         meta = isvc["metadata"]
         versions = self._versions(isvc)
-        traffic, backends, all_ready, failure = [], [], True, None
-        for version, uri, percent in versions:
+        ready: dict[str, int] = {}  # version -> port, Ready ones in spec order
+        failure = None
+        for version, uri, _ in versions:
             key = (meta["namespace"], meta["name"], version)
             predictor = self._ensure_predictor(isvc, version, uri)
             if predictor.proc.poll() is not None:
                 failure = predictor.log_path.read_text(errors="replace")[-MESSAGE_TAIL:].strip()
-                all_ready = False
-                continue
-            ready = self._ready(key, predictor)
-            all_ready = all_ready and ready
-            if ready:
-                backends.append(Backend(version, f"http://127.0.0.1:{predictor.port}", percent))
-            traffic.append({"revisionName": f"{meta['name']}-predictor-{version}", "tag": version,
-                            "percent": percent, "latestRevision": version == versions[-1][0],
-                            "url": f"http://127.0.0.1:{predictor.port}"})
+            elif self._ready(key, predictor):
+                ready[version] = predictor.port
+        weights = self._effective(versions, ready)
         router = self.routers.ensure((meta["namespace"], meta["name"]), meta["name"])
-        self.routers.set_backends((meta["namespace"], meta["name"]), backends)
-        status_word = "True" if all_ready else "False"
+        self.routers.set_backends((meta["namespace"], meta["name"]),
+                                  [Backend(v, f"http://127.0.0.1:{port}", weights[v]) for v, port in ready.items()])
+        latest = versions[-1][0]
+        traffic = [{"revisionName": f"{meta['name']}-predictor-{v}", "tag": v, "percent": weights[v],
+                    "latestRevision": v == latest, "url": f"http://127.0.0.1:{port}"} for v, port in ready.items()]
+        all_ready = len(ready) == len(versions)
         reason = None if all_ready else ("PredictorFailed" if failure else "PredictorNotReady")
         conditions = [
-            {"type": t, "status": status_word, "lastTransitionTime": _now(),
+            {"type": t, "status": "True" if all_ready else "False", "lastTransitionTime": _now(),
              **({"reason": reason, "message": failure or "the model server is loading"} if reason else {})}
             for t in ("PredictorReady", "IngressReady", "Ready")
         ]
@@ -297,9 +305,8 @@ class Executor:
                                   "components": {"predictor": predictor_status}}
         canary = (isvc["spec"].get("canary") or [None])[0]
         if canary is not None:  # Standard mode, as KServe v0.20 reports a canary entry
-            ready = any(b.version == versions[-1][0] for b in backends)
             status["canaryStatuses"] = [{"name": canary["predictor"].get("name") or f"{meta['name']}-canary",
-                                         "ready": ready, "trafficPercent": versions[-1][2]}]
+                                         "ready": latest in ready, "trafficPercent": weights.get(latest, 0)}]
         elif len(versions) == 1 and all_ready:
             predictor_status["latestRolledoutRevision"] = traffic[0]["revisionName"]
         return status
