@@ -8,10 +8,13 @@
 #        hack/build-tool.sh --path <tool>   print the path only; exit 1 if it is not built yet
 # Tools: helm (helm.sh/helm/v3), kubectl (k8s.io/kubernetes/cmd/kubectl at the k8s.io/kubectl release),
 #        versitygw (github.com/versity/versitygw: the local stack's S3 server, run by hack/s3.sh)
+#        and the placement tier's (hack/placement.sh): kube-scheduler (k8s.io/kubernetes, the module and
+#        version of the apiserver: hack/tools/kube), kwok (sigs.k8s.io/kwok), kuberay
+#        (github.com/ray-project/kuberay/ray-operator)
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [--path] helm|kubectl|versitygw" >&2
+    echo "usage: $0 [--path] helm|kubectl|versitygw|kube-scheduler|kwok|kuberay" >&2
     exit 2
 }
 
@@ -25,6 +28,8 @@ tool="$1"
 
 repo_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 module_dir="${repo_root}/hack/tools/${tool}"
+# The scheduler comes from the same pinned module as the control plane it schedules for.
+[[ "${tool}" == kube-scheduler ]] && module_dir="${repo_root}/hack/tools/kube"
 [[ -f "${module_dir}/go.mod" ]] || { echo "build-tool: no Go module for '${tool}' at ${module_dir}" >&2; usage; }
 
 # The module version of a dependency as pinned by the wrapper's go.mod (no network: go.mod is tidy).
@@ -47,8 +52,8 @@ case "${tool}" in
             -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 \
             -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=${k8s_minor}"
         ;;
-    kubectl)
-        package=k8s.io/kubernetes/cmd/kubectl
+    kubectl | kube-scheduler)
+        package=k8s.io/kubernetes/cmd/${tool}
         version="$(module_version k8s.io/kubernetes)"
         major="$(echo "${version#v}" | cut -d. -f1)"
         minor="$(echo "${version#v}" | cut -d. -f2)"
@@ -63,6 +68,16 @@ case "${tool}" in
         package=github.com/versity/versitygw/cmd/versitygw
         version="$(module_version github.com/versity/versitygw)"
         ldflags="-s -w -X main.Version=${version}"
+        ;;
+    kwok)
+        package=sigs.k8s.io/kwok/cmd/kwok
+        version="$(module_version sigs.k8s.io/kwok)"
+        ldflags="-s -w"
+        ;;
+    kuberay)
+        package=github.com/ray-project/kuberay/ray-operator
+        version="$(module_version github.com/ray-project/kuberay/ray-operator)"
+        ldflags="-s -w"
         ;;
     *)
         echo "build-tool: unknown tool '${tool}'" >&2
