@@ -47,8 +47,14 @@ from fsspec.implementations.local import LocalFileSystem
 
 from conveyor.runtime.package.features import FittedTransforms
 
-FORMAT_VERSION = 1
+# Version 2 added the manifest's modelKind (what the predictor loads); a version 1 package, which has
+# none, holds TorchScript, and stays readable.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 MANIFEST = "package.json"
+# The weights' file for each model kind: TorchScript (torch models) or XGBoost's UBJSON booster.
+MODEL_FILES = {"torchscript": "model.pt", "xgboost": "model.ubj"}
+DEFAULT_MODEL_KIND = "torchscript"
 REQUIRED_FILES = (
     "model.pt",
     "transforms.json",
@@ -57,6 +63,13 @@ REQUIRED_FILES = (
     "metrics.json",
     "lineage.json",
 )
+
+
+def required_files(model_kind: str = DEFAULT_MODEL_KIND) -> tuple[str, ...]:
+    """The files a package of ``model_kind`` must hold (REQUIRED_FILES is a TorchScript package's)."""
+    if model_kind not in MODEL_FILES:
+        raise PackageError(f"modelKind {model_kind!r} is not one of {sorted(MODEL_FILES)}")
+    return (MODEL_FILES[model_kind], *REQUIRED_FILES[1:])
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
 _MODEL_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,251}[a-z0-9])?$")
 _MAX_COMMIT_ATTEMPTS = 1000
@@ -133,8 +146,8 @@ def _check_package(fs: fsspec.AbstractFileSystem, path: str, *, deep: bool = Tru
         manifest = json.loads(raw)
     except ValueError as e:
         raise PackageError(f"{where}: {MANIFEST} is not valid JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("formatVersion") != FORMAT_VERSION:
-        raise PackageError(f"{where}: {MANIFEST} formatVersion must be {FORMAT_VERSION}")
+    if not isinstance(manifest, dict) or manifest.get("formatVersion") not in READABLE_FORMAT_VERSIONS:
+        raise PackageError(f"{where}: {MANIFEST} formatVersion must be one of {READABLE_FORMAT_VERSIONS}")
     dirname = path.rstrip("/").rsplit("/", 1)[-1]
     if manifest.get("version") != dirname:
         raise PackageError(
@@ -143,7 +156,10 @@ def _check_package(fs: fsspec.AbstractFileSystem, path: str, *, deep: bool = Tru
     files = manifest.get("files")
     if not isinstance(files, dict):
         raise PackageError(f"{where}: {MANIFEST} has no files map")
-    missing = [f for f in REQUIRED_FILES if f not in files]
+    try:
+        missing = [f for f in required_files(manifest.get("modelKind", DEFAULT_MODEL_KIND)) if f not in files]
+    except PackageError as e:
+        raise PackageError(f"{where}: {e}") from e
     if missing:
         raise PackageError(f"{where}: {MANIFEST} does not list {missing}")
     sizes = manifest.get("sizes", {})
@@ -192,14 +208,24 @@ class ModelPackage:
     def classes(self) -> list[str] | None:
         return self.schema.get("classes")
 
+    @property
+    def model_kind(self) -> str:
+        return str(self.manifest.get("modelKind", DEFAULT_MODEL_KIND))
+
     def load_model(self, device: str = "cpu") -> Any:
-        """The TorchScript module (``torch.jit.load``), in eval mode on ``device``."""
+        """The TorchScript module (``torch.jit.load``), in eval mode on ``device``; for an XGBoost package
+        a ``BoosterModel`` (numpy in, probabilities or values out)."""
+        name = MODEL_FILES[self.model_kind]
+        fs, path = _fs_for(self.uri)
+        data = fs.cat_file(_join(path, name))
+        if self.manifest["files"].get(name) != _sha256(data):
+            raise PackageError(f"{self.uri}: {name} does not match its sha256 in {MANIFEST} (corrupt)")
+        if self.model_kind == "xgboost":
+            from conveyor.runtime.package.booster import BoosterModel
+
+            return BoosterModel.from_bytes(data, task=self.task, classes=len(self.classes or []))
         import torch
 
-        fs, path = _fs_for(self.uri)
-        data = fs.cat_file(_join(path, "model.pt"))
-        if self.manifest["files"].get("model.pt") != _sha256(data):
-            raise PackageError(f"{self.uri}: model.pt does not match its sha256 in {MANIFEST} (corrupt)")
         module = torch.jit.load(io.BytesIO(data), map_location=device)
         module.eval()
         return module
@@ -417,7 +443,8 @@ class Registry:
         area = StagingArea(self.fs, staging_path)
         try:
             extra = dict(staging_writer(area) or {})
-            missing = [f for f in REQUIRED_FILES if f not in area.files]
+            extra.setdefault("modelKind", DEFAULT_MODEL_KIND)
+            missing = [f for f in required_files(extra["modelKind"]) if f not in area.files]
             if missing:
                 raise PackageError(f"{staging_path}: the package is missing {missing}; nothing was committed")
             return self._commit(area, extra)

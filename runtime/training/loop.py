@@ -193,6 +193,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         hidden_layers=cfg["hiddenLayers"],
         dropout=cfg["dropout"],
         pretrained=cfg["pretrained"],
+        module=cfg["module"],
+        schema=cfg["schema"],
     )
     start_epoch, history, opt_state, finished = 0, [], None, False
     best: dict[str, Any] | None = None  # the best epoch on the validation split: its weights and loss
@@ -217,7 +219,10 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     val = None
     if cfg["validation"] is not None:
         xv, yv = ray.get(cfg["validation"])
-        val = (torch.tensor(xv, device=device), torch.tensor(yv, device=device))  # copies: ray.get is read-only
+        val = (
+            torch.tensor(xv, device=device),
+            torch.tensor(yv, device=device),
+        )  # copies: ray.get is read-only
     val_loss_fn = _loss_fn(classification, cfg["classWeights"], device)
 
     # A shard that fits in memory is streamed from Ray Data once and then kept: later epochs shuffle it
@@ -410,6 +415,8 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         "hiddenLayers": list(tr.model.hidden_layers),
         "dropout": tr.model.dropout,
         "pretrained": tr.model.pretrained,
+        "module": tr.model.module,
+        "schema": prepared.schema,
         "inputShape": prepared.input_shape,
         "outputs": prepared.outputs,
         "task": prepared.task,
@@ -460,6 +467,8 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         hidden_layers=tr.model.hidden_layers,
         dropout=tr.model.dropout,
         pretrained=False,
+        module=tr.model.module,
+        schema=prepared.schema,
     )
     best = state.get("best")
     model.load_state_dict(best["model"] if best else state["model"])

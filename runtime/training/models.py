@@ -1,9 +1,11 @@
 """Model architectures: an MLP for tabular data; torchvision classification models (adapted to the
-input's channels and size and the number of outputs), a small CNN, or an MLP over pixels for images."""
+input's channels and size and the number of outputs), a small CNN, or an MLP over pixels for images; or
+the user's own (``custom``): an importable ``package.module:function`` that builds a torch.nn.Module."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -164,9 +166,13 @@ def build_model(
     hidden_layers: Sequence[int] = (64, 32),
     dropout: float = 0.0,
     pretrained: bool = False,
+    module: str | None = None,
+    schema: dict[str, Any] | None = None,
 ) -> nn.Module:
     """``input_shape`` without the batch dimension: [F] (tabular) or [C, H, W] (images)."""
     shape = list(input_shape)
+    if architecture == "custom":
+        return build_custom(module, input_shape=shape, outputs=outputs, schema=schema or {})
     if architecture == "mlp":
         features = 1
         for d in shape:
@@ -180,6 +186,31 @@ def build_model(
     if architecture == "cnn":
         return SmallCNN(channels, outputs)
     return _torchvision_model(architecture, channels, height, width, outputs, pretrained)
+
+
+def build_custom(
+    module: str | None, *, input_shape: list[int], outputs: int, schema: dict[str, Any]
+) -> nn.Module:
+    """The user's model: ``function(input_shape=..., outputs=..., schema=...)`` from ``module`` (the
+    package's input schema: feature names and types, or the image's size; ``outputs`` is the number of
+    classes, 1 for regression). It must be traceable by TorchScript, as every packaged model is."""
+    import importlib
+
+    if not module or ":" not in module:
+        raise ValueError("training.model.module must name package.module:function for architecture custom")
+    module_name, function_name = module.split(":", 1)
+    try:
+        factory = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(
+            f"training.model.module {module!r} cannot be imported ({e}); install it in the training image"
+        ) from e
+    model = factory(input_shape=list(input_shape), outputs=outputs, schema=schema)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"training.model.module {module!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
 
 
 def export_torchscript(model: nn.Module, input_shape: Sequence[int]) -> bytes:

@@ -52,7 +52,7 @@ import numpy as np
 
 from conveyor.runtime.package import profile
 from conveyor.runtime.package.decision import decide
-from conveyor.runtime.package.registry import PackageError, Registry, StagingArea
+from conveyor.runtime.package.registry import MODEL_FILES, PackageError, Registry, StagingArea
 from conveyor.runtime.package.validation import DataValidationError
 from conveyor.runtime.spec import RunConfig
 from conveyor.runtime.training import evaluate
@@ -95,7 +95,7 @@ def _packages() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("conveyor", "torch", "torchvision", "ray", "numpy", "pandas", "scikit-learn"):
+    for name in ("conveyor", "torch", "torchvision", "ray", "numpy", "pandas", "scikit-learn", "xgboost"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
@@ -161,21 +161,31 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
     started = time.time()
     prepared = prepare_data(config)
     prepared_at = time.time()
-    model, history, facts = fit(config, prepared)
+    if config.training.model.architecture == "xgboost":
+        from conveyor.runtime.training.trees import fit_trees
+
+        booster, history, facts = fit_trees(config, prepared)
+        model_kind, model_bytes, logits_of = "xgboost", booster.to_bytes(), booster.logits
+    else:
+        import io
+
+        model, history, facts = fit(config, prepared)
+        model_kind, model_bytes = "torchscript", export_torchscript(model, prepared.input_shape)
+        # Evaluated as serving runs it: the exported TorchScript, not the training-time module.
+        scripted = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu").eval()
+
+        def logits_of(x: np.ndarray) -> np.ndarray:
+            return _predict(scripted, x)
+
     trained_at = time.time()
     log.info("phases: data %.1fs, training %.1fs", prepared_at - started, trained_at - prepared_at)
-    model_bytes = export_torchscript(model, prepared.input_shape)
-
-    import io
-
-    scripted = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu").eval()
-    outputs = _predict(scripted, prepared.x_test)
+    outputs = logits_of(prepared.x_test)
     if prepared.classes is not None:
         # The decision threshold is chosen on the validation split and shipped in schema.json, so the
         # test split judges exactly the rule serving applies.
         threshold = None
         if prepared.x_val is not None:
-            val_outputs = _predict(scripted, prepared.x_val)
+            val_outputs = logits_of(prepared.x_val)
             threshold = evaluate.choose_threshold(val_outputs, prepared.y_val, config.evaluation.metric)
         if threshold is not None:
             prepared.schema["decisionThreshold"] = threshold
@@ -210,7 +220,7 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
     }
 
     def write(area: StagingArea) -> dict[str, Any]:
-        area.write_bytes("model.pt", model_bytes)
+        area.write_bytes(MODEL_FILES[model_kind], model_bytes)
         area.write_json("transforms.json", prepared.transforms.to_json())
         area.write_json("schema.json", prepared.schema)
         area.write_json("profile.json", _finite(prof))
@@ -219,6 +229,7 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
         return {
             "task": prepared.task,
             "architecture": config.training.model.architecture,
+            "modelKind": model_kind,
             "inputShape": prepared.input_shape,
         }
 
