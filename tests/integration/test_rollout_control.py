@@ -199,3 +199,43 @@ def test_prometheus_stopped_never_promotes_and_kubectl_conveyor_steers(
     kubectl_conveyor(kubeconfig, ns, "resume", "fraud")
     kubectl_conveyor(kubeconfig, ns, "retry", "fraud")
     wait_for("v3 again", lambda: cluster.status(MDEP, "fraud").get("canaryVersion") == "v3")
+
+
+def test_standard_mode_canary_promotion_and_abort_as_kserve_reads_them(
+    kubeconfig: str, cluster: Cluster, operator: OperatorProcess, registry: str
+) -> None:
+    """Standard mode: spec.canary[] with trafficPercent and the canary's share of minReplicas; promotion
+    renames the stable predictor and drops the entry; an abort drops it at once."""
+    ns = cluster.ns
+    rollout = {**ROLLOUT, "mode": "Standard"}
+    scaling = {"minReplicas": 2, "maxReplicas": 4, "metric": "cpu", "target": 70}
+    cluster.create(MDEP, "fraud", deployment_spec(registry, "v1", rollout=rollout, autoscaling=scaling))
+    wait_for("v1", lambda: cluster.isvc("fraud")["spec"]["predictor"].get("name") == "v1")
+    cluster.patch(MDEP, "fraud", {"spec": {"model": {"version": "v2"}}})
+    canary = wait_for("spec.canary", lambda: cluster.isvc("fraud")["spec"].get("canary"))
+    assert (canary[0]["predictor"]["name"], canary[0]["trafficPercent"], canary[0]["predictor"]["minReplicas"]) == ("v2", 30, 1)
+    # KServe reports the canary (and that it has no ingress to split traffic with): surfaced as is.
+    cluster.kserve_sets("fraud", {
+        "observedGeneration": cluster.isvc("fraud")["metadata"]["generation"],
+        "conditions": [
+            {"type": "CanaryPredictorReady", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "IngressReady", "status": "False", "reason": "NoIngress", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+        ],
+        "canaryStatuses": [{"name": "v2", "ready": True, "trafficPercent": 30}],
+    })
+    status = wait_until("KServe's conditions", lambda: cluster.status(MDEP, "fraud"),
+                        lambda s: len(s.get("inferenceServiceConditions", [])) == 2)
+    assert {(c["type"], c["status"]) for c in status["inferenceServiceConditions"]} == {
+        ("CanaryPredictorReady", "True"), ("IngressReady", "False")}
+    progressing = cluster.condition(MDEP, "fraud", "Progressing")
+    assert progressing is not None and "enableGatewayApi" in progressing["message"]
+    assert "stepStartTime" not in status  # nothing is split without an ingress: the hold has not begun
+    kubectl_conveyor(kubeconfig, ns, "promote", "fraud")
+    wait_for("promoted", lambda: cluster.isvc("fraud")["spec"]["predictor"].get("name") == "v2")
+    assert "canary" not in cluster.isvc("fraud")["spec"]
+    cluster.patch(MDEP, "fraud", {"spec": {"model": {"version": "v3"}}})
+    wait_for("canary v3", lambda: cluster.isvc("fraud")["spec"].get("canary"))
+    kubectl_conveyor(kubeconfig, ns, "abort", "fraud")
+    wait_for("canary dropped", lambda: "canary" not in cluster.isvc("fraud")["spec"])
+    assert cluster.isvc("fraud")["spec"]["predictor"]["name"] == "v2"
+    assert cluster.status(MDEP, "fraud")["rolloutPhase"] == "RolledBack"
