@@ -58,6 +58,15 @@ def test_category_ml_lists_both_kinds_with_printer_columns(kubectl, namespace) -
     assert header[:5] == ["NAME", "PHASE", "RUN", "LATEST", "METRIC"]
 
 
+def test_batch_prediction_lists_under_ml_with_printer_columns(kubectl, namespace) -> None:
+    _apply(kubectl, namespace, _sample(BATCH), check=True)
+    assert "batchprediction.conveyor.dev/fraud-nightly" in kubectl("get", "ml", "-n", namespace).stdout
+    header = kubectl("get", "bp", "-n", namespace).stdout.splitlines()[0].split()
+    assert header[:6] == ["NAME", "PHASE", "RUN", "VERSION", "SCORED", "REJECTED"]
+    out = kubectl("explain", "batchprediction.spec.input.idColumns").stdout
+    assert "joined back to its row" in out
+
+
 def test_explain_documents_the_fields(kubectl) -> None:
     out = kubectl("explain", "mlpipeline.spec.training.workerGroups").stdout
     assert "nvidia.com/gpu per worker pod" in out
@@ -78,6 +87,9 @@ def test_every_sample_applies_and_gets_defaults(kubectl, namespace, path: Path) 
         if doc["kind"] == "MLPipeline":
             assert stored["spec"]["runsHistoryLimit"] >= 1
             assert stored["spec"]["data"]["split"]["testFraction"] > 0
+        elif doc["kind"] == "BatchPrediction":
+            assert stored["spec"]["suspend"] is False and stored["spec"]["ray"]["workerGroups"][0]["gpus"] == 0
+            assert stored["spec"]["model"].get("version") is None  # no default: a pipeline's model has its own
         else:
             assert stored["spec"]["rollout"]["interval"]
             assert stored["spec"]["predictor"]["protocol"] in ("v1", "v2")
@@ -121,6 +133,7 @@ def _both(*mutations: Mutation) -> Mutation:
 
 PIPELINE = "mlpipeline-digits.yaml"
 DEPLOYMENT = "modeldeployment-digits.yaml"
+BATCH = "batchprediction-fraud.yaml"
 
 # (sample, mutation, field path the error must name, words of the message)
 INVALID = [
@@ -201,6 +214,20 @@ INVALID = [
      _set("spec.predictor.nodeSelector", {"pool": "gpu pool!"}), "spec.predictor.nodeSelector.pool", "should match"),
     ("node-selector-key-not-a-label", PIPELINE,
      _set("spec.training.workerGroups.0.nodeSelector", {"bad key": "x"}), "spec.training.workerGroups[0].nodeSelector", "label keys"),
+    ("batch-two-models", BATCH, _set("spec.model.modelDeployment", "fraud"), "spec.model", "exactly one of"),
+    ("batch-no-model", BATCH, _delete("spec.model.pipeline"), "spec.model", "exactly one of"),
+    ("batch-registry-without-name", BATCH,
+     _set("spec.model", {"registryUri": "s3://conveyor/models"}), "spec.model.name", "goes with model.registryUri"),
+    ("batch-version-with-pipeline", BATCH, _set("spec.model.version", "v3"), "spec.model.version", "pins a registry version"),
+    ("batch-output-not-a-uri", BATCH, _set("spec.output.uri", "scores/today"), "spec.output.uri", "should match"),
+    ("batch-output-escapes", BATCH, _set("spec.output.uri", "s3://conveyor/scores/../models"), "spec.output.uri", ". or .. path segments"),
+    ("batch-missing-input", BATCH, _delete("spec.input"), "spec.input", "Required value"),
+    ("batch-format-unknown", BATCH, _set("spec.input.format", "xlsx"), "spec.input.format", "Unsupported value"),
+    ("batch-id-column-twice", BATCH, _set("spec.input.idColumns", ["txn_id", "txn_id"]), "spec.input.idColumns", "duplicate entries"),
+    ("batch-cron-not-cron", BATCH, _set("spec.schedule", "nightly"), "spec.schedule", "should match"),
+    ("batch-gpu-without-gpu-workers", BATCH, _set("spec.ray.useGpu", True), "spec.ray.useGpu", "gpus > 0"),
+    ("batch-zero-batch-size", BATCH, _set("spec.batchSize", 0), "spec.batchSize", "greater than or equal to 1"),
+    ("batch-name-too-long", BATCH, _set("metadata.name", "b" * 35), "metadata.name", "at most 34 characters"),
 ]
 
 
