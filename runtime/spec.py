@@ -135,13 +135,13 @@ class ModelArchitecture(_Model):
 
 class Hyperparameters(_Model):
     # A maximum: training stops once the validation loss has not improved for earlyStoppingPatience epochs.
-    epochs: int = 5
+    epochs: int = 100
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     seed: int = 42
-    early_stopping_patience: int = 3
+    early_stopping_patience: int = 5
 
 
 class Toleration(_Model):
