@@ -22,7 +22,10 @@ written under a temporary name and renamed; an object store's PUT is atomic):
   ``DataValidationFailed`` or ``Failed``, the data-validation report, metrics, the version or why none),
   which the operator reads instead of log text (a real RayJob's status carries only an exit code);
 - ``<model>/.rejected/<version>.json``: a version that failed the evaluation gate; ``latest`` never
-  resolves to it.
+  resolves to it;
+- ``<model>/.feedback/<version>/part-<time>-<id>.jsonl``: ground truth sent to the predictors of that
+  version (each row: request id, the inputs, the prediction, the label), append-only: every feedback
+  call adds a part, written whole, so nothing is lost when a replica restarts or scales to zero.
 
 Importing this module and ``Registry.read_metadata`` need no torch or ray (the operator uses them);
 ``ModelPackage.load_model`` imports torch when called.
@@ -37,6 +40,7 @@ import io
 import json
 import os
 import re
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -109,7 +113,11 @@ def run_record_name(namespace: str, pipeline: str, run: int) -> str:
 
 def write_json_atomically(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
     """Readers see the old object or the new one, never a part (local: write aside, then rename)."""
-    data = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode()
+    write_bytes_atomically(fs, path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False).encode())
+
+
+def write_bytes_atomically(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """As write_json_atomically, for any bytes."""
     parent = path.rsplit("/", 1)[0]
     fs.makedirs(parent, exist_ok=True)
     if not isinstance(fs, LocalFileSystem):
@@ -375,6 +383,33 @@ class Registry:
         if not _VERSION_RE.match(version):
             raise PackageError(f"version {version!r} must be v<N>")
         write_json_atomically(self.fs, self._record_path(".rejected", version), {"version": version, "reason": reason})
+
+    def append_feedback(self, version: str, rows: list[Mapping[str, Any]]) -> str:
+        """Add a part (JSON lines) to ``version``'s feedback dataset; returns its path."""
+        if not _VERSION_RE.match(version):
+            raise PackageError(f"version {version!r} must be v<N>")
+        name = f"part-{time.time_ns():020d}-{uuid.uuid4().hex[:12]}.jsonl"
+        path = _join(self.model_path, ".feedback", version, name)
+        body = b"".join(json.dumps(r, sort_keys=True, allow_nan=False, default=str).encode() + b"\n" for r in rows)
+        write_bytes_atomically(self.fs, path, body)
+        return path
+
+    def read_feedback(self, versions: list[str] | None = None) -> list[dict[str, Any]]:
+        """Every feedback row of ``versions`` (all versions when None), oldest part first."""
+        root = _join(self.model_path, ".feedback")
+        try:
+            found = [e for e in self.fs.ls(root, detail=False) if _VERSION_RE.match(e.rstrip("/").rsplit("/", 1)[-1])]
+        except FileNotFoundError:
+            return []
+        wanted = [e for e in found if versions is None or e.rstrip("/").rsplit("/", 1)[-1] in versions]
+        parts = sorted(
+            (e for d in wanted for e in self.fs.ls(d, detail=False) if e.endswith(".jsonl")),
+            key=lambda e: e.rsplit("/", 1)[-1],
+        )
+        rows: list[dict[str, Any]] = []
+        for part in parts:
+            rows.extend(json.loads(line) for line in self.fs.cat_file(part).splitlines() if line.strip())
+        return rows
 
     def rejected(self) -> dict[str, str]:
         """Rejected versions and why."""

@@ -103,15 +103,23 @@ class FeedbackTracker:
         self.capacity = capacity
         self.task = task
         self._predictions: OrderedDict[str, list[Any]] = OrderedDict()
+        self._inputs: dict[str, list[dict[str, Any]]] = {}  # the rows behind each prediction, for the dataset
         self._scores: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
 
-    def remember(self, request_id: str, predictions: Sequence[Any]) -> None:
+    def remember(self, request_id: str, predictions: Sequence[Any], inputs: list[dict[str, Any]] | None = None) -> None:
         with self._lock:
             self._predictions[request_id] = list(predictions)
             self._predictions.move_to_end(request_id)
+            if inputs is not None:
+                self._inputs[request_id] = inputs
             while len(self._predictions) > self.capacity:
-                self._predictions.popitem(last=False)
+                gone, _ = self._predictions.popitem(last=False)
+                self._inputs.pop(gone, None)
+
+    def inputs(self, request_id: str) -> list[dict[str, Any]] | None:
+        with self._lock:
+            return self._inputs.get(request_id)
 
     def predictions(self, request_id: str) -> list[Any] | None:
         with self._lock:

@@ -27,6 +27,7 @@ import contextvars
 import io
 import logging
 import math
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -124,7 +125,10 @@ class PackagePredictor(Model):
         drift_min_samples: int = 200,
         max_rows_per_request: int = 4096,
         with_metrics: bool = True,
+        feedback_store: Any = None,
     ) -> None:
+        """``feedback_store``: the registry (``Registry`` of this model) whose feedback dataset ground
+        truth is appended to; None keeps feedback in memory only (counters and the online gauge)."""
         super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
         self.max_batch_size = max_batch_size
@@ -140,6 +144,7 @@ class PackagePredictor(Model):
         self.metrics: ServingMetrics | None = None
         self.drift: DriftMonitor | None = None
         self.feedback: FeedbackTracker | None = None
+        self.feedback_store = feedback_store
         self.batcher: DynamicBatcher | None = None
         self.version = ""
         self.device = "cpu"
@@ -294,7 +299,10 @@ class PackagePredictor(Model):
         if self.drift is not None:
             self.drift.observe(columns, answers)
         if self.feedback is not None:
-            self.feedback.remember(request_id, answers)
+            rows = None
+            if self.feedback_store is not None and self.kind != "image":  # tabular rows: the next run can train on them
+                rows = [{k: v[i] for k, v in columns.items()} for i in range(len(answers))]
+            self.feedback.remember(request_id, answers, rows)
         if self.metrics is not None:
             self.metrics.observe_predictions(answers)
             self.metrics.observe_bins(columns, answers)
@@ -626,6 +634,7 @@ class PackagePredictor(Model):
         ``"labels": [...]`` for a request of several rows; ``"value"``/``"values"`` for regression)."""
         assert self.feedback is not None
         results = []
+        checked: list[tuple[str, list[Any], list[Any] | None]] = []
         for i, item in enumerate(items):
             where = f"feedback[{i}]"
             if not isinstance(item, Mapping):
@@ -649,15 +658,20 @@ class PackagePredictor(Model):
                     raise InvalidInput(f"{where}.{single}: {t!r} is not a number")
                 if self.task == "classification" and str(t) not in (self.classes or []):
                     raise InvalidInput(f"{where}.{single}: {t!r} is not one of the classes {self.classes}")
-            try:
-                scores = self.feedback.score(rid, truths)
-            except KeyError:
-                results.append({"id": rid, "status": "unknown_id"})
-                if self.metrics:
-                    self.metrics.observe_feedback("unknown_id", len(truths), None)
-                continue
-            except ValueError as e:
-                raise InvalidInput(f"{where}: {e}") from e
+            predicted = self.feedback.predictions(rid)
+            if predicted is not None and len(predicted) != len(truths):
+                raise InvalidInput(f"{where}: request {rid!r} had {len(predicted)} row(s); feedback gives {len(truths)} label(s)")
+            checked.append((rid, truths, predicted))
+        unknown = [rid for rid, truths, predicted in checked if predicted is None]
+        if unknown:
+            if self.metrics:
+                self.metrics.observe_feedback("unknown_id", sum(len(t) for r, t, p in checked if p is None), None)
+            raise InvalidInput(
+                f"request id(s) {unknown[:5]} were never served by this predictor (or are too old); nothing was recorded"
+            )
+        self._persist(checked)  # before counting: what the counters show, the dataset holds
+        for rid, truths, _ in checked:
+            scores = self.feedback.score(rid, truths)
             online = self.feedback.online_value()
             if self.metrics:
                 if self.task == "regression":
@@ -672,6 +686,19 @@ class PackagePredictor(Model):
         online = self.feedback.online_value()
         key = "online_mae" if self.task == "regression" else "online_accuracy"
         return {"results": results, key: online, "model_name": self.name, "model_version": self.version}
+
+    def _persist(self, checked: list[tuple[str, list[Any], list[Any] | None]]) -> None:
+        """One part of the version's feedback dataset: each labelled row with its inputs and prediction."""
+        if self.feedback_store is None or self.feedback is None:
+            return
+        now = time.time()
+        rows = []
+        for rid, truths, predicted in checked:
+            inputs = self.feedback.inputs(rid) or [{} for _ in truths]
+            for i, truth in enumerate(truths):
+                rows.append({"id": rid, "row": i, "inputs": inputs[i], "prediction": (predicted or [None] * len(truths))[i],
+                             "label": truth, "time": now})
+        self.feedback_store.append_feedback(self.version, rows)
 
     async def close(self) -> None:
         if self.batcher is not None:

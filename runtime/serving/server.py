@@ -17,8 +17,10 @@ A missing or corrupt package makes the process exit non-zero at start, with the 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -174,12 +176,28 @@ def add_feedback_routes(app: Any, predictor: Any) -> None:
             from kserve.errors import ModelNotReady
 
             raise ModelNotReady(predictor.name)
-        return ORJSONResponse(predictor.record_feedback(items))
+        # The feedback dataset is written to registry storage: blocking I/O, off the event loop.
+        return ORJSONResponse(await asyncio.to_thread(predictor.record_feedback, items))
 
     for prefix in ("/v1", "/v2"):
         app.add_api_route(
             f"{prefix}/models/{predictor.name}/feedback", feedback, methods=["POST"], response_model=None
         )
+
+
+def feedback_store(feedback_uri: str | None, model_dir: str) -> Any:
+    """The Registry whose feedback dataset this predictor appends to (None: in memory only)."""
+    from conveyor.runtime.package.registry import Registry
+
+    if feedback_uri == "none":
+        return None
+    if not feedback_uri:
+        m = re.match(r"^(?P<root>.+)/(?P<model>[^/]+)/v[1-9][0-9]*/?$", model_dir)
+        if m is None:  # e.g. KServe's /mnt/models: the operator passes CONVEYOR_FEEDBACK_URI
+            return None
+        return Registry(m["root"], m["model"])
+    root, _, model = feedback_uri.rstrip("/").rpartition("/")
+    return Registry(root, model)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=4096, help="rows per request at most")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    p.add_argument(
+        "--feedback-uri",
+        default=os.environ.get("CONVEYOR_FEEDBACK_URI"),
+        help="<registry>/<model> whose feedback dataset ground truth is appended to (default: "
+        "$CONVEYOR_FEEDBACK_URI, else derived from --model-dir when it is <registry>/<model>/v<N>; "
+        "'none' keeps feedback in memory)",
+    )
     return p
 
 
@@ -377,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         drift_window=args.drift_window,
         drift_min_samples=args.drift_min_samples,
         max_rows_per_request=args.max_rows,
+        feedback_store=feedback_store(args.feedback_uri, args.model_dir),
     )
     try:
         predictor.load()

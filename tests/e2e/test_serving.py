@@ -346,10 +346,36 @@ def test_feedback_moves_the_online_accuracy_gauge(fraud_server: ServerProcess, l
     assert m.value("conveyor_feedback_total", result="incorrect", **labels) == 20
 
     status, body = post_json(f"{url}/v2/models/{FRAUD}/feedback", {"id": "never-served", "label": "1"})
-    assert status == 200 and body["results"] == [{"id": "never-served", "status": "unknown_id"}]
+    assert status == 400 and "never-served" in json.dumps(body) and "never served" in json.dumps(body), body
     m = Metrics.scrape(url)
     assert m.value("conveyor_feedback_total", result="unknown_id", **labels) == 1
     assert m.value("conveyor_online_accuracy", **labels) == 0.5
+
+
+def test_feedback_is_persisted_and_survives_a_restart(fraud_package: str, live_frame: Any, tmp_path: Path) -> None:
+    """Ground truth goes to the version's feedback dataset in registry storage: a new process finds it,
+    with the inputs and the prediction beside each label."""
+    from conveyor.runtime.package.registry import Registry
+
+    root = fraud_package.rpartition("/fraud/")[0]
+    store = Registry(root, "fraud")
+    before = len(store.read_feedback(["v1"]))
+    frame = live_frame.iloc[100:103]
+    with ServerProcess(fraud_package, FRAUD, tmp_path) as server:
+        status, body = post_json(f"{server.url}/v1/models/{FRAUD}:predict", {"instances": rows_of(frame)})
+        assert status == 200
+        rid, predicted = body["id"], [p["label"] for p in body["predictions"]]
+        status, body = post_json(f"{server.url}/v1/models/{FRAUD}/feedback", {"id": rid, "labels": ["1", "0", "1"]})
+        assert status == 200, body
+    with ServerProcess(fraud_package, FRAUD, tmp_path) as server:  # a new replica: the dataset is still there
+        rows = [r for r in store.read_feedback(["v1"]) if r["id"] == rid]
+        assert len(store.read_feedback(["v1"])) == before + 3
+        assert [r["label"] for r in rows] == ["1", "0", "1"] and [r["prediction"] for r in rows] == predicted
+        assert rows[0]["inputs"]["amount"] == pytest.approx(float(frame.iloc[0]["amount"]))
+        assert rows[0]["inputs"]["merchant"] == frame.iloc[0]["merchant"]
+        # It never served that id itself: a 4xx, not a silent success.
+        status, body = post_json(f"{server.url}/v1/models/{FRAUD}/feedback", {"id": rid, "label": "1"})
+        assert status == 400, body
 
 
 # ---------------------------------------------------------------- bad input

@@ -234,3 +234,17 @@ def test_a_rejected_version_is_never_latest(tmp_path: Path) -> None:
     reg.reject("v3", "y")
     with pytest.raises(PackageError):
         reg.resolve("latest")
+
+
+def test_feedback_parts_are_appended_whole_and_read_back_in_order(tmp_path: Path) -> None:
+    reg = Registry(str(tmp_path), "fraud")
+    assert reg.read_feedback() == []
+    reg.append_feedback("v1", [{"id": "a", "label": "1", "inputs": {"amount": 3.5}}])
+    reg.append_feedback("v1", [{"id": "b", "label": "0"}, {"id": "b", "label": "1"}])
+    reg.append_feedback("v2", [{"id": "c", "label": "0"}])
+    assert [r["id"] for r in reg.read_feedback(["v1"])] == ["a", "b", "b"]
+    assert [r["id"] for r in reg.read_feedback()] == ["a", "b", "b", "c"]
+    assert reg.read_feedback(["v1"])[0]["inputs"] == {"amount": 3.5}
+    parts = list((tmp_path / "fraud" / ".feedback" / "v1").iterdir())
+    assert len(parts) == 2 and all(p.suffix == ".jsonl" for p in parts)  # no temporary file left behind
+    assert reg.versions() == []
