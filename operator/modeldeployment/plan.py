@@ -202,6 +202,25 @@ def plan_deployment(
         plan = DeploymentPlan(status=status)
         return _reject(plan, put, isvc, str(e))
     put(c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.")
+    _serve(plan, deployment, spec, isvc, uri_for, state, wanted)
+    _set_conditions(plan, put, isvc, resolution, state)
+    _mirror_url(status, isvc)
+    record_drift(status, plan.events, drift_reading, spec, generation=generation)
+    return plan
+
+
+def _serve(
+    plan: DeploymentPlan,
+    deployment: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    isvc: dict[str, Any] | None,
+    uri_for: Callable[[str], str],
+    state: RolloutState,
+    wanted: str | None,
+) -> None:
+    """The InferenceService the rollout state asks for (applied only when it differs), and the state,
+    the wanted version, the observed split and KServe's conditions in status."""
+    status = plan.status
     stable, canary, weight = state.stable, state.canary, state.weight
     if stable is not None:
         desired = build_inference_service(
@@ -220,10 +239,6 @@ def plan_deployment(
         status.pop("candidateVersion", None)
     status["traffic"] = observed_traffic(isvc, spec.rollout.mode, stable, canary, weight)
     _mirror_kserve_conditions(status, isvc)
-    _set_conditions(plan, put, isvc, resolution, state)
-    _mirror_url(status, isvc)
-    record_drift(status, plan.events, drift_reading, spec, generation=generation)
-    return plan
 
 
 def pending_action(deployment: dict[str, Any]) -> tuple[str, str] | None:

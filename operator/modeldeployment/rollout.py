@@ -171,6 +171,7 @@ def next_step(
         _promote(s)
     elif state.phase == ROLLING_BACK:
         if seen.reported_weight == 0 or policy.mode != "Knative":
+            s.emit("Normal", "RollbackComplete", f"KServe reports {state.canary} at 0%; {state.stable}'s spec restored")
             s.state = replace(_cleared(state), phase=ROLLED_BACK)
     elif seen.paused:
         if not (state.phase == PAUSED and state.pause_reason == PAUSED_BY_USER):

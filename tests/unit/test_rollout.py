@@ -80,7 +80,7 @@ ROWS: list[tuple[str, RolloutState, dict[str, Any], Analysis | None, Policy, dic
      ["Analysed", "AnalysisFailed", "Rejected:successRate", "Finished:RolledBack", "RolledBack"]),
     ("Knative rollback ends once KServe reports 0%", replace(DUE, phase=ROLLING_BACK, weight=0),
      {"wanted": "v2", "reported_weight": 0, "rejected": {"v2"}}, None, KNATIVE,
-     {"phase": ROLLED_BACK, "stable": "v1", "canary": None}, []),
+     {"phase": ROLLED_BACK, "stable": "v1", "canary": None}, ["RollbackComplete"]),
     ("Knative rollback waits while KServe reports the old split", replace(DUE, phase=ROLLING_BACK, weight=0),
      {"wanted": "v2", "reported_weight": 10, "rejected": {"v2"}}, None, KNATIVE, {"phase": ROLLING_BACK}, []),
     ("Standard rollback drops the canary at once", replace(DUE, failures=1), {"wanted": "v2", "reported_weight": 10},
