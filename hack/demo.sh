@@ -86,7 +86,7 @@ kubectl get -n "$NS" mlp,rayjobs
 # Read back through fsspec, whichever storage holds the registry.
 "$PY" -c 'import fsspec, json, sys
 fs, root = fsspec.core.url_to_fs(sys.argv[1] + "/fraud")
-print(sys.argv[1] + "/fraud:", sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)))
+print(sys.argv[1] + "/fraud:", sorted(n for p in fs.ls(root, detail=False) if (n := p.rstrip("/").rsplit("/", 1)[-1]) != "fraud"))
 m = json.loads(fs.cat_file(root + "/v1/metrics.json"))
 print({k: round(v, 4) for k, v in m.items() if isinstance(v, float)})' "$registry_uri"
 
