@@ -117,6 +117,17 @@ def _seeded_split(y: np.ndarray, frac: float, seed: int, stratify: bool) -> tupl
     return tr, te
 
 
+def _with_default_scaling(config: RunConfig, features: list[FeatureSchema]) -> list[Any]:
+    """The declared transforms, plus standardize for every int/float feature no transform names, for
+    neural networks (whose optimisers expect inputs on a unit scale); trees need no scaling."""
+    declared = list(config.features.transforms)
+    if config.training.model.architecture == "xgboost":
+        return declared
+    named = {c for t in declared for c in t.columns}
+    unscaled = [f.name for f in features if f.type in ("int", "float") and f.name not in named]
+    return declared + ([{"type": "standardize", "columns": unscaled}] if unscaled else [])
+
+
 def with_validation(prepared: PreparedData, seed: int) -> PreparedData:
     """``prepared`` with VALIDATION_FRACTION of its training rows moved to a validation split (seeded,
     stratified for classification); unchanged when the training split is too small to spare them."""
@@ -222,7 +233,7 @@ def _prepare_split(config: RunConfig) -> PreparedData:
             features.append(FeatureSchema(n, c.type, c.nullable, c.min, c.max, c.allowed_values))
         else:
             features.append(FeatureSchema(n, types[n], nullable=bool(frame[n].isna().any())))
-    transforms = fit_transforms(train[feature_names], features, config.features.transforms)
+    transforms = fit_transforms(train[feature_names], features, _with_default_scaling(config, features))
     prof = profile.tabular_profile(
         {n: train[n].to_numpy() for n in feature_names},
         types,

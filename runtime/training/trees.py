@@ -126,7 +126,7 @@ def fit_trees(
         "nthread": max(1, math.floor(cpu_per_worker)),
     }
     # Trees are not class-weighted (measured on the fraud set: 50x weights overfit the rare class within a
-    # dozen rounds, ROC AUC 0.83 against 0.89 unweighted); the threshold chosen on validation handles
+    # dozen rounds: ROC AUC 0.832 against 0.886 unweighted, 20k rows); the threshold chosen on validation handles
     # the imbalance. Torch models, which weights help, keep them.
     class_weights = None
 

@@ -138,6 +138,56 @@ def test_early_stopping_keeps_the_best_epoch(ray_cluster: str, tmp_path: Path) -
 
 
 @pytest.mark.slow
+def test_xgboost_trains_on_two_workers_and_serves_from_the_same_package_format(
+    ray_cluster: str, tmp_path: Path
+) -> None:
+    import asyncio
+
+    from conveyor.runtime.serving.predictor import PackagePredictor
+
+    config = quick_config("fraud", str(tmp_path), pipeline="trees", rows=6000)
+    config.training.model.architecture = "xgboost"
+    config.training.model.trees.max_rounds = 60
+    config.training.num_workers = 2
+    pkg = open_package(train_and_register(config))
+    m = pkg.metrics
+    assert pkg.manifest["modelKind"] == "xgboost" and pkg.manifest["formatVersion"] == 2
+    assert pkg.lineage["training"]["workers"] == 2 and 1 <= m["bestEpoch"] <= 60
+    assert m["rocAuc"] >= 0.75 and 0 < pkg.schema["decisionThreshold"] < 1
+    # The held-out metrics are what the package's model and decision rule give on the raw test rows.
+    frame, _, test_idx = _held_out(config)
+    rows = frame.iloc[test_idx][FRAUD_FEATURES].to_dict("records")
+    probabilities = pkg.load_model().predict(pkg.transforms.apply(rows))
+    y = frame["label"].to_numpy()[test_idx]
+    predicted = decide(probabilities, decision_threshold(pkg.schema))
+    assert float((predicted == y).mean()) == pytest.approx(m["accuracy"])
+
+    predictor = PackagePredictor("fraud", pkg.uri, batching=True, with_metrics=False)
+    predictor.load()
+
+    async def ask() -> dict:
+        decoded = await predictor.preprocess({"instances": [EVERYDAY, OBVIOUS_FRAUD]})
+        return await predictor.postprocess(await predictor.predict(decoded))
+
+    answers = asyncio.run(ask())["predictions"]
+    assert answers[0]["label"] == "0" and sum(answers[1]["probabilities"].values()) == pytest.approx(1.0)
+    assert answers[1]["probabilities"]["1"] > answers[0]["probabilities"]["1"]
+
+
+@pytest.mark.slow
+def test_custom_architecture_trains_the_users_module(ray_cluster: str, tmp_path: Path) -> None:
+    config = quick_config("fraud", str(tmp_path), pipeline="custom", rows=3000)
+    config.training.model.architecture = "custom"
+    config.training.model.module = "conveyor.runtime.training.custom_example:residual_mlp"
+    config.training.hyperparameters.epochs = 3
+    pkg = open_package(train_and_register(config))
+    assert pkg.manifest["architecture"] == "custom" and pkg.manifest["modelKind"] == "torchscript"
+    assert pkg.metrics["rocAuc"] >= 0.7
+    # The packaged weights are the user's residual blocks, not the built-in MLP's.
+    assert any(".body." in name for name in pkg.load_model().state_dict())
+
+
+@pytest.mark.slow
 def test_transforms_were_fitted_on_the_training_split_only(fraud_run) -> None:
     config, pkg = fraud_run
     frame, train_idx, _ = _held_out(config)
