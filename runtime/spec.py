@@ -416,6 +416,7 @@ class MonitoringSpec(_Model):
     window: str = "10m"
     min_samples: int = 100
     retrain_cooldown: str = "1h"
+    min_accuracy: float | None = None
 
 
 class ModelDeploymentSpec(_Model):

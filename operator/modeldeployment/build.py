@@ -97,6 +97,8 @@ def _predictor_container(
             {"name": "STORAGE_URI", "value": storage_uri},
             {"name": "CONVEYOR_MODEL_VERSION", "value": version},
             {"name": "CONVEYOR_PROTOCOL", "value": p.protocol},
+            # Ground truth is appended to the model's feedback dataset in registry storage (MODEL_DIR is a copy).
+            {"name": "CONVEYOR_FEEDBACK_URI", "value": f"{spec.model.registry_uri.rstrip('/')}/{spec.model.name}"},
         ],
         "ports": [{"containerPort": PREDICTOR_PORT, "protocol": "TCP"}],
     }

@@ -12,6 +12,12 @@ math the predictor's own gauges use) and writes `status.drift` and the `Drifted`
 - False (NoDrift) otherwise; a Normal event when drift ends;
 - Unknown when the window holds fewer than `monitoring.minSamples` rows or the reading failed.
 
+Ground truth counts too: the predictors count labelled rows as correct or incorrect
+(`conveyor_feedback_total`, additive), so the same reading carries the window's online accuracy
+(`status.drift.accuracy`); with `monitoring.minAccuracy` set, an accuracy below it over at least
+`minSamples` labelled rows makes the deployment Drifted (reason AccuracyBelowMinimum) and retrains it
+like input drift does.
+
 The condition's lastTransitionTime names the drift episode: the MLPipeline named in
 `monitoring.retrainPipeline` starts at most one run per episode (see mlpipeline/plan.py).
 """
@@ -20,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +44,7 @@ if TYPE_CHECKING:
     from conveyor.operator.controller.manager import Operator
 
 SERIES = "conveyor_drift_bin_total"
+FEEDBACK_SERIES = "conveyor_feedback_total"
 TOP_FEATURES = 5
 
 # profile.json of a committed version never changes: read once per package.
@@ -55,6 +62,8 @@ class DriftReading:
     samples: int = 0
     scores: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    accuracy: float | None = None
+    labelled: int = 0
 
 
 def due(status: dict[str, Any], spec: ModelDeploymentSpec, now: datetime) -> bool:
@@ -72,9 +81,13 @@ def seconds_until_due(status: dict[str, Any], spec: ModelDeploymentSpec, now: da
     return max(0.0, (last + parse_duration(spec.monitoring.interval) - now).total_seconds())
 
 
-def query(namespace: str, deployment: str, version: str, window: str) -> str:
+def query(namespace: str, deployment: str, version: str, window: str, series: str = SERIES, by: str = "feature, bin") -> str:
     selector = f'namespace="{namespace}",model_name="{deployment}",model_version="{version}"'
-    return f"sum by (feature, bin) (increase({SERIES}{{{selector}}}[{window}]))"
+    return f"sum by ({by}) (increase({series}{{{selector}}}[{window}]))"
+
+
+def accuracy_query(namespace: str, deployment: str, version: str, window: str) -> str:
+    return query(namespace, deployment, version, window, FEEDBACK_SERIES, "result")
 
 
 async def measure_if_due(
@@ -116,6 +129,7 @@ async def measure(
     try:
         profile = await asyncio.to_thread(read_profile, version)
         samples = await prometheus.query(query(namespace, deployment, version, m.window))
+        feedback = await prometheus.query(accuracy_query(namespace, deployment, version, m.window))
     except (PrometheusError, PackageError, OSError) as e:
         return _failed(base, str(e))
     counts: dict[str, dict[str, float]] = {}
@@ -123,7 +137,12 @@ async def measure(
         feature, label = s.labels.get("feature"), s.labels.get("bin")
         if feature is not None and label is not None:
             counts.setdefault(feature, {})[label] = s.value
-    return evaluate(profile, counts, base, min_samples=m.min_samples)
+    results = {s.labels.get("result", ""): s.value for s in feedback}
+    reading = evaluate(profile, counts, base, min_samples=m.min_samples)
+    labelled = results.get("correct", 0.0) + results.get("incorrect", 0.0)
+    if labelled > 0:
+        reading = replace(reading, accuracy=results.get("correct", 0.0) / labelled, labelled=round(labelled))
+    return reading
 
 
 def _failed(base: DriftReading, why: str) -> DriftReading:
@@ -183,9 +202,19 @@ def record(
     def put(st: str, reason: str, message: str) -> bool:
         return c.set_condition(conds, c.DRIFTED, st, reason, message, generation=generation, now=ts)
 
+    if reading.accuracy is not None:
+        drift["accuracy"] = round(reading.accuracy, 6)
+        drift["labelledRows"] = reading.labelled
     if reading.error is not None:
         status["drift"] = {**(status.get("drift") or {}), "time": ts}
         put(c.UNKNOWN, "DriftUnmeasured", f"Drift of {reading.version} could not be measured: {reading.error}")
+        return
+    low = _accuracy_below_minimum(reading, spec)
+    if low is not None:
+        status["drift"] = {**drift, **({"score": round(max(reading.scores.values()), 6)} if reading.scores else {})}
+        was = (c.get_condition(conds, c.DRIFTED) or {}).get("status")
+        if put(c.TRUE, "AccuracyBelowMinimum", low) and was != c.TRUE:
+            events.append(("Warning", "AccuracyBelowMinimum", low))
         return
     if not reading.scores:
         status["drift"] = drift
@@ -213,3 +242,16 @@ def record(
     put(c.FALSE, "NoDrift", f"{reading.method} at most {overall:.3g} (threshold {threshold:g}) over {reading.window}: {top}")
     if was == c.TRUE:
         events.append(("Normal", "DriftResolved", f"{reading.version}'s inputs are back within {threshold:g}"))
+
+
+def _accuracy_below_minimum(reading: DriftReading, spec: ModelDeploymentSpec) -> str | None:
+    """Why the labelled predictions count as drift (None: they do not, or too few got ground truth)."""
+    floor = spec.monitoring.min_accuracy
+    if floor is None or reading.accuracy is None or reading.labelled < spec.monitoring.min_samples:
+        return None
+    if reading.accuracy >= floor:
+        return None
+    return (
+        f"online accuracy of {reading.version} is {reading.accuracy:.3g} over {reading.labelled} labelled rows in the "
+        f"last {reading.window}, below monitoring.minAccuracy {floor:g}"
+    )

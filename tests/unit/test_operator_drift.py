@@ -150,3 +150,26 @@ def test_drift_starts_one_run_per_episode_with_a_cooldown() -> None:
     assert _pipeline_plan(served, later, NOW + timedelta(minutes=11)).start_run == 2
     # Without triggers.onDrift the deployment's drift starts nothing.
     assert _pipeline_plan({}, episode, on_drift=False).start_run is None
+
+
+def test_online_accuracy_below_the_minimum_counts_as_drift() -> None:
+    from dataclasses import replace
+
+    from conveyor.operator.modeldeployment.drift import accuracy_query
+
+    assert accuracy_query("ml", "fraud", "v3", "2m") == (
+        'sum by (result) (increase(conveyor_feedback_total{namespace="ml",model_name="fraud",model_version="v3"}[2m]))'
+    )
+    spec = SPEC.model_copy(update={"monitoring": SPEC.monitoring.model_copy(update={"min_accuracy": 0.8})})
+    calm = reading(_profile(), 0.0)
+    status: dict[str, Any] = {"conditions": []}
+    events: list[Any] = []
+    record(status, events, replace(calm, accuracy=0.9, labelled=400), spec, generation=1)
+    assert c.get_condition(status["conditions"], c.DRIFTED)["status"] == "False"
+    assert (status["drift"]["accuracy"], status["drift"]["labelledRows"]) == (0.9, 400)
+    record(status, events, replace(calm, accuracy=0.5, labelled=40), spec, generation=1)  # too few labels
+    assert c.get_condition(status["conditions"], c.DRIFTED)["status"] == "False"
+    record(status, events, replace(calm, accuracy=0.5, labelled=400), spec, generation=1)
+    cond = c.get_condition(status["conditions"], c.DRIFTED)
+    assert (cond["status"], cond["reason"]) == ("True", "AccuracyBelowMinimum") and "0.5" in cond["message"]
+    assert [e[:2] for e in events] == [("Warning", "AccuracyBelowMinimum")]
