@@ -1,0 +1,117 @@
+"""The rollout stack of the e2e tests and the bench: the operator with ``--prometheus-url``, the local
+executor (KServe's stand-in, with its router, file_sd targets and planted faults) and a real Prometheus,
+on the real local kube-apiserver."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
+from _operator_support import Cluster, OperatorProcess, wait_until  # noqa: E402
+
+MDEP = "modeldeployments"
+NAME = "fraud"
+ROW = {"amount": 24.5, "merchant": "grocery", "hour": 14, "foreign": False, "card_age_days": 900,
+       "distance_km": 2.1, "txn_last_hour": 0}
+RATE = 10  # requests a second: 2/s reach a 20% canary, enough for minRequests in a 10s window
+
+
+@dataclass
+class Stack:
+    cluster: Cluster
+    operator: OperatorProcess
+    prometheus: Any
+    faults_file: Path
+    registry: str
+    workdir: Path
+
+    @property
+    def logs(self) -> list[Path]:
+        return [self.workdir / "executor.log", *sorted(self.workdir.glob("executor/predictors/*.log"))]
+
+    def deployment(self) -> dict[str, Any]:
+        return self.cluster.get(MDEP, NAME)
+
+    def status(self) -> dict[str, Any]:
+        return self.cluster.status(MDEP, NAME)
+
+    def isvc(self) -> dict[str, Any]:
+        return self.cluster.isvc(NAME)
+
+    def wait(self, what: str, pred: Any, timeout: float = 90) -> dict[str, Any]:
+        try:
+            return wait_until(what, self.status, pred, timeout=timeout)
+        except AssertionError as e:
+            tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}" for p in self.logs if p.exists())
+            raise AssertionError(f"{e}\n{tails}\n--- operator\n{self.operator.logs()[-3000:]}") from None
+
+
+@contextmanager
+def rollout_stack(kubeconfig: str, kube_api: Any, namespace: str, prometheus: Any, registry: str,
+                  tmp_path: Path) -> Iterator[Stack]:
+    """The operator and the executor watching ``namespace``, over ``prometheus``; stopped on exit."""
+    faults_file = tmp_path / "faults.json"
+    log = tmp_path / "executor.log"
+    executor = subprocess.Popen(
+        [sys.executable, "-m", "conveyor_devstack.executor", "--kubeconfig", kubeconfig, "--namespace", namespace,
+         "--state-dir", str(tmp_path / "executor"), "--prometheus-targets", str(prometheus.targets_dir),
+         "--faults", str(faults_file)],
+        cwd=tmp_path, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    operator = OperatorProcess(kubeconfig, namespace, "--prometheus-url", prometheus.url).start()
+    prometheus.add_target("operator", f"127.0.0.1:{operator.metrics_port}", {"namespace": namespace})
+    try:
+        yield Stack(Cluster(kube_api, namespace), operator, prometheus, faults_file, registry,
+                    tmp_path)
+    finally:
+        operator.stop()
+        executor.terminate()
+        try:
+            executor.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            executor.kill()
+
+
+def rollout_spec(stack: Stack, mode: str, *, interval: str = "5s", **analysis: Any) -> dict[str, Any]:
+    return {
+        "model": {"registryUri": stack.registry, "name": NAME, "version": "v1"},
+        "rollout": {"strategy": "canary", "mode": mode, "steps": [20, 50], "interval": interval,
+                    "analysis": {"window": "10s", "minSuccessRate": 0.9, "failureLimit": 0, "minRequests": 5,
+                                 # Prometheus takes ~5 s to scrape a new predictor: a first step may
+                                 # see too few requests, and wait another interval.
+                                 "inconclusiveLimit": 10,
+                                 **analysis}},
+    }
+
+
+def serving_v1(stack: Stack, mode: str, **spec_over: Any) -> str:
+    """Create the deployment at v1; wait until it serves; the InferenceService's URL (the router)."""
+    stack.cluster.create(MDEP, NAME, {**rollout_spec(stack, mode), **spec_over})
+    status = stack.wait("v1 Ready", lambda s: s.get("stableVersion") == "v1" and s.get("url") and any(
+        c["type"] == "Ready" and c["status"] == "True" for c in s.get("conditions", [])), timeout=120)
+    return f"{status['url']}/v1/models/{NAME}:predict"
+
+
+def canary_weight(isvc: dict[str, Any], mode: str) -> int | None:
+    """The canary weight as KServe reads it from the InferenceService's spec (None: no canary)."""
+    if mode == "Knative":
+        return isvc["spec"]["predictor"].get("canaryTrafficPercent")
+    canary = isvc["spec"].get("canary") or []
+    return canary[0]["trafficPercent"] if canary else None
+
+
+def stable_in_isvc(isvc: dict[str, Any], mode: str) -> str:
+    """The version the InferenceService's main predictor serves once no canary is left."""
+    env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0].get("env", [])}
+    uri = env.get("STORAGE_URI") or ""
+    return uri.rstrip("/").rsplit("/", 1)[-1]
+
+
