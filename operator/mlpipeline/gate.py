@@ -28,7 +28,7 @@ class MetadataSource(Protocol):
 @dataclass(frozen=True)
 class GateResult:
     passed: bool
-    reason: str  # CamelCase: Passed, BelowThreshold, DidNotBeatDeployed, MetricMissing
+    reason: str  # CamelCase: Passed, BelowThreshold, DidNotBeatDeployed, MetricMissing, DeployedUnreadable
     message: str
     metric: str
     value: float | None
@@ -154,8 +154,17 @@ def judge_run(
         deployed_version, deployed_registry = deployed
         try:
             deployed_metadata = deployed_registry.read_metadata(deployed_version) if deployed_registry else None
-        except PackageError:
-            deployed_metadata = None
+        except (PackageError, OSError) as e:
+            # Not knowing what is deployed is no reason to pass: mustBeatDeployed fails, saying why.
+            unreadable = GateResult(
+                False,
+                "DeployedUnreadable",
+                f"mustBeatDeployed: the deployed {deployed_version} cannot be read ({e})"[:1000],
+                evaluation.metric,
+                _metric_value(metadata, evaluation.metric),
+                deployed_version,
+            )
+            return GateOutcome(version, numeric_metrics(metadata), unreadable)
     result = evaluate_gate(evaluation, metadata, deployed_version=deployed_version, deployed=deployed_metadata)
     return GateOutcome(version, numeric_metrics(metadata), result)
 

@@ -135,6 +135,7 @@ class PipelinePlan:
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
     handed_over: str | None = None  # version newly handed to spec.deploy
+    reject_versions: dict[str, str] = field(default_factory=dict)  # version -> why: mark rejected in the registry
 
 
 def runs_awaiting_report(status: dict[str, Any], rayjobs: dict[int, dict[str, Any]]) -> list[int]:
@@ -313,6 +314,7 @@ def _record_gate(
     if not result.passed:
         _finish(run, GATE_FAILED, result.reason, result.message, end)
         plan.events.append(("Warning", "GateFailed", f"run {n} ({outcome.version}): {result.message}"))
+        plan.reject_versions[outcome.version] = f"{result.reason}: {result.message}"
         return
     _finish(run, SUCCEEDED, "GatePassed", result.message, end)
     plan.status["latestVersion"] = outcome.version

@@ -255,6 +255,10 @@ async def act(op: Operator, s: PipelineSnapshot, plan: PipelinePlan) -> None:
         op.rayjobs.remember(created)
         await op.client.apply(build_run_configmap(s.pipeline, s.spec, plan.start_run, created))
         log.info("%s/%s: run %d started (%s)", namespace, name, plan.start_run, plan.start_trigger)
+    if plan.reject_versions and s.spec is not None:  # before the status says GateFailed: latest must skip them
+        registry = op.registry(s.spec.registry.uri, s.spec.registry.model_name)
+        for version, why in plan.reject_versions.items():
+            await asyncio.to_thread(registry.reject, version, why[:1000])
     for rj_name in plan.delete_rayjobs:
         await op.client.delete({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": rj_name, "namespace": namespace}})
     old = s.pipeline.get("status") or {}

@@ -75,3 +75,17 @@ def test_find_run_version_by_lineage(tmp_path: Path) -> None:
     assert version == "v3" and numeric_metrics(metadata) == {"accuracy": 0.97}
     assert find_run_version(registry, pipeline="fraud", namespace="ml", run=7) is None
     assert find_run_version(registry, pipeline="fraud", namespace="other-ns", run=1) is None
+
+
+def test_an_unreadable_deployed_package_fails_must_beat_deployed(tmp_path: Path) -> None:
+    from conveyor.operator.mlpipeline.gate import judge_run
+
+    registry = Registry(f"file://{tmp_path}", "fraud")
+    assert write_package(registry, 1, accuracy=0.9) == "v1"
+    assert write_package(registry, 2, accuracy=0.99) == "v2"
+    (tmp_path / "fraud" / "v1" / "metrics.json").write_text('{"accuracy": 1.0}')  # corrupt: sha256 differs
+    evaluation = EvaluationSpec.model_validate({"metric": "accuracy", "threshold": 0.5, "mustBeatDeployed": True})
+    outcome = judge_run(registry, evaluation, pipeline="fraud", namespace="ml", run=2, deployed=("v1", registry))
+    assert outcome.version == "v2" and outcome.result is not None
+    assert (outcome.result.passed, outcome.result.reason) == (False, "DeployedUnreadable")
+    assert "v1" in outcome.result.message and "metrics.json" in outcome.result.message

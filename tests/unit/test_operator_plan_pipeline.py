@@ -264,6 +264,7 @@ def test_gate_failure_is_recorded_and_deploys_nothing() -> None:
     assert cond(p, c.REGISTERED) == ("True", "Registered")
     assert cond(p, c.SUCCEEDED) == ("False", "GateFailed")
     assert p.status["phase"] == "Failed"
+    assert p.reject_versions == {"v4": "BelowThreshold: accuracy=0.5 is below the threshold 0.9"}  # latest skips it
 
 
 def test_success_without_a_package() -> None:
