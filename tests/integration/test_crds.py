@@ -89,7 +89,7 @@ def test_every_sample_applies_and_gets_defaults(kubectl, namespace, path: Path) 
             assert stored["spec"]["data"]["split"]["testFraction"] > 0
         elif doc["kind"] == "BatchPrediction":
             assert stored["spec"]["suspend"] is False and stored["spec"]["ray"]["workerGroups"][0]["gpus"] == 0
-            assert stored["spec"]["model"].get("version") is None  # no default: a pipeline's model has its own
+            assert stored["spec"]["model"]["version"] == "latest" and stored["spec"]["input"]["format"] == "parquet"
         else:
             assert stored["spec"]["rollout"]["interval"]
             assert stored["spec"]["predictor"]["protocol"] in ("v1", "v2")
