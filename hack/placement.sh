@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# The placement tier's stack: where the pods the operator asks for would really land. On a control plane
+# of its own (hack/local-cluster.sh with CONVEYOR_CLUSTER_DIR under this stack's state, never the shared
+# one), as local processes built from pinned Go modules (hack/build-tool.sh):
+#   - the real kube-scheduler (k8s.io/kubernetes, the apiserver's module and version);
+#   - kwok, playing two node pools and their kubelets' pod status: a CPU pool and a GPU pool whose nodes
+#     carry `nvidia.com/gpu` capacity, the pool's labels and a `nvidia.com/gpu:NoSchedule` taint;
+#   - the real KubeRay operator (ray-operator, the release whose CRDs the control plane installs);
+#   - kube-controller-manager's job, deployment, replicaset and node-lifecycle controllers.
+# Pods never run: kwok marks them Running (and a Job's Succeeded). Training stays in the devstack executor.
+#
+#   hack/placement.sh build    build (once) and cache the binaries
+#   hack/placement.sh up       start everything (or reuse a running one); print the kubeconfig path
+#   hack/placement.sh down     stop what `up` started, and the control plane under it
+#   hack/placement.sh status   what runs and whether it is healthy
+#   hack/placement.sh env      shell exports (KUBECONFIG, PATH with the pinned kubectl)
+#
+# Environment: CONVEYOR_PLACEMENT_DIR (state and logs; default $XDG_CACHE_HOME/conveyor/placement).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/conveyor
+STATE=${CONVEYOR_PLACEMENT_DIR:-$CACHE/placement}
+export CONVEYOR_CLUSTER_DIR=$STATE/cluster
+KUBECONFIG_PATH=$CONVEYOR_CLUSTER_DIR/admin.kubeconfig
+TOOLS=(kube-scheduler kwok kuberay)
+COMPONENTS=(kube-scheduler kwok kuberay kube-controller-manager-jobs)
+# The pools' shape: what the samples ask for (manifests/samples/mlpipeline-fraud-gpu.yaml selects L4s).
+CPU_NODES=2
+GPU_NODES=2
+GPUS_PER_NODE=4
+GPU_POOL_LABELS=(cloud.google.com/gke-accelerator=nvidia-l4 nvidia.com/gpu.present=true)
+
+log() { printf '[placement] %s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+tool() { "$ROOT/hack/build-tool.sh" "$1"; }
+
+module_dir() { # the pinned module's source in the Go module cache (downloaded if missing)
+  (cd "$ROOT/hack/tools/$1" && go mod download -json "$2" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+}
+
+cmd_build() {
+  "$ROOT/hack/local-cluster.sh" build
+  for t in "${TOOLS[@]}"; do tool "$t" >/dev/null; done
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+pid_of() { if [[ -f $STATE/pids/$1 ]]; then cat "$STATE/pids/$1"; fi; }
+
+running() {
+  local pid; pid=$(pid_of "$1")
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null
+}
+
+start() { # name, command...
+  local name=$1; shift
+  setsid "$@" >"$STATE/logs/$name.log" 2>&1 </dev/null &
+  echo $! >"$STATE/pids/$name"
+}
+
+wait_for() { # description, timeout seconds, command...
+  local what=$1 timeout=$2; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    ((SECONDS < deadline)) || { log "timed out after ${timeout}s waiting for $what"; return 1; }
+    sleep 0.5
+  done
+}
+
+kubectl() { "$("$ROOT/hack/local-cluster.sh" bin-dir)/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
+
+# kwok's own stage definitions, from its pinned module: nodes become Ready, pods on them Running, a
+# Job's pods Succeeded, deleted pods go.
+kwok_config() {
+  local dir; dir=$(module_dir kwok sigs.k8s.io/kwok)/kustomize/stage
+  [[ -d $dir ]] || die "kwok's module source is missing from the Go module cache"
+  local f
+  for f in node/fast/node-initialize.yaml node/heartbeat/node-heartbeat.yaml \
+    pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    echo "---"; cat "$dir/$f"
+  done
+}
+
+node() { # name, pool, gpus, labels...
+  local name=$1 pool=$2 gpus=$3 l; shift 3
+  local labels="" taints="[]" resources='{cpu: "32", memory: 128Gi, pods: "110"}'
+  for l in "$@"; do labels+=", ${l%%=*}: \"${l#*=}\""; done
+  if ((gpus)); then
+    taints='[{key: nvidia.com/gpu, value: present, effect: NoSchedule}]'
+    resources="{cpu: \"32\", memory: 128Gi, pods: \"110\", nvidia.com/gpu: \"$gpus\"}"
+  fi
+  cat <<EOF
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: $name
+  annotations: {kwok.x-k8s.io/node: fake}
+  labels: {kubernetes.io/hostname: $name, kubernetes.io/os: linux, type: kwok, conveyor.dev/pool: $pool$labels}
+spec: {taints: $taints}
+status: {allocatable: $resources, capacity: $resources}
+EOF
+}
+
+nodes() {
+  local i
+  for ((i = 0; i < CPU_NODES; i++)); do node "cpu-$i" cpu 0; done
+  for ((i = 0; i < GPU_NODES; i++)); do node "gpu-$i" gpu "$GPUS_PER_NODE" "${GPU_POOL_LABELS[@]}"; done
+}
+
+cmd_up() {
+  cmd_build
+  mkdir -p "$STATE"/{pids,logs,ports}
+  "$ROOT/hack/local-cluster.sh" up >/dev/null
+  local ray; ray=$(module_dir kuberay github.com/ray-project/kuberay/ray-operator)
+  # Every KubeRay CRD: its operator watches all its kinds and stops if one is missing.
+  kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement -f "$ray/config/crd/bases" >/dev/null
+
+  if ! running kwok; then
+    kwok_config >"$STATE/kwok.yaml"
+    free_port >"$STATE/ports/kwok"
+    start kwok "$(tool kwok)" --kubeconfig "$KUBECONFIG_PATH" --config "$STATE/kwok.yaml" \
+      --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+      --cidr 10.1.0.0/16 --node-ip 127.0.0.1 --server-address "127.0.0.1:$(cat "$STATE/ports/kwok")"
+  fi
+  nodes | kubectl apply -f - >/dev/null
+  wait_for "the kwok nodes Ready" 60 kubectl wait --for condition=Ready --timeout=2s node -l type=kwok \
+    || { tail -20 "$STATE/logs/kwok.log" >&2; exit 1; }
+
+  local cluster=$CONVEYOR_CLUSTER_DIR
+  if ! running kube-scheduler; then
+    free_port >"$STATE/ports/kube-scheduler"
+    start kube-scheduler "$(tool kube-scheduler)" --kubeconfig "$KUBECONFIG_PATH" \
+      --authentication-kubeconfig "$KUBECONFIG_PATH" --authorization-kubeconfig "$KUBECONFIG_PATH" \
+      --bind-address 127.0.0.1 --secure-port "$(cat "$STATE/ports/kube-scheduler")" --leader-elect=false --v 1
+  fi
+  if ! running kube-controller-manager-jobs; then
+    # A second controller-manager (the one under it stays as local-cluster.sh made it): the job
+    # controller (KubeRay's submitter is a Job), deployment and replicaset, and node lifecycle, which
+    # lifts the not-ready taint the apiserver puts on new nodes once kwok reports them Ready.
+    free_port >"$STATE/ports/kube-controller-manager-jobs"
+    start kube-controller-manager-jobs "$("$ROOT/hack/local-cluster.sh" bin-dir)/kube-controller-manager" \
+      --kubeconfig "$cluster/controller-manager.kubeconfig" \
+      --authentication-kubeconfig "$cluster/controller-manager.kubeconfig" \
+      --authorization-kubeconfig "$cluster/controller-manager.kubeconfig" \
+      --bind-address 127.0.0.1 --secure-port "$(cat "$STATE/ports/kube-controller-manager-jobs")" --leader-elect=false \
+      --controllers 'job-controller,deployment-controller,replicaset-controller,node-lifecycle-controller' \
+      --use-service-account-credentials=true --v 1
+  fi
+  if ! running kuberay; then
+    free_port >"$STATE/ports/kuberay-metrics"; free_port >"$STATE/ports/kuberay-health"
+    KUBECONFIG=$KUBECONFIG_PATH start kuberay "$(tool kuberay)" --enable-leader-election=false \
+      --metrics-addr "127.0.0.1:$(cat "$STATE/ports/kuberay-metrics")" \
+      --health-probe-bind-address "127.0.0.1:$(cat "$STATE/ports/kuberay-health")" --log-stdout-encoder console
+  fi
+  wait_for "kube-scheduler /healthz" 60 curl -skf "https://127.0.0.1:$(cat "$STATE/ports/kube-scheduler")/healthz" \
+    || { tail -20 "$STATE/logs/kube-scheduler.log" >&2; exit 1; }
+  wait_for "KubeRay /readyz" 60 curl -sf "http://127.0.0.1:$(cat "$STATE/ports/kuberay-health")/readyz" \
+    || { tail -20 "$STATE/logs/kuberay.log" >&2; exit 1; }
+  log "ready: ${CPU_NODES} CPU and ${GPU_NODES} GPU kwok nodes, kube-scheduler, KubeRay; logs in $STATE/logs"
+  echo "$KUBECONFIG_PATH"
+}
+
+cmd_down() {
+  local c pid
+  for c in "${COMPONENTS[@]}"; do
+    if running "$c"; then
+      pid=$(pid_of "$c")
+      kill "$pid" 2>/dev/null || true
+      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+      kill -9 "$pid" 2>/dev/null || true
+      log "stopped $c (pid $pid)"
+    fi
+    rm -f "$STATE/pids/$c"
+  done
+  "$ROOT/hack/local-cluster.sh" down
+}
+
+cmd_status() {
+  local rc=0 c
+  for c in "${COMPONENTS[@]}"; do
+    if running "$c"; then echo "$c: running (pid $(pid_of "$c"))"; else echo "$c: stopped"; rc=1; fi
+  done
+  "$ROOT/hack/local-cluster.sh" status || rc=1
+  return $rc
+}
+
+case ${1:-} in
+  build) cmd_build ;;
+  up) cmd_up ;;
+  down) cmd_down ;;
+  status) cmd_status ;;
+  env) "$ROOT/hack/local-cluster.sh" env ;;
+  kubeconfig) echo "$KUBECONFIG_PATH" ;;
+  *) echo "usage: $0 build|up|down|status|env|kubeconfig" >&2; exit 2 ;;
+esac
