@@ -80,6 +80,7 @@ class DataSpec(_Model):
     label: str = "label"
     task: Literal["classification", "regression"] = "classification"
     contract: DataContract = Field(default_factory=DataContract)
+    feedback: bool = False
     split: DataSplit = Field(default_factory=DataSplit)
 
 

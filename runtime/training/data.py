@@ -14,6 +14,7 @@ Everything returns a Ray Dataset; ``content_sha256`` is the lineage hash of what
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -115,6 +116,26 @@ def fraud_frame(rows: int = 20000, seed: int = 7, fraud_rate: float = 0.02) -> A
             "label": label,
         }
     )
+
+
+def with_feedback(ds: Any, registry_uri: str, model_name: str, label: str) -> tuple[Any, int]:
+    """``ds`` plus the model's feedback dataset (each labelled row's inputs and its true label), cast to the
+    source's column types; and how many rows were added. The caller validates the result."""
+    import pandas as pd
+    import ray.data
+
+    from conveyor.runtime.package.registry import Registry
+
+    rows = Registry(registry_uri, model_name).read_feedback()
+    if not rows:
+        return ds, 0
+    frame = ds.to_pandas()
+    extra = pd.DataFrame([{**(r.get("inputs") or {}), label: r.get("label")} for r in rows])
+    extra = extra.reindex(columns=frame.columns)
+    for column, dtype in frame.dtypes.items():
+        with contextlib.suppress(TypeError, ValueError):  # e.g. nulls in an int column: the contract reports them
+            extra[column] = extra[column].astype(dtype)
+    return ray.data.from_pandas(pd.concat([frame, extra], ignore_index=True)), len(extra)
 
 
 def builtin_frame(uri: str) -> Any:

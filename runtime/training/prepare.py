@@ -148,6 +148,9 @@ def prepare_data(config: RunConfig) -> PreparedData:
 def _prepare_split(config: RunConfig) -> PreparedData:
     source = config.data.source
     ds = data_mod.load_dataset(source, label=config.data.label).materialize()
+    if config.data.feedback:  # ground truth from the predictors joins the source, under the same contract
+        ds, added = data_mod.with_feedback(ds, config.registry.uri, config.registry.model_name, config.data.label)
+        log.info("feedback: %d labelled rows added to %s", added, source.uri)
     report = validate_dataset(ds, config.data)
     if not report.ok:
         raise DataValidationError(report)

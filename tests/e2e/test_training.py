@@ -571,3 +571,31 @@ def test_bad_run_config_fails_naming_the_field(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "run" in proc.stderr and "integer" in proc.stderr
     assert json.loads(result.read_text())["outcome"] == "InvalidConfig"
+
+
+# ---------------------------------------------------------------- feedback as training data
+
+
+@pytest.mark.slow
+def test_feedback_rows_join_the_training_data_under_the_same_contract(ray_cluster: str, tmp_path: Path) -> None:
+    """data.feedback: the ground truth predictors persisted (inputs and true label) is added to the source's
+    rows, typed as the source, and the data contract checks it like any other row."""
+    from conveyor.runtime.package.validation import validate_dataset
+    from conveyor.runtime.spec import DataSpec
+
+    registry = str(tmp_path / "registry")
+    source = DataSource(uri="builtin://fraud?rows=300&seed=7", format="builtin")
+    live = data_mod.fraud_frame(rows=3, seed=11).drop(columns=["label"]).to_dict(orient="records")
+    live[2]["amount"] = -5.0  # a producer's bug: the contract must catch it in feedback too
+    Registry(registry, "fraud").append_feedback("v1", [
+        {"id": "r1", "row": i, "inputs": {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()},
+         "prediction": "0", "label": "1"} for i, row in enumerate(live)
+    ])
+    ds, added = data_mod.with_feedback(data_mod.load_dataset(source), registry, "fraud", "label")
+    frame = ds.to_pandas()
+    assert added == 3 and len(frame) == 303
+    assert frame["label"].dtype == data_mod.builtin_frame(source.uri)["label"].dtype
+    assert list(frame["label"].iloc[-3:]) == [1, 1, 1] and frame["amount"].iloc[-3] == pytest.approx(live[0]["amount"])
+    spec = DataSpec.model_validate({"source": source.model_dump(), "contract": {"columns": [{"name": "amount", "type": "float", "min": 0}]}})
+    report = validate_dataset(ds, spec)
+    assert [(v.column, v.rule, v.count) for v in report.violations] == [("amount", "min", 1)]
