@@ -97,7 +97,9 @@ def _join(base: str, *parts: str) -> str:
 
 
 def _fs_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    fs, path = fsspec.core.url_to_fs(uri)
+    # No listings cache: object-store filesystems (s3fs, gcsfs) otherwise keep a folder's listing for
+    # good, and a long-lived reader (the operator) would never see a version committed after it looked.
+    fs, path = fsspec.core.url_to_fs(uri, use_listings_cache=False)
     return fs, path.rstrip("/") if path != "/" else path
 
 
