@@ -417,7 +417,7 @@ def test_operator_image_uid_matches_the_chart() -> None:
     assert f"USER {pod['securityContext']['runAsUser']}:" in text
 
 
-@pytest.mark.parametrize("script", ["kind-up.sh", "build-tool.sh", "sync-chart.sh"])
+@pytest.mark.parametrize("script", ["kind-up.sh", "build-tool.sh", "sync-chart.sh", "prometheus.sh"])
 def test_scripts_are_shellcheck_clean(script: str) -> None:
     done = subprocess.run([_venv_tool("shellcheck"), str(ROOT / "hack" / script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout
