@@ -162,13 +162,15 @@ def score(config: BatchRunConfig, *, concurrency: int = 1) -> dict[str, Any]:
     outputs = BatchOutputs(config.output.uri)
     staging_uri, staging_path = outputs.staging(config.run)
     try:
+        from ray.data import ActorPoolStrategy
+
         ds = load_dataset(config.input)
         scored = ds.map_batches(
             BatchScorer,
             fn_constructor_kwargs={"package_uri": package_uri, "id_columns": list(config.input.id_columns)},
             batch_format="pandas",
             batch_size=config.batch_size,
-            concurrency=concurrency,
+            compute=ActorPoolStrategy(size=concurrency),  # each actor loads the model once
         ).materialize()
         predictions = scored.map_batches(_accepted, batch_format="pandas")
         rejects = scored.map_batches(_rejected, batch_format="pandas")

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from _serving_support import ServerProcess, fraud_config, post_json, rows_of, train_package
+from _serving_support import ServerProcess, post_json, rows_of
 from test_loop import _get, _wait_for, loop  # noqa: F401 - the operator and executor fixture
 
 from conveyor.runtime.training.data import fraud_frame
@@ -21,13 +21,6 @@ from conveyor.runtime.training.data import fraud_frame
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 BAD_ROW = 3
-
-
-@pytest.fixture(scope="module")
-def package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """(registry root, v1's URI): a small real fraud model."""
-    registry = tmp_path_factory.mktemp("batch-registry")
-    return registry, train_package(fraud_config(str(registry), rows=1500, epochs=1), registry.parent / "batch-train")
 
 
 def unseen_input(path: Path) -> pd.DataFrame:
@@ -40,13 +33,13 @@ def unseen_input(path: Path) -> pd.DataFrame:
     return frame
 
 
-def batch(registry: Path, input_path: Path, output: Path) -> dict[str, Any]:
+def batch(registry: str, input_path: Path, output: Path) -> dict[str, Any]:
     return {
         "apiVersion": "conveyor.dev/v1alpha1",
         "kind": "BatchPrediction",
         "metadata": {"name": "scores"},
         "spec": {
-            "model": {"registryUri": f"file://{registry}", "name": "fraud", "version": "v1"},
+            "model": {"registryUri": registry, "name": "fraud", "version": "v1"},
             "input": {"uri": str(input_path), "format": "parquet", "idColumns": ["txn_id"]},
             "output": {"uri": f"file://{output}"},
             "batchSize": 128,
@@ -72,9 +65,9 @@ def folder_digest(folder: Path) -> str:
     return h.hexdigest()
 
 
-def test_batch_scores_like_the_predictor_rejects_bad_rows_and_reruns_safely(loop, kubectl, package, tmp_path) -> None:  # noqa: F811
+def test_batch_scores_like_the_predictor_rejects_bad_rows_and_reruns_safely(loop, kubectl, fraud_versions, tmp_path) -> None:  # noqa: F811
     namespace, _, logs = loop
-    registry, package_uri = package
+    registry, (package_uri, _) = fraud_versions  # the session's real fraud packages (tests/e2e/conftest.py)
     frame = unseen_input(tmp_path / "input.parquet")
     output = tmp_path / "scores"
     kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=json.dumps(batch(registry, tmp_path / "input.parquet", output)))
