@@ -2,17 +2,38 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 from _serving_support import fraud_config, train_package
+
+from conveyor.runtime.package.registry import Registry
+
+OWN_FIELDS = ("files", "sizes", "version", "model", "formatVersion")
+
+
+def republish(package_dir: Path, registry_uri: str, model: str) -> str:
+    """Commit the files of ``package_dir`` again as the model's next version, through the registry."""
+    manifest = json.loads((package_dir / "package.json").read_text())
+
+    def writer(area: Any) -> dict[str, Any]:
+        for name in manifest["files"]:
+            area.write_bytes(name, (package_dir / name).read_bytes())
+        return {k: v for k, v in manifest.items() if k not in OWN_FIELDS}
+
+    return Registry(registry_uri, model).register(writer)
 
 
 @pytest.fixture(scope="session")
 def fraud_versions(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
-    """(registry URI, [v1 URI, v2 URI]): two small real fraud packages, trained once per session."""
+    """(registry URI, [v1 URI, v2 URI]) of a small real fraud model: v1 from a real training run, v2 the
+    same trained package committed again as the next version through the registry (a second training
+    run would add minutes on two shared cores; the rollout tests tell the versions apart by what each
+    predictor reports and by the faults planted in one of them, not by their weights)."""
     registry = tmp_path_factory.mktemp("versions-registry")
-    uris = []
-    for run in (1, 2):
-        config = fraud_config(str(registry), rows=1000, epochs=1)
-        config["run"] = run
-        uris.append(train_package(config, registry.parent / "versions-train"))
-    return f"file://{registry}", uris
+    v1 = train_package(fraud_config(str(registry), rows=1000, epochs=1), registry.parent / "versions-train")
+    v2 = republish(Path(v1), f"file://{registry}", "fraud")
+    assert v2 == "v2", v2
+    return f"file://{registry}", [v1, str(registry / "fraud" / v2)]
