@@ -40,6 +40,7 @@ from _rollout_support import (  # noqa: E402
     ROW,
     Stack,
     canary_weight,
+    republish,
     rollout_stack,
     serving_v1,
     stable_in_isvc,
@@ -154,10 +155,8 @@ def run_benchmark(stack: Stack) -> dict[str, Any]:
 def test_bench_rollout(kubeconfig: str, kube_api: Any, namespace: str, prometheus: Any,
                        tmp_path: Path) -> None:
     registry = tmp_path / "registry"
-    for run in (1, 2):
-        config = fraud_config(str(registry), rows=1000, epochs=1)
-        config["run"] = run
-        train_package(config, tmp_path / "train")
+    v1 = train_package(fraud_config(str(registry), rows=1000, epochs=1), tmp_path / "train")
+    republish(Path(v1), f"file://{registry}", "fraud")  # v2: the same trained package, the next version
     with rollout_stack(kubeconfig, kube_api, namespace, prometheus, f"file://{registry}", tmp_path) as stack:
         result = run_benchmark(stack)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ on the real local kube-apiserver."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from _operator_support import Cluster, OperatorProcess, wait_until  # noqa: E402
+
+from conveyor.runtime.package.registry import Registry  # noqa: E402
 
 MDEP = "modeldeployments"
 NAME = "fraud"
@@ -115,3 +118,16 @@ def stable_in_isvc(isvc: dict[str, Any], mode: str) -> str:
     return uri.rstrip("/").rsplit("/", 1)[-1]
 
 
+OWN_FIELDS = ("files", "sizes", "version", "model", "formatVersion")
+
+
+def republish(package_dir: Path, registry_uri: str, model: str) -> str:
+    """Commit the files of ``package_dir`` again as the model's next version, through the registry."""
+    manifest = json.loads((package_dir / "package.json").read_text())
+
+    def writer(area: Any) -> dict[str, Any]:
+        for name in manifest["files"]:
+            area.write_bytes(name, (package_dir / name).read_bytes())
+        return {k: v for k, v in manifest.items() if k not in OWN_FIELDS}
+
+    return Registry(registry_uri, model).register(writer)

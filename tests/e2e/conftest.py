@@ -2,28 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import pytest
+from _rollout_support import republish
 from _serving_support import fraud_config, train_package
-
-from conveyor.runtime.package.registry import Registry
-
-OWN_FIELDS = ("files", "sizes", "version", "model", "formatVersion")
-
-
-def republish(package_dir: Path, registry_uri: str, model: str) -> str:
-    """Commit the files of ``package_dir`` again as the model's next version, through the registry."""
-    manifest = json.loads((package_dir / "package.json").read_text())
-
-    def writer(area: Any) -> dict[str, Any]:
-        for name in manifest["files"]:
-            area.write_bytes(name, (package_dir / name).read_bytes())
-        return {k: v for k, v in manifest.items() if k not in OWN_FIELDS}
-
-    return Registry(registry_uri, model).register(writer)
 
 
 @pytest.fixture(scope="session")
