@@ -181,11 +181,11 @@ def test_latest_without_pipeline_follows_the_registry(kubeconfig: str, cluster: 
 
 
 def test_unreachable_registry_scheme_is_an_invalid_spec(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
-    """s3:// passes the schema, but this install has no s3fs: a False condition naming the field, once."""
-    cluster.create(MDEP, "fraud", deployment_spec("s3://models-bucket/registry", "v1"))
+    """gs:// passes the schema, but this install has no gcsfs: a False condition naming the field, once."""
+    cluster.create(MDEP, "fraud", deployment_spec("gs://models-bucket/registry", "v1"))
     accepted = wait_for("Accepted=False", lambda: cluster.condition(MDEP, "fraud", "Accepted"))
     assert (accepted["status"], accepted["reason"]) == ("False", "InvalidSpec")
-    assert "spec.model.registryUri" in accepted["message"] and "s3fs" in accepted["message"]
+    assert "spec.model.registryUri" in accepted["message"] and "gcsfs" in accepted["message"]
     errors = operator.metric("conveyor_reconcile_errors_total")
     time.sleep(2)
     assert operator.metric("conveyor_reconcile_errors_total") == errors == 0
