@@ -71,9 +71,9 @@ def due(status: dict[str, Any], spec: ModelDeploymentSpec, now: datetime) -> boo
     return last is None or now - last >= parse_duration(spec.monitoring.interval)
 
 
-def seconds_until_due(status: dict[str, Any], spec: ModelDeploymentSpec, now: datetime) -> float | None:
-    """When the next measurement is due (None: nothing is served, so there is nothing to measure)."""
-    if not status.get("stableVersion"):
+def seconds_until_due(op: Operator, status: dict[str, Any], spec: ModelDeploymentSpec, now: datetime) -> float | None:
+    """When the next measurement is due (None: nothing is served, or no Prometheus to measure with)."""
+    if op.prometheus is None or not status.get("stableVersion"):
         return None
     last = parse_time((status.get("drift") or {}).get("time"))
     if last is None:
@@ -96,7 +96,8 @@ async def measure_if_due(
     """The stable version's reading when one is due (None when not, or when nothing is served yet)."""
     status = deployment.get("status") or {}
     version = status.get("stableVersion")
-    if not version or not due(status, spec, now):
+    # Without a Prometheus nothing can be measured: Drifted stays Unknown, and no status write each interval.
+    if op.prometheus is None or not version or not due(status, spec, now):
         return None
     registry = op.registry(spec.model.registry_uri, spec.model.name)
     return await measure(op.prometheus, cached_profile_reader(registry), key[0], key[1], version, spec, now)

@@ -71,7 +71,7 @@ def _requeue_after(op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan) ->
         waits.append(max(0.0, (next_analysis - s.now).total_seconds()))
     if s.resolution is not None and s.resolution.source == "registry":
         waits.append(op.config.registry_poll_seconds)
-    if s.spec is not None and s.invalid is None and (drift_wait := drift.seconds_until_due(plan.status, s.spec, s.now)) is not None:
+    if s.spec is not None and s.invalid is None and (drift_wait := drift.seconds_until_due(op, plan.status, s.spec, s.now)) is not None:
         waits.append(drift_wait)
     return min(waits) if waits else None
 
