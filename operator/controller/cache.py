@@ -19,6 +19,15 @@ from typing import Any
 Key = tuple[str, str]  # (namespace, name)
 
 
+def _trimmed(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object without metadata.managedFields, which no reconcile reads and which is often the larger
+    part of a child's bytes (kept in memory for every object of every kind watched)."""
+    meta = obj.get("metadata") or {}
+    if "managedFields" not in meta:
+        return obj
+    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+
+
 def key_of(obj: dict[str, Any]) -> Key:
     meta = obj["metadata"]
     return (meta.get("namespace", ""), meta["name"])
@@ -79,7 +88,7 @@ class ObjectCache:
             if rv != want and same_object and self._clock() - since < self._echo_timeout:
                 return obj  # older than the copy we hold: the watch has not caught up yet
             del self._awaiting[key]
-        self._objects[key] = obj
+        self._objects[key] = _trimmed(obj)
         return obj
 
     def remember(self, obj: dict[str, Any]) -> None:
@@ -88,5 +97,5 @@ class ObjectCache:
         rv = obj["metadata"].get("resourceVersion", "")
         if rv in self._seen.get(key, ()):
             return  # the watch delivered it already; what the cache holds is as new or newer
-        self._objects[key] = obj
+        self._objects[key] = _trimmed(obj)
         self._awaiting[key] = (rv, self._clock())

@@ -1,0 +1,62 @@
+"""The operator's object cache: the newest copy wins without ordering resourceVersions (they are opaque)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conveyor.operator.controller.cache import ObjectCache
+
+
+def obj(rv: str, uid: str = "u1", **meta: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "p", "namespace": "ml", "uid": uid, "resourceVersion": rv, **meta}}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_watch_event_older_than_our_write_is_ignored_until_the_echo() -> None:
+    cache = ObjectCache(clock=Clock())
+    cache.observe({"type": "ADDED", "object": obj("a")})
+    cache.remember(obj("c"))  # our write's response
+    cache.observe({"type": "MODIFIED", "object": obj("b")})  # older: the watch has not caught up
+    assert cache.get(("ml", "p"))["metadata"]["resourceVersion"] == "c"
+    cache.observe({"type": "MODIFIED", "object": obj("c")})  # the echo
+    cache.observe({"type": "MODIFIED", "object": obj("d")})  # then anything newer
+    assert cache.get(("ml", "p"))["metadata"]["resourceVersion"] == "d"
+
+
+def test_a_response_the_watch_already_delivered_does_not_replace_newer_events() -> None:
+    cache = ObjectCache(clock=Clock())
+    cache.observe({"type": "MODIFIED", "object": obj("c")})
+    cache.observe({"type": "MODIFIED", "object": obj("d")})
+    cache.remember(obj("c"))  # a slow response for a change the watch already showed
+    assert cache.get(("ml", "p"))["metadata"]["resourceVersion"] == "d"
+
+
+def test_an_echo_that_never_comes_is_waited_for_only_so_long() -> None:
+    clock = Clock()
+    cache = ObjectCache(clock=clock, echo_timeout=30)
+    cache.remember(obj("c"))
+    clock.now = 31  # e.g. a relist after the watch expired skipped it
+    cache.observe({"type": "MODIFIED", "object": obj("e")})
+    assert cache.get(("ml", "p"))["metadata"]["resourceVersion"] == "e"
+
+
+def test_a_recreated_object_replaces_the_old_one_at_once() -> None:
+    cache = ObjectCache(clock=Clock())
+    cache.remember(obj("c", uid="u1"))
+    cache.observe({"type": "ADDED", "object": obj("x", uid="u2")})
+    assert cache.get(("ml", "p"))["metadata"]["uid"] == "u2"
+    cache.observe({"type": "DELETED", "object": obj("y", uid="u2")})
+    assert cache.get(("ml", "p")) is None
+
+
+def test_managed_fields_are_not_kept() -> None:
+    cache = ObjectCache(clock=Clock())
+    cache.observe({"type": "ADDED", "object": obj("a", managedFields=[{"manager": "kubectl"}])})
+    assert "managedFields" not in cache.get(("ml", "p"))["metadata"]
