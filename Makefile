@@ -26,11 +26,12 @@ $(STAMP): pyproject.toml hack/devstack/pyproject.toml
 
 venv: $(STAMP) ## the Python environment (torch, ray, kserve, kopf, test tools)
 
-tools: ## build (once, cached) kube-apiserver, etcd, kube-controller-manager, kubectl, helm, the S3 server; fetch third-party CRDs
+tools: ## build (once, cached) kube-apiserver, etcd, kube-controller-manager, kubectl, helm, the S3 server, the placement tier's (kube-scheduler, kwok, KubeRay); fetch third-party CRDs
 	hack/install-deps.sh
 	hack/local-cluster.sh build
 	hack/build-tool.sh helm >/dev/null
 	hack/build-tool.sh versitygw >/dev/null
+	hack/placement.sh build
 
 helm: ## build (once, cached) the pinned helm and print its path
 	hack/build-tool.sh helm
@@ -50,7 +51,7 @@ cluster-status: ## what runs and whether it is healthy
 demo: venv tools ## the main job: bring up the control plane and run the sample (REGISTRY=s3: in the local S3 server)
 	REGISTRY=$(REGISTRY) hack/demo.sh
 
-test: venv tools ## the whole suite except benchmarks (unit, integration on the real apiserver, e2e)
+test: venv tools ## the whole suite except benchmarks (unit, integration on the real apiserver, placement, e2e)
 	$(PYTEST) -m "not bench" $(PYTEST_ARGS)
 
 test-fast: venv tools ## unit and integration only (no real training or serving)
