@@ -1,17 +1,19 @@
-"""Benchmark: the operator fanning 200 ModelDeployments out into 200 InferenceServices.
+"""Benchmark: the operator fanning 1,000 ModelDeployments and 1,000 MLPipelines out at once.
 
 Measured in one run, on the real local kube-apiserver:
-1. baseline: a plain client (the official Python client, 8 threads) creates 200 InferenceServices
-   directly: the limit the operator can approach;
-2. the operator (`python -m conveyor.operator`, its own process) with 200 ModelDeployments applied at
-   once by the same kind of client: the time from the first apply until each InferenceService exists
-   (seen by a watch started beforehand), p50/p99 per object and until all exist;
-3. 60 s of idle with all 200 present: API writes by the operator (its own request counter, every
-   non-GET request) and, as a cross-check, the apiserver's apiserver_request_total for our resources
-   (other clients sharing the cluster would show there too);
+1. baseline: a plain client (the official Python client, 8 threads) creates the same 1,000
+   InferenceServices and 1,000 RayJobs directly: the limit the operator can approach;
+2. the operator (`python -m conveyor.operator`, its own process) with the 1,000 ModelDeployments and
+   1,000 MLPipelines applied at once by the same kind of client: from each apply until its child exists
+   (seen by watches started beforehand), p50/p99, until all exist, and the operator's API writes;
+3. 60 s of idle with everything present: API writes by the operator (its own request counter, every
+   non-GET request) and, as a cross-check, the apiserver's apiserver_request_total for our resources;
 4. the operator's resident memory (VmRSS, and the peak VmHWM) after it settled.
+The `goals` block compares them with issue 15's targets: write rate >= 0.5 of the plain client's create
+rate; last object applied to last child existing <= 2x the plain client's whole create time; p99;
+idle writes 0; RSS < 150 MiB.
 
-Run: `make bench` (pytest -m bench), or `python tests/bench/bench_operator.py [--count N] [--idle S]`
+Run: `make bench` (pytest -m bench), or `python tests/bench/bench_operator.py [--count N] [--pipelines N] [--idle S]`
 with KUBECONFIG pointing at the local control plane (`hack/local-cluster.sh up` prints it).
 Writes tests/bench/results/operator.json.
 """
@@ -63,13 +65,13 @@ def summary(latencies: list[float]) -> dict[str, float]:
     }
 
 
-class IsvcWatch:
-    """Records when each InferenceService in a namespace is first seen (ADDED)."""
+class ChildWatch:
+    """Records when each object of one kind in a namespace is first seen (ADDED)."""
 
-    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+    def __init__(self, api: client.ApiClient, namespace: str, group: str, version: str, plural: str) -> None:
         self.seen: dict[str, float] = {}
         self._api = client.CustomObjectsApi(api)
-        self._ns = namespace
+        self._args = (group, version, namespace, plural)
         self._watch = watch.Watch()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -77,16 +79,13 @@ class IsvcWatch:
         self._ready.wait(10)
 
     def _run(self) -> None:
-        listed = self._api.list_namespaced_custom_object("serving.kserve.io", "v1beta1", self._ns, "inferenceservices")
+        listed = self._api.list_namespaced_custom_object(*self._args)
         self._ready.set()
         for ev in self._watch.stream(
-            self._api.list_namespaced_custom_object,
-            "serving.kserve.io", "v1beta1", self._ns, "inferenceservices",
-            resource_version=listed["metadata"]["resourceVersion"],
-            timeout_seconds=600,
+            self._api.list_namespaced_custom_object, *self._args,
+            resource_version=listed["metadata"]["resourceVersion"], timeout_seconds=900,
         ):
-            name = ev["object"]["metadata"]["name"]
-            self.seen.setdefault(name, time.monotonic())
+            self.seen.setdefault(ev["object"]["metadata"]["name"], time.monotonic())
 
     def stop(self) -> None:
         self._watch.stop()
@@ -146,13 +145,49 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+def rayjob_body(name: str, registry: str) -> dict[str, Any]:
+    """The RayJob the operator builds for run 1 of a pipeline, as a plain client would create it itself."""
+    from conveyor.operator.mlpipeline.build import build_rayjob
+    from conveyor.runtime.spec import MLPipelineSpec
+
+    pipeline = {"apiVersion": "conveyor.dev/v1alpha1", "kind": "MLPipeline",
+                "metadata": {"name": name, "namespace": "x", "uid": "u", "generation": 1}, "spec": pipeline_spec(registry)}
+    body = build_rayjob(pipeline, MLPipelineSpec.model_validate(pipeline["spec"]), 1)
+    body["metadata"] = {"name": f"{name}-1", "labels": body["metadata"]["labels"]}  # no owner: nothing to collect it
+    return body
+
+
+def pipeline_spec(registry: str) -> dict[str, Any]:
+    return {
+        "data": {"source": {"uri": "builtin://fraud", "format": "builtin"}},
+        "registry": {"uri": registry, "modelName": "fraud"},
+        "evaluation": {"metric": "accuracy", "threshold": 0.9},
+    }
+
+
+def create_all(fn: Any, items: list[Any]) -> dict[Any, float]:
+    """Create every item with the client's threads; when each create returned."""
+    done: dict[Any, float] = {}
+
+    def one(item: Any) -> None:
+        fn(item)
+        done[item] = time.monotonic()
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        list(pool.map(one, items))
+    return done
+
+
 def run_benchmark(
     kubeconfig: str,
     count: int = 200,
     idle: float = 60.0,
     registry_dir: Path | None = None,
     operator_args: tuple[str, ...] = (),
+    pipelines: int = 0,
 ) -> dict[str, Any]:
+    """`count` ModelDeployments and `pipelines` MLPipelines at once, against a plain client creating the
+    same InferenceServices and RayJobs itself."""
     api = config.new_client_from_config(config_file=kubeconfig)
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
     tag = uuid.uuid4().hex[:6]
@@ -163,39 +198,53 @@ def run_benchmark(
     registry = f"file://{registry_dir}"
     version = train(registry, "fraud", pipeline="bench", namespace=ns_op, run=1, accuracy=0.9)
     uri = f"{registry}/fraud/{version}"
-    names = [f"m{i:03d}" for i in range(count)]
+    md_names = [f"m{i:04d}" for i in range(count)]
+    mlp_names = [f"p{i:04d}" for i in range(pipelines)]
+    work = [("md", n) for n in md_names] + [("mlp", n) for n in mlp_names]
     op: OperatorProcess | None = None
     try:
-        # 1. Baseline: the plain client creates the InferenceServices itself.
-        w = IsvcWatch(api, ns_direct)
+        # 1. Baseline: the plain client creates the children itself.
+        isvcs = ChildWatch(api, ns_direct, "serving.kserve.io", "v1beta1", "inferenceservices")
+        rayjobs = ChildWatch(api, ns_direct, "ray.io", "v1", "rayjobs")
         t0 = time.monotonic()
-        with ThreadPoolExecutor(THREADS) as pool:
-            list(pool.map(lambda n: custom.create_namespaced_custom_object(
-                "serving.kserve.io", "v1beta1", ns_direct, "inferenceservices", isvc_body(n, uri)), names))
-        wait_for("all direct InferenceServices seen", lambda: len(w.seen) == count, timeout=300)
-        w.stop()
-        direct = summary([w.seen[n] - t0 for n in names])
+        create_all(lambda w: custom.create_namespaced_custom_object(
+            *(("serving.kserve.io", "v1beta1", ns_direct, "inferenceservices", isvc_body(w[1], uri)) if w[0] == "md"
+              else ("ray.io", "v1", ns_direct, "rayjobs", rayjob_body(w[1], registry)))), work)
+        wait_for("all direct children seen", lambda: len(isvcs.seen) + len(rayjobs.seen) == len(work), timeout=600)
+        direct_seen = {**isvcs.seen, **{n.removesuffix("-1"): t for n, t in rayjobs.seen.items()}}
+        for w in (isvcs, rayjobs):
+            w.stop()
+        direct = summary([direct_seen[n] - t0 for _, n in work])
 
-        # 2. The operator: 200 ModelDeployments applied at once.
+        # 2. The operator: the ModelDeployments and MLPipelines applied at once.
         op = OperatorProcess(kubeconfig, ns_op, *operator_args).start()
-        cpu_before = cpu_seconds(op.proc.pid)  # type: ignore[union-attr]
-        w = IsvcWatch(api, ns_op)
-        spec = {"model": {"registryUri": registry, "name": "fraud", "version": version}}
+        cpu_before, writes_before = cpu_seconds(op.proc.pid), op.writes()  # type: ignore[union-attr]
+        isvcs = ChildWatch(api, ns_op, "serving.kserve.io", "v1beta1", "inferenceservices")
+        rayjobs = ChildWatch(api, ns_op, "ray.io", "v1", "rayjobs")
+        md_spec = {"model": {"registryUri": registry, "name": "fraud", "version": version}}
         t0 = time.monotonic()
-        with ThreadPoolExecutor(THREADS) as pool:
-            list(pool.map(lambda n: custom.create_namespaced_custom_object(
-                "conveyor.dev", "v1alpha1", ns_op, "modeldeployments",
-                {"apiVersion": "conveyor.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": n}, "spec": spec}), names))
+        applied = create_all(lambda w: custom.create_namespaced_custom_object(
+            "conveyor.dev", "v1alpha1", ns_op, *(
+                ("modeldeployments", {"apiVersion": "conveyor.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": w[1]}, "spec": md_spec})
+                if w[0] == "md" else
+                ("mlpipelines", {"apiVersion": "conveyor.dev/v1alpha1", "kind": "MLPipeline", "metadata": {"name": w[1]}, "spec": pipeline_spec(registry)}))), work)
         applied_s = time.monotonic() - t0
-        wait_for("all operator InferenceServices seen", lambda: len(w.seen) == count, timeout=600, interval=0.5)
-        w.stop()
-        operator = summary([w.seen[n] - t0 for n in names])
+        wait_for("all operator children seen", lambda: len(isvcs.seen) + len(rayjobs.seen) == len(work), timeout=900, interval=0.5)
+        seen = {**isvcs.seen, **{n.removesuffix("-1"): t for n, t in rayjobs.seen.items()}}
+        for w in (isvcs, rayjobs):
+            w.stop()
+        operator = summary([seen[n] - t0 for _, n in work])
+        per_object = summary([seen[n] - applied[w] for w in work for n in [w[1]]])
 
         def settled() -> bool:
-            items = custom.list_namespaced_custom_object("conveyor.dev", "v1alpha1", ns_op, "modeldeployments")["items"]
-            return all((i.get("status") or {}).get("stableVersion") == version for i in items) and len(items) == count
+            mds = custom.list_namespaced_custom_object("conveyor.dev", "v1alpha1", ns_op, "modeldeployments")["items"]
+            mlps = custom.list_namespaced_custom_object("conveyor.dev", "v1alpha1", ns_op, "mlpipelines")["items"]
+            return (all((i.get("status") or {}).get("stableVersion") == version for i in mds) and len(mds) == count
+                    and all((i.get("status") or {}).get("lastRun") == 1 for i in mlps) and len(mlps) == pipelines)
 
-        wait_for("every ModelDeployment's status written", settled, timeout=300, interval=1)
+        wait_for("every object's status written", settled, timeout=600, interval=1)
+        burst_s = max(seen.values()) - t0
+        burst_writes = op.writes() - writes_before
         fanout_cpu = cpu_seconds(op.proc.pid) - cpu_before  # type: ignore[union-attr]
         time.sleep(5)  # let the last watch events of our own writes come back and be reconciled
 
@@ -205,26 +254,38 @@ def run_benchmark(
         op_after, api_after = op.writes(), apiserver_writes(api)
         api_delta = {k: api_after.get(k, 0) - api_before.get(k, 0) for k in set(api_after) | set(api_before)}
         memory = proc_memory(op.proc.pid)  # type: ignore[union-attr]
-        reconciles = op.metric("conveyor_reconcile_total", kind="ModelDeployment")
+        reconciles = op.metric("conveyor_reconcile_total")
         api_latency = {
             verb: round(1000 * op.metric("conveyor_api_request_duration_seconds_sum", verb=verb)
                         / max(1.0, op.metric("conveyor_api_request_duration_seconds_count", verb=verb)), 1)
             for verb in ("GET", "PATCH", "POST")
         }
-        reconcile_ms = round(1000 * op.metric("conveyor_reconcile_duration_seconds_sum", kind="ModelDeployment")
-                             / max(1.0, reconciles), 1)
+        direct_rate = len(work) / direct["all_exist_s"]
+        operator_write_rate = burst_writes / burst_s
+        last_applied_to_last_child = operator["all_exist_s"] - applied_s
         result = {
-            "benchmark": "operator fan-out: ModelDeployment -> InferenceService",
-            "objects": count,
+            "benchmark": "operator fan-out: ModelDeployment -> InferenceService, MLPipeline -> RayJob",
+            "modeldeployments": count,
+            "mlpipelines": pipelines,
             "client_threads": THREADS,
             "direct_create": direct,
             "operator": {
                 **operator,
-                "apply_all_modeldeployments_s": round(applied_s, 3),
+                "apply_all_s": round(applied_s, 3),
+                "apply_to_child_exists_per_object": per_object,
+                "api_writes_during_burst": burst_writes,
                 "cpu_seconds_until_settled": round(fanout_cpu, 2),
                 "args": list(operator_args),
             },
             "operator_vs_direct_all_exist": round(operator["all_exist_s"] / direct["all_exist_s"], 2),
+            "goals": {
+                "write_rate_vs_direct_create_rate": {"value": round(operator_write_rate / direct_rate, 2), "goal": ">= 0.5"},
+                "last_applied_to_last_child_vs_direct_create_time": {
+                    "value": round(last_applied_to_last_child / direct["all_exist_s"], 2), "goal": "<= 2"},
+                "p99_apply_to_child_exists_s": per_object["p99_s"],
+                "idle_api_writes": {"value": op_after - op_before, "goal": "0"},
+                "rss_mib": {"value": memory["rss_mib"], "goal": "< 150"},
+            },
             "idle": {
                 "seconds": idle,
                 "operator_api_writes": op_after - op_before,
@@ -233,7 +294,6 @@ def run_benchmark(
             },
             "operator_memory": memory,
             "operator_reconciles_total": reconciles,
-            "operator_mean_reconcile_ms": reconcile_ms,
             "operator_mean_api_latency_ms_by_verb": api_latency,
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -246,8 +306,11 @@ def run_benchmark(
             op.stop()
         for ns, plural, group, ver in (
             (ns_op, "modeldeployments", "conveyor.dev", "v1alpha1"),
+            (ns_op, "mlpipelines", "conveyor.dev", "v1alpha1"),
             (ns_op, "inferenceservices", "serving.kserve.io", "v1beta1"),
+            (ns_op, "rayjobs", "ray.io", "v1"),
             (ns_direct, "inferenceservices", "serving.kserve.io", "v1beta1"),
+            (ns_direct, "rayjobs", "ray.io", "v1"),
         ):
             with contextlib.suppress(client.ApiException):
                 custom.delete_collection_namespaced_custom_object(group, ver, ns, plural)
@@ -260,14 +323,16 @@ def run_benchmark(
 @pytest.mark.bench
 @pytest.mark.cluster
 def test_bench_operator(kubeconfig: str, tmp_path: Path) -> None:
-    result = run_benchmark(kubeconfig, registry_dir=tmp_path / "registry")
+    count = int(os.environ.get("CONVEYOR_BENCH_OBJECTS", "1000"))
+    result = run_benchmark(kubeconfig, count=count, pipelines=count, registry_dir=tmp_path / "registry")
     print(json.dumps(result, indent=2))
-    assert result["objects"] == 200
+    assert (result["modeldeployments"], result["mlpipelines"]) == (count, count)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--count", type=int, default=200)
+    p.add_argument("--count", type=int, default=1000, help="ModelDeployments")
+    p.add_argument("--pipelines", type=int, default=1000, help="MLPipelines")
     p.add_argument("--idle", type=float, default=60.0)
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
     p.add_argument("--operator-arg", action="append", default=[], help="extra operator flag (repeatable)")
@@ -275,7 +340,7 @@ def main() -> None:
     kubeconfig = args.kubeconfig or subprocess.run(
         [str(ROOT / "hack" / "local-cluster.sh"), "up"], capture_output=True, text=True, check=True
     ).stdout.strip().splitlines()[-1]
-    print(json.dumps(run_benchmark(kubeconfig, args.count, args.idle, operator_args=tuple(args.operator_arg)), indent=2))
+    print(json.dumps(run_benchmark(kubeconfig, args.count, args.idle, operator_args=tuple(args.operator_arg), pipelines=args.pipelines), indent=2))
 
 
 if __name__ == "__main__":
