@@ -92,6 +92,8 @@ def rollout_spec(stack: Stack, mode: str, *, interval: str = "5s", **analysis: A
                                  # see too few requests, and wait another interval.
                                  "inconclusiveLimit": 10,
                                  **analysis}},
+        # Standard mode scales with a Kubernetes HPA, on CPU only (the CRD refuses anything else).
+        **({"autoscaling": {"metric": "cpu", "target": 80}} if mode == "Standard" else {}),
     }
 
 
@@ -109,6 +111,15 @@ def canary_weight(isvc: dict[str, Any], mode: str) -> int | None:
         return isvc["spec"]["predictor"].get("canaryTrafficPercent")
     canary = isvc["spec"].get("canary") or []
     return canary[0]["trafficPercent"] if canary else None
+
+
+def served_weight(isvc: dict[str, Any], mode: str) -> int:
+    """The canary's share of the traffic actually served, as the InferenceService's status reports it."""
+    status = isvc.get("status") or {}
+    if mode == "Knative":
+        entries = ((status.get("components") or {}).get("predictor") or {}).get("traffic") or []
+        return sum(e["percent"] for e in entries if e.get("latestRevision") and len(entries) > 1)
+    return sum(c.get("trafficPercent", 0) for c in status.get("canaryStatuses") or [])
 
 
 def stable_in_isvc(isvc: dict[str, Any], mode: str) -> str:

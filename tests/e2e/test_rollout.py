@@ -22,6 +22,7 @@ from _rollout_support import (
     canary_weight,
     rollout_spec,
     rollout_stack,
+    served_weight,
     serving_v1,
     stable_in_isvc,
     wait_until,
@@ -44,13 +45,16 @@ def test_a_good_version_is_promoted_through_every_step(stack: Stack, mode: str) 
     url = serving_v1(stack, mode)
     with Load(url, {"instances": [ROW]}, rate=RATE) as load:
         stack.cluster.patch(MDEP, NAME, {"spec": {"model": {"version": "v2"}}})
-        seen: dict[int, float] = {}  # weight -> when the InferenceService first carried it
+        seen: dict[int, float] = {}  # weight -> when the InferenceService's spec first carried it
+        served: dict[int, float] = {}  # weight -> when its status first reported that split served
         deadline = time.monotonic() + 150
         while True:
             isvc, status = stack.isvc(), stack.status()
             weight = canary_weight(isvc, mode)
             if weight is not None and weight not in seen:
                 seen[weight] = time.monotonic()
+            if (split := served_weight(isvc, mode)) and split not in served:
+                served[split] = time.monotonic()
             if status.get("stableVersion") == "v2" and weight is None:
                 break
             assert time.monotonic() < deadline, f"not promoted; saw weights {sorted(seen)}; status {status}"
@@ -60,9 +64,10 @@ def test_a_good_version_is_promoted_through_every_step(stack: Stack, mode: str) 
     assert sorted(seen) == [20, 50], seen
     # What callers saw while the canary held 20%: about a fifth of the answers from v2 (the router is exact
     # per 100 requests; the margin covers the second the executor takes to apply a new weight).
-    share = [a for a in load.snapshot() if seen[20] + 1 < a.sent < seen[50]]
+    assert 20 in served and 50 in served, served
+    share = [a for a in load.snapshot() if served[20] + 1 < a.sent < served[50]]
     assert share and abs(sum(a.version == "v2" for a in share) / len(share) - 0.2) <= 0.1
-    at_50 = [a for a in load.snapshot() if seen[50] + 1 < a.sent < promoted]
+    at_50 = [a for a in load.snapshot() if served[50] + 1 < a.sent < promoted]
     assert at_50 and abs(sum(a.version == "v2" for a in at_50) / len(at_50) - 0.5) <= 0.15
     assert {a.version for a in load.snapshot(since=promoted + 1.5)} == {"v2"}
     assert not load.failures(), load.by_version()
