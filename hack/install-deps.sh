@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # System packages the project needs from Debian: openssl and curl (control plane), lua5.4 and lua5.1
 # (Argo CD health checks; Argo CD runs Lua 5.1), prometheus (the local Prometheus of hack/prometheus.sh;
-# its Debian service is kept stopped: ours runs on a free port). shellcheck and hadolint come from PyPI (dev extra).
+# its Debian service is kept stopped: ours runs on a free port), chromium (headless: make demo's report
+# screenshot and its test). shellcheck and hadolint come from PyPI (dev extra).
 # Installs only what is missing; needs root or sudo for that.
 set -euo pipefail
 
-declare -A need=([openssl]=openssl [curl]=curl [lua5.4]=lua5.4 [lua5.1]=lua5.1 [prometheus]=prometheus)
+declare -A need=([openssl]=openssl [curl]=curl [lua5.4]=lua5.4 [lua5.1]=lua5.1 [prometheus]=prometheus [chromium]=chromium)
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null || missing+=("${need[$cmd]}")
