@@ -8,8 +8,9 @@
 #      the operator gates the registered version and hands it to the ModelDeployment;
 #   3. the ModelDeployment: its InferenceService is served by KServe's real model server; predictions
 #      over HTTP;
-#   4. a spec change starts run 2; its version, if it passes the gate, arrives as a canary at the first
-#      step's weight. (Stepping, analysis, promotion and rollback come with a later issue.)
+#   4. the story (conveyor_devstack.demo, under load throughout): v2 promoted through every canary step,
+#      v3 (a planted fault) rolled back at its first, drifted traffic retrains v4, which goes through the
+#      canary; one line per event, from the objects' status and events; an HTML report at the end.
 # REGISTRY=file (default) keeps the model registry in a folder; REGISTRY=s3 in the local S3 server
 # (hack/s3.sh: versitygw), with the credentials delivered as on a cluster: the operator gets them in
 # its environment (the chart's registry.credentialsSecret), training and serving from a Secret named in
@@ -19,7 +20,6 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NS=${DEMO_NAMESPACE:-conveyor-demo}
 DEMO=${XDG_CACHE_HOME:-$HOME/.cache}/conveyor/demo
 PY=$ROOT/.venv/bin/python
-TIMEOUT=${DEMO_TIMEOUT:-900s}
 REGISTRY=${REGISTRY:-file}
 [[ $REGISTRY == file || $REGISTRY == s3 ]] || { echo "REGISTRY must be file or s3, not '$REGISTRY'" >&2; exit 2; }
 
@@ -63,60 +63,22 @@ operator_pid=$!
 printf '[{"targets": ["127.0.0.1:%s"], "labels": {"component": "operator"}}]\n' "$metrics_port" \
   >"$CONVEYOR_PROMETHEUS_TARGETS/operator-$NS.json"
 (cd "$DEMO" && exec env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_ENDPOINT_URL "$PY" -m conveyor_devstack.executor --kubeconfig "$kubeconfig" --namespace "$NS" \
-  --state-dir "$DEMO/executor" --prometheus-targets "$CONVEYOR_PROMETHEUS_TARGETS") >"$DEMO/logs/executor.log" 2>&1 &
+  --state-dir "$DEMO/executor" --prometheus-targets "$CONVEYOR_PROMETHEUS_TARGETS" --faults "$DEMO/faults.json") >"$DEMO/logs/executor.log" 2>&1 &
 executor_pid=$!
 trap 'kill $operator_pid $executor_pid 2>/dev/null || true; wait 2>/dev/null || true; rm -f "$CONVEYOR_PROMETHEUS_TARGETS/operator-$NS.json"' EXIT
 
-step "apply the MLPipeline and the ModelDeployment (hack/demo/fraud.yaml)"
-# With REGISTRY=s3, the pipeline's and the deployment's pods name the credentials Secret (pod settings).
-sed "s#REGISTRY#$registry_uri#g" "$ROOT/hack/demo/fraud.yaml" | "$PY" -c '
-import json, sys, yaml
-pod = json.loads(sys.argv[1])
-docs = list(yaml.safe_load_all(sys.stdin))
-for d in docs:
-    if pod:
-        (d["spec"]["training"] if d["kind"] == "MLPipeline" else d["spec"]["predictor"])["pod"] = pod
-print(json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))' "$pod_settings" \
-  | kubectl apply --server-side -n "$NS" -f -
+step "the story (hack/devstack/conveyor_devstack/demo.py): v1 trains and serves, v2 is promoted, v3 rolled back, drift retrains v4"
+report=$DEMO/report.html
+"$PY" -m conveyor_devstack.demo --kubeconfig "$kubeconfig" --namespace "$NS" --registry "$registry_uri" \
+  --faults "$DEMO/faults.json" --prometheus-url "$CONVEYOR_PROMETHEUS_URL" --report "$report" --logs "$DEMO/logs" \
+  --pod-settings "$pod_settings" || fail "the story stopped (the line above names the step)"
 
-step "run 1: data validation, training on Ray, evaluation, registration"
-kubectl wait -n "$NS" mlp/fraud --for=jsonpath='{.status.phase}'=Succeeded --timeout="$TIMEOUT" >/dev/null \
-  || fail "the pipeline did not succeed"
-kubectl get -n "$NS" mlp,rayjobs
-# Read back through fsspec, whichever storage holds the registry.
-"$PY" -c 'import fsspec, json, sys
-fs, root = fsspec.core.url_to_fs(sys.argv[1] + "/fraud")
-print(sys.argv[1] + "/fraud:", sorted(n for p in fs.ls(root, detail=False) if (n := p.rstrip("/").rsplit("/", 1)[-1]) != "fraud"))
-m = json.loads(fs.cat_file(root + "/v1/metrics.json"))
-print({k: round(v, 4) for k, v in m.items() if isinstance(v, float)})' "$registry_uri"
-
-step "serving v1 through the InferenceService"
-kubectl wait -n "$NS" mdep/fraud --for=condition=Ready --timeout="$TIMEOUT" >/dev/null || fail "the deployment is not Ready"
-kubectl get -n "$NS" mdep,inferenceservices
-url=$(kubectl get -n "$NS" mdep/fraud -o jsonpath='{.status.url}')
-request='{"instances": [
-  {"amount": 24.5, "merchant": "grocery", "hour": 14, "foreign": false, "card_age_days": 900, "distance_km": 2.1, "txn_last_hour": 0},
-  {"amount": 2450.0, "merchant": "electronics", "hour": 3, "foreign": true, "card_age_days": 9, "distance_km": 840.0, "txn_last_hour": 4}]}'
-echo "POST $url/v1/models/fraud:predict"
-curl -sf -H 'content-type: application/json' -d "$request" "$url/v1/models/fraud:predict" | "$PY" -m json.tool \
-  || fail "prediction failed"
-echo "a bad request gets a 4xx naming the problem:"
-curl -s -w '  (HTTP %{http_code})\n' -H 'content-type: application/json' \
-  -d '{"instances": [{"amount": "lots", "merchant": "grocery", "hour": 14, "foreign": false, "card_age_days": 900, "distance_km": 2.1, "txn_last_hour": 0}]}' \
-  "$url/v1/models/fraud:predict"
-
-step "run 2: a spec change retrains; a version that passes the gate arrives as a canary"
-kubectl patch -n "$NS" mlp/fraud --type merge -p '{"spec":{"training":{"hyperparameters":{"epochs":6}}}}'
-kubectl wait -n "$NS" mlp/fraud --for=jsonpath='{.status.lastRun}'=2 --timeout=120s >/dev/null || fail "run 2 did not start"
-kubectl wait -n "$NS" mlp/fraud --for=jsonpath='{.status.phase}'=Succeeded --timeout="$TIMEOUT" >/dev/null \
-  || { kubectl get -n "$NS" mlp/fraud -o jsonpath='{.status.runs[-1]}'; echo; }
-if kubectl wait -n "$NS" mdep/fraud --for=jsonpath='{.status.canaryVersion}'=v2 --timeout=120s >/dev/null; then
-  kubectl wait -n "$NS" mdep/fraud --for=condition=Ready --timeout="$TIMEOUT" >/dev/null || fail "the canary did not become Ready"
-else
-  echo "(no canary: see the run's outcome above)"
-fi
+step "kubectl get ml"
 kubectl get -n "$NS" ml
-echo "traffic:"
-kubectl get -n "$NS" mdep/fraud -o jsonpath='{range .status.traffic[*]}  {.version}{"\t"}{.tag}{"\t"}{.percent}%{"\n"}{end}'
-
-printf '\nThe control plane and Prometheus keep running (make cluster-down, hack/prometheus.sh down stop them); the operator and executor stop now.\n'
+if command -v chromium >/dev/null; then
+  # What the report looks like, as a browser draws it (hack/install-deps.sh installs Debian's chromium).
+  chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1340,1500 \
+    --screenshot="$DEMO/report.png" "file://$report" >/dev/null 2>&1 && echo "screenshot: $DEMO/report.png"
+fi
+printf '\nreport: %s\n' "$report"
+printf 'The control plane and Prometheus keep running (make cluster-down, hack/prometheus.sh down stop them); the operator and executor stop now.\n'
