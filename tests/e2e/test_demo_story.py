@@ -1,0 +1,59 @@
+"""make demo's story as a test: the demo's driver (conveyor_devstack.demo) on the rollout stack (the operator
+with --prometheus-url, the executor with its router and faults file, a real Prometheus, the real
+kube-apiserver), with its exit status and the objects' final states checked: v2 promoted through every
+step, v3 rejected with its failing check recorded, Drifted=True with a Drift-triggered run, v4 in the
+canary (or past it), and the report written with every plot."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _rollout_support import MDEP, NAME, Stack, rollout_stack
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+@pytest.fixture
+def stack(kubeconfig: str, kube_api: Any, namespace: str, prometheus: Any, tmp_path: Path) -> Iterator[Stack]:
+    (tmp_path / "registry").mkdir()
+    with rollout_stack(kubeconfig, kube_api, namespace, prometheus, f"file://{tmp_path / 'registry'}", tmp_path) as s:
+        yield s
+
+
+@pytest.mark.timeout(900)
+def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path: Path) -> None:
+    report = tmp_path / "report.html"
+    done = subprocess.run(
+        [sys.executable, "-m", "conveyor_devstack.demo", "--kubeconfig", kubeconfig, "--namespace", stack.cluster.ns,
+         "--registry", stack.registry, "--faults", str(stack.faults_file), "--prometheus-url", stack.prometheus.url,
+         "--report", str(report), "--logs", str(tmp_path)],
+        capture_output=True, text=True, timeout=840, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}\n--- operator\n{stack.operator.logs()[-3000:]}"
+    print(done.stdout)
+
+    status = stack.status()
+    v2 = [a for a in status["analyses"] if a["version"] == "v2"]
+    assert {a["weight"] for a in v2 if a["verdict"] == "Passed"} >= {20, 50}, v2
+    rejected = next(r for r in status["rejectedVersions"] if r["version"] == "v3")
+    assert rejected["check"] and rejected["value"] is not None and rejected["value"] < 0.9, rejected
+    assert not any(a["version"] == "v3" and a["weight"] > 20 for a in status["analyses"])  # at its first step
+    drifted = next(c for c in status["conditions"] if c["type"] == "Drifted")
+    assert drifted["status"] == "True" and "amount" in drifted["message"], drifted
+    runs = stack.cluster.status("mlpipelines", NAME)["runs"]
+    drift_run = next(r for r in runs if r["trigger"] == "Drift")
+    assert drift_run["modelVersion"] == "v4", runs
+    assert any(a["version"] == "v4" for a in status["analyses"]) or status["stableVersion"] == "v4", status
+    assert stack.cluster.get(MDEP, NAME)
+
+    page = report.read_text()
+    titles = re.findall(r'<img class=plot alt="([^"]+)"', page)
+    assert len(titles) == 6 and any(t.startswith("Drift score") for t in titles), titles
+    for line in ("run 1 started", "v2 serves all traffic", "v3 rolled back", "Drifted=True", "trigger Drift"):
+        assert line in done.stdout, line
