@@ -120,6 +120,7 @@ class Story:
         self.last: dict[str, Any] = {}
         self.run_finished: dict[int, float] = {}
         self.traffic = Traffic()
+        self.reruns = 3
         self._spin = 0
 
     # ------------------------------------------------------------------ objects
@@ -162,8 +163,16 @@ class Story:
                                     if isinstance(v, (int, float)))
                 self.say(f"run {n} {outcome}{': ' + r['reason'] if r.get('reason') else ''}"
                          f"{'; ' + metrics if metrics else ''}"
-                         f"{'; registered ' + r['modelVersion'] if r.get('modelVersion') else ''}")
+                         f"{'; registered ' + r['modelVersion'] if r.get('modelVersion') else ''}"
+                         f"{'; ' + _first_line(r.get('message'), 100) if outcome != 'Succeeded' and r.get('message') else ''}")
                 self.run_finished[n] = time.time() - self.t0
+                if outcome == "Failed" and r.get("reason") == "AppFailed" and self.reruns > 0:
+                    # The job itself failed (on two busy cores, typically Ray's node start timing out):
+                    # what a user does, ask for the run again.
+                    self.reruns -= 1
+                    self.api.patch_namespaced_custom_object(GROUP, VERSION, self.ns, "mlpipelines", NAME, {
+                        "metadata": {"annotations": {"conveyor.dev/rerun": uuid.uuid4().hex[:8]}}})
+                    self.say(f"run {n}'s job failed ({_first_line(r.get('message'))}): rerun requested (conveyor.dev/rerun)")
             self.seen_runs[n] = outcome
 
     def _rollout(self, s: dict[str, Any]) -> None:
@@ -210,7 +219,7 @@ class Story:
             self.seen_events.add(e.metadata.uid)
             if e.reason in ("DriftDetected", "RetrainTriggered", "RolledBack", "Promoted", "GateFailed",
                             "DataValidated", "Trained", "Registered", "RunFailed"):
-                self.say(f"event {e.involved_object.kind}/{e.involved_object.name} {e.reason}: {e.message}")
+                self.say(f"event {e.involved_object.kind}/{e.involved_object.name} {e.reason}: {_first_line(e.message)}")
 
     # ------------------------------------------------------------------ waiting
 
@@ -278,6 +287,11 @@ class Story:
 
 def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _first_line(text: str | None, limit: int = 160) -> str:
+    line = (text or "").strip().split("\n", 1)[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any]:
