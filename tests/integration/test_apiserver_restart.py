@@ -38,10 +38,10 @@ def local_cluster(state: Path, *args: str, check: bool = True) -> str:
 @pytest.fixture
 def private_cluster(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     state = tmp_path / "cluster"
-    kubeconfig = local_cluster(state, "up").splitlines()[-1]
     try:
+        kubeconfig = local_cluster(state, "up").splitlines()[-1]
         yield state, kubeconfig
-    finally:
+    finally:  # also after a failed `up`: stop whatever it started
         print(local_cluster(state, "down", check=False))
 
 
