@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import json
+import re
 import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
@@ -91,6 +92,12 @@ def prometheus_plots(url: str, namespace: str, deployment: str, start: float, en
 # ---------------------------------------------------------------------------------------- rendering
 
 
+def _color(label: str) -> str | None:
+    """One colour per version across every plot (v1 blue, v2 orange, v3 green...); others matplotlib's."""
+    m = re.fullmatch(r"v([0-9]+)", label)
+    return f"C{(int(m[1]) - 1) % 10}" if m else ("0.3" if "weight" in label else None)
+
+
 def _png(plot: Plot, markers: list[tuple[float, str]], duration: float) -> str:
     import matplotlib
 
@@ -101,11 +108,12 @@ def _png(plot: Plot, markers: list[tuple[float, str]], duration: float) -> str:
     for label, points in sorted(plot.series.items()):
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         dashed = "weight" in label
+        color = _color(label)
         if plot.step:
-            ax.step(xs, ys, where="post", label=label, linewidth=1.8)
+            ax.step(xs, ys, where="post", label=label, linewidth=1.8, color=color)
         else:
             ax.plot(xs, ys, label=label, linewidth=1.2 if dashed else 1.8, linestyle="--" if dashed else "-",
-                    marker="." if len(xs) < 40 else None)
+                    marker="." if len(xs) < 40 else None, color=color)
     if plot.threshold is not None:
         ax.axhline(plot.threshold, color="crimson", linestyle=":", linewidth=1.5, label=plot.threshold_label)
     for t, what in markers:
