@@ -33,7 +33,7 @@ def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path:
     done = subprocess.run(
         [sys.executable, "-m", "conveyor_devstack.demo", "--kubeconfig", kubeconfig, "--namespace", stack.cluster.ns,
          "--registry", stack.registry, "--faults", str(stack.faults_file), "--prometheus-url", stack.prometheus.url,
-         "--report", str(report), "--logs", str(tmp_path)],
+         "--report", str(report), "--logs", str(tmp_path), "--rows", "8000"],
         capture_output=True, text=True, timeout=840, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}\n--- operator\n{stack.operator.logs()[-3000:]}"
     print(done.stdout)

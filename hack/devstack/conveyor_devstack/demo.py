@@ -249,6 +249,10 @@ class Story:
         a = self.args
         docs = list(yaml.safe_load_all(Path(a.manifest).read_text().replace("REGISTRY", a.registry)))
         pod = json.loads(a.pod_settings)
+        pipeline = next(d for d in docs if d["kind"] == "MLPipeline")
+        if a.rows:  # the e2e test's smaller data: shorter runs
+            pipeline["spec"]["data"]["source"]["uri"] = f"builtin://fraud?rows={a.rows}&seed=7"
+        epochs = pipeline["spec"]["training"]["hyperparameters"]["epochs"]
         for d in docs:
             if pod:  # e.g. REGISTRY=s3: the pods name the credentials Secret
                 (d["spec"]["training"] if d["kind"] == "MLPipeline" else d["spec"]["predictor"])["pod"] = pod
@@ -262,8 +266,8 @@ class Story:
         self.traffic.start(f"{url}/v1/models/{NAME}")
         self.say(f"traffic: {RATE:.0f} transactions/s to {url}/v1/models/{NAME}:predict, ground truth sent for half")
 
-        self.patch("mlpipelines", {"spec": {"training": {"hyperparameters": {"epochs": 8}}}})
-        self.say("2. spec change (epochs 4 -> 8): run 2 trains v2")
+        self.patch("mlpipelines", {"spec": {"training": {"hyperparameters": {"epochs": 2 * epochs}}}})
+        self.say(f"2. spec change (epochs {epochs} -> {2 * epochs}): run 2 trains v2")
         self.wait("2. v2 promoted through every canary step", lambda p, m: m.get("stableVersion") == "v2", 420)
         self.callers("during v2's rollout")
 
@@ -317,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     for flag in ("--kubeconfig", "--namespace", "--registry", "--faults", "--prometheus-url", "--report", "--logs"):
         p.add_argument(flag, required=True)
+    p.add_argument("--rows", type=int, default=0, help="rows of the pipeline's data (default: the manifest's)")
     p.add_argument("--pod-settings", default="{}", help="pod settings (JSON) for training and serving pods")
     p.add_argument("--manifest", default=str(Path(__file__).resolve().parents[2] / "demo" / "fraud.yaml"))
     args = p.parse_args(argv)
