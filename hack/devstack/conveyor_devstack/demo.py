@@ -38,6 +38,7 @@ GROUP, VERSION = "conveyor.dev", "v1alpha1"
 NAME = "fraud"
 RATE = 10.0  # requests a second, one transaction each
 SPINNER = "|/-\\"
+HEADLINE_METRICS = {"rocAuc", "prAuc", "recall", "accuracy", "rmse", "mae"}  # the run's line; the report has all
 
 
 class StepFailed(Exception):
@@ -160,7 +161,7 @@ class Story:
                 self.say(f"run {n} started (trigger {r.get('trigger')}): RayJob {r.get('rayJob') or '-'}")
             if outcome not in ("Pending", "Running"):
                 metrics = ", ".join(f"{k} {v:.3f}" for k, v in sorted((r.get("metrics") or {}).items())
-                                    if isinstance(v, (int, float)))
+                                    if k in HEADLINE_METRICS and isinstance(v, (int, float)))
                 self.say(f"run {n} {outcome}{': ' + r['reason'] if r.get('reason') else ''}"
                          f"{'; ' + metrics if metrics else ''}"
                          f"{'; registered ' + r['modelVersion'] if r.get('modelVersion') else ''}"
