@@ -172,14 +172,23 @@ def score(config: BatchRunConfig, *, concurrency: int = 1) -> dict[str, Any]:
             batch_size=config.batch_size,
             compute=ActorPoolStrategy(size=concurrency),  # each actor loads the model once
         ).materialize()
-        predictions = scored.map_batches(_accepted, batch_format="pandas")
-        rejects = scored.map_batches(_rejected, batch_format="pandas")
-        rows_scored, rows_rejected = predictions.count(), rejects.count()
-        predictions.write_parquet(f"{staging_path}/{PREDICTIONS}", filesystem=_arrow_fs(outputs))
+        # One pass over the small columns, batch by batch (row by row is ~1 ms a row in Ray Data).
+        reasons: Counter[str] = Counter()
+        bins: list[dict[str, Any]] = []
+        total = 0
+        for b in scored.select_columns([REASON, _BINS]).iter_batches(batch_format="pandas", batch_size=None):
+            total += len(b)
+            reasons.update(b[REASON].dropna())
+            bins.extend(json.loads(v) for v in b[_BINS].dropna())
+        rows_rejected = sum(reasons.values())
+        rows_scored = total - rows_rejected
+        scored.map_batches(_accepted, batch_format="pandas").write_parquet(
+            f"{staging_path}/{PREDICTIONS}", filesystem=_arrow_fs(outputs)
+        )
         if rows_rejected:
-            rejects.write_parquet(f"{staging_path}/{REJECTS}", filesystem=_arrow_fs(outputs))
-        reasons = Counter(r[REASON] for r in rejects.select_columns([REASON]).take_all()) if rows_rejected else Counter()
-        bins = [json.loads(r[_BINS]) for r in scored.select_columns([_BINS]).take_all() if r[_BINS]]
+            scored.map_batches(_rejected, batch_format="pandas").write_parquet(
+                f"{staging_path}/{REJECTS}", filesystem=_arrow_fs(outputs)
+            )
         references = drifts.references(registry.open(version, verify=False).profile)
         finished = time.time()
         record = {
