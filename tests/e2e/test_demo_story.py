@@ -38,14 +38,19 @@ def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path:
     assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}\n--- operator\n{stack.operator.logs()[-3000:]}"
     print(done.stdout)
 
+    out = done.stdout
     status = stack.status()
-    v2 = [a for a in status["analyses"] if a["version"] == "v2"]
-    assert {a["weight"] for a in v2 if a["verdict"] == "Passed"} >= {20, 50}, v2
+    # The status keeps the last few analyses only: v2's steps are read from the demo's lines (taken from
+    # the status as it went) and the Promoted event.
+    assert "canary v2 at 20%: analysis Passed" in out and "canary v2 at 50%: analysis Passed" in out, out
+    assert any(r == "Promoted" and "v2" in m for _, r, m in stack.cluster.events(NAME))
     rejected = next(r for r in status["rejectedVersions"] if r["version"] == "v3")
     assert rejected["check"] and rejected["value"] is not None and rejected["value"] < 0.9, rejected
-    assert not any(a["version"] == "v3" and a["weight"] > 20 for a in status["analyses"])  # at its first step
-    drifted = next(c for c in status["conditions"] if c["type"] == "Drifted")
-    assert drifted["status"] == "True" and "amount" in drifted["message"], drifted
+    assert "canary v3 takes 20%" in out and "canary v3 takes 50%" not in out, out  # rolled back at its first step
+    # Drifted went True naming a shifted input (v4, trained since, may have settled it again).
+    drift_line = next(line for line in out.splitlines() if "Drifted=True" in line)
+    assert "amount" in drift_line or "distance_km" in drift_line, drift_line
+    assert any(t == "Warning" and r == "DriftDetected" for t, r, _ in stack.cluster.events(NAME))
     runs = stack.cluster.status("mlpipelines", NAME)["runs"]
     assert any(r["trigger"] == "Drift" for r in runs), runs
     # v4 from the Drift run (or, had its job failed on busy cores, from the rerun the demo asked for).
@@ -57,4 +62,4 @@ def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path:
     titles = re.findall(r'<img class=plot alt="([^"]+)"', page)
     assert len(titles) == 6 and any(t.startswith("Drift score") for t in titles), titles
     for line in ("run 1 started", "v2 serves all traffic", "v3 rolled back", "Drifted=True", "trigger Drift"):
-        assert line in done.stdout, line
+        assert line in out, line

@@ -4,7 +4,7 @@
     python -m conveyor_devstack.demo --kubeconfig K --namespace NS --registry URI --faults FILE \
         --prometheus-url URL --report report.html --logs DIR
 
-1. the pipeline trains v1 on Ray, passes the gate, v1 serves;  2. a better v2 (more epochs) goes
+1. the pipeline trains v1 on Ray, passes the gate, v1 serves;  2. v2 (more epochs) goes
 through every canary step, each judged by Prometheus, and is promoted;  3. v3, with a planted fault
 (503 on half its requests), is rolled back at its first step while callers keep getting v2;  4. the
 traffic shifts: Drifted turns True, a Drift-triggered run trains v4 with the feedback collected, and v4
@@ -116,7 +116,7 @@ class Story:
         self.drift: dict[str, list[tuple[float, float]]] = {}
         self.seen_events: set[str] = set()
         self.seen_runs: dict[int, str] = {}
-        self.seen_analyses = 0
+        self.seen_analyses: set[str] = set()
         self.seen_rejected: set[str] = set()
         self.last: dict[str, Any] = {}
         self.run_finished: dict[int, float] = {}
@@ -177,12 +177,15 @@ class Story:
             self.seen_runs[n] = outcome
 
     def _rollout(self, s: dict[str, Any]) -> None:
-        analyses = s.get("analyses") or []
-        for a in analyses[self.seen_analyses:] if len(analyses) >= self.seen_analyses else analyses:
+        for a in s.get("analyses") or []:
+            # The status keeps the last few analyses: each is known by its time, version and step.
+            key = f"{a.get('time')}/{a.get('version')}/{a.get('step')}"
+            if key in self.seen_analyses:
+                continue
+            self.seen_analyses.add(key)
             checks = ", ".join(f"{c['name']} {_fmt(c.get('candidate'))} (stable {_fmt(c.get('stable'))}) {c.get('verdict')}"
                                for c in a.get("checks") or [])
             self.say(f"canary {a.get('version')} at {a.get('weight')}%: analysis {a.get('verdict')}: {checks}")
-        self.seen_analyses = len(analyses)
         for key in ("stableVersion", "canaryVersion", "canaryWeight"):
             if s.get(key) != self.last.get(key):
                 if key == "stableVersion" and s.get(key):

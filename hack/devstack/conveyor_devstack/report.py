@@ -35,6 +35,7 @@ class Plot:
     threshold_label: str = ""
     ylim: tuple[float, float] | None = None
     step: bool = False
+    points: bool = False  # markers only (one per run), no line between them
 
 
 @dataclass
@@ -109,7 +110,9 @@ def _png(plot: Plot, markers: list[tuple[float, str]], duration: float) -> str:
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         dashed = "weight" in label
         color = _color(label)
-        if plot.step:
+        if plot.points:
+            ax.plot(xs, ys, label=label, linestyle="none", marker="o", markersize=6, color=color)
+        elif plot.step:
             ax.step(xs, ys, where="post", label=label, linewidth=1.8, color=color)
         else:
             ax.plot(xs, ys, label=label, linewidth=1.2 if dashed else 1.8, linestyle="--" if dashed else "-",
@@ -157,7 +160,7 @@ def runs_plot(runs: list[dict[str, Any]], metric: str, threshold: float | None) 
         if isinstance(value, (int, float)):
             series.setdefault(f"runs ({r.get('trigger')})", []).append((float(r.get("_finished_s", r["run"])), value))
     return Plot(f"Training runs: held-out {metric} (gate {threshold})", metric, series, threshold=threshold,
-                threshold_label="gate threshold")
+                threshold_label="gate threshold", points=True)
 
 
 def plot_regions(n: int) -> list[tuple[int, int, int, int]]:
