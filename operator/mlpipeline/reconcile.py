@@ -120,7 +120,7 @@ async def observe(op: Operator, key: Key) -> PipelineSnapshot | None:
     deploy_target = _deploy_target(op, namespace, name, spec) if spec is not None else None
     reports: dict[int, dict[str, Any]] = {}
     gate: dict[int, GateOutcome] = {}
-    if spec is not None:
+    if spec is not None and invalid is None:  # an invalid spec stops all work, registry reads included
         registry = op.registry(spec.registry.uri, spec.registry.model_name)
         for n in runs_awaiting_report(status, rayjobs):
             try:
