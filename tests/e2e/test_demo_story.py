@@ -48,7 +48,10 @@ def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path:
     assert rejected["check"] and rejected["value"] is not None and rejected["value"] < 0.9, rejected
     assert "canary v3 takes 20%" in out and "canary v3 takes 50%" not in out, out  # rolled back at its first step
     # Drifted went True naming a shifted input (v4, trained since, may have settled it again).
-    drift_line = next(line for line in out.splitlines() if "Drifted=True" in line)
+    lines = out.splitlines()
+    shift = next(i for i, line in enumerate(lines) if "the traffic shifts" in line)
+    drift_line = next(line for line in lines if "Drifted=True" in line)
+    assert lines.index(drift_line) > shift, "Drifted=True before the traffic shifted: " + drift_line
     assert "amount" in drift_line or "distance_km" in drift_line, drift_line
     assert any(t == "Warning" and r == "DriftDetected" for t, r, _ in stack.cluster.events(NAME))
     runs = stack.cluster.status("mlpipelines", NAME)["runs"]
