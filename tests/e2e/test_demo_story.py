@@ -52,7 +52,8 @@ def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path:
     shift = next(i for i, line in enumerate(lines) if "the traffic shifts" in line)
     drift_line = next(line for line in lines if "Drifted=True" in line)
     assert lines.index(drift_line) > shift, "Drifted=True before the traffic shifted: " + drift_line
-    assert "amount" in drift_line or "distance_km" in drift_line, drift_line
+    # The shifted inputs, or the predictions they move (the predictions' PSI can cross first).
+    assert any(name in drift_line for name in ("amount", "distance_km", "__prediction__")), drift_line
     assert any(t == "Warning" and r == "DriftDetected" for t, r, _ in stack.cluster.events(NAME))
     runs = stack.cluster.status("mlpipelines", NAME)["runs"]
     assert any(r["trigger"] == "Drift" for r in runs), runs
