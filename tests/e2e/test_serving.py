@@ -97,6 +97,15 @@ def in_process_probabilities(package_uri: str, data: Any) -> np.ndarray:
         return torch.softmax(pkg.load_model("cpu")(x), dim=1).numpy()
 
 
+def expected_labels(package_uri: str, probabilities: np.ndarray) -> list[str]:
+    """The labels the package's decision rule gives (its tuned threshold for a binary model, else argmax)."""
+    from conveyor.runtime.package.decision import decide, decision_threshold
+    from conveyor.runtime.package.registry import open_package
+
+    threshold = decision_threshold(open_package(package_uri).schema)
+    return [str(i) for i in decide(probabilities, threshold)]
+
+
 def kserve_infer(url: str, protocol: str, data: Any, name: str) -> Any:
     from kserve import InferenceRESTClient, RESTConfig
 
@@ -147,7 +156,7 @@ def test_v1_with_kserve_client_applies_exactly_the_fitted_transforms(
     served = np.array([[p["probabilities"]["0"], p["probabilities"]["1"]] for p in preds])
     expected = in_process_probabilities(fraud_package, rows)
     np.testing.assert_allclose(served, expected, atol=1e-5)
-    assert [p["label"] for p in preds] == [str(i) for i in expected.argmax(axis=1)]
+    assert [p["label"] for p in preds] == expected_labels(fraud_package, expected)
 
 
 def test_v2_with_kserve_client_matches_v1_and_carries_id_and_version(
@@ -165,7 +174,7 @@ def test_v2_with_kserve_client_matches_v1_and_carries_id_and_version(
     assert labels == [p["label"] for p in v1["predictions"]]
 
 
-def test_v2_metadata_and_inference_with_tritonclient(fraud_server: ServerProcess, live_frame: Any) -> None:
+def test_v2_metadata_and_inference_with_tritonclient(fraud_server: ServerProcess, fraud_package: str, live_frame: Any) -> None:
     import tritonclient.http as triton
 
     client = triton.InferenceServerClient(url=f"127.0.0.1:{fraud_server.port}")
@@ -198,7 +207,7 @@ def test_v2_metadata_and_inference_with_tritonclient(fraud_server: ServerProcess
         assert probs.shape == (20, 2)
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
         labels = [v.decode() for v in result.as_numpy("label").tolist()]
-        assert labels == [str(i) for i in probs.argmax(axis=1)]
+        assert labels == expected_labels(fraud_package, probs)
     finally:
         client.close()
 
