@@ -10,12 +10,17 @@ Builders assume a spec that `validate.validate_batch` accepted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
-from conveyor.operator.controller.children import LABEL_MANAGED_BY, MANAGED_BY, owner_reference, stamp
+from conveyor.operator.controller.children import (
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    owner_reference,
+    spec_digest,
+    stamp,
+)
 from conveyor.operator.controller.raycluster import (
     LABEL_KUEUE_QUEUE,
     RUN_CONFIG_DIR,
@@ -52,8 +57,7 @@ class ResolvedModel:
 
 def spec_hash(spec: dict[str, Any]) -> str:
     """Digest of the scoring-relevant part of a BatchPrediction spec (a change starts a new run)."""
-    relevant = {k: v for k, v in spec.items() if k not in NON_SCORING_FIELDS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return spec_digest(spec, NON_SCORING_FIELDS)
 
 
 def rayjob_name(batch: str, run: int) -> str:

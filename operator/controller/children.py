@@ -45,6 +45,12 @@ def manifest_hash(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def spec_digest(spec: dict[str, Any], ignored: tuple[str, ...]) -> str:
+    """Stable digest of a spec without the `ignored` top-level fields (a change in the rest starts a run)."""
+    relevant = {k: v for k, v in spec.items() if k not in ignored}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
 def stamp(manifest: dict[str, Any]) -> dict[str, Any]:
     """Record the manifest's digest on it (the annotation `needs_apply` compares)."""
     manifest["metadata"].setdefault("annotations", {})[ANNOTATION_APPLIED_HASH] = manifest_hash(manifest)

@@ -9,11 +9,16 @@ Builders assume a spec that `validate.validate_pipeline` accepted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
-from conveyor.operator.controller.children import LABEL_MANAGED_BY, MANAGED_BY, owner_reference, stamp
+from conveyor.operator.controller.children import (
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    owner_reference,
+    spec_digest,
+    stamp,
+)
 from conveyor.operator.controller.raycluster import (
     LABEL_KUEUE_QUEUE,
     RUN_CONFIG_DIR,
@@ -40,8 +45,7 @@ NON_TRAINING_FIELDS = ("triggers", "deploy", "runsHistoryLimit", "suspend")
 
 def spec_hash(spec: dict[str, Any]) -> str:
     """Digest of the training-relevant part of an MLPipeline spec (a change starts a new run)."""
-    relevant = {k: v for k, v in spec.items() if k not in NON_TRAINING_FIELDS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+    return spec_digest(spec, NON_TRAINING_FIELDS)
 
 
 def rayjob_name(pipeline: str, run: int) -> str:
