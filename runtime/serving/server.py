@@ -58,9 +58,10 @@ def _json_response(status: int, payload: dict[str, Any]) -> tuple[dict[str, Any]
 class ServingMiddleware:
     """Request accounting, body size limit and malformed-input safety net for the inference routes."""
 
-    def __init__(self, app: Any, *, predictor: Any, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, *, predictor: Any, max_body_bytes: int, shadow: Any = None) -> None:
         self.app = app
         self.predictor = predictor
+        self.shadow = shadow  # a conveyor.runtime.serving.shadow.ShadowMirror, or None
         self.max_body_bytes = max_body_bytes
         name = re.escape(predictor.name)
         self._routes = [
@@ -85,9 +86,15 @@ class ServingMiddleware:
         status: dict[str, Any] = {"code": None}
         limit = self.max_body_bytes
 
+        # Shadow traffic: a sampled request's body and answer are copied, then queued once answered.
+        mirror = self.shadow if protocol is not None and self.shadow is not None and self.shadow.sample() else None
+        copied: tuple[list[bytes], list[bytes]] = ([], [])
+
         async def send_wrapper(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif mirror is not None and message["type"] == "http.response.body":
+                copied[1].append(message.get("body", b""))
             await send(message)
 
         async def reply(code: int, error: str) -> None:
@@ -119,6 +126,8 @@ class ServingMiddleware:
                 received += len(message.get("body", b""))
                 if received > limit:
                     raise _BodyTooLarge()
+                if mirror is not None:
+                    copied[0].append(message.get("body", b""))
             return message
 
         state: dict[str, Any] = {"reached_model": False}
@@ -144,6 +153,11 @@ class ServingMiddleware:
             request_submitted(self.predictor.batcher, state)  # rejected before reaching the batcher
             REQUEST_STATE.reset(token)
             self._account(protocol, status["code"], started)
+            if mirror is not None and status["code"] == 200:
+                headers = dict(scope.get("headers", []))
+                content_type = headers.get(b"content-type", b"application/json").decode("latin-1")
+                if b"inference-header-content-length" not in headers:  # JSON bodies only
+                    mirror.offer(scope["path"], content_type, b"".join(copied[0]), b"".join(copied[1]))
 
     def _account(self, protocol: str | None, code: int | None, started: float) -> None:
         metrics = self.predictor.metrics
@@ -415,7 +429,10 @@ def main(argv: list[str] | None = None) -> int:
 
     server_cls = model_server_class()
     add_feedback_routes(app, predictor)
-    app.add_middleware(ServingMiddleware, predictor=predictor, max_body_bytes=args.max_body_bytes)
+    from conveyor.runtime.serving.shadow import ShadowMirror
+
+    app.add_middleware(ServingMiddleware, predictor=predictor, max_body_bytes=args.max_body_bytes,
+                       shadow=ShadowMirror.from_env(predictor.name, predictor.version))
     server = server_cls(
         bind_host=args.host,
         http_port=args.http_port,
