@@ -389,16 +389,45 @@ class AnalysisSpec(_Model):
     min_requests: int = 10
     inconclusive_limit: int = 3
     consecutive_error_limit: int = 4
+    # Shadow strategy: the lowest share of mirrored requests whose answers agree with the stable ones.
+    min_agreement: float | None = None
+
+
+class ShadowSpec(_Model):
+    """strategy: shadow: the stable predictor mirrors `percent` of its requests to the candidate."""
+
+    percent: int = 100
+    timeout_ms: int = 2000
+    # After a passed analysis: canary (the steps, with analysis) or promote (straight to 100%).
+    then: Literal["canary", "promote"] = "canary"
+
+
+class ExperimentVersion(_Model):
+    version: str
+    weight: int
+
+
+class ExperimentSpec(_Model):
+    """strategy: abn: several versions at fixed weights for `duration`, then a verdict."""
+
+    versions: list[ExperimentVersion] = Field(default_factory=list)
+    duration: str = "1h"
+    metric: Literal["accuracy", "successRate"] = "accuracy"
+    min_samples: int = 100
+    confidence: float = 0.95
+    auto_promote: bool = False
 
 
 DEFAULT_KSERVE_MODE = "Knative"
 
 
 class RolloutSpec(_Model):
-    strategy: Literal["canary", "immediate"] = "canary"
+    strategy: Literal["canary", "immediate", "shadow", "abn"] = "canary"
     steps: list[int] = Field(default_factory=lambda: [10, 50, 100])
     interval: str = "1m"
     analysis: AnalysisSpec = Field(default_factory=AnalysisSpec)
+    shadow: ShadowSpec = Field(default_factory=ShadowSpec)
+    experiment: ExperimentSpec | None = None
     # None: the operator's default (Helm value operator.defaultKServeMode), fixed once the
     # InferenceService exists; see conveyor.operator.modeldeployment.validate.with_kserve_mode.
     mode: Literal["Knative", "Standard"] | None = None
