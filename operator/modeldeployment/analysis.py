@@ -16,6 +16,13 @@ Inconclusive (the rollout waits, then pauses for a person). A custom query that 
 is an Error (it must aggregate to one). +Inf compares as a number (a latency past the highest bucket
 fails its bound).
 
+Shadow (the candidate receives mirrored requests only, runtime/serving/shadow.py): the same checks read
+the stable predictor's mirror counters `conveyor_shadow_requests_total{shadow_version=<candidate>}`:
+`requests` counts mirrored requests that got an answer or an error (not those dropped), `successRate`
+the share the shadow answered (not an error or a timeout), `latencyP<q>` the shadow's latency as mirrored,
+and `agreement` (`agree / (agree + disagree)`) must be at least `minAgreement` when set (shown always).
+The stable column is empty: the stable version is not being judged against itself.
+
 `judge` is pure (values in, verdict out) and unit-tested; `analyse` runs the queries concurrently.
 """
 
@@ -31,6 +38,7 @@ from conveyor.runtime.spec import AnalysisSpec
 
 REQUESTS = "requests"
 SUCCESS_RATE = "successRate"
+AGREEMENT = "agreement"
 
 # A query's outcome: a number, None (an empty result) or the error that prevented an answer.
 Outcome = float | None | PrometheusError
@@ -42,6 +50,7 @@ class Target:
     deployment: str
     candidate: str
     stable: str | None
+    shadow: bool = False  # the candidate is a shadow: read the stable predictor's mirror counters
 
 
 def render(template: str, namespace: str, deployment: str, version: str, window: str) -> str:
@@ -75,6 +84,27 @@ def queries(spec: AnalysisSpec, t: Target, version: str) -> dict[str, str]:
     return out
 
 
+def shadow_queries(spec: AnalysisSpec, t: Target) -> dict[str, str]:
+    """The shadow's checks, from the mirror's counters on the stable predictor (see the module docstring)."""
+    w = spec.window
+    sel = f'namespace="{t.namespace}",model_name="{t.deployment}",shadow_version="{t.candidate}"'
+
+    def count(results: str) -> str:
+        return f'sum(increase(conveyor_shadow_requests_total{{{sel},result=~"{results}"}}[{w}]))'
+
+    answered = count("agree|disagree|incomparable|error|timeout")
+    out = {REQUESTS: answered,
+           SUCCESS_RATE: f"{count('agree|disagree|incomparable')} / {answered}",
+           AGREEMENT: f"{count('agree')} / {count('agree|disagree')}"}
+    if spec.latency:
+        q = spec.latency.percentile / 100
+        buckets = f"conveyor_shadow_duration_seconds_bucket{{{sel}}}[{w}]"
+        out[latency_name(spec)] = f"histogram_quantile({q:g}, sum by (le) (rate({buckets}))) * 1000"
+    for check in spec.checks:
+        out[check.name] = render(check.query, t.namespace, t.deployment, t.candidate, w)
+    return out
+
+
 async def _one(prom: Prometheus, promql: str) -> Outcome:
     try:
         samples = await prom.query(promql)
@@ -91,8 +121,8 @@ async def analyse(prom: Prometheus | None, spec: AnalysisSpec, t: Target) -> Ana
     """Query every check for the candidate and the stable version, and judge the candidate."""
     if prom is None:
         return Analysis("Error", message="no Prometheus configured (--prometheus-url / CONVEYOR_PROMETHEUS_URL)")
-    cand = queries(spec, t, t.candidate)
-    stable = queries(spec, t, t.stable) if t.stable else {}
+    cand = shadow_queries(spec, t) if t.shadow else queries(spec, t, t.candidate)
+    stable = queries(spec, t, t.stable) if t.stable and not t.shadow else {}
     names = list(cand)
     results = await asyncio.gather(*(_one(prom, cand[n]) for n in names), *(_one(prom, stable[n]) for n in stable))
     measured = {n: (results[i], results[len(names) + i] if stable else None) for i, n in enumerate(names)}
@@ -133,6 +163,8 @@ def judge(spec: AnalysisSpec, measured: dict[str, tuple[Outcome, Outcome]]) -> A
     if spec.latency:
         name = latency_name(spec)
         checks.append(_check(name, *measured[name], None, spec.latency.max_ms, "ms"))
+    if AGREEMENT in measured:
+        checks.append(_check(AGREEMENT, *measured[AGREEMENT], spec.min_agreement, None))
     checks += [_check(c.name, *measured[c.name], c.min, c.max) for c in spec.checks]
     errors = [c for c in checks if c.verdict == "Error"]
     if errors:

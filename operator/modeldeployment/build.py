@@ -24,6 +24,14 @@ Canary in the two KServe deployment modes (checked against the pinned KServe v0.
   KServe splits Standard-mode traffic only through an ingress (a Gateway API HTTPRoute with
   `enableGatewayApi`, or Istio); without one it reports `IngressReady=False` and nothing is split.
 
+Shadow (`strategy: shadow`), the same in both modes and without a mesh: the candidate is a second
+InferenceService, `<name>-shadow` (`shadow_service_name`), serving the candidate under the model name
+`<name>-shadow` with no traffic of its own; the stable predictor's container gets `CONVEYOR_SHADOW_*`
+env (`ShadowTarget`: the shadow's address as KServe reports it, its model name and version, the share
+and timeout) and mirrors that share of its requests there (runtime/serving/shadow.py). Changing the env
+rolls the stable predictor's pods (Knative: a new revision of the same version, which takes the
+traffic once Ready).
+
 The predictor is the conveyor runtime image running `python -m conveyor.runtime.serve` as KServe's
 custom container (`kserve-container`); `STORAGE_URI` makes KServe's storage initializer fetch the
 registry version into /mnt/models before the server starts.
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from conveyor.operator.controller.children import (
@@ -54,6 +63,8 @@ KSERVE_AUTOSCALER_CLASS = "serving.kserve.io/autoscalerClass"
 KNATIVE_AUTOSCALER_CLASS = "autoscaling.knative.dev/class"
 
 MODEL_DIR = "/mnt/models"
+SHADOW_SUFFIX = "-shadow"
+ANNOTATION_SHADOW_OF = "conveyor.dev/shadow-of"
 PREDICTOR_PORT = 8080
 
 
@@ -65,8 +76,30 @@ def predictor_name(version: str) -> str:
     return _NAME_UNSAFE.sub("-", version.lower()).strip("-")[:20]
 
 
+@dataclass(frozen=True)
+class ShadowTarget:
+    """Where the stable predictor mirrors requests (strategy shadow)."""
+
+    url: str  # the shadow InferenceService's address
+    model: str  # the model name it serves under
+    version: str
+    percent: int
+    timeout_ms: int
+
+    def env(self) -> list[dict[str, str]]:
+        return [{"name": "CONVEYOR_SHADOW_URL", "value": self.url},
+                {"name": "CONVEYOR_SHADOW_MODEL", "value": self.model},
+                {"name": "CONVEYOR_SHADOW_VERSION", "value": self.version},
+                {"name": "CONVEYOR_SHADOW_PERCENT", "value": str(self.percent)},
+                {"name": "CONVEYOR_SHADOW_TIMEOUT_MS", "value": str(self.timeout_ms)}]
+
+
+def shadow_service_name(deployment_name: str) -> str:
+    return deployment_name + SHADOW_SUFFIX
+
+
 def _predictor_container(
-    deployment: dict[str, Any], spec: ModelDeploymentSpec, storage_uri: str, version: str
+    deployment: dict[str, Any], spec: ModelDeploymentSpec, storage_uri: str, version: str, model_name: str | None = None
 ) -> dict[str, Any]:
     p = spec.predictor
     resources: dict[str, Any] = {}
@@ -78,7 +111,7 @@ def _predictor_container(
         resources["requests"] = requests
     if limits:
         resources["limits"] = limits
-    name = deployment["metadata"]["name"]
+    name = model_name or deployment["metadata"]["name"]
     container: dict[str, Any] = {
         "name": "kserve-container",
         "image": p.image,
@@ -133,8 +166,16 @@ def _isvc_spec(
     stable: tuple[str, str],
     candidate: tuple[str, str] | None,
     weight: int,
+    shadow: ShadowTarget | None = None,
+    model_name: str | None = None,
 ) -> dict[str, Any]:
     """The predictor (and canary) of each mode; see the module docstring."""
+
+    def container(version: str, uri: str) -> dict[str, Any]:
+        out = _predictor_container(deployment, spec, uri, version, model_name)
+        if shadow is not None and candidate is None:
+            out["env"] += shadow.env()
+        return out
 
     def placement(predictor: dict[str, Any]) -> dict[str, Any]:
         if spec.predictor.node_selector:
@@ -145,12 +186,12 @@ def _isvc_spec(
 
     if (spec.rollout.mode or DEFAULT_KSERVE_MODE) == "Knative":
         version, uri = candidate if candidate is not None else stable
-        predictor = placement({**scaling, "containers": [_predictor_container(deployment, spec, uri, version)]})
+        predictor = placement({**scaling, "containers": [container(version, uri)]})
         if candidate is not None:
             predictor["canaryTrafficPercent"] = weight
         return {"predictor": predictor}
     predictor = placement(
-        {"name": predictor_name(stable[0]), **scaling, "containers": [_predictor_container(deployment, spec, stable[1], stable[0])]}
+        {"name": predictor_name(stable[0]), **scaling, "containers": [container(stable[0], stable[1])]}
     )
     isvc_spec: dict[str, Any] = {"predictor": predictor}
     if candidate is not None:
@@ -185,10 +226,12 @@ def build_inference_service(
     stable: tuple[str, str],
     candidate: tuple[str, str] | None = None,
     weight: int = 0,
+    shadow: ShadowTarget | None = None,
 ) -> dict[str, Any]:
     """The InferenceService serving `stable` (version, storage URI), with `candidate` at `weight`%.
 
-    `candidate=None` serves `stable` alone. See the module docstring for how each mode splits traffic.
+    `candidate=None` serves `stable` alone (mirroring to `shadow` when given). See the module docstring
+    for how each mode splits traffic.
     """
     if candidate is not None and candidate[0] == stable[0]:
         candidate = None
@@ -199,7 +242,7 @@ def build_inference_service(
     if candidate is not None:
         annotations[ANNOTATION_CANDIDATE_VERSION] = candidate[0]
 
-    isvc_spec = _isvc_spec(deployment, spec, scaling, stable, candidate, weight)
+    isvc_spec = _isvc_spec(deployment, spec, scaling, stable, candidate, weight, shadow)
     return stamp(
         {
             "apiVersion": "serving.kserve.io/v1beta1",
@@ -212,5 +255,29 @@ def build_inference_service(
                 "ownerReferences": [owner_reference(deployment)],
             },
             "spec": isvc_spec,
+        }
+    )
+
+
+def build_shadow_service(deployment: dict[str, Any], spec: ModelDeploymentSpec, candidate: tuple[str, str]) -> dict[str, Any]:
+    """The shadow InferenceService: `candidate` (version, storage URI) alone, under the model name
+    `<name>-shadow`, receiving only what the stable predictor mirrors (see the module docstring)."""
+    meta = deployment["metadata"]
+    name = shadow_service_name(meta["name"])
+    mode = spec.rollout.mode or DEFAULT_KSERVE_MODE
+    scaling, class_annotations = _autoscaling(spec)
+    return stamp(
+        {
+            "apiVersion": "serving.kserve.io/v1beta1",
+            "kind": "InferenceService",
+            "metadata": {
+                "name": name,
+                "namespace": meta["namespace"],
+                "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: meta["name"]},
+                "annotations": {KSERVE_DEPLOYMENT_MODE: mode, **class_annotations,
+                                ANNOTATION_STABLE_VERSION: candidate[0], ANNOTATION_SHADOW_OF: meta["name"]},
+                "ownerReferences": [owner_reference(deployment)],
+            },
+            "spec": _isvc_spec(deployment, spec, scaling, candidate, None, 0, model_name=name),
         }
     )

@@ -17,6 +17,12 @@ version, rejected versions, the weight KServe reports, spec.rollout.paused, a on
 module then builds the InferenceService the new state says (build.py: how each KServe mode splits
 traffic) and records events, analyses and rejected versions.
 
+Shadow (strategy shadow): while the candidate is a shadow, the plan also holds the shadow
+InferenceService (`<name>-shadow`, build.build_shadow_service); once KServe reports it Ready with an
+address, the stable predictor gets that address (build.ShadowTarget) and mirrors to it. The shadow's
+hold begins when both are Ready with the mirror in place (reported as weight 0); when the candidate
+leaves the shadow (a canary, promoted, rolled back) the shadow InferenceService is deleted.
+
 Manual actions: the annotation `conveyor.dev/rollout-action: <promote|abort|resume|retry>[@token]`
 acts once per distinct value (status.lastRolloutAction records the value acted on; `kubectl conveyor`
 writes `<action>@<time>`), so Argo CD or a person can set it again with a new token.
@@ -36,7 +42,13 @@ from conveyor.operator.controller.children import needs_apply
 from conveyor.operator.controller.events import Event
 from conveyor.operator.controller.times import rfc3339
 from conveyor.operator.controller.validation import InvalidSpecError
-from conveyor.operator.modeldeployment.build import build_inference_service, predictor_name
+from conveyor.operator.modeldeployment.build import (
+    ShadowTarget,
+    build_inference_service,
+    build_shadow_service,
+    predictor_name,
+    shadow_service_name,
+)
 from conveyor.operator.modeldeployment.compat import Compatibility, hold_back
 from conveyor.operator.modeldeployment.drift import DriftReading
 from conveyor.operator.modeldeployment.drift import record as record_drift
@@ -86,6 +98,8 @@ class DeploymentPlan:
     inference_service: dict[str, Any] | None = None  # desired manifest; None: leave it as it is
     events: list[Event] = field(default_factory=list)
     finished: list[str] = field(default_factory=list)  # rollout outcomes (Promoted, RolledBack, Aborted)
+    shadow_service: dict[str, Any] | None = None  # the shadow InferenceService to apply (strategy shadow)
+    delete_shadow: dict[str, Any] | None = None  # the shadow InferenceService to delete (no shadow any more)
 
 
 def _isvc_ready(isvc: dict[str, Any] | None) -> tuple[bool, str, str]:
@@ -168,8 +182,9 @@ def plan_deployment(
     analysis: Analysis | None = None,
     drift_reading: DriftReading | None = None,
     compatibility: Compatibility | None = None,
+    shadow_isvc: dict[str, Any] | None = None,
 ) -> DeploymentPlan:
-    """`analysis`: the one the handler took because status said it was due (None otherwise); likewise
+    """`shadow_isvc`: the shadow InferenceService as it exists (strategy shadow). `analysis`: the one the handler took because status said it was due (None otherwise); likewise
     `drift_reading` (drift.py), recorded in status.drift and the Drifted condition."""
     if spec is not None:  # the handler settles it with the operator's configured default first
         spec = with_kserve_mode(spec, isvc)
@@ -194,7 +209,7 @@ def plan_deployment(
     if spec is None or invalid is not None:
         return _reject(plan, put, isvc, invalid or "invalid spec")
     wanted = hold_back(conds, plan.events, resolution.version if resolution else None, compatibility, put)
-    state = _roll(plan, deployment, spec, isvc, wanted, analysis, now)
+    state = _roll(plan, deployment, spec, isvc, wanted, analysis, now, shadow_isvc)
     try:
         for version in filter(None, (state.stable, state.canary)):
             validate_version(version)
@@ -202,7 +217,7 @@ def plan_deployment(
         plan = DeploymentPlan(status=status)
         return _reject(plan, put, isvc, str(e))
     put(c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.")
-    _serve(plan, deployment, spec, isvc, uri_for, state, wanted)
+    _serve(plan, deployment, spec, isvc, uri_for, state, wanted, shadow_isvc)
     _set_conditions(plan, put, isvc, resolution, state)
     _mirror_url(status, isvc)
     record_drift(status, plan.events, drift_reading, spec, generation=generation)
@@ -217,18 +232,34 @@ def _serve(
     uri_for: Callable[[str], str],
     state: RolloutState,
     wanted: str | None,
+    shadow_isvc: dict[str, Any] | None = None,
 ) -> None:
     """The InferenceService the rollout state asks for (applied only when it differs), and the state,
     the wanted version, the observed split and KServe's conditions in status."""
     status = plan.status
     stable, canary, weight = state.stable, state.canary, state.weight
+    target = None
+    if state.shadow and canary:
+        shadow = build_shadow_service(deployment, spec, (canary, uri_for(canary)))
+        if needs_apply(shadow, shadow_isvc):
+            plan.shadow_service = shadow
+        if (url := shadow_url(shadow_isvc, canary)) is not None:
+            s = spec.rollout.shadow
+            target = ShadowTarget(url, shadow_service_name(deployment["metadata"]["name"]), canary, s.percent,
+                                  s.timeout_ms)
+        status["shadow"] = {"version": canary, "percent": spec.rollout.shadow.percent, "mirroring": target is not None}
+    else:
+        status.pop("shadow", None)
+        if shadow_isvc is not None:
+            plan.delete_shadow = shadow_isvc
     if stable is not None:
         desired = build_inference_service(
             deployment,
             spec,
             stable=(stable, uri_for(stable)),
-            candidate=(canary, uri_for(canary)) if canary else None,
+            candidate=(canary, uri_for(canary)) if canary and not state.shadow else None,
             weight=weight,
+            shadow=target,
         )
         if needs_apply(desired, isvc):
             plan.inference_service = desired
@@ -239,6 +270,25 @@ def _serve(
         status.pop("candidateVersion", None)
     status["traffic"] = observed_traffic(isvc, spec.rollout.mode, stable, canary, weight)
     _mirror_kserve_conditions(status, isvc)
+
+
+def shadow_url(shadow_isvc: dict[str, Any] | None, version: str) -> str | None:
+    """The shadow InferenceService's address once KServe reports it Ready serving `version`."""
+    if shadow_isvc is None or not _isvc_ready(shadow_isvc)[0]:
+        return None
+    if (shadow_isvc["metadata"].get("annotations") or {}).get("conveyor.dev/stable-version") != version:
+        return None
+    st = shadow_isvc.get("status") or {}
+    return (st.get("address") or {}).get("url") or st.get("url")
+
+
+def mirroring(isvc: dict[str, Any] | None, shadow_isvc: dict[str, Any] | None, version: str) -> bool:
+    """The stable predictor mirrors to a Ready shadow: KServe reports both Ready, on their latest specs."""
+    if shadow_url(shadow_isvc, version) is None or isvc is None or not _isvc_ready(isvc)[0]:
+        return False
+    containers = (isvc["spec"].get("predictor") or {}).get("containers") or [{}]
+    env = {e.get("name"): e.get("value") for e in containers[0].get("env") or []}
+    return env.get("CONVEYOR_SHADOW_VERSION") == version
 
 
 def pending_action(deployment: dict[str, Any]) -> tuple[str, str] | None:
@@ -278,10 +328,15 @@ def _roll(
     wanted: str | None,
     analysis: Analysis | None,
     now: datetime,
+    shadow_isvc: dict[str, Any] | None = None,
 ) -> RolloutState:
     """One step of the rollout state machine; its actions become events, outcomes and status records."""
     status = plan.status
     state = state_from_status(status)
+    if state.shadow and state.canary:  # the shadow's "weight" is reported once the mirror is in place
+        weight = 0 if mirroring(isvc, shadow_isvc, state.canary) else None
+    else:
+        weight = reported_weight(isvc, spec.rollout.mode, state.canary)
     pending = pending_action(deployment)
     action = None
     if pending is not None:
@@ -294,7 +349,7 @@ def _roll(
     seen = Seen(
         wanted=wanted,
         rejected=frozenset(r["version"] for r in status.get("rejectedVersions") or [] if r.get("version")),
-        reported_weight=reported_weight(isvc, spec.rollout.mode, state.canary),
+        reported_weight=weight,
         paused=spec.rollout.paused,
         action=action,
     )

@@ -27,6 +27,7 @@ from conveyor.operator.controller.times import parse_time
 from conveyor.operator.controller.validation import parse_spec, validate_registry
 from conveyor.operator.modeldeployment import compat, drift
 from conveyor.operator.modeldeployment.analysis import Target, analyse
+from conveyor.operator.modeldeployment.build import shadow_service_name
 from conveyor.operator.modeldeployment.plan import DeploymentPlan, Resolution, pending_action, plan_deployment
 from conveyor.operator.modeldeployment.rollout import Analysis, state_from_status
 from conveyor.operator.modeldeployment.validate import kserve_mode_conflict, with_kserve_mode
@@ -49,6 +50,7 @@ class DeploymentSnapshot:
     analysis: Analysis | None = None
     drift_reading: drift.DriftReading | None = None
     compatibility: compat.Compatibility | None = None
+    shadow_isvc: dict[str, Any] | None = None  # strategy shadow: the candidate's own InferenceService
 
 
 async def reconcile_deployment(op: Operator, key: Key) -> float | None:
@@ -58,7 +60,8 @@ async def reconcile_deployment(op: Operator, key: Key) -> float | None:
         with contextlib.suppress(KeyError):
             metrics.CANARY_WEIGHT.remove(*key)
         return None
-    plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now, s.analysis, s.drift_reading, s.compatibility)
+    plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now, s.analysis, s.drift_reading, s.compatibility,
+                           s.shadow_isvc)
     await act(op, s, plan)
     return _requeue_after(op, s, plan)
 
@@ -104,7 +107,9 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
     if spec is not None and invalid is None:
         analysis = await _analysis_if_due(op, key, obj, spec, now)
         drift_reading = await drift.measure_if_due(op, key, obj, spec, now)
-    return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, now, analysis, drift_reading, compatibility)
+    shadow_isvc = op.isvcs.get((key[0], shadow_service_name(key[1])))
+    return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, now, analysis, drift_reading, compatibility,
+                              shadow_isvc)
 
 
 async def _analysis_if_due(
@@ -115,7 +120,8 @@ async def _analysis_if_due(
     if not state.analysis_due(now) or state.canary is None or spec.rollout.paused or pending_action(obj):
         return None
     namespace, name = key
-    return await analyse(op.prometheus, spec.rollout.analysis, Target(namespace, name, state.canary, state.stable))
+    return await analyse(op.prometheus, spec.rollout.analysis, Target(namespace, name, state.canary, state.stable,
+                                                                            shadow=state.shadow))
 
 
 async def _resolve(op: Operator, key: Key, spec: ModelDeploymentSpec, registry: Any) -> Resolution:
@@ -182,8 +188,12 @@ def _version_exists(op: Operator, registry: Any, uri: str, model: str, version: 
 
 
 async def act(op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan) -> None:
+    if plan.shadow_service is not None:
+        op.isvcs.remember(await op.client.apply(plan.shadow_service))
     if plan.inference_service is not None:
         op.isvcs.remember(await op.client.apply(plan.inference_service))
+    if plan.delete_shadow is not None:
+        await op.client.delete(plan.delete_shadow)
     await write_status(op.client, op.deployments, s.deployment, plan.status)
     op.emit(s.deployment, plan.events)
     if s.spec is not None and (pipeline := drift.pipeline_to_wake(s.deployment.get("status") or {}, plan.status, s.spec)):

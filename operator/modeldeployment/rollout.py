@@ -16,6 +16,13 @@ Semantics follow Argo Rollouts and Flagger:
   (phase RollingBack) and, once KServe reports the candidate at 0%, restores the stable version's spec
   (as KServe's canary documentation prescribes). The version is recorded as rejected: a deployment that
   follows `latest` never retries it automatically; a newer version starts a fresh rollout.
+- Shadow (`strategy: shadow`): the candidate first runs beside the stable version with no traffic of
+  its own while the stable predictor mirrors `shadow.percent` of its requests to it (runtime/serving/
+  shadow.py); state `shadow`, weight 0, status `rolloutStage: Shadow`. Its hold begins once the mirror
+  is in place (the operator reports weight 0 then); its analysis reads the mirror's counters (requests
+  mirrored, the shadow's success rate, latency, agreement with the stable answers, analysis.py). Passed:
+  the canary steps begin (`shadow.then: canary`) or the candidate is promoted (`then: promote`); a
+  rollback only removes the shadow (callers never saw it), in both modes at once.
 - Manual control: `paused` (spec.rollout.paused) holds the weight and stops analysis; the one-shot
   actions promote (skip to 100%), abort (roll back now), resume (leave a pause the machine took) and
   retry (a rejected version again, or a paused rollout with its counters reset).
@@ -41,6 +48,8 @@ ROLLED_BACK = "RolledBack"
 PAUSED_BY_USER = "PausedByUser"
 INCONCLUSIVE = "InconclusiveAnalysis"
 ANALYSIS_ERRORS = "AnalysisErrors"
+
+SHADOW_STAGE = "Shadow"  # status.rolloutStage while the candidate only receives mirrored requests
 
 ACTIONS = ("promote", "abort", "resume", "retry")
 ERROR_RETRY = timedelta(seconds=10)
@@ -80,6 +89,7 @@ class Policy:
     inconclusive_limit: int = 3
     error_limit: int = 4
     mode: str = "Knative"
+    shadow_then: str = "canary"  # strategy shadow: canary | promote after a passed analysis
 
 
 @dataclass(frozen=True)
@@ -107,6 +117,7 @@ class RolloutState:
     errors: int = 0  # consecutive
     pause_reason: str | None = None
     pause_message: str | None = None
+    shadow: bool = False  # the candidate receives mirrored requests only (strategy shadow)
 
     def analysis_due(self, now: datetime) -> bool:
         return self.phase == PROGRESSING and self.next_analysis is not None and now >= self.next_analysis
@@ -200,7 +211,7 @@ def _switches(state: RolloutState, seen: Seen) -> bool:
 
 def _cleared(state: RolloutState) -> RolloutState:
     return replace(state, canary=None, step=0, weight=0, step_start=None, next_analysis=None, failures=0,
-                   inconclusive=0, errors=0, pause_reason=None, pause_message=None)
+                   inconclusive=0, errors=0, pause_reason=None, pause_message=None, shadow=False)
 
 
 def _paused(state: RolloutState, reason: str, message: str) -> RolloutState:
@@ -229,6 +240,11 @@ def _start(s: _Step, policy: Policy, version: str) -> None:
     if policy.strategy == "immediate":
         s.emit("Normal", "VersionReplaced", f"{version} replaces {stable} (immediate)")
         s.state = replace(_cleared(s.state), stable=version, phase=STABLE)
+        return
+    if policy.strategy == "shadow":
+        s.emit("Normal", "ShadowStarted", f"{version} receives a mirrored share of {stable}'s requests; "
+                                          f"its answers are discarded ({policy.mode} mode)")
+        s.state = replace(_cleared(s.state), canary=version, weight=0, shadow=True, phase=PROGRESSING)
         return
     weight = policy.steps[0]
     s.emit("Normal", "CanaryStarted", f"{version} takes {weight}% beside {stable} ({policy.mode} mode)")
@@ -260,7 +276,7 @@ def _roll_back(s: _Step, policy: Policy, check: str, value: float | None, messag
     assert state.canary is not None
     s.actions += [Rejected(state.canary, check, value, message), Finished(outcome)]
     s.emit("Warning", "RolledBack", f"{state.canary} rolled back, {state.stable} serves all traffic: {message}")
-    if policy.mode == "Knative":
+    if policy.mode == "Knative" and not state.shadow:
         # Knative: the candidate's revision to 0% first; its spec gives way once KServe reports 0%.
         s.state = replace(state, phase=ROLLING_BACK, weight=0, step_start=None, next_analysis=None)
     else:
@@ -281,7 +297,15 @@ def _judge(s: _Step, policy: Policy, analysis: Analysis, now: datetime) -> None:
     detail = analysis.message or (culprit.message if culprit else "")
     if analysis.verdict == "Passed":
         s.state = replace(state, errors=0)
-        if state.step + 1 >= len(policy.steps):
+        if state.shadow and policy.shadow_then != "promote":
+            weight = policy.steps[0]
+            s.emit("Normal", "ShadowPassed", f"{state.canary} passed analysis in shadow; now a canary at {weight}%")
+            s.state = replace(s.state, shadow=False, step=0, weight=weight, step_start=None, next_analysis=None,
+                              inconclusive=0, failures=0)
+        elif state.shadow:
+            s.emit("Normal", "Promoted", f"{state.canary} passed analysis in shadow; it serves all traffic")
+            _promote(s)
+        elif state.step + 1 >= len(policy.steps):
             s.emit("Normal", "Promoted", f"{state.canary} passed every step; it serves all traffic")
             _promote(s)
         else:
@@ -339,6 +363,7 @@ def policy_for(spec: ModelDeploymentSpec) -> Policy:
         inconclusive_limit=r.analysis.inconclusive_limit,
         error_limit=r.analysis.consecutive_error_limit,
         mode=r.mode or DEFAULT_KSERVE_MODE,
+        shadow_then=r.shadow.then,
     )
 
 
@@ -358,7 +383,8 @@ def state_from_status(status: dict[str, Any]) -> RolloutState:
         values[key] = int(values[key] or 0)
     values.update({attr: parse_time(status.get(key)) for key, attr in _TIME_FIELDS.items()})
     phase = status.get("rolloutPhase") or (PROGRESSING if canary else STABLE)
-    return RolloutState(phase=phase, stable=status.get("stableVersion"), **values)
+    shadow = bool(canary) and status.get("rolloutStage") == SHADOW_STAGE
+    return RolloutState(phase=phase, stable=status.get("stableVersion"), shadow=shadow, **values)
 
 
 def state_to_status(state: RolloutState, status: dict[str, Any]) -> None:
@@ -368,6 +394,7 @@ def state_to_status(state: RolloutState, status: dict[str, Any]) -> None:
         status["rolloutPhase"] = state.phase
     fields = {key: getattr(state, attr) for key, attr in _CANARY_FIELDS.items()}
     fields.update({key: rfc3339(t) if (t := getattr(state, attr)) else None for key, attr in _TIME_FIELDS.items()})
+    fields["rolloutStage"] = SHADOW_STAGE if state.shadow else None
     for key, value in fields.items():
         if state.canary is None or value is None:
             status.pop(key, None)

@@ -16,7 +16,15 @@ def validate_deployment(spec: ModelDeploymentSpec) -> None:
     a = spec.autoscaling
     if a.min_replicas > a.max_replicas:
         raise InvalidSpecError("spec.autoscaling.minReplicas", "must not exceed spec.autoscaling.maxReplicas")
+    experiment = spec.rollout.experiment
+    if spec.rollout.strategy == "abn" and experiment is None:
+        raise InvalidSpecError("spec.rollout.experiment", "is required with strategy abn")
     if (spec.rollout.mode or DEFAULT_KSERVE_MODE) == "Knative":
+        if spec.rollout.strategy == "abn" and experiment is not None and len(experiment.versions) > 2:
+            raise InvalidSpecError(
+                "spec.rollout.experiment.versions",
+                "KServe's Knative mode splits traffic between two revisions only (canaryTrafficPercent); "
+                "more versions need rollout.mode Standard")
         return
     # Standard mode: Kubernetes HPA, which KServe v0.20.0 allows only on cpu or memory, never at 0.
     if a.min_replicas < 1:

@@ -86,6 +86,8 @@ class PredictorProcess:
     port: int
     log_path: Path
     ready: bool = False
+    scraped: bool = False
+    env_digest: str = ""  # the container env it started with: a change rolls it (a new pod, as a kubelet would)
 
 
 @dataclass
@@ -99,6 +101,9 @@ class Executor:
     faults: Path | None = None  # planted faults (conveyor_devstack.faults)
     trainings: dict[str, TrainingProcess] = field(default_factory=dict)
     predictors: dict[tuple[str, str, str], PredictorProcess] = field(default_factory=dict)
+    # A predictor whose env changed: its replacement, which takes over once Ready (a rolling update).
+    successors: dict[tuple[str, str, str], PredictorProcess] = field(default_factory=dict)
+    retiring: list[tuple[float, subprocess.Popen[bytes]]] = field(default_factory=list)
     routers: RouterHost = field(default_factory=RouterHost)
 
     # ------------------------------------------------------------------ plumbing
@@ -224,15 +229,51 @@ class Executor:
         meta = isvc["metadata"]
         key = (meta["namespace"], meta["name"], version)
         running = self.predictors.get(key)
-        if running is not None and running.proc.poll() is None:
-            return running
-        port = _free_port()
-        log_path = self.state_dir / "predictors" / f"{meta['namespace']}-{meta['name']}-{version}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        container = isvc["spec"]["predictor"]["containers"][0] if isvc["spec"]["predictor"].get("containers") else {}
+        container = self._container(isvc, version)
+        if container is None:
+            if running is not None and running.proc.poll() is None:
+                return running  # Knative's previous revision: not in the spec any more, never changed
+            container = (isvc["spec"]["predictor"].get("containers") or [{}])[0]
         # env and envFrom (Secrets, ConfigMaps) as a kubelet resolves them; a missing Secret raises and
         # the sync retries, as a pod waits in CreateContainerConfigError.
         env = container_env(self.core, container, meta["namespace"], f"{meta['name']}-predictor-{version}")
+        digest = json.dumps(sorted(env.items()))
+        if running is not None and running.proc.poll() is None:
+            if running.env_digest == digest:
+                if (stale := self.successors.pop(key, None)) is not None:
+                    self._stop(stale.proc)
+                return running
+            # The pod template changed: start the new one beside the old, which serves until it is Ready.
+            successor = self.successors.get(key)
+            if successor is None or successor.proc.poll() is not None or successor.env_digest != digest:
+                if successor is not None:
+                    self._stop(successor.proc)
+                self.successors[key] = self._start_predictor(meta, key, version, uri, env, digest)
+            elif self._ready(key, successor, scrape=False):
+                self.retiring.append((time.monotonic(), running.proc))
+                self.predictors[key] = self.successors.pop(key)
+                self._ready(key, self.predictors[key])
+                log.info("rolled predictor %s/%s %s to its new env", *key)
+            return self.predictors[key]
+        self.predictors[key] = self._start_predictor(meta, key, version, uri, env, digest)
+        return self.predictors[key]
+
+    @staticmethod
+    def _container(isvc: dict[str, Any], version: str) -> dict[str, Any] | None:
+        """The container of the predictor (or canary entry) that serves `version`; None when the spec
+        names it only as Knative's previous revision."""
+        spec = isvc["spec"]
+        for predictor in [spec["predictor"], *(c.get("predictor") or {} for c in spec.get("canary") or [])]:
+            for c in predictor.get("containers") or []:
+                if any(e.get("name") == "CONVEYOR_MODEL_VERSION" and e.get("value") == version for e in c.get("env", [])):
+                    return c
+        return None
+
+    def _start_predictor(self, meta: dict[str, Any], key: tuple[str, str, str], version: str, uri: str,
+                         env: dict[str, str], digest: str) -> PredictorProcess:
+        port = _free_port()
+        log_path = self.state_dir / "predictors" / f"{meta['namespace']}-{meta['name']}-{version}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         module = "conveyor.runtime.serve"
         if self.faults is not None:  # the same server, with the planted-fault middleware inside
             module = "conveyor_devstack.faults"
@@ -244,18 +285,21 @@ class Executor:
             env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
         )
         log.info("serving %s/%s %s on 127.0.0.1:%d (pid %d, log %s)", *key, port, proc.pid, log_path)
-        self.predictors[key] = PredictorProcess(proc, port, log_path)
-        return self.predictors[key]
+        return PredictorProcess(proc, port, log_path, env_digest=digest)
 
-    def _ready(self, key: tuple[str, str, str], predictor: PredictorProcess) -> bool:
-        if predictor.ready:
+    def _ready(self, key: tuple[str, str, str], predictor: PredictorProcess, scrape: bool = True) -> bool:
+        if predictor.ready and not scrape:
+            return True
+        if predictor.ready and predictor.scraped:
             return True
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{predictor.port}/v2/models/{key[1]}/ready", timeout=1) as r:
                 predictor.ready = r.status == 200
         except OSError:
             predictor.ready = False
-        if predictor.ready and self.targets_dir is not None:
+        if predictor.ready and scrape:
+            predictor.scraped = True
+        if predictor.ready and scrape and self.targets_dir is not None:
             # Scraped from Ready on, as a pod joins its ServiceMonitor/PodMonitor once it runs.
             write_targets(self.targets_dir, _target_name(key), [f"127.0.0.1:{predictor.port}"],
                           {"namespace": key[0], "inferenceservice": key[1], "component": "predictor"})
@@ -322,6 +366,12 @@ class Executor:
             old = isvc.get("status") or {}
             if _comparable(old) != _comparable(status):
                 self._patch_status(KSERVE, isvc, status)
+        for key in [k for k in self.successors if k not in wanted]:
+            self._stop(self.successors.pop(key).proc)
+        now = time.monotonic()
+        for since, proc in [r for r in self.retiring if now - r[0] > 2]:  # in-flight requests finished
+            self.retiring.remove((since, proc))
+            self._stop(proc)
         for key in list(self.predictors):
             if key not in wanted:
                 self._stop(self.predictors.pop(key).proc)
@@ -344,6 +394,8 @@ class Executor:
 
     def shutdown(self) -> None:
         self.routers.shutdown()
+        for proc in [*(p.proc for p in self.successors.values()), *(proc for _, proc in self.retiring)]:
+            self._stop(proc)
         for key, p in self.predictors.items():
             self._stop(p.proc)
             if self.targets_dir is not None:
