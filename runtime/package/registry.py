@@ -52,13 +52,18 @@ from fsspec.implementations.local import LocalFileSystem
 from conveyor.runtime.package.features import FittedTransforms
 
 # Version 2 added the manifest's modelKind (what the predictor loads); a version 1 package, which has
-# none, holds TorchScript, and stays readable.
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+# none, holds TorchScript. Version 3 writes torch models as ``torch-export``: ``model.pt2`` (an
+# ExportedProgram, torch.export.save) plus, where the model allows, ``model.onnx``. Older versions stay
+# readable (a TorchScript ``model.pt`` still loads).
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 MANIFEST = "package.json"
-# The weights' file for each model kind: TorchScript (torch models) or XGBoost's UBJSON booster.
-MODEL_FILES = {"torchscript": "model.pt", "xgboost": "model.ubj"}
-DEFAULT_MODEL_KIND = "torchscript"
+# The weights' file for each model kind: torch.export (torch models), TorchScript (packages written
+# before format 3, and custom models torch.export cannot take) or XGBoost's UBJSON booster.
+MODEL_FILES = {"torch-export": "model.pt2", "torchscript": "model.pt", "xgboost": "model.ubj"}
+# Optional beside model.pt2: the same graph for onnxruntime.
+ONNX_FILE = "model.onnx"
+DEFAULT_MODEL_KIND = "torchscript"  # what a package whose manifest names no modelKind holds
 REQUIRED_FILES = (
     "model.pt",
     "transforms.json",
@@ -222,20 +227,35 @@ class ModelPackage:
     def model_kind(self) -> str:
         return str(self.manifest.get("modelKind", DEFAULT_MODEL_KIND))
 
-    def load_model(self, device: str = "cpu") -> Any:
-        """The TorchScript module (``torch.jit.load``), in eval mode on ``device``; for an XGBoost package
-        a ``BoosterModel`` (numpy in, probabilities or values out)."""
-        name = MODEL_FILES[self.model_kind]
+    def read_file(self, name: str) -> bytes:
+        """One file of the package, checked against its sha256 in the manifest."""
+        if name not in self.manifest["files"]:
+            raise PackageError(f"{self.uri}: the package has no {name}")
         fs, path = _fs_for(self.uri)
         data = fs.cat_file(_join(path, name))
         if self.manifest["files"].get(name) != _sha256(data):
             raise PackageError(f"{self.uri}: {name} does not match its sha256 in {MANIFEST} (corrupt)")
+        return data
+
+    @property
+    def has_onnx(self) -> bool:
+        return self.model_kind == "torch-export" and ONNX_FILE in self.manifest["files"]
+
+    def load_model(self, device: str = "cpu") -> Any:
+        """The torch module in eval mode on ``device``: the ExportedProgram's module (``torch.export.load``,
+        format 3) or the TorchScript module (``torch.jit.load``, older packages); for an XGBoost package
+        a ``BoosterModel`` (numpy in, probabilities or values out)."""
+        data = self.read_file(MODEL_FILES[self.model_kind])
         if self.model_kind == "xgboost":
             from conveyor.runtime.package.booster import BoosterModel
 
             return BoosterModel.from_bytes(data, task=self.task, classes=len(self.classes or []))
         import torch
 
+        if self.model_kind == "torch-export":
+            # The exported graph was traced in eval mode (dropout off, batch-norm on running stats);
+            # its module has no train/eval switch to call.
+            return torch.export.load(io.BytesIO(data)).module().to(device)
         module = torch.jit.load(io.BytesIO(data), map_location=device)
         module.eval()
         return module

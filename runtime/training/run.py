@@ -16,7 +16,7 @@ The run:
    ``CONVEYOR_CHECKPOINT_INTERVAL_S`` seconds when that is set (always after the last), so a retried
    job (same pipeline and run) resumes from its last checkpoint; a run that registered leaves a marker
    instead, and its retry returns that version;
-5. evaluates the exported TorchScript model (what serving runs) on the held-out split;
+5. evaluates the exported model (torch.export's program: what serving runs) on the held-out split;
 6. registers the package atomically as the next version (``registry.Registry.register``).
 
 It registers the model whether or not the evaluation gate passed: the gate's result is in
@@ -52,7 +52,7 @@ import numpy as np
 
 from conveyor.runtime.package import profile
 from conveyor.runtime.package.decision import decide
-from conveyor.runtime.package.registry import MODEL_FILES, PackageError, Registry, StagingArea
+from conveyor.runtime.package.registry import PackageError, Registry, StagingArea
 from conveyor.runtime.package.validation import DataValidationError
 from conveyor.runtime.spec import RunConfig
 from conveyor.runtime.training import evaluate
@@ -150,9 +150,7 @@ def _record(config: RunConfig, registry: Registry, record: dict[str, Any]) -> No
 
 
 def _run(config: RunConfig, registry: Registry) -> RunResult:
-    import torch
-
-    from conveyor.runtime.training.models import export_torchscript
+    from conveyor.runtime.training.export import export_model
 
     done = _already_registered(config, registry)
     if done is not None:
@@ -165,17 +163,16 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
         from conveyor.runtime.training.trees import fit_trees
 
         booster, history, facts = fit_trees(config, prepared)
-        model_kind, model_bytes, logits_of = "xgboost", booster.to_bytes(), booster.logits
+        model_kind, model_files, logits_of = "xgboost", {"model.ubj": booster.to_bytes()}, booster.logits
     else:
-        import io
-
         model, history, facts = fit(config, prepared)
-        model_kind, model_bytes = "torchscript", export_torchscript(model, prepared.input_shape)
-        # Evaluated as serving runs it: the exported TorchScript, not the training-time module.
-        scripted = torch.jit.load(io.BytesIO(model_bytes), map_location="cpu").eval()
+        exported = export_model(model, prepared.input_shape)
+        model_kind, model_files = exported.model_kind, exported.files
+        facts = {**facts, **({"export": exported.notes} if exported.notes else {})}
 
         def logits_of(x: np.ndarray) -> np.ndarray:
-            return _predict(scripted, x)
+            # Evaluated as serving runs it: the exported program, not the training-time module.
+            return _predict(exported.module, x)
 
     trained_at = time.time()
     log.info("phases: data %.1fs, training %.1fs", prepared_at - started, trained_at - prepared_at)
@@ -220,7 +217,8 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
     }
 
     def write(area: StagingArea) -> dict[str, Any]:
-        area.write_bytes(MODEL_FILES[model_kind], model_bytes)
+        for name, data in model_files.items():
+            area.write_bytes(name, data)
         area.write_json("transforms.json", prepared.transforms.to_json())
         area.write_json("schema.json", prepared.schema)
         area.write_json("profile.json", _finite(prof))

@@ -671,10 +671,10 @@ def test_a_missing_or_corrupt_package_fails_at_start_naming_path_and_reason(
 
     corrupt = tmp_path / "reg2" / "fraud" / "v1"
     shutil.copytree(fraud_package, corrupt)
-    weights = corrupt / "model.pt"
+    weights = corrupt / "model.pt2"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     proc = _serve(str(corrupt))
     assert proc.returncode == 2
-    assert str(corrupt) in proc.stderr and "model.pt" in proc.stderr and "corrupt" in proc.stderr
+    assert str(corrupt) in proc.stderr and "model.pt2" in proc.stderr and "corrupt" in proc.stderr

@@ -181,7 +181,7 @@ def test_custom_architecture_trains_the_users_module(ray_cluster: str, tmp_path:
     config.training.model.module = "conveyor.runtime.training.custom_example:residual_mlp"
     config.training.hyperparameters.epochs = 3
     pkg = open_package(train_and_register(config))
-    assert pkg.manifest["architecture"] == "custom" and pkg.manifest["modelKind"] == "torchscript"
+    assert pkg.manifest["architecture"] == "custom" and pkg.manifest["modelKind"] == "torch-export"
     assert pkg.metrics["rocAuc"] >= 0.7
     # The packaged weights are the user's residual blocks, not the built-in MLP's.
     assert any(".body." in name for name in pkg.load_model().state_dict())

@@ -10,7 +10,13 @@ import numpy as np
 import pytest
 
 from conveyor.runtime.package.booster import BoosterModel, objective_for
-from conveyor.runtime.package.registry import PackageError, Registry, open_package, required_files
+from conveyor.runtime.package.registry import (
+    FORMAT_VERSION,
+    PackageError,
+    Registry,
+    open_package,
+    required_files,
+)
 from conveyor.runtime.training.models import build_model, export_torchscript
 
 
@@ -75,7 +81,7 @@ def test_xgboost_package_round_trips_through_the_registry(tmp_path: Path, task: 
     names = [str(i) for i in range(classes)] if classes else None
     version = _register(registry, booster, names)
     pkg_manifest = (tmp_path / "trees" / version / "package.json").read_text()
-    assert '"modelKind": "xgboost"' in pkg_manifest and '"formatVersion": 2' in pkg_manifest
+    assert '"modelKind": "xgboost"' in pkg_manifest and f'"formatVersion": {FORMAT_VERSION}' in pkg_manifest
     x = np.random.default_rng(1).normal(size=(7, 3)).astype(np.float32)
     loaded = open_package(registry.package_uri(version)).load_model()
     out = loaded.predict(x)
