@@ -305,6 +305,14 @@ class MLPipelineSpec(_TrainingSections):
     suspend: bool = False
 
 
+class DeployedModel(_Model):
+    """The version the pipeline's ModelDeployment served when a run started (for mustBeatDeployed): the
+    run scores its package on the run's own test split, so the gate compares the two on the same rows."""
+
+    version: str
+    package_uri: str
+
+
 class RunConfig(_TrainingSections):
     """One training run: what `python -m conveyor.runtime.train --config run.json` executes."""
 
@@ -314,11 +322,14 @@ class RunConfig(_TrainingSections):
     # Where Ray Train keeps this run's checkpoints so a retried job resumes (shared storage on a cluster);
     # default `<registry.uri>/<registry.modelName>/.checkpoints`.
     checkpoint_uri: str | None = None
+    deployed: DeployedModel | None = None
 
     @classmethod
-    def for_run(cls, spec: MLPipelineSpec, *, pipeline: str, namespace: str, run: int) -> RunConfig:
+    def for_run(
+        cls, spec: MLPipelineSpec, *, pipeline: str, namespace: str, run: int, deployed: DeployedModel | None = None
+    ) -> RunConfig:
         sections = {name: getattr(spec, name) for name in _TrainingSections.model_fields}
-        return cls(pipeline=pipeline, namespace=namespace, run=run, **sections)
+        return cls(pipeline=pipeline, namespace=namespace, run=run, deployed=deployed, **sections)
 
 
 # ---------------------------------------------------------------- ModelDeployment

@@ -1,8 +1,9 @@
 """The children of an MLPipeline run, pure: a spec in, the manifests out. No I/O; unit-tested table-style.
 
 - `build_rayjob(pipeline, spec, run)` -> the KubeRay RayJob (ray.io/v1) of run N of a pipeline.
-- `build_run_configmap(pipeline, spec, run, rayjob)` -> the ConfigMap holding that run's `RunConfig` as
-  `run.json`, owned by the RayJob (collected with it).
+- `build_run_configmap(pipeline, spec, run, rayjob, deployed)` -> the ConfigMap holding that run's
+  `RunConfig` as `run.json` (with mustBeatDeployed, the deployed version and its package URI, which the
+  run scores on its own test split), owned by the RayJob (collected with it).
 
 Builders assume a spec that `validate.validate_pipeline` accepted.
 """
@@ -27,7 +28,7 @@ from conveyor.operator.controller.raycluster import (
     submitter_template,
 )
 from conveyor.operator.controller.raycluster import worker_groups as cluster_worker_groups
-from conveyor.runtime.spec import MLPipelineSpec, RunConfig, WorkerGroup
+from conveyor.runtime.spec import DeployedModel, MLPipelineSpec, RunConfig, WorkerGroup
 
 LABEL_PIPELINE = "conveyor.dev/pipeline"
 LABEL_RUN = "conveyor.dev/run"
@@ -116,17 +117,27 @@ def run_annotations(pipeline: dict[str, Any], config_map: str, trigger: str) -> 
     return annotations
 
 
-def build_run_config(pipeline: dict[str, Any], spec: MLPipelineSpec, run: int) -> RunConfig:
+def build_run_config(
+    pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, deployed: DeployedModel | None = None
+) -> RunConfig:
+    """The run's config; `deployed` (the version the target serves, with mustBeatDeployed) is scored by the
+    run on its own test split, so the gate compares both on the same rows."""
     meta = pipeline["metadata"]
-    return RunConfig.for_run(spec, pipeline=meta["name"], namespace=meta["namespace"], run=run)
+    if not spec.evaluation.must_beat_deployed:
+        deployed = None
+    return RunConfig.for_run(spec, pipeline=meta["name"], namespace=meta["namespace"], run=run, deployed=deployed)
 
 
 def build_run_configmap(
-    pipeline: dict[str, Any], spec: MLPipelineSpec, run: int, rayjob: dict[str, Any]
+    pipeline: dict[str, Any],
+    spec: MLPipelineSpec,
+    run: int,
+    rayjob: dict[str, Any],
+    deployed: DeployedModel | None = None,
 ) -> dict[str, Any]:
     """run.json for `python -m conveyor.runtime.train --config`, owned by the run's RayJob."""
     meta = pipeline["metadata"]
-    config = build_run_config(pipeline, spec, run)
+    config = build_run_config(pipeline, spec, run, deployed)
     return stamp(
         {
             "apiVersion": "v1",

@@ -59,7 +59,7 @@ from conveyor.operator.mlpipeline.build import (
     spec_hash,
 )
 from conveyor.operator.mlpipeline.gate import GateOutcome
-from conveyor.runtime.spec import MLPipelineSpec
+from conveyor.runtime.spec import DeployedModel, MLPipelineSpec
 
 PENDING = "Pending"
 RUNNING = "Running"
@@ -114,6 +114,7 @@ class DeployTarget:
     exists: bool
     follows: bool  # its spec.model.version is `latest` from this pipeline
     pinned_version: str | None = None
+    serving: DeployedModel | None = None  # its stable version and package (what mustBeatDeployed must beat)
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ from conveyor.operator.mlpipeline.plan import (
 )
 from conveyor.operator.mlpipeline.validate import validate_pipeline
 from conveyor.operator.modeldeployment.rollout import parse_duration
-from conveyor.runtime.package.registry import PackageError
-from conveyor.runtime.spec import MLPipelineSpec
+from conveyor.runtime.package.registry import PackageError, package_uri
+from conveyor.runtime.spec import DeployedModel, MLPipelineSpec
 
 if TYPE_CHECKING:
     from conveyor.operator.controller.manager import Operator
@@ -224,7 +224,11 @@ def _deploy_target(op: Operator, namespace: str, pipeline: str, spec: MLPipeline
     version = model.get("version", "latest")
     follows = version == "latest" and model.get("pipeline") in (None, pipeline)
     pinned = version if version != "latest" else f"latest of MLPipeline {model.get('pipeline')}"
-    return DeployTarget(name, exists=True, follows=follows, pinned_version=None if follows else pinned)
+    serving = None
+    stable = (md.get("status") or {}).get("stableVersion")
+    if stable and model.get("registryUri") and model.get("name"):
+        serving = DeployedModel(version=stable, package_uri=package_uri(model["registryUri"], model["name"], stable))
+    return DeployTarget(name, exists=True, follows=follows, pinned_version=None if follows else pinned, serving=serving)
 
 
 def _judge(
@@ -253,7 +257,8 @@ async def act(op: Operator, s: PipelineSnapshot, plan: PipelinePlan) -> None:
         await _refuse_unknown_rayjobs(op, s)
         created = await op.client.apply(build_rayjob(s.pipeline, s.spec, plan.start_run, plan.start_trigger or ""))
         op.rayjobs.remember(created)
-        await op.client.apply(build_run_configmap(s.pipeline, s.spec, plan.start_run, created))
+        serving = s.deploy_target.serving if s.deploy_target is not None else None
+        await op.client.apply(build_run_configmap(s.pipeline, s.spec, plan.start_run, created, serving))
         log.info("%s/%s: run %d started (%s)", namespace, name, plan.start_run, plan.start_trigger)
     if plan.reject_versions and s.spec is not None:  # before the status says GateFailed: latest must skip them
         registry = op.registry(s.spec.registry.uri, s.spec.registry.model_name)

@@ -101,6 +101,11 @@ def _join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def package_uri(registry_uri: str, model_name: str, version: str) -> str:
+    """Where a version's package lives: ``<registry>/<model>/<version>`` (no storage access)."""
+    return _join(registry_uri.rstrip("/"), model_name, version)
+
+
 def _fs_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     # No listings cache: object-store filesystems (s3fs, gcsfs) otherwise keep a folder's listing for
     # good, and a long-lived reader (the operator) would never see a version committed after it looked.
@@ -342,7 +347,7 @@ class Registry:
         self.model_path = _join(root, model_name)
 
     def package_uri(self, version: str) -> str:
-        return _join(self.uri, self.model_name, version)
+        return package_uri(self.uri, self.model_name, version)
 
     def _version_dirs(self) -> dict[int, str]:
         """Every ``v<N>`` directory, committed or not."""

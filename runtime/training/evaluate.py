@@ -5,11 +5,15 @@ matrix (rows = true class, columns = predicted, in ``classes`` order); for a bin
 AUC (average precision) and the positive (second) class's ``precision``, ``recall`` and ``f1``, with
 predictions made by the package's decision threshold (``choose_threshold``, on the validation split).
 Regression: RMSE and MAE.
+
+``evaluate_deployed`` scores the version deployed now on a run's own test split (raw rows, through that
+version's own fitted transforms and decision rule, the shared scoring path of serving), so the gate's
+``mustBeatDeployed`` compares the candidate and the deployed version on the same rows.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -124,3 +128,61 @@ def gate(metrics: dict[str, Any], spec: EvaluationSpec) -> dict[str, Any]:
         "passed": passed,
         "reason": "; ".join(reasons),
     }
+
+
+def evaluate_deployed(
+    version: str, package_uri: str, batches: Iterable[Any], *, label: str, task: str
+) -> dict[str, Any]:
+    """The deployed ``version`` (its package at ``package_uri``) scored on raw test rows: ``batches`` is an
+    iterable of pandas DataFrames holding the features and ``label``, scored batch by batch through the
+    package's own transforms, model and decision rule (``serving.model.ScoringModel``).
+
+    Returns ``{"version", "packageUri", "testSamples", "metrics"}`` (scalar metrics only), or with
+    ``"error"`` instead of metrics when the package cannot be read or cannot score these rows: the gate
+    then fails (not knowing how good the deployed version is, is no reason to pass).
+    """
+    from conveyor.runtime.package.features import category_key
+    from conveyor.runtime.serving.model import ScoringModel
+
+    out: dict[str, Any] = {"version": version, "packageUri": package_uri}
+    try:
+        model = ScoringModel.open(package_uri, device="cpu")
+    except Exception as e:  # PackageError, a storage error, a model that does not load: all "unreadable"
+        return {**out, "error": f"the deployed package cannot be read: {type(e).__name__}: {e}"[:1000]}
+    if (model.task == "classification") != (task == "classification"):
+        return {**out, "error": f"the deployed package is a {model.task} model, this run trains {task}"}
+    index = {c: i for i, c in enumerate(model.classes or [])}
+    scores, truths, n = [], [], 0
+    try:
+        for batch in batches:
+            if len(batch) == 0:
+                continue
+            if model.kind == "image":
+                raw = np.stack(batch[model.package.schema.get("imageField", "image")].to_numpy()).astype(np.float32)
+                x = model.transform(raw[:, None] if raw.ndim == 3 else raw)
+            else:
+                x = model.transform(batch[[f.name for f in model.package.transforms.features]])
+            scores.append(model.forward(x))
+            truths.append(batch[label].to_numpy())
+            n += len(batch)
+    except (KeyError, ValueError, TypeError) as e:
+        return {**out, "error": f"the deployed package cannot score this run's test rows: {e}"[:1000]}
+    if n == 0:
+        return {**out, "error": "the run's test split is empty"}
+    y_raw = np.concatenate(truths)
+    if model.task == "classification":
+        probabilities = np.concatenate(scores)
+        y = np.array([index.get(category_key(v), -1) for v in y_raw.tolist()], dtype=np.int64)
+        if (y < 0).any():
+            unknown = sorted({category_key(v) for v, i in zip(y_raw.tolist(), y.tolist(), strict=True) if i < 0})
+            return {**out, "error": f"the run's test split holds label(s) {unknown[:5]} the deployed version "
+                    f"does not know (its classes: {model.classes}): they cannot be compared"[:1000]}
+        metrics = classification_metrics(np.log(np.clip(probabilities, 1e-12, None)), y, model.classes or [],
+                                         model.threshold)
+    else:
+        metrics = regression_metrics(np.concatenate(scores), y_raw.astype(np.float64))
+    scalars = {
+        k: float(v) for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+    }
+    return {**out, "testSamples": int(n), "metrics": scalars}

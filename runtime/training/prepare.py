@@ -44,6 +44,9 @@ class PreparedData:
     validation: ValidationReport
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    # The test split's raw rows (features and label, a pandas DataFrame): the deployed version is scored
+    # on them through its own transforms (mustBeatDeployed compares both on the same rows).
+    test_rows: Any = None
 
     @property
     def input_shape(self) -> list[int]:
@@ -227,6 +230,7 @@ def _prepare_split(config: RunConfig) -> PreparedData:
             y[test_idx],
             sha,
             report,
+            test_rows=test,
         )
 
     features = []
@@ -260,6 +264,7 @@ def _prepare_split(config: RunConfig) -> PreparedData:
         y[test_idx],
         sha,
         report,
+        test_rows=test,
     )
 
 

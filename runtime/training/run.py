@@ -16,7 +16,9 @@ The run:
    ``CONVEYOR_CHECKPOINT_INTERVAL_S`` seconds when that is set (always after the last), so a retried
    job (same pipeline and run) resumes from its last checkpoint; a run that registered leaves a marker
    instead, and its retry returns that version;
-5. evaluates the exported model (torch.export's program: what serving runs) on the held-out split;
+5. evaluates the exported model (torch.export's program: what serving runs) on the held-out split and,
+   when the run config names the version deployed now (``deployed``, for mustBeatDeployed), that
+   version's package on the same raw test rows (``evaluate.evaluate_deployed``, recorded as ``metrics.deployed``);
 6. registers the package atomically as the next version (``registry.Registry.register``).
 
 It registers the model whether or not the evaluation gate passed: the gate's result is in
@@ -200,6 +202,16 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
             **{k: v for k, v in facts.items() if k in ("resumedAfterEpoch", "bestEpoch", "stoppedEarly")},
         }
     )
+    if config.deployed is not None:
+        # mustBeatDeployed: the deployed version on this run's test rows, so the gate compares like with like.
+        metrics["deployed"] = evaluate.evaluate_deployed(
+            config.deployed.version,
+            config.deployed.package_uri,
+            _row_batches(prepared.test_rows),
+            label=config.data.label,
+            task=config.data.task,
+        )
+        log.info("deployed %s on this run's test split: %s", config.deployed.version, metrics["deployed"])
     gate = evaluate.gate(metrics, config.evaluation)
     metrics["gate"] = gate
     prof = dict(prepared.profile)
@@ -236,6 +248,11 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
     log.info("registered %s (%s %s)", uri, gate["metric"], gate["value"])
     _mark_registered(config, version, uri)
     return RunResult(version, uri, metrics, gate, prepared.validation.to_json())
+
+
+def _row_batches(rows: Any, size: int = 4096) -> Any:
+    for start in range(0, len(rows), size):
+        yield rows.iloc[start : start + size]
 
 
 def _run_storage(config: RunConfig) -> tuple[Any, str]:

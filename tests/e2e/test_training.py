@@ -127,6 +127,49 @@ def test_imbalanced_fraud_flags_the_obvious_fraud_by_default(fraud_run) -> None:
 
 
 @pytest.mark.slow
+def test_must_beat_deployed_scores_both_versions_on_the_runs_own_split(fraud_run) -> None:
+    """Run 2 is told v1 is deployed: it scores v1's package (v1's own transforms and decision rule) on
+    run 2's raw test rows and records both figures; the operator's gate decides from that pair. The data
+    and seed are v1's, so the split is the same rows v1 was tested on: v1 must score exactly its own
+    figures, which it would not through another package's transforms or another decision threshold."""
+    from conveyor.operator.mlpipeline.gate import judge_run
+    from conveyor.runtime.spec import DeployedModel, EvaluationSpec
+    from conveyor.runtime.training.evaluate import evaluate_deployed
+
+    config, v1 = fraud_run
+    second = config.model_copy(deep=True)
+    second.run = 2
+    second.training.hyperparameters.epochs = 2  # a weaker candidate, quickly
+    second.deployed = DeployedModel(version=v1.version, package_uri=v1.uri)
+    v2 = open_package(train_and_register(second))
+    scored = v2.metrics["deployed"]
+    assert (scored["version"], scored["packageUri"]) == (v1.version, v1.uri)
+    assert scored["testSamples"] == v2.metrics["testSamples"] == v1.metrics["testSamples"]
+    for metric in ("accuracy", "rocAuc", "f1Macro"):
+        assert scored["metrics"][metric] == pytest.approx(v1.metrics[metric], abs=1e-9), metric
+    registry = Registry(config.registry.uri, config.registry.model_name)
+    record = registry.read_run_record(second.namespace, second.pipeline, 2)
+    assert record is not None and record["metrics"]["deployed"] == scored  # the outcome record has both
+
+    metric = config.evaluation.metric
+    candidate, deployed = v2.metrics[metric], scored["metrics"][metric]
+    for margin in (0.0, abs(candidate - deployed) + 0.01):
+        evaluation = EvaluationSpec(metric=metric, threshold=0.0, must_beat_deployed=True, margin=margin)
+        outcome = judge_run(
+            registry, evaluation, pipeline=second.pipeline, namespace=second.namespace, run=2,
+            deployed=(v1.version, registry),
+        )
+        assert outcome.version == v2.version and outcome.result is not None
+        assert outcome.result.baseline_value == pytest.approx(deployed)
+        assert outcome.result.passed == (candidate >= deployed + margin), outcome.result.message
+        assert outcome.result.reason == ("Passed" if outcome.result.passed else "DidNotBeatDeployed")
+
+    # A deployed package that cannot be read gives an error, which fails the gate (never a pass).
+    broken = evaluate_deployed("v9", f"{config.registry.uri}/fraud/v9", [], label="label", task="classification")
+    assert "cannot be read" in broken["error"] and "metrics" not in broken
+
+
+@pytest.mark.slow
 def test_early_stopping_keeps_the_best_epoch(ray_cluster: str, tmp_path: Path) -> None:
     config = quick_config("fraud", str(tmp_path), pipeline="early", rows=3000)
     hp = config.training.hyperparameters

@@ -219,14 +219,19 @@ class Cluster:
         )
 
 
-def train(registry_uri: str, model: str, *, pipeline: str, namespace: str, run: int, **metrics: float) -> str:
-    """Play the training job's last step: commit a package whose lineage names the run."""
+def train(
+    registry_uri: str, model: str, *, pipeline: str, namespace: str, run: int, deployed: dict[str, Any] | None = None,
+    **metrics: float,
+) -> str:
+    """Play the training job's last step: commit a package whose lineage names the run (`deployed`: the
+    figures a run with mustBeatDeployed records for the deployed version on its own test split)."""
 
     def writer(area: Any) -> dict[str, Any]:
         area.write_bytes("model.pt", b"weights (not loaded by the operator)")
         for name in ("transforms.json", "schema.json", "profile.json"):
             area.write_json(name, {})
-        area.write_json("metrics.json", {**metrics, "confusionMatrix": [[1, 0], [0, 1]]})
+        extra = {"deployed": deployed} if deployed is not None else {}
+        area.write_json("metrics.json", {**metrics, **extra, "confusionMatrix": [[1, 0], [0, 1]]})
         area.write_json("lineage.json", {"pipeline": pipeline, "namespace": namespace, "run": run})
         return {"task": "classification", "architecture": "mlp"}
 

@@ -281,23 +281,35 @@ def test_second_passing_version_becomes_the_canary_and_must_beat_the_stable_one(
         ),
     )
 
-    def finish(n: int, accuracy: float, expect: str) -> None:
+    def finish(n: int, accuracy: float, expect: str, deployed_accuracy: float | None = None) -> None:
         wait_for(f"RayJob fraud-{n}", lambda: cluster.rayjob(f"fraud-{n}"))
-        train(registry, "fraud", pipeline="fraud", namespace=ns, run=n, accuracy=accuracy)
+        # The run is told what is deployed (run.json), and records that version's figure on its own split.
+        name = f"fraud-{n}-config"
+        wait_for(f"ConfigMap {name}", lambda: cluster.exists(lambda: cluster.core.read_namespaced_config_map(name, ns)))
+        told = json.loads(cluster.core.read_namespaced_config_map(name, ns).data["run.json"]).get("deployed")
+        scored = None
+        if deployed_accuracy is not None:
+            assert told == {"version": "v1", "packageUri": f"{registry}/fraud/v1"}, told
+            scored = {**told, "testSamples": 400, "metrics": {"accuracy": deployed_accuracy}}
+        else:
+            assert told is None, told
+        train(registry, "fraud", pipeline="fraud", namespace=ns, run=n, accuracy=accuracy, deployed=scored)
         cluster.kuberay_sets(f"fraud-{n}", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
         assert wait_for(f"run {n} {expect}", lambda: outcome(cluster, "fraud", n) == expect)
 
     finish(1, 0.90, "Succeeded")
     assert wait_for("v1 stable", lambda: cluster.status(MDEP, "fraud").get("stableVersion") == "v1")
-    # Run 2 reaches the threshold but not the deployed v1 + margin: recorded, deployed nowhere.
+    # Run 2 beats v1's own figure (0.90, on v1's split) but not v1 + margin on run 2's split (0.90 there
+    # too): recorded, deployed nowhere.
     cluster.patch(MLP, "fraud", {"metadata": {"annotations": {"conveyor.dev/rerun": "2"}}})
-    finish(2, 0.905, "GateFailed")
+    finish(2, 0.905, "GateFailed", deployed_accuracy=0.90)
     run2 = run_entry(cluster, "fraud", 2)
     assert run2 is not None and run2["reason"] == "DidNotBeatDeployed" and "v1" in run2["message"]
+    assert "400 rows" in run2["message"]
     assert cluster.status(MLP, "fraud")["latestVersion"] == "v1"
     # Run 3 beats it: v3 becomes the canary at the first step, beside v1.
     cluster.patch(MLP, "fraud", {"metadata": {"annotations": {"conveyor.dev/rerun": "3"}}})
-    finish(3, 0.95, "Succeeded")
+    finish(3, 0.95, "Succeeded", deployed_accuracy=0.93)
     status = wait_for("canary", lambda: (s := cluster.status(MDEP, "fraud")).get("canaryVersion") and s)
     assert (status["stableVersion"], status["canaryVersion"], status["canaryWeight"]) == ("v1", "v3", 20)
     predictor = cluster.isvc("fraud")["spec"]["predictor"]

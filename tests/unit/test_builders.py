@@ -216,6 +216,24 @@ def test_run_configmap_holds_runconfig_owned_by_rayjob() -> None:
     config = RunConfig.model_validate_json(cm["data"]["run.json"])
     assert (config.pipeline, config.namespace, config.run) == ("fraud", "ml", 4)
     assert config.evaluation.metric == "f1Macro" and config.registry.model_name == "fraud"
+    assert config.deployed is None
+
+
+@pytest.mark.parametrize("must_beat", [True, False])
+def test_run_config_names_the_deployed_package_only_for_must_beat_deployed(must_beat: bool) -> None:
+    from conveyor.runtime.spec import DeployedModel
+
+    obj = pipeline_obj(evaluation={"metric": "accuracy", "threshold": 0.8, "mustBeatDeployed": must_beat})
+    spec = MLPipelineSpec.model_validate(obj["spec"])
+    serving = DeployedModel(version="v3", package_uri="s3://models/fraud/v3")
+    rj = build_rayjob(obj, spec, 4)
+    rj["metadata"]["uid"] = "uid-rj"
+    cm = build_run_configmap(obj, spec, 4, rj, serving)
+    raw = json.loads(cm["data"]["run.json"])
+    if must_beat:
+        assert raw["deployed"] == {"version": "v3", "packageUri": "s3://models/fraud/v3"}
+    else:
+        assert "deployed" not in raw
 
 
 def test_rayjob_fits_the_pinned_kuberay_schema() -> None:
