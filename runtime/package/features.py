@@ -513,13 +513,61 @@ def fit_transforms(
     return fitted
 
 
+class ArrayStats:
+    """Exact statistics of one column's values (the in-memory fit): what ``fit_step`` asks of its data.
+
+    ``runtime.package.summary.ColumnSummary`` answers the same questions from a streamed, mergeable summary
+    (exact moments and counts, quantiles from a bounded uniform sample), so both paths fit by one rule."""
+
+    def __init__(self, col: np.ndarray) -> None:
+        self.is_text = col.dtype == object
+        self.expanded = not self.is_text and col.ndim != 1
+        if self.expanded:
+            self.present = col
+        else:
+            self.present = (
+                col[np.array([v is not None for v in col], dtype=bool)] if self.is_text else col[~np.isnan(col)]
+            )
+        self.n_present = len(self.present)
+
+    def mean(self) -> float:
+        return float(np.mean(self.present))
+
+    def std(self) -> float:
+        return float(np.std(self.present))
+
+    def min(self) -> float:
+        return float(np.min(self.present))
+
+    def max(self) -> float:
+        return float(np.max(self.present))
+
+    def quantile(self, q: Any) -> Any:
+        return np.quantile(self.present, q)
+
+    def most_frequent(self) -> Any:
+        if self.is_text:
+            counts = Counter(self.present.tolist())
+            return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
+        uniq, counts = np.unique(self.present, return_counts=True)
+        return float(uniq[np.argmax(counts)])
+
+    def category_counts(self) -> Counter[str]:
+        return Counter(category_key(v) for v in self.present.tolist())
+
+
 def _fit_step(ttype: str, column: str, feat: FeatureSchema, col: np.ndarray, t: Any, where: str) -> Step:
-    is_text = col.dtype == object
+    return fit_step(ttype, column, ArrayStats(col), t, where)
+
+
+def fit_step(ttype: str, column: str, stats: Any, t: Any, where: str) -> Step:
+    """One declared transform fitted from ``stats`` (an ``ArrayStats`` or a streamed ``ColumnSummary``)."""
+    is_text = stats.is_text
     if is_text and ttype in ("standardize", "minMax", "clip", "bucketize"):
         raise ValueError(f"{where}: column {column!r} is a string; {ttype} needs a numeric column")
-    if not is_text and col.ndim != 1:
+    if stats.expanded:
         raise ValueError(f"{where}: column {column!r} was already expanded by an earlier oneHot/bucketize")
-    present = col[np.array([v is not None for v in col], dtype=bool)] if is_text else col[~np.isnan(col)]
+    n_present = stats.n_present
     if ttype == "impute":
         strategy = _get(t, "strategy") or ("mostFrequent" if is_text else "mean")
         if strategy == "constant":
@@ -534,42 +582,37 @@ def _fit_step(ttype: str, column: str, feat: FeatureSchema, col: np.ndarray, t: 
                         f"{where}: column {column!r} is numeric; constant {value!r} is not"
                     ) from e
         elif strategy == "mostFrequent":
-            if len(present) == 0:
+            if n_present == 0:
                 raise ValueError(f"{where}: column {column!r} has no values to impute from")
-            if is_text:
-                counts = Counter(present.tolist())
-                value = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[0][0]
-            else:
-                uniq, counts = np.unique(present, return_counts=True)
-                value = float(uniq[np.argmax(counts)])
+            value = stats.most_frequent()
         elif strategy in ("mean", "median"):
             if is_text:
                 raise ValueError(
                     f"{where}: column {column!r} is a string; use strategy mostFrequent or constant"
                 )
-            if len(present) == 0:
+            if n_present == 0:
                 raise ValueError(f"{where}: column {column!r} has no values to impute from")
-            value = float(np.mean(present) if strategy == "mean" else np.median(present))
+            value = float(stats.mean() if strategy == "mean" else stats.quantile(0.5))
         else:
             raise ValueError(f"{where}: unknown impute strategy {strategy!r}")
         return Step("impute", column, {"strategy": strategy, "value": value})
-    if ttype in ("standardize", "minMax", "clip", "bucketize") and len(present) == 0:
+    if ttype in ("standardize", "minMax", "clip", "bucketize") and n_present == 0:
         raise ValueError(f"{where}: column {column!r} has only nulls in the training split")
     if ttype == "standardize":
-        mean, std = float(np.mean(present)), float(np.std(present))
+        mean, std = stats.mean(), stats.std()
         return Step("standardize", column, {"mean": mean, "std": std if std > 0 else 1.0})
     if ttype == "minMax":
-        lo, hi = float(np.min(present)), float(np.max(present))
+        lo, hi = stats.min(), stats.max()
         return Step("minMax", column, {"min": lo, "max": hi if hi > lo else lo + 1.0})
     if ttype == "clip":
         lo, hi = _get(t, "min"), _get(t, "max")
-        lo = float(np.quantile(present, 0.01)) if lo is None else float(lo)
-        hi = float(np.quantile(present, 0.99)) if hi is None else float(hi)
+        lo = float(stats.quantile(0.01)) if lo is None else float(lo)
+        hi = float(stats.quantile(0.99)) if hi is None else float(hi)
         if lo > hi:
             raise ValueError(f"{where}: min {lo} is greater than max {hi}")
         return Step("clip", column, {"min": lo, "max": hi})
     if ttype == "oneHot":
-        counts = Counter(category_key(v) for v in present.tolist())
+        counts = stats.category_counts()
         ordered = [c for c, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
         limit = _get(t, "max_categories")
         if limit is not None:
@@ -580,12 +623,22 @@ def _fit_step(ttype: str, column: str, feat: FeatureSchema, col: np.ndarray, t: 
     if ttype == "bucketize":
         b = _get(t, "boundaries")
         if b is None:
-            b = sorted(set(np.quantile(present, [0.2, 0.4, 0.6, 0.8]).tolist()))
+            b = sorted(set(np.asarray(stats.quantile([0.2, 0.4, 0.6, 0.8])).tolist()))
         b = [float(x) for x in b]
         if any(x >= y for x, y in zip(b[:-1], b[1:], strict=True)):
             raise ValueError(f"{where}: boundaries must be strictly increasing, got {b}")
         return Step("bucketize", column, {"boundaries": b})
     raise ValueError(f"{where}: unknown transform type {ttype!r}")
+
+
+def apply_step(step: Step, col: np.ndarray) -> np.ndarray:
+    """One fitted step applied to one column (the streamed fit replays earlier steps with it)."""
+    return _apply_step(step, col)
+
+
+def coerce_column(values: np.ndarray, feat: FeatureSchema) -> np.ndarray:
+    """Raw values as the fit sees them: float64 with NaN for null, or an object array of text/None."""
+    return _string_column(values, feat) if feat.type == "string" else _numeric_column(values, feat)
 
 
 def fit_image_transforms(images: np.ndarray, *, scale: float, image_field: str = "image") -> FittedTransforms:

@@ -60,6 +60,41 @@ def numeric_profile(values: Any, bins: int = N_BINS) -> dict[str, Any]:
     return entry
 
 
+def numeric_profile_from_summary(summary: Any, bins: int = N_BINS) -> dict[str, Any]:
+    """``numeric_profile`` of a streamed column (``runtime.package.summary.ColumnSummary``): count, null
+    fraction, mean, std, min and max exact; quantiles, decile edges and bin fractions from its uniform
+    sample (exact up to its SAMPLE_SIZE present values; rank error stated in that module past it)."""
+    entry = numeric_profile(summary._sorted_sample().astype(np.float64), bins)
+    entry["count"] = int(summary.rows)
+    entry["nullFraction"] = float(1 - summary.n_present / summary.rows) if summary.rows else 0.0
+    if summary.n_present and entry["binEdges"]:
+        entry["binEdges"][0] = min(entry["binEdges"][0], summary.min())
+        entry["binEdges"][-1] = max(entry["binEdges"][-1], summary.max())
+        entry.update(mean=summary.mean(), std=summary.std(), min=summary.min(), max=summary.max())
+    if not summary.exact_quantiles:
+        entry["approximate"] = {"sampleSize": int(len(summary.sample)), "quantileRankError": 0.0052}
+    return entry
+
+
+def categorical_profile_from_counts(counts: Mapping[str, int], rows: int) -> dict[str, Any]:
+    """``categorical_profile`` from streamed value counts (keys as ``category_key`` text, nulls not
+    counted) over ``rows`` rows."""
+    present = sum(counts.values())
+    return {
+        "kind": "categorical",
+        "count": int(rows),
+        "nullFraction": float(1 - present / rows) if rows else 0.0,
+        "frequencies": {k: c / present for k, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))}
+        if present
+        else {},
+    }
+
+
+def class_balance_from_counts(counts: Mapping[str, int]) -> dict[str, float]:
+    n = sum(counts.values())
+    return {k: c / n for k, c in sorted(counts.items())} if n else {}
+
+
 def bin_fractions(entry: Mapping[str, Any], values: Any) -> list[float]:
     """Fractions of ``values`` (nulls dropped) in the bins of a numeric profile ``entry``."""
     edges = entry["binEdges"]

@@ -121,8 +121,17 @@ def _add(
         entry["examples"].append(_jsonable(v))
 
 
+def _nulls(values: np.ndarray) -> np.ndarray:
+    """Null mask; vectorized for numeric arrays (NaN), per value only for object arrays."""
+    if values.dtype.kind in "iub":
+        return np.zeros(len(values), dtype=bool)
+    if values.dtype.kind == "f":
+        return np.isnan(values)
+    return np.array([is_null(v) for v in values], dtype=bool)
+
+
 def _check_column(partial: dict[str, Any], c: ColumnContract, values: np.ndarray) -> None:
-    nulls = np.array([is_null(v) for v in values], dtype=bool)
+    nulls = _nulls(values)
     partial["nulls"][c.name] = partial["nulls"].get(c.name, 0) + int(nulls.sum())
     if not c.nullable:
         _add(partial, c.name, "nullable", "no nulls (nullable: false)", [None], int(nulls.sum()))
@@ -143,7 +152,7 @@ def _check_column(partial: dict[str, Any], c: ColumnContract, values: np.ndarray
         if c.max is not None:
             high = numbers[numbers > c.max]
             _add(partial, c.name, "max", f"<= {c.max:g}", high, len(high))
-        texts = [category_key(v) for v in numbers]
+        texts = [category_key(v) for v in numbers] if c.allowed_values is not None else []
     if c.allowed_values is not None:
         allowed = set(c.allowed_values)
         bad = [v for v in texts if v not in allowed]
@@ -213,12 +222,18 @@ def check_batch(batch: Any, data: DataSpec) -> dict[str, Any]:
         _add(partial, label, "missing", "the label column (data.label)", [], max(n, 1))
         return partial
     values = batch[label].to_numpy()
-    nulls = np.array([is_null(v) for v in values], dtype=bool)
+    nulls = _nulls(values)
     _add(partial, label, "nullable", "a label on every row", [None], int(nulls.sum()))
     counts = partial["labels"]
-    for v in values[~nulls]:
+    present = values[~nulls]
+    if present.dtype.kind in "iufb":  # numbers: count the distinct values, not every row
+        uniq, n = np.unique(present, return_counts=True)
+        pairs = zip(uniq.tolist(), n.tolist(), strict=True)
+    else:
+        pairs = ((v, 1) for v in present)
+    for v, k in pairs:
         key = category_key(v) if not isinstance(v, np.ndarray) else repr(v)
-        counts[key] = counts.get(key, 0) + 1
+        counts[key] = counts.get(key, 0) + k
     return partial
 
 
@@ -359,7 +374,10 @@ def validate_frame(
 
 
 def validate_dataset(ds: Any, data: DataSpec, *, source: str | None = None) -> ValidationReport:
-    """Validate a Ray Dataset: batches are checked in parallel by Ray Data, partials merged here."""
+    """Validate a Ray Dataset as one aggregation over the stream: Ray Data checks the batches in parallel
+    (``check_batch``: each batch becomes one small partial) and the partials are folded here as they
+    arrive (``merge`` consumes an iterator), so the caller holds one running report, never the rows: its
+    memory depends on the contract and the examples kept, not on the number of rows."""
     import json
 
     import pandas as pd
@@ -369,5 +387,10 @@ def validate_dataset(ds: Any, data: DataSpec, *, source: str | None = None) -> V
     def check(batch: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame({"partial": [json.dumps(check_batch(batch, data), default=_jsonable)]})
 
-    partials = [json.loads(row["partial"]) for row in ds.map_batches(check, batch_format="pandas").take_all()]
-    return merge(partials, data, source or data.source.uri)
+    def partials() -> Iterable[dict[str, Any]]:
+        stream = ds.map_batches(check, batch_format="pandas", batch_size=16384)
+        for batch in stream.iter_batches(batch_format="pandas", batch_size=None):
+            for text in batch["partial"]:
+                yield json.loads(text)
+
+    return merge(partials(), data, source or data.source.uri)

@@ -124,10 +124,16 @@ def _loss_fn(classification: bool, class_weights: Any, device: Any) -> Any:
 
 def class_weights_for(y: np.ndarray, classes: int) -> list[float] | None:
     """Balanced loss weights when some class is rare in ``y`` (see the module docstring), else None."""
-    counts = np.bincount(np.asarray(y, dtype=np.int64), minlength=classes).astype(np.float64)
-    if len(y) == 0 or counts.min() / len(y) >= RARE_CLASS_FRACTION:
+    return class_weights_from_counts(np.bincount(np.asarray(y, dtype=np.int64), minlength=classes))
+
+
+def class_weights_from_counts(counts: np.ndarray) -> list[float] | None:
+    """``class_weights_for`` from the rows per class (what a streamed split knows)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n, classes = float(counts.sum()), len(counts)
+    if n == 0 or counts.min() / n >= RARE_CLASS_FRACTION:
         return None
-    return (len(y) / (classes * np.maximum(counts, 1.0))).tolist()
+    return (n / (classes * np.maximum(counts, 1.0))).tolist()
 
 
 def validation_loss(
@@ -145,6 +151,29 @@ def validation_loss(
             out = raw(xb).float()
             total += float(loss_fn(out, yb if classification else yb.view(-1, 1))) * len(xb)
     return total / max(len(x), 1)
+
+
+def shard_validation_loss(
+    model: Any, shard: Any, loss_fn: Any, classification: bool, world: int, device: Any, batch_size: int = 4096
+) -> float:
+    """The mean loss over the validation split when it is streamed: each worker scores its own shard, the
+    sums are added across workers, so every rank reaches the same figure."""
+    import torch
+
+    raw = model.module if hasattr(model, "module") else model
+    raw.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+            xb, yb = batch["x"], batch["y"]
+            out = raw(xb).float()
+            total[0] += float(loss_fn(out, yb if classification else yb.view(-1, 1))) * len(xb)
+            total[1] += len(xb)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(total)
+    return float(total[0] / total[1].clamp(min=1))
 
 
 def _ray_batches(shard: Any, batch_size: int, seed: int, device: Any) -> Iterator[tuple[Any, Any]]:
@@ -217,6 +246,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     shard = ray.train.get_dataset_shard("train")
     classification = cfg["task"] == "classification"
     val = None
+    val_shard = ray.train.get_dataset_shard("validation") if cfg.get("validationShard") else None
     if cfg["validation"] is not None:
         xv, yv = ray.get(cfg["validation"])
         val = (
@@ -277,9 +307,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         if classification:
             metrics["trainAccuracy"] = stats["correct"] / samples
         stop = False
-        if val is not None:
+        if val is not None or val_shard is not None:
             # Every rank scores the same weights on the same split, so all reach the same decision.
-            loss = validation_loss(model, *val, val_loss_fn, classification)
+            if val is not None:
+                loss = validation_loss(model, *val, val_loss_fn, classification)
+            else:
+                loss = shard_validation_loss(model, val_shard, val_loss_fn, classification, world, device)
             metrics["validationLoss"] = loss
             if best is None or loss < best["loss"] - 1e-6:
                 raw = model.module if hasattr(model, "module") else model
@@ -378,6 +411,7 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
     import ray.data
     import ray.train
     import torch
+    from ray.data.dataset import MaterializedDataset
     from ray.train.torch import TorchTrainer
 
     from conveyor.runtime.training.models import build_model
@@ -393,22 +427,29 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
     if tr.use_gpu and not use_gpu:
         log.warning("training.useGpu is set but the Ray cluster has no GPU: training on CPU")
     wanted_cpu = _parse_cpu(tr.worker_groups[0].cpu) if tr.worker_groups else 1.0
-    # Leave room for Ray Data's tasks; a worker's threads follow its CPU share.
-    cpu_per_worker = max(0.25, min(wanted_cpu, (cluster.get("CPU", 1.0)) / tr.num_workers))
-    threads = max(1, math.floor(cpu_per_worker))
-    y_train = prepared.y_train
-    if prepared.classes is None:
-        # Regression trains on standardized targets; the exported model maps back to the label's units.
-        y_mean, y_std = float(y_train.mean()), float(y_train.std()) or 1.0
-        y_train = ((y_train - y_mean) / y_std).astype(np.float32)
-    validation = None
-    if prepared.x_val is not None and prepared.y_val is not None:
+    # Regression trains on standardized targets; the exported model maps back to the label's units.
+    y_mean, y_std = prepared.target_stats() if prepared.classes is None else (0.0, 1.0)
+    target_scale = (y_mean, y_std) if prepared.classes is None else None
+    validation, datasets = None, {}
+    if prepared.streamed:
+        # Streamed splits: each worker reads its own shard of both (materialized in the object store
+        # when they fit, see PreparedData.dataset); nothing passes through the driver.
+        val_ds = prepared.dataset("validation", target_scale)
+        if val_ds is not None:
+            datasets["validation"] = val_ds
+    elif prepared.x_val is not None and prepared.y_val is not None:
         y_val = prepared.y_val if prepared.classes is not None else ((prepared.y_val - y_mean) / y_std)
-        validation = ray.put((prepared.x_val, y_val.astype(prepared.y_train.dtype)))
-    class_weights = class_weights_for(prepared.y_train, prepared.outputs) if prepared.classes else None
-    train_ds = ray.data.from_numpy(prepared.x_train).zip(ray.data.from_numpy(y_train))
-    train_ds = train_ds.rename_columns({"data": "x", "data_1": "y"}).materialize()
-    shard_bytes = (prepared.x_train.nbytes + y_train.nbytes) / tr.num_workers
+        validation = ray.put((prepared.x_val, y_val.astype(np.float32 if prepared.classes is None else np.int64)))
+    class_weights = class_weights_from_counts(prepared.train_class_counts()) if prepared.classes else None
+    train_ds = prepared.dataset("train", target_scale)
+    datasets["train"] = train_ds
+    # Leave room for Ray Data's tasks (a split read from the source while training needs a CPU of its
+    # own); a worker's threads follow its CPU share.
+    spare = 0.0 if isinstance(train_ds, MaterializedDataset) else 1.0
+    cpu_per_worker = max(0.25, min(wanted_cpu, (cluster.get("CPU", 1.0) - spare) / tr.num_workers))
+    threads = max(1, math.floor(cpu_per_worker))
+    bytes_per_row = int(np.prod(prepared.input_shape)) * 4 + 8
+    shard_bytes = prepared.rows("train") * bytes_per_row / tr.num_workers
     cache_limit = float(os.environ.get("CONVEYOR_SHARD_CACHE_BYTES", str(2**30)))
     loop_config = {
         "architecture": tr.model.architecture,
@@ -428,6 +469,7 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
         "seed": hp.seed,
         "patience": hp.early_stopping_patience,
         "validation": validation,
+        "validationShard": "validation" in datasets,
         "classWeights": class_weights,
         "threads": threads,
         "amp": use_gpu,
@@ -451,7 +493,7 @@ def fit(config: RunConfig, prepared: PreparedData) -> tuple[Any, list[dict[str, 
             storage_path=storage,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
-        datasets={"train": train_ds},
+        datasets=datasets,
     )
     result = trainer.fit()
     if result.error is not None:

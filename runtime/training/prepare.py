@@ -1,11 +1,28 @@
-"""Data preparation for a training run: ingest with Ray Data, validate against the data contract, split
-(seeded, stratified for classification), profile the training split and fit the declared feature
-transforms on it only, then carve a validation split out of the training split (early stopping and the
-decision threshold are chosen on it; the test split stays untouched for the gate)."""
+"""Data preparation for a training run: ingest with Ray Data, validate against the data contract (a
+streamed aggregation: every rule, every violation with examples), split, profile the training split and
+fit the declared feature transforms on it only, with a validation split carved from training (early
+stopping and the decision threshold are chosen on it; the test split stays untouched for the gate).
+
+Two paths, one package format:
+
+- **in memory** (the rows collected into the driver as one table): a seeded split stratified by class,
+  exact quantiles. Used when the validated source has at most ``CONVEYOR_IN_MEMORY_MAX_ROWS`` rows
+  (default IN_MEMORY_MAX_ROWS, the size up to which the streamed quantiles would be exact anyway, and a
+  table of a few tens of MB) and for built-in sets (generated in the driver to begin with): small sets
+  are where stratification matters (a rare class gets exactly its share of the test split) and where
+  collecting is cheapest.
+- **streaming** (``streaming``): everything larger. The split is a hash of the row, the profile and the
+  transforms are fitted by streamed aggregations, and the splits stay Ray Datasets that the Ray Train
+  workers read shard by shard; the driver's memory does not grow with the rows.
+
+``CONVEYOR_DATA_PATH=memory|streaming`` forces one path (benchmarks, tests).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -22,6 +39,7 @@ from conveyor.runtime.package.features import (
 from conveyor.runtime.package.validation import DataValidationError, ValidationReport, validate_dataset
 from conveyor.runtime.spec import RunConfig
 from conveyor.runtime.training import data as data_mod
+from conveyor.runtime.training import streaming
 
 log = logging.getLogger("conveyor.train")
 
@@ -36,10 +54,11 @@ class PreparedData:
     transforms: FittedTransforms
     schema: dict[str, Any]
     profile: dict[str, Any]
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
+    # The in-memory path's arrays (None on the streaming path, whose splits are ``streams``).
+    x_train: np.ndarray | None
+    y_train: np.ndarray | None
+    x_test: np.ndarray | None
+    y_test: np.ndarray | None
     data_sha256: str
     validation: ValidationReport
     x_val: np.ndarray | None = None
@@ -47,14 +66,97 @@ class PreparedData:
     # The test split's raw rows (features and label, a pandas DataFrame): the deployed version is scored
     # on them through its own transforms (mustBeatDeployed compares both on the same rows).
     test_rows: Any = None
+    # The streaming path's splits (Ray Datasets read on demand); None in memory.
+    streams: streaming.Streams | None = None
 
     @property
     def input_shape(self) -> list[int]:
-        return list(self.x_train.shape[1:])
+        if self.x_train is not None:
+            return list(self.x_train.shape[1:])
+        return list(self.transforms.input_shape)
 
     @property
     def outputs(self) -> int:
         return len(self.classes) if self.classes is not None else 1
+
+    @property
+    def streamed(self) -> bool:
+        return self.streams is not None
+
+    def rows(self, split: str) -> int:
+        """Rows in ``split`` (train, validation or test)."""
+        if self.streams is not None:
+            return int(self.streams.rows[split])
+        y = {"train": self.y_train, "validation": self.y_val, "test": self.y_test}[split]
+        return 0 if y is None else int(len(y))
+
+    def train_class_counts(self) -> np.ndarray:
+        """Training rows per class index (classification)."""
+        assert self.classes is not None
+        if self.streams is not None:
+            counts = self.streams.train_label_counts
+            return np.array([counts.get(c, 0) for c in self.classes], dtype=np.int64)
+        return np.bincount(np.asarray(self.y_train, dtype=np.int64), minlength=len(self.classes))
+
+    def target_stats(self) -> tuple[float, float]:
+        """Mean and standard deviation (never 0) of the training targets (regression)."""
+        if self.streams is not None:
+            return self.streams.target_mean, self.streams.target_std or 1.0
+        y = np.asarray(self.y_train, dtype=np.float64)
+        return float(y.mean()), float(y.std()) or 1.0
+
+    def dataset(self, split: str, target_scale: tuple[float, float] | None = None) -> Any:
+        """``split`` as a Ray Dataset of ``x`` (model inputs) and ``y`` (class index, or the target,
+        standardized by ``target_scale``); None when the split is empty. A streamed split is
+        materialized in Ray's object store (which spills to local disk past its memory) when it takes at
+        most ``streaming.cache_limit_bytes()``, else read and transformed again on every pass."""
+        import ray.data
+
+        if self.streams is not None:
+            if not self.rows(split):
+                return None
+            ds = self.streams.xy(split, target_scale)
+            fits = self.rows(split) * self.streams.bytes_per_row() <= streaming.cache_limit_bytes()
+            return ds.materialize() if fits else ds
+        x, y = {
+            "train": (self.x_train, self.y_train),
+            "validation": (self.x_val, self.y_val),
+            "test": (self.x_test, self.y_test),
+        }[split]
+        if x is None or y is None:
+            return None
+        if target_scale is not None:
+            y = ((np.asarray(y, dtype=np.float64) - target_scale[0]) / target_scale[1]).astype(np.float32)
+        ds = ray.data.from_numpy(x).zip(ray.data.from_numpy(y))
+        return ds.rename_columns({"data": "x", "data_1": "y"}).materialize()
+
+    def scored(
+        self, logits_of: Callable[[np.ndarray], np.ndarray], split: str, batch_size: int = 8192
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The model's outputs on ``split`` (validation or test) and its labels; batch by batch when
+        streamed (the driver then keeps the outputs and labels, ~12 bytes a row for a binary task)."""
+        if self.streams is None:
+            x, y = (self.x_val, self.y_val) if split == "validation" else (self.x_test, self.y_test)
+            return logits_of(x), y
+        outs, ys = [], []
+        for b in self.streams.xy(split).iter_batches(batch_format="numpy", batch_size=batch_size):
+            outs.append(logits_of(np.asarray(b["x"], dtype=np.float32)))
+            ys.append(np.asarray(b["y"]))
+        if not outs:
+            return np.zeros((0, self.outputs), dtype=np.float32), np.zeros(0)
+        return np.concatenate(outs), np.concatenate(ys)
+
+    def raw_test_batches(self, batch_size: int = 4096) -> Iterator[Any]:
+        """The test split's raw rows (features and label, as the source has them) as pandas batches, on
+        either path: what a deployed version is scored on, through its own package's transforms."""
+        if self.streams is not None:
+            yield from self.streams.raw("test").iter_batches(batch_format="pandas", batch_size=batch_size)
+            return
+        frame = self.test_rows
+        if frame is None:
+            return
+        for i in range(0, len(frame), batch_size):
+            yield frame.iloc[i : i + batch_size]
 
 
 def _infer_type(values: Any) -> str:
@@ -76,10 +178,13 @@ def _infer_type(values: Any) -> str:
 
 
 def _classes(labels: np.ndarray, config: RunConfig) -> list[str]:
+    return _ordered_classes({category_key(v) for v in labels.tolist()}, config)
+
+
+def _ordered_classes(keys: set[str], config: RunConfig) -> list[str]:
     label_contract = config.data.contract.label
     if label_contract is not None and label_contract.allowed_values:
         return list(label_contract.allowed_values)
-    keys = {category_key(v) for v in labels.tolist()}
 
     def order(k: str) -> tuple[int, float, str]:
         try:
@@ -142,22 +247,42 @@ def with_validation(prepared: PreparedData, seed: int) -> PreparedData:
     return replace(prepared, x_train=x[fit_idx], y_train=y[fit_idx], x_val=x[val_idx], y_val=y[val_idx])
 
 
-def prepare_data(config: RunConfig) -> PreparedData:
-    """Ingest, validate, split, profile and fit transforms, then carve the validation split (raises
-    DataValidationError on bad data)."""
-    return with_validation(_prepare_split(config), config.data.split.seed)
+# The in-memory path's limit (see the module docstring); CONVEYOR_IN_MEMORY_MAX_ROWS overrides it.
+IN_MEMORY_MAX_ROWS = 100_000
 
 
-def _prepare_split(config: RunConfig) -> PreparedData:
+def data_path(config: RunConfig, rows: int) -> str:
+    """``memory`` or ``streaming`` for a validated source of ``rows`` rows (the rule in the docstring)."""
+    forced = os.environ.get("CONVEYOR_DATA_PATH", "auto")
+    if forced in ("memory", "streaming"):
+        return forced
     source = config.data.source
-    ds = data_mod.load_dataset(source, label=config.data.label).materialize()
+    if source.format == "builtin" or source.uri.startswith("builtin://"):
+        return "memory"
+    limit = int(os.environ.get("CONVEYOR_IN_MEMORY_MAX_ROWS", str(IN_MEMORY_MAX_ROWS)))
+    return "memory" if rows <= limit else "streaming"
+
+
+def prepare_data(config: RunConfig) -> PreparedData:
+    """Ingest, validate (raises DataValidationError on bad data), then split, profile and fit the
+    transforms in memory or streaming (``data_path``)."""
+    source = config.data.source
+    ds = data_mod.load_dataset(source, label=config.data.label)
     if config.data.feedback:  # ground truth from the predictors joins the source, under the same contract
         ds, added = data_mod.with_feedback(ds, config.registry.uri, config.registry.model_name, config.data.label)
         log.info("feedback: %d labelled rows added to %s", added, source.uri)
     report = validate_dataset(ds, config.data)
     if not report.ok:
         raise DataValidationError(report)
-    log.info("data validated: %d rows of %s", report.rows, source.uri)
+    path = data_path(config, report.rows)
+    log.info("data validated: %d rows of %s; %s data path", report.rows, source.uri, path)
+    if path == "streaming":
+        return _prepare_streamed(config, ds, report)
+    return with_validation(_prepare_in_memory(config, ds, report), config.data.split.seed)
+
+
+def _prepare_in_memory(config: RunConfig, ds: Any, report: ValidationReport) -> PreparedData:
+    source = config.data.source
     frame = ds.to_pandas()
     del ds
     label = config.data.label
@@ -266,6 +391,115 @@ def _prepare_split(config: RunConfig) -> PreparedData:
         report,
         test_rows=test,
     )
+
+
+def _prepare_streamed(config: RunConfig, ds: Any, report: ValidationReport) -> PreparedData:
+    """The streaming path (``streaming``'s docstring): nothing here holds more than a batch of rows."""
+    from conveyor.runtime.package.summary import QUANTILE_RANK_ERROR, SAMPLE_SIZE
+
+    source, label = config.data.source, config.data.label
+    frac = config.data.split.test_fraction
+    if not 0.0 < frac < 1.0:
+        raise ValueError(f"data.split.testFraction must be within (0, 1), got {frac}")
+    contract_cols = list(config.data.contract.columns)
+    declared = {c.name: c for c in contract_cols}
+    head = ds.take_batch(256, batch_format="pandas")  # a few rows: the column names and inferred types
+    feature_names = [c.name for c in contract_cols] or [str(c) for c in head.columns if c != label]
+    types = {n: (declared[n].type if n in declared else _infer_type(head[n])) for n in feature_names}
+    images = [n for n, t in types.items() if t == "image"]
+    if images and len(feature_names) > 1:
+        raise ValueError(
+            f"data: an image column ({images[0]!r}) must be the only feature, got {feature_names}"
+        )
+    classification = config.data.task == "classification"
+    classes = _ordered_classes(set(report.label_counts), config) if classification else None
+    if not classification:
+        try:
+            head[label].to_numpy().astype(np.float32)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"data.label {label!r} must be numeric for task regression ({e})") from e
+    rule = streaming.SplitRule(config.data.split.seed, frac, VALIDATION_FRACTION)
+    expected_train = report.rows * (1 - frac) * (1 - VALIDATION_FRACTION)
+    image = images[0] if images else None
+    features = [] if image else [
+        FeatureSchema(n, types[n]) if n not in declared else
+        FeatureSchema(n, declared[n].type, declared[n].nullable, declared[n].min, declared[n].max,
+                      declared[n].allowed_values)
+        for n in feature_names
+    ]  # fmt: skip
+    plan = streaming.Plan(rule, features, label, classification, streaming.sample_cutoff(expected_train), image)
+    first = streaming.summarize(ds, plan)
+    rows = dict(zip(("train", "validation", "test"), (int(v) for v in first["split"]), strict=True))
+    if rows["train"] == 0 or rows["test"] == 0:
+        raise ValueError(
+            f"data.split.testFraction {frac} leaves an empty train or test split of {report.rows} rows"
+        )
+    log.info("streamed split (train/validation/test rows): %s", rows)
+    label_counts = {k: int(v) for k, v in first.get("labels", {}).items()}
+    task_fields = {"task": config.data.task, "label": label, **({"classes": classes} if classes else {})}
+    if image:
+        img = first["image"]
+        c, h, w = img["shape"]
+        declared_max = declared[image].max if image in declared else None
+        scale = float(declared_max) if declared_max else (255.0 if img["max"] > 1.0 else 1.0)
+        mean = img["sum"] / (img["pixels"] * scale)
+        std = np.sqrt(np.maximum(img["sumsq"] / (img["pixels"] * scale * scale) - mean**2, 0.0))
+        std = np.where(std > 0, std, 1.0)
+        transforms = FittedTransforms(
+            kind="image", channels=int(c), height=int(h), width=int(w), scale=scale,
+            mean=[float(v) for v in mean], std=[float(v) for v in std], image_field=image,
+        )  # fmt: skip
+        schema = {
+            "kind": "image", "imageField": image, "channels": transforms.channels,
+            "height": transforms.height, "width": transforms.width, "scale": scale,
+            "mean": transforms.mean, "std": transforms.std, **task_fields,
+        }  # fmt: skip
+        prof: dict[str, Any] = {
+            "rows": rows["train"],
+            "features": {},
+            "imageStats": {
+                k: profile.numeric_profile_from_summary(s.scaled(1.0 / scale)) for k, s in img["stats"].items()
+            },
+        }
+    else:
+        cols = first["columns"]
+        features = [
+            f if f.name in declared
+            else FeatureSchema(f.name, f.type, nullable=cols[f.name].n_present < cols[f.name].rows)
+            for f in features
+        ]  # fmt: skip
+        plan = replace(plan, features=features)
+        transforms = streaming.fit_transforms_streamed(ds, plan, first, _with_default_scaling(config, features))
+        prof = {"rows": rows["train"], "features": {}}
+        for f in features:
+            if f.type in ("string", "bool"):
+                keys = first.get("keys", {}).get(f.name, {})
+                prof["features"][f.name] = profile.categorical_profile_from_counts(keys, cols[f.name].rows)
+            else:
+                prof["features"][f.name] = profile.numeric_profile_from_summary(cols[f.name])
+        schema = {"kind": "tabular", "features": [f.to_json() for f in features], **task_fields}
+    if classes:
+        prof["classBalance"] = profile.class_balance_from_counts(label_counts)
+    target_mean, target_std = 0.0, 1.0
+    if not classes:
+        target = first["target"]
+        prof["target"] = profile.numeric_profile_from_summary(target)
+        target_mean, target_std = target.mean(), target.std() or 1.0
+    prof["streamed"] = {
+        "split": "hash of the row",
+        "sampleSize": SAMPLE_SIZE,
+        "quantileRankError": round(QUANTILE_RANK_ERROR, 4),
+    }
+    streams = streaming.Streams(
+        source=ds, rule=rule, feature_names=feature_names, label=label, classes=classes,
+        transforms=transforms, rows=rows, image=image, train_label_counts=label_counts,
+        target_mean=float(target_mean), target_std=float(target_std),
+    )  # fmt: skip
+    sha = data_mod.content_sha256(source)
+    return PreparedData(
+        "image" if image else "tabular", config.data.task, classes, transforms, schema, prof,
+        None, None, None, None, sha, report, streams=streams,
+    )  # fmt: skip
 
 
 def _apply_with_ray(transforms: FittedTransforms, frame: Any) -> np.ndarray:

@@ -178,26 +178,27 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
 
     trained_at = time.time()
     log.info("phases: data %.1fs, training %.1fs", prepared_at - started, trained_at - prepared_at)
-    outputs = logits_of(prepared.x_test)
+    # Scored batch by batch when the splits are streamed (PreparedData.scored).
+    outputs, y_test = prepared.scored(logits_of, "test")
     if prepared.classes is not None:
         # The decision threshold is chosen on the validation split and shipped in schema.json, so the
         # test split judges exactly the rule serving applies.
         threshold = None
-        if prepared.x_val is not None:
-            val_outputs = logits_of(prepared.x_val)
-            threshold = evaluate.choose_threshold(val_outputs, prepared.y_val, config.evaluation.metric)
+        if prepared.rows("validation"):
+            val_outputs, y_val = prepared.scored(logits_of, "validation")
+            threshold = evaluate.choose_threshold(val_outputs, y_val, config.evaluation.metric)
         if threshold is not None:
             prepared.schema["decisionThreshold"] = threshold
-        metrics = evaluate.classification_metrics(outputs, prepared.y_test, prepared.classes, threshold)
+        metrics = evaluate.classification_metrics(outputs, y_test, prepared.classes, threshold)
         predicted = decide(evaluate.softmax(outputs), threshold)
     else:
-        metrics = evaluate.regression_metrics(outputs, prepared.y_test)
+        metrics = evaluate.regression_metrics(outputs, y_test)
         predicted = outputs.reshape(-1)
     metrics.update(
         {
-            "trainSamples": int(len(prepared.y_train)),
-            "validationSamples": int(len(prepared.y_val)) if prepared.y_val is not None else 0,
-            "testSamples": int(len(prepared.y_test)),
+            "trainSamples": prepared.rows("train"),
+            "validationSamples": prepared.rows("validation"),
+            "testSamples": prepared.rows("test"),
             "history": history,
             **{k: v for k, v in facts.items() if k in ("resumedAfterEpoch", "bestEpoch", "stoppedEarly")},
         }
@@ -207,7 +208,7 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
         metrics["deployed"] = evaluate.evaluate_deployed(
             config.deployed.version,
             config.deployed.package_uri,
-            _row_batches(prepared.test_rows),
+            prepared.raw_test_batches(),  # either data path: the raw test split, batch by batch
             label=config.data.label,
             task=config.data.task,
         )

@@ -130,15 +130,13 @@ def fit_trees(
     # the imbalance. Torch models, which weights help, keep them.
     class_weights = None
 
-    def dataset(x: np.ndarray, y: np.ndarray) -> Any:
-        ds = ray.data.from_numpy(x).zip(ray.data.from_numpy(y))
-        # Materialized here: the workers hold every CPU once they start, leaving none for Ray Data tasks.
-        return ds.rename_columns({"data": "x", "data_1": "y"}).materialize()
-
-    datasets = {"train": dataset(prepared.x_train, prepared.y_train)}
-    has_validation = prepared.x_val is not None and prepared.y_val is not None
+    # The prepared splits as Ray Datasets (x, y), in memory or streamed (PreparedData.dataset):
+    # materialized when they fit, since the workers hold every CPU once they start, leaving none for Ray
+    # Data tasks; each worker builds its DMatrix from its own shard.
+    datasets = {"train": prepared.dataset("train")}
+    has_validation = prepared.rows("validation") > 0
     if has_validation:
-        datasets["validation"] = dataset(prepared.x_val, prepared.y_val)  # type: ignore[arg-type]
+        datasets["validation"] = prepared.dataset("validation")
     patience = tr.hyperparameters.early_stopping_patience
     name = run_name(config)
     storage = checkpoint_storage(config)
