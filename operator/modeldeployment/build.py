@@ -281,3 +281,29 @@ def build_shadow_service(deployment: dict[str, Any], spec: ModelDeploymentSpec, 
             "spec": _isvc_spec(deployment, spec, scaling, candidate, None, 0, model_name=name),
         }
     )
+
+
+ANNOTATION_EXPERIMENT = "conveyor.dev/experiment-versions"
+
+
+def build_experiment_service(
+    deployment: dict[str, Any], spec: ModelDeploymentSpec, versions: list[tuple[str, str, int]]
+) -> dict[str, Any]:
+    """An A/B/N split (strategy abn): `versions` (version, storage URI, weight) at fixed weights.
+
+    Standard: the first version is the predictor, every other one a `spec.canary[]` entry with its
+    `trafficPercent` (the predictor keeps the rest). Knative: two versions only (validate.py), as KServe's
+    canary: the second as the latest revision at `canaryTrafficPercent`, the first as the previous one."""
+    (v0, u0, _), (v1, u1, w1) = versions[0], versions[1]
+    isvc = build_inference_service(deployment, spec, stable=(v0, u0), candidate=(v1, u1), weight=w1)
+    isvc["metadata"]["annotations"][ANNOTATION_EXPERIMENT] = ",".join(f"{v}:{w}" for v, _, w in versions)
+    if (spec.rollout.mode or DEFAULT_KSERVE_MODE) != "Knative":
+        for version, uri, weight in versions[2:]:
+            isvc["spec"]["canary"].append({
+                "predictor": predictor_with_settings(
+                    {"name": predictor_name(version), "minReplicas": canary_replicas(spec, weight),
+                     "containers": [_predictor_container(deployment, spec, uri, version)]},
+                    spec.predictor.pod),
+                "trafficPercent": weight,
+            })
+    return stamp(isvc)

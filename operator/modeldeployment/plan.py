@@ -42,8 +42,11 @@ from conveyor.operator.controller.children import needs_apply
 from conveyor.operator.controller.events import Event
 from conveyor.operator.controller.times import rfc3339
 from conveyor.operator.controller.validation import InvalidSpecError
+from conveyor.operator.modeldeployment import experiment
 from conveyor.operator.modeldeployment.build import (
+    ANNOTATION_EXPERIMENT,
     ShadowTarget,
+    build_experiment_service,
     build_inference_service,
     build_shadow_service,
     predictor_name,
@@ -52,6 +55,7 @@ from conveyor.operator.modeldeployment.build import (
 from conveyor.operator.modeldeployment.compat import Compatibility, hold_back
 from conveyor.operator.modeldeployment.drift import DriftReading
 from conveyor.operator.modeldeployment.drift import record as record_drift
+from conveyor.operator.modeldeployment.experiment import Figures
 from conveyor.operator.modeldeployment.rollout import (
     ACTIONS,
     PAUSED,
@@ -66,12 +70,13 @@ from conveyor.operator.modeldeployment.rollout import (
     Seen,
     Unrejected,
     next_step,
+    parse_duration,
     policy_for,
     state_from_status,
     state_to_status,
 )
 from conveyor.operator.modeldeployment.validate import validate_deployment, validate_version, with_kserve_mode
-from conveyor.runtime.spec import ModelDeploymentSpec
+from conveyor.runtime.spec import DEFAULT_KSERVE_MODE, ModelDeploymentSpec
 
 ANNOTATION_ROLLOUT_ACTION = "conveyor.dev/rollout-action"
 KEEP_ANALYSES = 5
@@ -183,9 +188,12 @@ def plan_deployment(
     drift_reading: DriftReading | None = None,
     compatibility: Compatibility | None = None,
     shadow_isvc: dict[str, Any] | None = None,
+    experiment_reading: ExperimentReading | None = None,
 ) -> DeploymentPlan:
-    """`shadow_isvc`: the shadow InferenceService as it exists (strategy shadow). `analysis`: the one the handler took because status said it was due (None otherwise); likewise
-    `drift_reading` (drift.py), recorded in status.drift and the Drifted condition."""
+    """`analysis`: the one the handler took because status said it was due (None otherwise); likewise
+    `drift_reading` (drift.py), recorded in status.drift and the Drifted condition, and
+    `experiment_reading` (strategy abn: the figures per version, experiment.py). `shadow_isvc`: the
+    shadow InferenceService as it exists (strategy shadow)."""
     if spec is not None:  # the handler settles it with the operator's configured default first
         spec = with_kserve_mode(spec, isvc)
     meta = deployment["metadata"]
@@ -208,6 +216,19 @@ def plan_deployment(
             invalid = str(e)
     if spec is None or invalid is not None:
         return _reject(plan, put, isvc, invalid or "invalid spec")
+    if spec.rollout.strategy == "abn" and spec.rollout.experiment is not None:
+        try:
+            for v in spec.rollout.experiment.versions:
+                validate_version(v.version)
+        except InvalidSpecError as e:
+            return _reject(plan, put, isvc, str(e).replace("spec.model.version", "spec.rollout.experiment.versions"))
+        _experiment(plan, deployment, spec, isvc, uri_for, now, experiment_reading, put)
+        if shadow_isvc is not None:
+            plan.delete_shadow = shadow_isvc
+        _mirror_url(status, isvc)
+        record_drift(status, plan.events, drift_reading, spec, generation=generation)
+        return plan
+    status.pop("experiment", None)
     wanted = hold_back(conds, plan.events, resolution.version if resolution else None, compatibility, put)
     state = _roll(plan, deployment, spec, isvc, wanted, analysis, now, shadow_isvc)
     try:
@@ -270,6 +291,119 @@ def _serve(
         status.pop("candidateVersion", None)
     status["traffic"] = observed_traffic(isvc, spec.rollout.mode, stable, canary, weight)
     _mirror_kserve_conditions(status, isvc)
+
+
+@dataclass(frozen=True)
+class ExperimentReading:
+    """What the handler read for an A/B/N experiment when a read was due: figures, or the error."""
+
+    figures: list[Figures] | None = None
+    error: str | None = None
+
+
+def experiment_served(isvc: dict[str, Any] | None, mode: str, versions: list[tuple[str, int]]) -> bool:
+    """KServe reports the experiment's split served, on the latest spec."""
+    if not _isvc_ready(isvc)[0] or isvc is None:
+        return False
+    if ((isvc["metadata"].get("annotations") or {}).get(ANNOTATION_EXPERIMENT) or "") != ",".join(
+            f"{v}:{w}" for v, w in versions):
+        return False
+    st = isvc.get("status") or {}
+    if mode == "Knative":
+        return reported_weight(isvc, mode, versions[1][0]) == versions[1][1]
+    served = {e.get("name"): int(e.get("trafficPercent") or 0) for e in st.get("canaryStatuses") or []
+              if e.get("ready") is not False}
+    return all(served.get(predictor_name(v)) == w for v, w in versions[1:])
+
+
+def _experiment(
+    plan: DeploymentPlan,
+    deployment: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    isvc: dict[str, Any] | None,
+    uri_for: Callable[[str], str],
+    now: datetime,
+    reading: ExperimentReading | None,
+    put: Callable[..., bool],
+) -> None:
+    """Strategy abn: serve the versions at their weights (Knative: the first alone until it is the
+    previous revision), step the experiment (experiment.py), promote a significant winner."""
+    status, exp_spec = plan.status, spec.rollout.experiment
+    assert exp_spec is not None
+    mode = spec.rollout.mode or DEFAULT_KSERVE_MODE
+    versions = [(v.version, v.weight) for v in exp_spec.versions]
+    first = versions[0][0]
+    for key in (*_CANARY_STATUS, "candidateVersion"):
+        status.pop(key, None)
+    current = status.get("experiment")
+    same = (current or {}).get("key") == experiment.key_of(exp_spec)
+    if same and current and current.get("phase") == experiment.PROMOTED:
+        winner = status.get("stableVersion") or first
+        desired = build_inference_service(deployment, spec, stable=(winner, uri_for(winner)))
+        _experiment_child(plan, isvc, desired)
+        put(c.PROGRESSING, c.FALSE, "ExperimentPromoted", f"{winner} won the experiment and serves all traffic.")
+        _experiment_ready(plan, put, isvc, f"Serving {winner}.")
+        status["traffic"] = [{"version": winner, "percent": 100, "tag": "stable"}]
+        return
+    if mode == "Knative" and status.get("stableVersion") != first:
+        # KServe's Knative canary splits the latest revision from the previous one: roll the first version out
+        # alone (it becomes the previous revision), then the second takes its weight.
+        desired = build_inference_service(deployment, spec, stable=(first, uri_for(first)))
+        _experiment_child(plan, isvc, desired)
+        if _isvc_ready(isvc)[0] and not plan.inference_service:
+            status["stableVersion"] = first
+        put(c.PROGRESSING, c.TRUE, "ExperimentStarting", f"Rolling out {first} before the split.")
+        _experiment_ready(plan, put, isvc, f"Serving {first}.")
+        return
+    desired = build_experiment_service(deployment, spec, [(v, uri_for(v), w) for v, w in versions])
+    _experiment_child(plan, isvc, desired)
+    served = plan.inference_service is None and experiment_served(isvc, mode, versions)
+    out = experiment.step(current, exp_spec, duration=parse_duration(exp_spec.duration),
+                          interval=parse_duration(spec.rollout.interval), now=now, served=served,
+                          figures=reading.figures if reading else None, error=reading.error if reading else None)
+    plan.events += out.events
+    status["experiment"] = out.status
+    status["stableVersion"] = out.promote or first
+    status["rolloutPhase"] = "Experiment"
+    status["traffic"] = [{"version": v, "percent": w, "tag": "experiment"} for v, w in versions]
+    if out.promote:
+        plan.finished.append("Promoted")
+        plan.inference_service = build_inference_service(deployment, spec, stable=(out.promote, uri_for(out.promote)))
+        put(c.PROGRESSING, c.FALSE, "ExperimentPromoted", f"{out.promote} won the experiment and serves all traffic.")
+    else:
+        phase = out.status["phase"]
+        verdict = (out.status.get("verdict") or {}).get("message", "no verdict yet")
+        done = phase == experiment.CONCLUDED
+        put(c.PROGRESSING, c.FALSE if done else c.TRUE, f"Experiment{phase}",
+            f"A/B/N {', '.join(f'{v} {w}%' for v, w in versions)}: {verdict}")
+    _experiment_ready(plan, put, isvc, "Serving " + ", ".join(f"{v} at {w}%" for v, w in versions) + ".")
+
+
+_CANARY_STATUS = ("canaryVersion", "canaryWeight", "rolloutStep", "failedAnalyses", "inconclusiveAnalyses",
+                  "analysisErrors", "pauseReason", "pauseMessage", "stepStartTime", "nextAnalysisTime",
+                  "rolloutStage", "shadow")
+
+
+def _experiment_child(plan: DeploymentPlan, isvc: dict[str, Any] | None, desired: dict[str, Any]) -> None:
+    if needs_apply(desired, isvc):
+        plan.inference_service = desired
+
+
+def _experiment_ready(plan: DeploymentPlan, put: Callable[..., bool], isvc: dict[str, Any] | None, message: str) -> None:
+    ready, reason, ready_message = _isvc_ready(isvc)
+    if plan.inference_service is not None:
+        put(c.READY, c.FALSE, "Updating", "Applying the InferenceService spec.")
+    elif ready:
+        put(c.READY, c.TRUE, reason, message)
+    else:
+        put(c.READY, c.FALSE, reason, ready_message)
+    failure = _isvc_failure(isvc)
+    if failure is not None:
+        if put(c.DEGRADED, c.TRUE, "ModelLoadFailed", failure):
+            plan.events.append(("Warning", "ModelLoadFailed", failure))
+    else:
+        put(c.DEGRADED, c.FALSE, "AsExpected", "No failure reported.")
+    _mirror_kserve_conditions(plan.status, isvc)
 
 
 def shadow_url(shadow_isvc: dict[str, Any] | None, version: str) -> str | None:

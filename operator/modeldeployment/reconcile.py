@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,13 +23,20 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key
+from conveyor.operator.controller.prometheus import PrometheusError
 from conveyor.operator.controller.status import write_status
 from conveyor.operator.controller.times import parse_time
 from conveyor.operator.controller.validation import parse_spec, validate_registry
-from conveyor.operator.modeldeployment import compat, drift
+from conveyor.operator.modeldeployment import compat, drift, experiment
 from conveyor.operator.modeldeployment.analysis import Target, analyse
 from conveyor.operator.modeldeployment.build import shadow_service_name
-from conveyor.operator.modeldeployment.plan import DeploymentPlan, Resolution, pending_action, plan_deployment
+from conveyor.operator.modeldeployment.plan import (
+    DeploymentPlan,
+    ExperimentReading,
+    Resolution,
+    pending_action,
+    plan_deployment,
+)
 from conveyor.operator.modeldeployment.rollout import Analysis, state_from_status
 from conveyor.operator.modeldeployment.validate import kserve_mode_conflict, with_kserve_mode
 from conveyor.runtime.spec import ModelDeploymentSpec
@@ -51,6 +59,7 @@ class DeploymentSnapshot:
     drift_reading: drift.DriftReading | None = None
     compatibility: compat.Compatibility | None = None
     shadow_isvc: dict[str, Any] | None = None  # strategy shadow: the candidate's own InferenceService
+    experiment_reading: ExperimentReading | None = None  # strategy abn: the figures, when a read was due
 
 
 async def reconcile_deployment(op: Operator, key: Key) -> float | None:
@@ -61,7 +70,7 @@ async def reconcile_deployment(op: Operator, key: Key) -> float | None:
             metrics.CANARY_WEIGHT.remove(*key)
         return None
     plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now, s.analysis, s.drift_reading, s.compatibility,
-                           s.shadow_isvc)
+                           s.shadow_isvc, s.experiment_reading)
     await act(op, s, plan)
     return _requeue_after(op, s, plan)
 
@@ -69,9 +78,9 @@ async def reconcile_deployment(op: Operator, key: Key) -> float | None:
 def _requeue_after(op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan) -> float | None:
     """Nothing announces that an analysis is due or that the registry has a new version: come back then."""
     waits = []
-    next_analysis = parse_time(plan.status.get("nextAnalysisTime"))
-    if next_analysis is not None:
-        waits.append(max(0.0, (next_analysis - s.now).total_seconds()))
+    for due in (plan.status.get("nextAnalysisTime"), (plan.status.get("experiment") or {}).get("nextReadTime")):
+        if (t := parse_time(due)) is not None:
+            waits.append(max(0.0, (t - s.now).total_seconds()))
     if s.resolution is not None and s.resolution.source == "registry":
         waits.append(op.config.registry_poll_seconds)
     if s.spec is not None and s.invalid is None and (drift_wait := drift.seconds_until_due(op, plan.status, s.spec, s.now)) is not None:
@@ -108,8 +117,40 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
         analysis = await _analysis_if_due(op, key, obj, spec, now)
         drift_reading = await drift.measure_if_due(op, key, obj, spec, now)
     shadow_isvc = op.isvcs.get((key[0], shadow_service_name(key[1])))
+    reading = None
+    if spec is not None and invalid is None and spec.rollout.strategy == "abn" and spec.rollout.experiment:
+        reading = await _experiment_reading(op, key, obj, spec, now)
     return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, now, analysis, drift_reading, compatibility,
-                              shadow_isvc)
+                              shadow_isvc, reading)
+
+
+async def _experiment_reading(
+    op: Operator, key: Key, obj: dict[str, Any], spec: ModelDeploymentSpec, now: datetime
+) -> ExperimentReading | None:
+    """Every version's figures over the experiment so far, when status says a read is due."""
+    exp = (obj.get("status") or {}).get("experiment")
+    experiment_spec = spec.rollout.experiment
+    if experiment_spec is None or not experiment.read_due(exp, now):
+        return None
+    if op.prometheus is None:
+        return ExperimentReading(error="no Prometheus configured (--prometheus-url / CONVEYOR_PROMETHEUS_URL)")
+    window = experiment.elapsed_window(exp, now)
+    figures = []
+    try:
+        for v in experiment_spec.versions:
+            qs = experiment.queries(key[0], key[1], v.version, window, spec.rollout.analysis.checks)
+            values = await asyncio.gather(*(_scalar(op, q) for q in qs.values()))
+            figures.append(experiment.figures_from(v.version, v.weight, dict(zip(qs, values, strict=True))))
+    except PrometheusError as e:
+        return ExperimentReading(error=f"Prometheus: {e}")
+    return ExperimentReading(figures=figures)
+
+
+async def _scalar(op: Operator, promql: str) -> float | None:
+    samples = await op.prometheus.query(promql)
+    if len(samples) != 1 or math.isnan(samples[0].value):
+        return None
+    return samples[0].value
 
 
 async def _analysis_if_due(

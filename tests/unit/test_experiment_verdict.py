@@ -104,3 +104,67 @@ def test_lifecycle_starts_when_served_reads_figures_and_concludes_or_promotes() 
     again = step(concluded.status, spec(versions=[{"version": "v1", "weight": 20}, {"version": "v2", "weight": 80}]),
                  duration=d, interval=i, now=end, served=False, figures=None)
     assert again.status["phase"] == STARTING and "verdict" not in again.status
+
+
+def _md(mode: str, status: dict[str, object]) -> dict[str, object]:
+    return {"apiVersion": "conveyor.dev/v1alpha1", "kind": "ModelDeployment",
+            "metadata": {"name": "fraud", "namespace": "ml", "uid": "u", "generation": 2},
+            "spec": {"model": {"registryUri": "file:///r", "name": "fraud", "version": "v1"},
+                     "rollout": {"strategy": "abn", "mode": mode, "interval": "5s", "experiment": {
+                         "versions": [{"version": "v1", "weight": 50}, {"version": "v2", "weight": 30},
+                                      {"version": "v3", "weight": 20}][: 3 if mode == "Standard" else 2],
+                         "duration": "1m", "metric": "successRate", "minSamples": 10, "autoPromote": True}},
+                     **({"autoscaling": {"metric": "cpu", "target": 80}} if mode == "Standard" else {})},
+            "status": status}
+
+
+def test_standard_mode_serves_every_version_at_its_weight_then_promotes_the_winner() -> None:
+    from conveyor.operator.modeldeployment.plan import ExperimentReading, Resolution, plan_deployment
+    from conveyor.runtime.spec import ModelDeploymentSpec
+
+    obj = _md("Standard", {})
+    spec = ModelDeploymentSpec.model_validate(obj["spec"])
+
+    def run(o: dict[str, object], isvc: object = None, reading: object = None, now: datetime = NOW) -> object:
+        return plan_deployment(o, spec, None, Resolution("v1", "pinned"), isvc, lambda v: f"file:///r/fraud/{v}", now,
+                               experiment_reading=reading)  # type: ignore[arg-type]
+
+    first = run(obj)
+    isvc = first.inference_service  # type: ignore[attr-defined]
+    assert isvc["spec"]["predictor"]["name"] == "v1"
+    assert [(c["predictor"]["name"], c["trafficPercent"]) for c in isvc["spec"]["canary"]] == [("v2", 30), ("v3", 20)]
+    assert first.status["experiment"]["phase"] == STARTING  # type: ignore[attr-defined]
+    served = {**isvc, "metadata": {**isvc["metadata"], "generation": 1},
+              "status": {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}],
+                         "canaryStatuses": [{"name": "v2", "trafficPercent": 30}, {"name": "v3", "trafficPercent": 20}]}}
+    running = run({**obj, "status": first.status}, served)  # type: ignore[attr-defined]
+    assert running.status["experiment"]["phase"] == RUNNING  # type: ignore[attr-defined]
+    figures = [Figures("v1", 50, 500, 0.9), Figures("v2", 30, 300, 1.0), Figures("v3", 20, 200, 0.7)]
+    end = run({**obj, "status": running.status}, served, ExperimentReading(figures), NOW + timedelta(minutes=1))  # type: ignore[attr-defined]
+    assert end.status["experiment"]["phase"] == PROMOTED and end.status["stableVersion"] == "v2"  # type: ignore[attr-defined]
+    assert end.status["experiment"]["verdict"]["winner"] == "v2"  # type: ignore[attr-defined]
+    assert not end.inference_service["spec"].get("canary")  # type: ignore[attr-defined]
+
+
+def test_knative_rolls_the_first_version_out_alone_before_the_split() -> None:
+    from conveyor.operator.modeldeployment.plan import Resolution, plan_deployment
+    from conveyor.runtime.spec import ModelDeploymentSpec
+
+    obj = _md("Knative", {"stableVersion": "v0"})
+    spec = ModelDeploymentSpec.model_validate(obj["spec"])
+    p = plan_deployment(obj, spec, None, Resolution("v1", "pinned"), None, lambda v: f"file:///r/fraud/{v}", NOW)
+    assert "canaryTrafficPercent" not in p.inference_service["spec"]["predictor"]  # type: ignore[index]
+    obj = _md("Knative", {"stableVersion": "v1"})
+    p = plan_deployment(obj, spec, None, Resolution("v1", "pinned"), None, lambda v: f"file:///r/fraud/{v}", NOW)
+    assert p.inference_service["spec"]["predictor"]["canaryTrafficPercent"] == 30  # type: ignore[index]
+
+
+def test_knative_refuses_more_than_two_versions_naming_the_field() -> None:
+    from conveyor.operator.controller.validation import InvalidSpecError
+    from conveyor.operator.modeldeployment.validate import validate_deployment
+    from conveyor.runtime.spec import ModelDeploymentSpec
+
+    body = _md("Standard", {})["spec"]
+    body["rollout"]["mode"] = "Knative"  # type: ignore[index]
+    with pytest.raises(InvalidSpecError, match="spec.rollout.experiment.versions"):
+        validate_deployment(ModelDeploymentSpec.model_validate(body))

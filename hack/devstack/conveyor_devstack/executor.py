@@ -104,6 +104,9 @@ class Executor:
     # A predictor whose env changed: its replacement, which takes over once Ready (a rolling update).
     successors: dict[tuple[str, str, str], PredictorProcess] = field(default_factory=dict)
     retiring: list[tuple[float, subprocess.Popen[bytes]]] = field(default_factory=list)
+    # The versions each router sends traffic to: kept until a version of the new spec is Ready (a rolling
+    # update keeps the old pods, Knative the old revision, until then).
+    serving: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     routers: RouterHost = field(default_factory=RouterHost)
 
     # ------------------------------------------------------------------ plumbing
@@ -212,10 +215,9 @@ class Executor:
         spec = isvc["spec"]
         predictor = spec["predictor"]
         annotations = isvc["metadata"].get("annotations") or {}
-        if spec.get("canary"):  # Standard mode: the stable predictor and canary[0]
-            canary = spec["canary"][0]
-            weight = int(canary.get("trafficPercent", 0))
-            return [(*of(predictor), 100 - weight), (*of(canary["predictor"]), weight)]
+        if spec.get("canary"):  # Standard mode: the stable predictor and every canary[] entry
+            canaries = [(*of(c["predictor"]), int(c.get("trafficPercent", 0))) for c in spec["canary"]]
+            return [(*of(predictor), 100 - sum(w for _, _, w in canaries)), *canaries]
         version, uri = of(predictor)
         weight = predictor.get("canaryTrafficPercent")
         stable = annotations.get("conveyor.dev/stable-version")
@@ -329,8 +331,10 @@ class Executor:
                 ready[version] = predictor.port
         weights = self._effective(versions, ready)
         router = self.routers.ensure((meta["namespace"], meta["name"]), meta["name"])
-        self.routers.set_backends((meta["namespace"], meta["name"]),
-                                  [Backend(v, f"http://127.0.0.1:{port}", weights[v]) for v, port in ready.items()])
+        if ready or not self.serving.get((meta["namespace"], meta["name"])):
+            self.serving[(meta["namespace"], meta["name"])] = set(ready)
+            self.routers.set_backends((meta["namespace"], meta["name"]),
+                                      [Backend(v, f"http://127.0.0.1:{port}", weights[v]) for v, port in ready.items()])
         latest = versions[-1][0]
         traffic = [{"revisionName": f"{meta['name']}-predictor-{v}", "tag": v, "percent": weights[v],
                     "latestRevision": v == latest, "url": f"http://127.0.0.1:{port}"} for v, port in ready.items()]
@@ -347,10 +351,12 @@ class Executor:
         status: dict[str, Any] = {"url": router.url, "address": {"url": router.url},
                                   "observedGeneration": meta.get("generation"), "conditions": conditions,
                                   "components": {"predictor": predictor_status}}
-        canary = (isvc["spec"].get("canary") or [None])[0]
-        if canary is not None:  # Standard mode, as KServe v0.20 reports a canary entry
-            status["canaryStatuses"] = [{"name": canary["predictor"].get("name") or f"{meta['name']}-canary",
-                                         "ready": latest in ready, "trafficPercent": weights.get(latest, 0)}]
+        canaries = isvc["spec"].get("canary") or []
+        if canaries:  # Standard mode, as KServe v0.20 reports its canary entries
+            status["canaryStatuses"] = [
+                {"name": c["predictor"].get("name") or f"{meta['name']}-canary", "ready": v in ready,
+                 "trafficPercent": weights.get(v, 0)}
+                for c, (v, _, _) in zip(canaries, versions[1:], strict=True)]
         elif len(versions) == 1 and all_ready:
             predictor_status["latestRolledoutRevision"] = traffic[0]["revisionName"]
         return status
@@ -372,8 +378,10 @@ class Executor:
         for since, proc in [r for r in self.retiring if now - r[0] > 2]:  # in-flight requests finished
             self.retiring.remove((since, proc))
             self._stop(proc)
+        for key in [k for k in self.serving if k not in services]:
+            del self.serving[key]
         for key in list(self.predictors):
-            if key not in wanted:
+            if key not in wanted and key[2] not in self.serving.get(key[:2], ()):
                 self._stop(self.predictors.pop(key).proc)
                 if self.targets_dir is not None:
                     remove_targets(self.targets_dir, _target_name(key))
