@@ -469,7 +469,9 @@ def _prepare_streamed(config: RunConfig, ds: Any, report: ValidationReport) -> P
             for f in features
         ]  # fmt: skip
         plan = replace(plan, features=features)
-        transforms = streaming.fit_transforms_streamed(ds, plan, first, _with_default_scaling(config, features))
+        transforms = streaming.fit_transforms_streamed(
+            lambda pl: streaming.summarize(ds, pl), plan, first, _with_default_scaling(config, features)
+        )
         prof = {"rows": rows["train"], "features": {}}
         for f in features:
             if f.type in ("string", "bool"):

@@ -22,7 +22,7 @@ import hashlib
 import os
 import pickle
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -263,10 +263,11 @@ def _get(t: Any, name: str) -> Any:
 
 
 def fit_transforms_streamed(
-    ds: Any, plan: Plan, first: dict[str, Any], transforms: list[Any]
+    summarize_pass: Any, plan: Plan, first: dict[str, Any], transforms: list[Any]
 ) -> FittedTransforms:
     """``features.fit_transforms`` by the same rule (``fit_step``), from streamed summaries: the first
-    pass's for each column's first step, one more pass per further step in a column's chain."""
+    pass's (``first``) for each column's first step, one more pass (``summarize_pass(plan)``, e.g.
+    ``lambda plan: summarize(ds, plan)``) per further step in a column's chain."""
     features = plan.features
     by_name = {f.name: f for f in features}
     entries: list[tuple[int, str, str, Any, str]] = []
@@ -290,7 +291,7 @@ def fit_transforms_streamed(
         at = [k for k, d in enumerate(depth_of) if d == depth]
         if depth > 0:
             wanted = {entries[k][2]: list(chains[entries[k][2]]) for k in at}
-            current = summarize(ds, Plan(**{**plan.__dict__, "depth": depth, "chains": wanted}))
+            current = summarize_pass(replace(plan, depth=depth, chains=wanted))
         for k in at:
             _, ttype, column, t, where = entries[k]
             step = fit_step(ttype, column, current["columns"][column], t, where)
