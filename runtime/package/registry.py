@@ -25,7 +25,14 @@ written under a temporary name and renamed; an object store's PUT is atomic):
   resolves to it;
 - ``<model>/.feedback/<version>/part-<time>-<id>.jsonl``: ground truth sent to the predictors of that
   version (each row: request id, the inputs, the prediction, the label), append-only: every feedback
-  call adds a part, written whole, so nothing is lost when a replica restarts or scales to zero.
+  call adds a part, written whole, so nothing is lost when a replica restarts or scales to zero;
+- ``<model>/.served/<version>/part-<time>-<writer>.jsonl``: the served-request log, what every predictor
+  process of that version answered (one line per request: ``id``, ``inputs`` (the raw rows; none for
+  images), ``predictions``, ``version``, ``time``), append-only. Each process buffers its answers and
+  writes one part every flush interval (``CONVEYOR_SERVED_LOG_FLUSH_S``, default 1 s), sooner when the
+  buffer fills, and on shutdown; ``<time>`` (nanoseconds, zero-padded) orders the parts, ``<writer>``
+  (host, pid, random) keeps processes apart. The feedback endpoint of any replica and process looks a
+  request id up there when its own memory lacks it (reading the newest parts, with a bounded index).
 
 Importing this module and ``Registry.read_metadata`` need no torch or ray (the operator uses them);
 ``ModelPackage.load_model`` imports torch when called.
@@ -104,6 +111,12 @@ def _join(base: str, *parts: str) -> str:
 def package_uri(registry_uri: str, model_name: str, version: str) -> str:
     """Where a version's package lives: ``<registry>/<model>/<version>`` (no storage access)."""
     return _join(registry_uri.rstrip("/"), model_name, version)
+
+
+def _plain(obj: Any) -> Any:
+    """JSON for numpy scalars (their Python value) and anything else (its text)."""
+    item = getattr(obj, "item", None)
+    return item() if callable(item) else str(obj)
 
 
 def _fs_for(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -420,6 +433,28 @@ class Registry:
         body = b"".join(json.dumps(r, sort_keys=True, allow_nan=False, default=str).encode() + b"\n" for r in rows)
         write_bytes_atomically(self.fs, path, body)
         return path
+
+    def append_served(self, version: str, writer: str, records: list[Mapping[str, Any]]) -> str:
+        """Add a part (JSON lines, one request each) to ``version``'s served-request log; returns its path."""
+        if not _VERSION_RE.match(version):
+            raise PackageError(f"version {version!r} must be v<N>")
+        name = f"part-{time.time_ns():020d}-{re.sub(r'[^A-Za-z0-9_.-]', '-', writer)}.jsonl"
+        body = b"".join(json.dumps(r, default=_plain).encode() + b"\n" for r in records)
+        path = _join(self.model_path, ".served", version, name)
+        write_bytes_atomically(self.fs, path, body)
+        return path
+
+    def served_parts(self, version: str) -> list[str]:
+        """The served-request log's parts of ``version``, oldest first (paths for ``read_served_part``)."""
+        try:
+            entries = self.fs.ls(_join(self.model_path, ".served", version), detail=False)
+        except FileNotFoundError:
+            return []
+        parts = [e for e in entries if e.rsplit("/", 1)[-1].startswith("part-") and e.endswith(".jsonl")]
+        return sorted(parts, key=lambda e: e.rsplit("/", 1)[-1])
+
+    def read_served_part(self, path: str) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.fs.cat_file(path).splitlines() if line.strip()]
 
     def read_feedback(self, versions: list[str] | None = None) -> list[dict[str, Any]]:
         """Every feedback row of ``versions`` (all versions when None), oldest part first."""

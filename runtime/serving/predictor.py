@@ -21,6 +21,7 @@ ground truth for it can be posted to the feedback endpoint. Anything wrong with 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextvars
@@ -43,6 +44,7 @@ from conveyor.runtime.package.registry import ModelPackage
 from conveyor.runtime.serving.batching import DynamicBatcher
 from conveyor.runtime.serving.metrics import FeedbackTracker, ServingMetrics
 from conveyor.runtime.serving.model import ScoringModel
+from conveyor.runtime.serving.served_log import ServedLog, flush_interval_from_env
 
 log = logging.getLogger("conveyor.predictor")
 
@@ -145,6 +147,8 @@ class PackagePredictor(Model):
         self.drift: DriftMonitor | None = None
         self.feedback: FeedbackTracker | None = None
         self.feedback_store = feedback_store
+        # What this process served, in registry storage: feedback to any replica or process finds it.
+        self.served_log: ServedLog | None = None
         self.batcher: DynamicBatcher | None = None
         self.version = ""
         self.device = "cpu"
@@ -178,6 +182,8 @@ class PackagePredictor(Model):
             method=self.drift_method,
         )
         self.feedback = FeedbackTracker(task=self.task)
+        if self.feedback_store is not None and self.served_log is None:
+            self.served_log = ServedLog(self.feedback_store, self.version, flush_interval=flush_interval_from_env())
         if self.with_metrics:
             self.metrics = ServingMetrics(
                 self.name,
@@ -303,6 +309,8 @@ class PackagePredictor(Model):
             if self.feedback_store is not None and self.kind != "image":  # tabular rows: the next run can train on them
                 rows = [{k: v[i] for k, v in columns.items()} for i in range(len(answers))]
             self.feedback.remember(request_id, answers, rows)
+            if self.served_log is not None:
+                self.served_log.record(request_id, list(answers), rows)
         if self.metrics is not None:
             self.metrics.observe_predictions(answers)
             self.metrics.observe_bins(columns, answers)
@@ -659,6 +667,12 @@ class PackagePredictor(Model):
                 if self.task == "classification" and str(t) not in (self.classes or []):
                     raise InvalidInput(f"{where}.{single}: {t!r} is not one of the classes {self.classes}")
             predicted = self.feedback.predictions(rid)
+            if predicted is None and self.served_log is not None:
+                # Served by another replica or process (or before a restart): its log in storage knows.
+                served = self.served_log.lookup(rid)
+                if served is not None:
+                    self.feedback.remember(rid, served.predictions, served.inputs)
+                    predicted = served.predictions
             if predicted is not None and len(predicted) != len(truths):
                 raise InvalidInput(f"{where}: request {rid!r} had {len(predicted)} row(s); feedback gives {len(truths)} label(s)")
             checked.append((rid, truths, predicted))
@@ -666,9 +680,16 @@ class PackagePredictor(Model):
         if unknown:
             if self.metrics:
                 self.metrics.observe_feedback("unknown_id", sum(len(t) for r, t, p in checked if p is None), None)
-            raise InvalidInput(
-                f"request id(s) {unknown[:5]} were never served by this predictor (or are too old); nothing was recorded"
-            )
+            if self.served_log is not None:
+                where = (
+                    f"by any predictor of {self.name} {self.version} (neither this process's memory nor the "
+                    f"served-request log {self.served_log.uri} holds them, or they are too old); a request "
+                    f"answered within the last {self.served_log.flush_interval:g}s may not be flushed to the "
+                    "log yet: retry after that"
+                )
+            else:
+                where = "by this predictor (or are too old)"
+            raise InvalidInput(f"request id(s) {unknown[:5]} were never served {where}; nothing was recorded")
         self._persist(checked)  # before counting: what the counters show, the dataset holds
         for rid, truths, _ in checked:
             scores = self.feedback.score(rid, truths)
@@ -700,7 +721,15 @@ class PackagePredictor(Model):
                              "label": truth, "time": now})
         self.feedback_store.append_feedback(self.version, rows)
 
+    def stop(self) -> None:
+        """KServe's shutdown (SIGTERM): what the served-request log still buffers is written first."""
+        if self.served_log is not None:
+            self.served_log.close()
+        super().stop()
+
     async def close(self) -> None:
+        if self.served_log is not None:
+            await asyncio.to_thread(self.served_log.close)
         if self.batcher is not None:
             await self.batcher.close()
 
