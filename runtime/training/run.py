@@ -251,11 +251,6 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
     return RunResult(version, uri, metrics, gate, prepared.validation.to_json())
 
 
-def _row_batches(rows: Any, size: int = 4096) -> Any:
-    for start in range(0, len(rows), size):
-        yield rows.iloc[start : start + size]
-
-
 def _run_storage(config: RunConfig) -> tuple[Any, str]:
     import fsspec
 
