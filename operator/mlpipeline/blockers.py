@@ -10,6 +10,11 @@ themselves: the operator is granted no read of pods (their specs can carry secre
 - QuotaExceeded: a ResourceQuota refused a pod;
 - Unschedulable: the scheduler found no node (its own message: resources, taints, selectors);
 - ImagePullFailed: a kubelet cannot pull an image.
+
+Queued is not a fault but a wait: a run whose RayJob names a Kueue LocalQueue is created suspended by
+Kueue's webhook and unsuspended when Kueue admits it. While it is suspended, `queue_blocker` reads its
+Workload's conditions (Kueue's own words: QuotaReserved False with its reason, e.g. Pending "couldn't
+assign flavors ... insufficient unused quota", Evicted, admission checks pending) into reason Queued.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ QUOTA_EXCEEDED = "QuotaExceeded"
 UNSCHEDULABLE = "Unschedulable"
 IMAGE_PULL_FAILED = "ImagePullFailed"
 BLOCKED_REASONS = (PODS_FORBIDDEN, QUOTA_EXCEEDED, UNSCHEDULABLE, IMAGE_PULL_FAILED)
+QUEUED = "Queued"
 
 _IMAGE_PULL = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull")
 
@@ -68,3 +74,35 @@ def start_blocker(raycluster: dict[str, Any] | None, events: Iterable[dict[str, 
         if found:
             return found
     return None
+
+
+def _condition(workload: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (workload.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return cond
+    return None
+
+
+def queue_blocker(queue: str, workloads: list[dict[str, Any]]) -> StartBlocker | None:
+    """Why Kueue has not admitted a suspended run, from its Workload's conditions; None once admitted
+    (or finished). `workloads` are the Workloads Kueue made for the run's RayJob (normally one)."""
+    where = f"Kueue holds it in LocalQueue {queue}"
+    if not workloads:
+        return StartBlocker(QUEUED, f"{where}: no Workload yet (Kueue has not seen the RayJob)")
+    wl = workloads[0]
+
+    def true(type_: str) -> dict[str, Any] | None:
+        cond = _condition(wl, type_)
+        return cond if cond is not None and cond.get("status") == "True" else None
+
+    if true("Finished") or true("Admitted"):
+        return None
+    evicted = true("Evicted")
+    if evicted and not true("QuotaReserved"):
+        return StartBlocker(QUEUED, f"{where}, evicted ({evicted.get('reason')}): {evicted.get('message') or ''}".rstrip(": "))
+    if true("QuotaReserved"):
+        return StartBlocker(QUEUED, f"{where}: quota reserved, waiting for its admission checks")
+    reserved = _condition(wl, "QuotaReserved")
+    if reserved is not None:  # Kueue's reason (Pending, Inadmissible) and message: what does not fit, or why
+        return StartBlocker(QUEUED, f"{where} ({reserved.get('reason')}): {reserved.get('message') or ''}".rstrip(": "))
+    return StartBlocker(QUEUED, f"{where}: waiting for the queue to consider it")

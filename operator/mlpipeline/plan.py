@@ -48,7 +48,7 @@ from conveyor.operator.controller import conditions as c
 from conveyor.operator.controller.events import Event
 from conveyor.operator.controller.schedule import cron_firing
 from conveyor.operator.controller.times import parse_time, rfc3339
-from conveyor.operator.mlpipeline.blockers import BLOCKED_REASONS, StartBlocker
+from conveyor.operator.mlpipeline.blockers import BLOCKED_REASONS, QUEUED, StartBlocker
 from conveyor.operator.mlpipeline.build import (
     ANNOTATION_RERUN,
     ANNOTATION_SPEC_GENERATION,
@@ -284,14 +284,21 @@ PENDING_RECHECK = 15.0
 
 def _explain_pending(plan: PipelinePlan, run: dict[str, Any], blocker: StartBlocker | None, reason_before: str | None) -> None:
     """A pending run: the reason its pods are not up, when the cluster gave one (a Warning event when it
-    first shows); while KubeRay is still making the cluster, a recheck (pods refused make no RayJob change)."""
+    first shows); while KubeRay is still making the cluster, a recheck (pods refused make no RayJob change).
+    A run Kueue holds is Queued, with Kueue's reason (a Normal event: waiting for quota is no fault); the
+    recheck refreshes it (the Workload's changes make no RayJob change either, until admission)."""
     if run.get("outcome") != PENDING:
         return
     if blocker is not None:
-        if reason_before != blocker.reason:
+        if reason_before != blocker.reason and blocker.reason == QUEUED:
+            plan.events.append(("Normal", "RunQueued", f"run {run['run']}: {blocker.message[:500]}"))
+        elif reason_before != blocker.reason:
             plan.events.append(("Warning", "RunCannotStart", f"run {run['run']}: {blocker.reason}: {blocker.message[:500]}"))
         run["reason"], run["message"] = blocker.reason, blocker.message[:2000]
-    if run.get("reason") in ("Created", "New", "Initializing", "", *BLOCKED_REASONS):
+    elif reason_before == QUEUED and run.get("reason") != QUEUED:
+        plan.events.append(("Normal", "RunAdmitted", f"run {run['run']}: admitted by Kueue"))
+        run["message"] = "admitted by Kueue"
+    if run.get("reason") in ("Created", "New", "Initializing", "", QUEUED, *BLOCKED_REASONS):
         plan.requeue_after = min(plan.requeue_after or PENDING_RECHECK, PENDING_RECHECK)
 
 
@@ -372,7 +379,9 @@ def _summarize(plan: PipelinePlan, spec: MLPipelineSpec | None, generation: int 
     else:
         status.pop("activeRun", None)
     _set_run_conditions(status["conditions"], runs[-1] if runs else None, generation, ts)
-    if active:
+    if active and active[-1].get("reason") == QUEUED:
+        status["phase"] = QUEUED  # Pending, waiting for Kueue: the Trained condition carries Kueue's reason
+    elif active:
         status["phase"] = RUNNING if active[-1].get("outcome") == RUNNING else PENDING
     elif spec is not None and spec.suspend:
         status["phase"] = "Suspended"
@@ -517,6 +526,11 @@ def _set_run_conditions(conds: list[dict[str, Any]], run: dict[str, Any] | None,
     outcome = run.get("outcome")
     reason = run.get("reason") or ""
     message = run.get("message") or ""
+    if outcome in ACTIVE and reason == QUEUED:
+        for t in (c.DATA_VALIDATED, c.REGISTERED, c.EVALUATED, c.SUCCEEDED):
+            put(t, c.UNKNOWN, "RunInProgress", f"Run {n} is queued.")
+        put(c.TRAINED, c.UNKNOWN, QUEUED, f"Run {n} is queued: {message[:1000]}")
+        return
     if outcome in ACTIVE and reason in BLOCKED_REASONS:
         for t in (c.DATA_VALIDATED, c.REGISTERED, c.EVALUATED, c.SUCCEEDED):
             put(t, c.UNKNOWN, "RunInProgress", f"Run {n} is waiting for its pods.")

@@ -24,13 +24,19 @@ from typing import TYPE_CHECKING, Any
 from conveyor.operator.controller import conditions as c
 from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key
-from conveyor.operator.controller.client import resource_path
+from conveyor.operator.controller.client import NotFound, resource_path
 from conveyor.operator.controller.status import write_status
 from conveyor.operator.controller.times import parse_time
 from conveyor.operator.controller.validation import InvalidSpecError, parse_spec, validate_registry
 from conveyor.operator.controller.workqueue import Requeue
-from conveyor.operator.mlpipeline.blockers import STALLED_AFTER, StartBlocker, start_blocker
-from conveyor.operator.mlpipeline.build import LABEL_PIPELINE, build_rayjob, build_run_configmap, rayjob_name
+from conveyor.operator.mlpipeline.blockers import STALLED_AFTER, StartBlocker, queue_blocker, start_blocker
+from conveyor.operator.mlpipeline.build import (
+    LABEL_KUEUE_QUEUE,
+    LABEL_PIPELINE,
+    build_rayjob,
+    build_run_configmap,
+    rayjob_name,
+)
 from conveyor.operator.mlpipeline.gate import GateOutcome, judge_run
 from conveyor.operator.mlpipeline.plan import (
     ACTIVE,
@@ -144,11 +150,18 @@ async def _start_blockers(
     op: Operator, namespace: str, status: dict[str, Any], rayjobs: dict[int, dict[str, Any]], now: datetime
 ) -> dict[int, StartBlocker]:
     """Why runs pending past STALLED_AFTER do not start. Only those runs cost reads, and only while KubeRay
-    is still making their cluster (a Kueue-suspended RayJob is queued, which Kueue says itself)."""
+    is still making their cluster. A RayJob Kueue holds suspended is queued: its Workload says why, read
+    at once (one list; the wait is Kueue's, not a stall)."""
     found: dict[int, StartBlocker] = {}
     for run in status.get("runs") or []:
         rj, started = rayjobs.get(run["run"]), parse_time(run.get("startTime"))
         if rj is None or run.get("outcome") != PENDING or started is None:
+            continue
+        queue = (rj["metadata"].get("labels") or {}).get(LABEL_KUEUE_QUEUE)
+        if queue and (rj.get("spec") or {}).get("suspend"):
+            queued = queue_blocker(queue, await _workloads(op, namespace, rj))
+            if queued is not None:
+                found[run["run"]] = queued
             continue
         if (now - started).total_seconds() < STALLED_AFTER or rayjob_state(rj).reason not in ("Created", "New", "Initializing"):
             continue
@@ -156,6 +169,19 @@ async def _start_blockers(
         if blocker is not None:
             found[run["run"]] = blocker
     return found
+
+
+async def _workloads(op: Operator, namespace: str, rayjob: dict[str, Any]) -> list[dict[str, Any]]:
+    """The Kueue Workloads made for this RayJob (labelled with its uid), v1beta2 or an older Kueue's v1beta1."""
+    selector = f"kueue.x-k8s.io/job-uid={rayjob['metadata'].get('uid', '')}"
+    for version in ("v1beta2", "v1beta1"):
+        try:
+            return await op.client.list(
+                resource_path(f"kueue.x-k8s.io/{version}", "workloads", namespace), label_selector=selector, resource="Workload"
+            )
+        except NotFound:
+            continue
+    return []
 
 
 async def _read_blocker(op: Operator, namespace: str, rayjob: dict[str, Any]) -> StartBlocker | None:

@@ -156,6 +156,7 @@ OPERATOR_NAMESPACED_GRANTS: set[tuple[str, str, str]] = {
     ("ray.io", "rayjobs", "patch"),
     ("ray.io", "rayjobs", "delete"),
     ("ray.io", "rayclusters", "get"),
+    ("kueue.x-k8s.io", "workloads", "list"),
     ("serving.kserve.io", "inferenceservices", "list"),
     ("serving.kserve.io", "inferenceservices", "watch"),
     ("serving.kserve.io", "inferenceservices", "create"),

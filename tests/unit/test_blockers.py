@@ -11,9 +11,11 @@ from conveyor.operator.controller import conditions as c
 from conveyor.operator.mlpipeline.blockers import (
     IMAGE_PULL_FAILED,
     PODS_FORBIDDEN,
+    QUEUED,
     QUOTA_EXCEEDED,
     UNSCHEDULABLE,
     StartBlocker,
+    queue_blocker,
     start_blocker,
 )
 from conveyor.operator.mlpipeline.plan import PENDING_RECHECK
@@ -83,3 +85,61 @@ def test_a_pending_run_is_rechecked_until_its_pods_are_up() -> None:
     started = plan(obj, {1: rayjob(1, "Running", "RUNNING")})
     assert started.status["runs"][-1]["outcome"] == "Running"
     assert started.requeue_after is None or started.requeue_after > PENDING_RECHECK
+
+
+# ---------------------------------------------------------------- Kueue
+
+
+def workload(*conditions: tuple[str, str, str, str]) -> dict[str, Any]:
+    return {"status": {"conditions": [{"type": t, "status": st, "reason": r, "message": m} for t, st, r, m in conditions]}}
+
+
+NO_ROOM = ("couldn't assign flavors to pod set head: insufficient unused quota for cpu in flavor default-flavor, "
+           "1500m more needed")
+QUEUE_CASES = [
+    ("no Workload yet", [], "no Workload yet"),
+    ("no room in the ClusterQueue", [workload(("QuotaReserved", "False", "Pending", NO_ROOM))], f"(Pending): {NO_ROOM}"),
+    ("no such LocalQueue", [workload(("QuotaReserved", "False", "Inadmissible", "LocalQueue gpu doesn't exist"))],
+     "(Inadmissible): LocalQueue gpu doesn't exist"),
+    ("evicted", [workload(("QuotaReserved", "False", "Pending", ""), ("Evicted", "True", "Preempted", "Preempted by a higher priority"))],
+     "evicted (Preempted): Preempted by a higher priority"),
+    ("admission checks pending", [workload(("QuotaReserved", "True", "QuotaReserved", ""), ("Admitted", "False", "", ""))],
+     "waiting for its admission checks"),
+]
+
+
+@pytest.mark.parametrize(("what", "workloads", "says"), QUEUE_CASES, ids=[c[0] for c in QUEUE_CASES])
+def test_a_held_run_is_queued_with_kueues_reason(what: str, workloads: list[Any], says: str) -> None:
+    found = queue_blocker("team", workloads)
+    assert found is not None and found.reason == QUEUED
+    assert found.message.startswith("Kueue holds it in LocalQueue team") and says in found.message
+
+
+def test_an_admitted_or_finished_workload_is_no_longer_queued() -> None:
+    assert queue_blocker("team", [workload(("QuotaReserved", "True", "", ""), ("Admitted", "True", "Admitted", ""))]) is None
+    assert queue_blocker("team", [workload(("Finished", "True", "Succeeded", ""))]) is None
+
+
+def test_a_queued_run_shows_queued_with_kueues_reason_then_starts_when_admitted() -> None:
+    blocker = queue_blocker("team", [workload(("QuotaReserved", "False", "Pending", NO_ROOM))])
+    assert blocker is not None
+    obj = pipeline(status=_pending_run())
+    suspended = {1: rayjob(1, "Suspended")}
+    p = plan(obj, suspended, blockers={1: blocker})
+    run = p.status["runs"][-1]
+    assert (run["outcome"], run["reason"]) == ("Pending", QUEUED) and NO_ROOM in run["message"]
+    assert p.status["phase"] == QUEUED
+    trained = c.get_condition(p.status["conditions"], c.TRAINED)
+    assert trained is not None and (trained["status"], trained["reason"]) == (c.UNKNOWN, QUEUED)
+    assert "(Pending)" in trained["message"] and "insufficient unused quota" in trained["message"]
+    # A wait, not a fault: one Normal event, no Warning; rechecked while it waits.
+    assert [e[:2] for e in p.events] == [("Normal", "RunQueued")] and NO_ROOM in p.events[0][2]
+    assert p.requeue_after is not None and p.requeue_after <= PENDING_RECHECK
+    again = plan(settled(obj, p), suspended, blockers={1: blocker})
+    assert again.events == [] and again.status["phase"] == QUEUED
+    # Kueue admits it (unsuspends the RayJob): KubeRay makes its cluster; the run is no longer queued.
+    admitted = plan(settled(obj, again), {1: rayjob(1, "Initializing")})
+    run = admitted.status["runs"][-1]
+    assert (run["outcome"], run["reason"], admitted.status["phase"]) == ("Pending", "Initializing", "Pending")
+    assert run["message"] == "admitted by Kueue" and [e[:2] for e in admitted.events] == [("Normal", "RunAdmitted")]
+    assert cond(admitted, c.TRAINED) == (c.UNKNOWN, "RunInProgress")

@@ -78,6 +78,10 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
 - apiGroups: ["ray.io"]
   resources: ["rayclusters"]
   verbs: ["get"]
+# Why a run Kueue holds is queued: its Workload's conditions.
+- apiGroups: ["kueue.x-k8s.io"]
+  resources: ["workloads"]
+  verbs: ["list"]
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
   verbs: ["list", "watch", "create", "patch"]
