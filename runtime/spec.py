@@ -361,7 +361,8 @@ class Resources(_Model):
 
 class PredictorSpec(_Model):
     image: str = "ghcr.io/conveyor-ml/conveyor-runtime:0.1.0"
-    protocol: Literal["v1", "v2"] = "v2"
+    protocol: Literal["v1", "v2", "grpc-v2"] = "v2"
+    workers: int | None = None  # server processes per replica; None: one per whole CPU of the limit
     resources: Resources = Field(default_factory=Resources)
     gpus: int = 0
     node_selector: dict[str, str] = Field(default_factory=dict)

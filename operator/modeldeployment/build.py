@@ -66,6 +66,8 @@ MODEL_DIR = "/mnt/models"
 SHADOW_SUFFIX = "-shadow"
 ANNOTATION_SHADOW_OF = "conveyor.dev/shadow-of"
 PREDICTOR_PORT = 8080
+PREDICTOR_GRPC_PORT = 8081  # KServe's gRPC default
+MAX_DEFAULT_WORKERS = 16
 
 
 _NAME_UNSAFE = re.compile(r"[^a-z0-9-]+")
@@ -98,6 +100,29 @@ def shadow_service_name(deployment_name: str) -> str:
     return deployment_name + SHADOW_SUFFIX
 
 
+def predictor_workers(spec: ModelDeploymentSpec) -> int:
+    """Server processes per replica: ``predictor.workers``, else one per whole CPU of the limit (then the
+    request), at least 1: one process's event loop keeps about one core busy."""
+    p = spec.predictor
+    if p.workers:
+        return p.workers
+    from kubernetes.utils import parse_quantity
+
+    cpu = p.resources.limits.cpu or p.resources.requests.cpu
+    if not cpu:
+        return 1
+    return max(1, min(MAX_DEFAULT_WORKERS, int(parse_quantity(str(cpu)))))
+
+
+def predictor_ports(protocol: str) -> list[dict[str, Any]]:
+    """The container's ports: KServe routes to the first (its Service's port 80; Knative allows only one).
+    For grpc-v2 that is the gRPC port, named h2c so KServe and Knative speak HTTP/2 to it (KServe v0.20
+    marks it appProtocol kubernetes.io/h2c); REST (metrics, feedback) stays on 8080 inside the pod."""
+    if protocol == "grpc-v2":
+        return [{"name": "h2c", "containerPort": PREDICTOR_GRPC_PORT, "protocol": "TCP"}]
+    return [{"containerPort": PREDICTOR_PORT, "protocol": "TCP"}]
+
+
 def _predictor_container(
     deployment: dict[str, Any], spec: ModelDeploymentSpec, storage_uri: str, version: str, model_name: str | None = None
 ) -> dict[str, Any]:
@@ -123,6 +148,8 @@ def _predictor_container(
             "--max-batch-size", str(p.batching.max_batch_size),
             "--max-latency-ms", str(p.batching.max_latency_ms),
             "--drift-method", spec.monitoring.drift.method,
+            "--workers", str(predictor_workers(spec)),
+            *(["--grpc-port", str(PREDICTOR_GRPC_PORT)] if p.protocol == "grpc-v2" else []),
         ],
         # STORAGE_URI: KServe's storage initializer fetches it into MODEL_DIR. The server answers both
         # protocols; CONVEYOR_PROTOCOL tells it (and people) which one clients are meant to use.
@@ -133,7 +160,7 @@ def _predictor_container(
             # Ground truth is appended to the model's feedback dataset in registry storage (MODEL_DIR is a copy).
             {"name": "CONVEYOR_FEEDBACK_URI", "value": f"{spec.model.registry_uri.rstrip('/')}/{spec.model.name}"},
         ],
-        "ports": [{"containerPort": PREDICTOR_PORT, "protocol": "TCP"}],
+        "ports": predictor_ports(p.protocol),
     }
     if resources:
         container["resources"] = resources

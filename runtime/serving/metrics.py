@@ -22,11 +22,19 @@ apart in one Prometheus. Names (all prefixed ``conveyor_``):
   ``feedback_window`` labelled rows.
 - ``ignored_inputs_total{field}``: request fields the model does not take, dropped rather than
   refused (at most ``MAX_IGNORED_FIELDS`` names, then ``__other__``).
-- ``model_info{task, architecture}`` = 1.
+- ``model_info{task, architecture}`` = 1; ``server_processes``: the live server processes.
+
+Several worker processes (``serve --workers N``): prometheus_client's multiprocess mode
+(``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before any worker starts) keeps each process's
+counters and histograms in a memory-mapped file, and ``/metrics`` (``exposition``) answers with their sum
+over all processes, live and dead, so counters never go back. The online accuracy/MAE gauges report the
+most recent value any process set, ``model_info`` the largest. The drift gauges stay those of the process
+that answered the scrape (they are for people; decisions use the summed ``drift_bin_total``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -148,6 +156,25 @@ class FeedbackTracker:
             return sum(self._scores) / len(self._scores) if self._scores else None
 
 
+def multiprocess_dir() -> str | None:
+    """The directory of the worker processes' metric files, when several processes serve."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+def exposition(accept: str | None, extra: Collector | None = None) -> tuple[bytes, str]:
+    """The ``/metrics`` body of a multi-process server: every process's series summed (prometheus_client's
+    MultiProcessCollector), plus ``extra`` (this process's drift gauges); and its content type."""
+    from prometheus_client import exposition as prom_exposition
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    if extra is not None:
+        registry.register(extra)
+    encoder, content_type = prom_exposition.choose_encoder(accept)
+    return encoder(registry), content_type
+
+
 class ServingMetrics:
     """The predictor's metrics, bound to one model name and version."""
 
@@ -216,12 +243,14 @@ class ServingMetrics:
             "Accuracy on the last rows that got ground truth",
             LABELS,
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.online_mae = Gauge(
             "conveyor_online_mae",
             "Mean absolute error on the last rows that got ground truth (regression)",
             LABELS,
             registry=registry,
+            multiprocess_mode="mostrecent",
         )
         self.drift_bins = Counter(
             "conveyor_drift_bin_total",
@@ -245,12 +274,22 @@ class ServingMetrics:
             "The served model version",
             [*LABELS, "task", "architecture"],
             registry=registry,
+            multiprocess_mode="max",
         )
         info.labels(*lv, task, architecture).set(1)
-        self._drift_collector = None
+        # 1 per live server process; summed over the live ones (a dead worker's file is dropped).
+        processes = Gauge(
+            "conveyor_server_processes",
+            "Server processes serving this model version (serve --workers)",
+            LABELS,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        processes.labels(*lv).set(1)
+        self.drift_collector = None
         if drift is not None:
-            self._drift_collector = _DriftCollector(drift, model_name, model_version)
-            registry.register(self._drift_collector)
+            self.drift_collector = _DriftCollector(drift, model_name, model_version)
+            registry.register(self.drift_collector)
 
     def observe_request(self, protocol: str, code: int, seconds: float) -> None:
         lv = (self.model_name, self.model_version)

@@ -17,6 +17,10 @@ Both protocols are decoded:
 Every response carries a request id (the client's ``id`` / ``x-request-id`` if given, else a new one);
 ground truth for it can be posted to the feedback endpoint. Anything wrong with the input raises
 ``InvalidInput`` (HTTP 400) with a message naming the field and the problem.
+
+Decoding (base64, image decode and resize, V2 tensors to columns, the fitted transforms) runs in a small
+thread pool, not on the event loop: the loop only moves bytes, so a large image being decoded does not
+delay other requests' reads and answers (Pillow, numpy and torch release the GIL while they work).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextvars
 import io
 import logging
@@ -128,6 +133,8 @@ class PackagePredictor(Model):
         max_rows_per_request: int = 4096,
         with_metrics: bool = True,
         feedback_store: Any = None,
+        decode_on_loop: bool = False,
+        decode_threads: int = 2,
     ) -> None:
         """``feedback_store``: the registry (``Registry`` of this model) whose feedback dataset ground
         truth is appended to; None keeps feedback in memory only (counters and the online gauge)."""
@@ -141,6 +148,9 @@ class PackagePredictor(Model):
         self.drift_window = drift_window
         self.drift_min_samples = drift_min_samples
         self.max_rows_per_request = max_rows_per_request
+        self.decode_on_loop = decode_on_loop
+        self.decode_threads = decode_threads
+        self._decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
         self.with_metrics = with_metrics
         self.package: ModelPackage | None = None
         self.metrics: ServingMetrics | None = None
@@ -192,6 +202,10 @@ class PackagePredictor(Model):
                 architecture=str(pkg.manifest.get("architecture", "unknown")),
                 drift=self.drift,
                 profile=pkg.profile,
+            )
+        if not self.decode_on_loop:
+            self._decode_pool = concurrent.futures.ThreadPoolExecutor(
+                max_workers=self.decode_threads, thread_name_prefix="conveyor-decode"
             )
         if self.batching:
             self.batcher = DynamicBatcher(
@@ -248,6 +262,12 @@ class PackagePredictor(Model):
         payload = super().validate(payload)
         _mark_reached()
         headers = headers or {}
+        if self._decode_pool is None:
+            return self._decode(payload, headers)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._decode_pool, self._decode, payload, headers)
+
+    def _decode(self, payload: dict[str, Any] | InferRequest, headers: dict[str, str]) -> DecodedRequest:
         if isinstance(payload, InferRequest):
             request_id = payload.id or headers.get("x-request-id") or uuid.uuid4().hex
             x, columns, n = self._parse_v2(payload)
@@ -732,6 +752,8 @@ class PackagePredictor(Model):
             await asyncio.to_thread(self.served_log.close)
         if self.batcher is not None:
             await self.batcher.close()
+        if self._decode_pool is not None:
+            self._decode_pool.shutdown(wait=False)
 
 
 def _is_number(v: Any) -> bool:

@@ -11,6 +11,15 @@ KServe lacks, on the same FastAPI app before the server starts:
   and turns an exception raised while KServe decodes a malformed body into a 400 naming the problem, so
   nothing a client sends yields a 500.
 
+Several processes (``--workers N``, 0: one per CPU this process may use): a supervisor forks N workers
+before anything heavy is imported; each loads the package and runs its own ModelServer (event loop,
+batcher, drift window) on the same port, bound with SO_REUSEPORT so the kernel spreads connections over
+them (KServe's own ``--workers`` spawns copies that re-import the app and lose these routes and the
+middleware, and its metrics split per process: kserve/kserve#2979). Metrics stay whole through
+prometheus_client's multiprocess mode (``metrics.exposition``). A worker that dies is restarted; one
+that cannot load the package stops them all (exit 2). gRPC (``--grpc-port``) is KServe's V2 gRPC server
+in every worker on the same port (gRPC binds with SO_REUSEPORT itself).
+
 A missing or corrupt package makes the process exit non-zero at start, with the path and the reason.
 """
 
@@ -18,11 +27,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import glob
 import json
 import logging
 import os
 import re
+import signal
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from struct import error as struct_error
@@ -199,6 +213,21 @@ def add_feedback_routes(app: Any, predictor: Any) -> None:
         )
 
 
+def add_metrics_route(app: Any, predictor: Any) -> None:
+    """``/metrics`` of a multi-process server: the sum over its processes (routes added before KServe's
+    own ``/metrics``, which would show only this process, take precedence)."""
+    from fastapi.responses import Response
+
+    from conveyor.runtime.serving.metrics import exposition
+
+    async def metrics(request: Request) -> Response:
+        extra = predictor.metrics.drift_collector if predictor.metrics is not None else None
+        body, content_type = await asyncio.to_thread(exposition, request.headers.get("accept"), extra)
+        return Response(content=body, headers={"content-type": content_type})
+
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_model=None)
+
+
 def feedback_store(feedback_uri: str | None, model_dir: str) -> Any:
     """The Registry whose feedback dataset this predictor appends to (None: in memory only)."""
     from conveyor.runtime.package.registry import Registry
@@ -224,6 +253,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (tests use 127.0.0.1)")
     p.add_argument("--grpc-port", type=int, default=0, help="KServe's gRPC V2 server port; 0 = off")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes on the port (0: one per CPU available); metrics are summed over them",
+    )
+    p.add_argument(
+        "--decode-on-loop",
+        action="store_true",
+        help="decode requests on the event loop (the old behaviour; for benchmarks only)",
+    )
     p.add_argument("--max-batch-size", type=int, default=32, help="rows per forward pass at most")
     p.add_argument(
         "--max-latency-ms", type=float, default=5.0, help="longest a row waits for its batch to fill"
@@ -255,6 +295,12 @@ def _check_args(args: argparse.Namespace) -> None:
         problems.append(f"--max-latency-ms must be >= 0, got {args.max_latency_ms}")
     if not 0 < args.http_port < 65536:
         problems.append(f"--http-port must be 1..65535, got {args.http_port}")
+    if args.workers < 0 or args.workers > 256:
+        problems.append(f"--workers must be 0 (one per CPU) to 256, got {args.workers}")
+    if args.grpc_port and not 0 < args.grpc_port < 65536:
+        problems.append(f"--grpc-port must be 1..65535 (or 0: off), got {args.grpc_port}")
+    if args.grpc_port and args.grpc_port == args.http_port:
+        problems.append(f"--grpc-port and --http-port must differ, both are {args.http_port}")
     if args.max_body_bytes < 1024:
         problems.append(f"--max-body-bytes must be at least 1024, got {args.max_body_bytes}")
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9._-]*$", args.name):
@@ -372,9 +418,10 @@ def model_server_class() -> type:
     class ConveyorModelServer(kserve.ModelServer):
         """KServe's ModelServer, listening on ``bind_host`` (KServe always binds 0.0.0.0)."""
 
-        def __init__(self, *, bind_host: str, **kwargs: Any) -> None:
+        def __init__(self, *, bind_host: str, reuse_port: bool = False, **kwargs: Any) -> None:
             super().__init__(**kwargs)
             self.bind_host = bind_host
+            self.reuse_port = reuse_port
             self.dataplane = _conveyor_dataplane(self.registered_models)
 
         def setup_event_loop(self) -> None:
@@ -382,14 +429,127 @@ def model_server_class() -> type:
             # where its uvicorn config can still be changed.
             if self._rest_server is not None:
                 self._rest_server.config.host = self.bind_host
+                if self.reuse_port:
+                    # servers[0] is the REST server's start(), not yet awaited: it would bind without
+                    # SO_REUSEPORT; serve the same app on a shared-port socket instead.
+                    self.servers[0].close()
+                    self.servers[0] = self._serve_on_shared_port()
             super().setup_event_loop()
 
+        async def _serve_on_shared_port(self) -> None:
+            rest = self._rest_server
+            sock = shared_port_socket(self.bind_host, rest.config.port)
+            rest.create_application()
+            await rest._server.serve(sockets=[sock])
+
     return ConveyorModelServer
+
+
+def shared_port_socket(host: str, port: int, *, listen: bool = True) -> socket.socket:
+    """A TCP socket on (host, port) with SO_REUSEPORT: every worker binds its own and the kernel spreads
+    connections over them. The supervisor's (not listening) one keeps other programs off the port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    if listen:
+        sock.listen(2048)
+    return sock
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def supervise(args: argparse.Namespace, workers: int) -> int:
+    """Fork ``workers`` server processes on one port and keep them running; the exit code.
+
+    Nothing here may import prometheus_client (or what imports it) before PROMETHEUS_MULTIPROC_DIR is set:
+    it picks its value class on import."""
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not metrics_dir:
+        metrics_dir = tempfile.mkdtemp(prefix="conveyor-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    os.makedirs(metrics_dir, exist_ok=True)
+    for stale in glob.glob(os.path.join(metrics_dir, "*.db")):  # a previous run's counts are not ours
+        os.remove(stale)
+    # Set before the first import of prometheus_client (here and in every worker): multiprocess values.
+    from prometheus_client import multiprocess
+
+    if not args.torch_threads:  # N processes x all cores each would oversubscribe the CPUs
+        args.torch_threads = max(1, available_cpus() // workers)
+    try:
+        reserved = shared_port_socket(args.host, args.http_port, listen=False)
+    except OSError as e:
+        print(f"conveyor serve: cannot bind {args.host}:{args.http_port}: {e}", file=sys.stderr)
+        return 2
+    stopping = False
+    children: dict[int, int] = {}  # pid -> slot
+    started: list[float] = []
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            reserved.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, signal.SIG_DFL)
+            code = 1
+            try:
+                code = serve(args, reuse_port=True)
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = slot
+        started.append(time.monotonic())
+
+    def stop(sig: int, _frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("starting %d server processes on port %d (metrics in %s)", workers, args.http_port, metrics_dir)
+    for slot in range(workers):
+        spawn(slot)
+    code = 0
+    while children:
+        pid, status = os.wait()
+        slot = children.pop(pid, None)
+        if slot is None:
+            continue
+        multiprocess.mark_process_dead(pid, metrics_dir)  # its live gauges go; its counts stay in the sum
+        exit_code = os.waitstatus_to_exitcode(status)
+        if stopping:
+            continue
+        recent = [t for t in started if time.monotonic() - t < 60]
+        if exit_code == 2 or len(recent) > 2 * workers + 3:
+            # The package cannot load (or workers crash as fast as they start): restarting will not help.
+            print(f"conveyor serve: worker {pid} exited with {exit_code}; stopping", file=sys.stderr)
+            code = exit_code or 1
+            stop(signal.SIGTERM, None)
+            continue
+        log.warning("worker %d exited with %s; starting another", pid, exit_code)
+        spawn(slot)
+    reserved.close()
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _check_args(args)
+    workers = args.workers or available_cpus()
+    if workers > 1:
+        return supervise(args, workers)
+    return serve(args)
+
+
+def serve(args: argparse.Namespace, *, reuse_port: bool = False) -> int:
+    """One server process (a worker of ``supervise`` when ``reuse_port``)."""
     import prometheus_client
 
     prometheus_client.disable_created_metrics()  # *_created series only clutter dashboards
@@ -416,6 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         drift_window=args.drift_window,
         drift_min_samples=args.drift_min_samples,
         max_rows_per_request=args.max_rows,
+        decode_on_loop=args.decode_on_loop,
         feedback_store=feedback_store(args.feedback_uri, args.model_dir),
     )
     try:
@@ -429,12 +590,15 @@ def main(argv: list[str] | None = None) -> int:
 
     server_cls = model_server_class()
     add_feedback_routes(app, predictor)
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        add_metrics_route(app, predictor)
     from conveyor.runtime.serving.shadow import ShadowMirror
 
     app.add_middleware(ServingMiddleware, predictor=predictor, max_body_bytes=args.max_body_bytes,
                        shadow=ShadowMirror.from_env(predictor.name, predictor.version))
     server = server_cls(
         bind_host=args.host,
+        reuse_port=reuse_port,
         http_port=args.http_port,
         grpc_port=args.grpc_port or 8081,
         enable_grpc=bool(args.grpc_port),

@@ -9,8 +9,11 @@ import base64
 import http.client as httpclient
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from _serving_support import (
     ServerProcess,
     digits_config,
     fraud_config,
+    free_port,
     http,
     post_json,
     rows_of,
@@ -35,6 +39,7 @@ FRAUD = "fraud"
 DIGITS = "digits"
 MAX_BODY = 1024 * 1024
 MAX_ROWS = 2000
+EXPLAIN_MAX = 8  # --explain-max-instances of the fraud server
 
 
 # ---------------------------------------------------------------- fixtures
@@ -62,6 +67,7 @@ def fraud_server(fraud_package: str, tmp_path_factory: pytest.TempPathFactory) -
         "--max-batch-size", "32", "--max-latency-ms", "20",
         "--drift-window", "400", "--drift-min-samples", "200",
         "--max-body-bytes", str(MAX_BODY), "--max-rows", str(MAX_ROWS),
+        "--explain", "--explain-max-instances", str(EXPLAIN_MAX),
     )  # fmt: skip
     with server:
         yield server
@@ -71,7 +77,7 @@ def fraud_server(fraud_package: str, tmp_path_factory: pytest.TempPathFactory) -
 def digits_server(digits_package: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
     server = ServerProcess(
         digits_package, DIGITS, tmp_path_factory.mktemp("logs"),
-        "--drift-window", "200", "--drift-min-samples", "200",
+        "--drift-window", "200", "--drift-min-samples", "200", "--explain",
     )  # fmt: skip
     with server:
         yield server
@@ -288,6 +294,109 @@ def test_metrics_count_requests_by_outcome_and_code_with_model_labels(
     assert after.find("request_predict_seconds_count", model_name=FRAUD), (
         "KServe's own metrics are still there"
     )
+
+
+# ---------------------------------------------------------------- several processes, gRPC
+
+
+@pytest.fixture(scope="module")
+def fraud_workers(fraud_package: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """Three server processes on one port (``--workers 3``), with KServe's gRPC server in each."""
+    grpc_port = free_port()
+    server = ServerProcess(
+        fraud_package, FRAUD, tmp_path_factory.mktemp("logs"),
+        "--workers", "3", "--grpc-port", str(grpc_port), "--max-latency-ms", "2",
+    )  # fmt: skip
+    server.grpc_port = grpc_port  # type: ignore[attr-defined]
+    with server:
+        wait_for_processes(server, 3)
+        yield server
+
+
+def wait_for_processes(server: ServerProcess, n: int, timeout: float = 90) -> Metrics:
+    deadline = time.monotonic() + timeout
+    while True:
+        m = Metrics.scrape(server.url)
+        if m.value("conveyor_server_processes", model_name=FRAUD) == n:
+            return m
+        assert time.monotonic() < deadline, f"{n} server processes not up after {timeout}s:\n{server.log_tail()}"
+        time.sleep(0.3)
+
+
+def worker_pids(server: ServerProcess) -> list[int]:
+    assert server.proc is not None
+    text = Path(f"/proc/{server.proc.pid}/task/{server.proc.pid}/children").read_text()
+    return [int(p) for p in text.split()]
+
+
+def test_three_processes_report_every_request_in_one_scrape(fraud_workers: ServerProcess, live_frame: Any) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    labels = {"model_name": FRAUD, "model_version": "v1"}
+    ok = {**labels, "protocol": "v1", "outcome": "success", "code": "200"}
+    before = Metrics.scrape(fraud_workers.url)
+    rows = rows_of(live_frame.iloc[200:290])
+    url = f"{fraud_workers.url}/v1/models/{FRAUD}:predict"
+    with ThreadPoolExecutor(6) as pool:  # a new connection per request: the kernel spreads them
+        codes = list(pool.map(lambda r: post_json(url, {"instances": [r]})[0], rows))
+    assert codes == [200] * len(rows)
+    after = Metrics.scrape(fraud_workers.url)  # one scrape, whichever process answers it
+
+    def grew(name: str, **lab: str) -> float:
+        return after.value(name, **lab) - (before.value(name, **lab) or 0)
+
+    assert grew("conveyor_requests_total", **ok) == len(rows)
+    assert grew("conveyor_request_duration_seconds_count", **labels, protocol="v1") == len(rows)
+    assert grew("conveyor_batch_size_sum", **labels) == len(rows)
+    assert grew("conveyor_predictions_total", **labels) == len(rows)
+    for feature in ("amount", "merchant", "__prediction__"):  # the additive drift counts, summed
+        assert grew("conveyor_drift_bin_total", **labels, feature=feature) == len(rows), feature
+    # The drift window is the answering process's own: the others served some of the rows.
+    window = after.value("conveyor_drift_window_rows", **labels)
+    assert window is not None and window < after.value("conveyor_drift_bin_total", **labels, feature="amount")
+
+
+def test_a_killed_worker_is_replaced_and_no_count_goes_back(fraud_workers: ServerProcess, live_frame: Any) -> None:
+    labels = {"model_name": FRAUD, "model_version": "v1"}
+    url = f"{fraud_workers.url}/v1/models/{FRAUD}:predict"
+    for r in rows_of(live_frame.iloc[300:320]):
+        assert post_json(url, {"instances": [r]})[0] == 200
+    before = Metrics.scrape(fraud_workers.url)
+    pids = worker_pids(fraud_workers)
+    assert len(pids) == 3
+    os.kill(pids[0], signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while pids[0] in worker_pids(fraud_workers) or len(worker_pids(fraud_workers)) != 3:
+        assert time.monotonic() < deadline, f"no replacement for the killed worker:\n{fraud_workers.log_tail()}"
+        time.sleep(0.2)
+    after = wait_for_processes(fraud_workers, 3)  # the replacement loaded the model (the dead one's gauge is gone)
+    for name in ("conveyor_requests_total", "conveyor_batch_size_sum"):
+        assert after.value(name, **labels) == before.value(name, **labels), name
+    assert post_json(url, {"instances": rows_of(live_frame.iloc[:1])})[0] == 200
+
+
+def test_grpc_v2_with_tritonclient_and_invalid_argument_naming_the_input(
+    fraud_workers: ServerProcess, fraud_package: str, live_frame: Any
+) -> None:
+    frame = live_frame.iloc[400:408]
+    types = {"amount": "FP32", "merchant": "BYTES", "hour": "INT64", "foreign": "BOOL",
+             "card_age_days": "INT64", "distance_km": "FP32", "txn_last_hour": "INT64"}  # fmt: skip
+    inputs = [{"name": f, "datatype": types[f], "data": [r[f] for r in rows_of(frame)]} for f in FRAUD_FEATURES]
+
+    def grpc_infer(tensors: list[dict[str, Any]]) -> dict[str, Any]:
+        proc = subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "_grpc_client.py"),
+             f"127.0.0.1:{fraud_workers.grpc_port}", FRAUD],  # type: ignore[attr-defined]
+            input=json.dumps({"inputs": tensors}), capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    answer = grpc_infer(inputs)
+    assert answer["ready"] and answer["model_version"] == "v1"
+    assert answer["label"] == expected_labels(fraud_package, in_process_probabilities(fraud_package, frame))
+    bad = grpc_infer([t for t in inputs if t["name"] != "amount"])["error"]
+    assert bad["status"] == "StatusCode.INVALID_ARGUMENT" and "amount" in bad["message"], bad
 
 
 # ---------------------------------------------------------------- drift
@@ -663,6 +772,38 @@ def _serve(model_dir: str) -> subprocess.CompletedProcess[str]:
          "--http-port", "1", "--host", "127.0.0.1"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+
+
+def test_explain_attributes_each_answer_to_the_input_features(fraud_server: ServerProcess, live_frame: Any) -> None:
+    rows = rows_of(live_frame.head(5))
+    status, explained = post_json(f"{fraud_server.url}/v1/models/{FRAUD}:explain", {"instances": rows})
+    assert status == 200, explained
+    _, predicted = post_json(f"{fraud_server.url}/v1/models/{FRAUD}:predict", {"instances": rows})
+    assert [e["answer"] for e in explained["explanations"]] == [p["label"] for p in predicted["predictions"]]
+    for e in explained["explanations"]:
+        # The input's feature names: merchant's one-hot columns are summed back onto merchant.
+        assert list(e["attributions"]) == FRAUD_FEATURES
+    assert max(abs(v) for e in explained["explanations"] for v in e["attributions"].values()) > 1e-3
+    assert explained["method"] == "integrated-gradients" and explained["model_version"] == "v1"
+    # The server says how it runs the model: the package's ONNX on onnxruntime (this CPU's fastest).
+    status, raw, _ = http("GET", f"{fraud_server.url}/v2/models/{FRAUD}")
+    assert status == 200 and json.loads(raw)["platform"] == "onnxruntime"
+    scraped = Metrics.scrape(fraud_server.url + "/metrics")
+    assert scraped.value("conveyor_model_info", model_name=FRAUD, backend="onnxruntime") == 1
+
+    too_many = rows_of(live_frame.head(EXPLAIN_MAX + 1))
+    status, body = post_json(f"{fraud_server.url}/v1/models/{FRAUD}:explain", {"instances": too_many})
+    assert status == 400 and f"at most {EXPLAIN_MAX}" in str(body) and "maxInstances" in str(body)
+
+
+def test_explain_gives_an_image_a_saliency_map_of_its_shape(digits_server: ServerProcess) -> None:
+    images, _ = _digits(3)
+    body = {"instances": [{"image": {"b64": base64.b64encode(_png(im)).decode()}} for im in images]}
+    status, explained = post_json(f"{digits_server.url}/v1/models/{DIGITS}:explain", body)
+    assert status == 200, explained
+    for e in explained["explanations"]:
+        saliency = np.array(e["saliency"])
+        assert saliency.shape == (8, 8) and (saliency >= 0).all() and saliency.sum() > 0
 
 
 def test_a_missing_or_corrupt_package_fails_at_start_naming_path_and_reason(

@@ -269,12 +269,40 @@ def test_isvc_identity_owner_and_predictor() -> None:
         "--max-batch-size": "64",
         "--max-latency-ms": "5",
         "--drift-method": "psi",
+        "--workers": "1",  # no CPU limit: one process
     }
+    assert container["ports"] == [{"containerPort": 8080, "protocol": "TCP"}]
     # The predictor's own parser accepts exactly these flags.
     from conveyor.runtime.serve import build_parser
 
     parsed = build_parser().parse_args(args)
     assert (parsed.model_dir, parsed.max_batch_size) == ("/mnt/models", 64)
+
+
+@pytest.mark.parametrize(
+    ("predictor", "workers"),
+    [
+        ({}, "1"),
+        ({"resources": {"limits": {"cpu": "4"}}}, "4"),
+        ({"resources": {"limits": {"cpu": "1500m"}}}, "1"),
+        ({"resources": {"requests": {"cpu": "2"}}}, "2"),
+        ({"workers": 3, "resources": {"limits": {"cpu": "8"}}}, "3"),
+    ],
+)
+def test_predictor_workers_default_from_the_cpu_limit(predictor: dict, workers: str) -> None:
+    [container] = isvc_for(deployment_obj(predictor=predictor), stable=V1)["spec"]["predictor"]["containers"]
+    args = container["args"]
+    assert args[args.index("--workers") + 1] == workers
+
+
+def test_grpc_v2_exposes_the_grpc_port_named_h2c() -> None:
+    [container] = isvc_for(deployment_obj(predictor={"protocol": "grpc-v2"}), stable=V1)["spec"]["predictor"]["containers"]
+    assert container["ports"] == [{"name": "h2c", "containerPort": 8081, "protocol": "TCP"}]
+    args = container["args"]
+    assert args[args.index("--grpc-port") + 1] == "8081"
+    from conveyor.runtime.serve import build_parser
+
+    assert build_parser().parse_args(args).grpc_port == 8081
 
 
 @pytest.mark.parametrize(
