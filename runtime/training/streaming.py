@@ -44,6 +44,9 @@ SPLITS = {"train": TRAIN, "validation": VALIDATION, "test": TEST}
 # A batch keeps rows under this many times the expected sample's share of the training split, so the
 # summaries sent to the driver hold about this multiple of SAMPLE_SIZE values, whatever the row count.
 SAMPLE_OVERSHOOT = 2.0
+# Rows per batch of the split and transform tasks: large enough that per-batch overhead (and the number
+# of blocks a training iterator walks) stays small, small enough for any worker's memory.
+BATCH_ROWS = 16384
 
 
 # ---------------------------------------------------------------- the split
@@ -369,13 +372,18 @@ class Streams:
     def raw(self, split: str) -> Any:
         """The split's raw rows (every source column, the label included), as the source has them."""
         return self.source.map_batches(
-            _select, fn_kwargs={"rule": self.rule, "split": SPLITS[split]}, batch_format="pandas"
+            _select,
+            fn_kwargs={"rule": self.rule, "split": SPLITS[split]},
+            batch_format="pandas",
+            batch_size=BATCH_ROWS,
         )
 
     def xy(self, split: str, target_scale: tuple[float, float] | None = None) -> Any:
         """The split transformed for the model: ``x`` float32 and ``y`` (class index, or the target)."""
         return self.raw(split).map_batches(
-            partial(_to_xy, streams=self.spec(), target_scale=target_scale), batch_format="pandas"
+            partial(_to_xy, streams=self.spec(), target_scale=target_scale),
+            batch_format="pandas",
+            batch_size=BATCH_ROWS,
         )
 
     def spec(self) -> _XY:
