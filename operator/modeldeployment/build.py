@@ -106,12 +106,13 @@ def predictor_workers(spec: ModelDeploymentSpec) -> int:
     p = spec.predictor
     if p.workers:
         return p.workers
-    from kubernetes.utils import parse_quantity
-
-    cpu = p.resources.limits.cpu or p.resources.requests.cpu
+    cpu = str(p.resources.limits.cpu or p.resources.requests.cpu or "").strip()
     if not cpu:
         return 1
-    return max(1, min(MAX_DEFAULT_WORKERS, int(parse_quantity(str(cpu)))))
+    # Not kubernetes.utils.parse_quantity: the operator's process keeps the kubernetes client unimportable
+    # (operator/__main__.py). CPU quantities are plain cores or millicores (2, 1.5, 500m).
+    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    return max(1, min(MAX_DEFAULT_WORKERS, int(cores)))
 
 
 def predictor_ports(protocol: str) -> list[dict[str, Any]]:
