@@ -72,7 +72,12 @@ def numeric_profile_from_summary(summary: Any, bins: int = N_BINS) -> dict[str, 
         entry["binEdges"][-1] = max(entry["binEdges"][-1], summary.max())
         entry.update(mean=summary.mean(), std=summary.std(), min=summary.min(), max=summary.max())
     if not summary.exact_quantiles:
-        entry["approximate"] = {"sampleSize": int(len(summary.sample)), "quantileRankError": 0.0052}
+        from conveyor.runtime.package.summary import QUANTILE_RANK_ERROR
+
+        entry["approximate"] = {
+            "sampleSize": int(len(summary.sample)),
+            "quantileRankError": round(QUANTILE_RANK_ERROR, 4),
+        }
     return entry
 
 
