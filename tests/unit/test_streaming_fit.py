@@ -143,3 +143,17 @@ def test_streamed_fit_reports_what_cannot_work_like_the_in_memory_fit() -> None:
         streaming.fit_transforms_streamed(None, plan, first, [{"type": "oneHot", "columns": ["merchant"]}])
     with pytest.raises(ValueError, match=r"features.transforms\[0\] \(standardize\): column 'nope'"):
         streaming.fit_transforms_streamed(None, plan, first, [{"type": "standardize", "columns": ["nope"]}])
+
+
+def test_a_regression_target_is_summarized_exactly_for_its_scale() -> None:
+    frame = fraud_frame(rows=3000, seed=4).rename(columns={"label": "is_fraud", "amount": "label"})
+    features = [f for f in FEATURES if f.name != "amount"]
+    plan = streaming.Plan(RULE, features, "label", False, 1.0)
+    first = _streamed(frame, plan, 500)
+    codes, _ = RULE.codes_and_priority(frame)
+    train = frame["label"][codes == streaming.TRAIN]
+    assert "labels" not in first and first["target"].n_present == len(train)
+    assert (first["target"].mean(), first["target"].std()) == (
+        pytest.approx(train.mean()),
+        pytest.approx(train.std(ddof=0)),
+    )
