@@ -235,6 +235,8 @@ def run_benchmark(
             w.stop()
         operator = summary([seen[n] - t0 for _, n in work])
         per_object = summary([seen[n] - applied[w] for w in work for n in [w[1]]])
+        per_kind = {kind: summary([seen[w[1]] - applied[w] for w in work if w[0] == kind])
+                    for kind in ("md", "mlp") if any(w[0] == kind for w in work)}
 
         def settled() -> bool:
             mds = custom.list_namespaced_custom_object("conveyor.dev", "v1alpha1", ns_op, "modeldeployments")["items"]
@@ -273,6 +275,8 @@ def run_benchmark(
                 **operator,
                 "apply_all_s": round(applied_s, 3),
                 "apply_to_child_exists_per_object": per_object,
+                "apply_to_child_exists_by_kind": {
+                    {"md": "ModelDeployment->InferenceService", "mlp": "MLPipeline->RayJob"}[k]: v for k, v in per_kind.items()},
                 "api_writes_during_burst": burst_writes,
                 "cpu_seconds_until_settled": round(fanout_cpu, 2),
                 "args": list(operator_args),

@@ -58,6 +58,18 @@ def test_operator_import_closure_has_no_torch_ray_or_kserve() -> None:
     assert heavy == "[]", f"the operator's import closure pulls in {heavy}"
 
 
+def test_the_operator_process_does_not_load_the_kubernetes_client() -> None:
+    # kopf would import the official client (~37 MiB resident) only to recognise its objects; the
+    # operator talks to the API with its own client, so `python -m conveyor.operator` keeps it out.
+    code = (
+        "import sys\n"
+        "import conveyor.operator.__main__\n"
+        "import kopf\n"
+        "print(sys.modules.get('kubernetes'))\n"
+    )
+    assert _run_in_root(code) == "None", "the operator process imported the kubernetes client"
+
+
 def test_every_package_folder_ships_in_the_wheel() -> None:
     """pyproject.toml lists the packages (the folders map onto conveyor.*): a folder left out would be
     missing from the images while every test on the editable install still passed."""
