@@ -359,6 +359,14 @@ class Resources(_Model):
     limits: ResourceList = Field(default_factory=ResourceList)
 
 
+class ExplainSpec(_Model):
+    """``predictor.explain``: whether :explain is served, and its bounds (serve --explain-*)."""
+
+    enabled: bool = False
+    max_instances: int = 16
+    steps: int = 32
+
+
 class PredictorSpec(_Model):
     image: str = "ghcr.io/conveyor-ml/conveyor-runtime:0.1.0"
     protocol: Literal["v1", "v2", "grpc-v2"] = "v2"
@@ -369,6 +377,7 @@ class PredictorSpec(_Model):
     tolerations: list[Toleration] = Field(default_factory=list)
     pod: PodSettings = Field(default_factory=PodSettings)
     batching: Batching = Field(default_factory=Batching)
+    explain: ExplainSpec = Field(default_factory=ExplainSpec)
 
 
 class AutoscalingSpec(_Model):

@@ -151,6 +151,12 @@ def _predictor_container(
             "--drift-method", spec.monitoring.drift.method,
             "--workers", str(predictor_workers(spec)),
             *(["--grpc-port", str(PREDICTOR_GRPC_PORT)] if p.protocol == "grpc-v2" else []),
+            *(
+                ["--explain", "--explain-max-instances", str(p.explain.max_instances),
+                 "--explain-steps", str(p.explain.steps)]
+                if p.explain.enabled
+                else []
+            ),
         ],
         # STORAGE_URI: KServe's storage initializer fetches it into MODEL_DIR. The server answers both
         # protocols; CONVEYOR_PROTOCOL tells it (and people) which one clients are meant to use.

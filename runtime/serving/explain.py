@@ -18,6 +18,8 @@ HTTP 400) and ``steps`` integration steps, evaluated ``internal_batch_size`` row
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,9 @@ class Explainer:
         self.limits = limits or ExplainLimits()
         self.limits.check()
         self.method = METHOD_TREE if model.package.model_kind == "xgboost" else METHOD_IG
+        # One explanation at a time, in its own thread: a burst of :explain calls queues here instead of
+        # taking every core from predictions (each call is bounded by max_instances x steps).
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-explain")
         transforms = model.package.transforms
         self.kind = transforms.kind
         if self.kind != "image":
@@ -60,6 +65,10 @@ class Explainer:
             self.features = [f.name for f in transforms.features]
             owner = [transforms._feature_of(i) for i in range(len(transforms.output_columns))]
             self._owner = np.array([self.features.index(o) for o in owner], dtype=np.int64)
+
+    def explain_rows(self, x: np.ndarray) -> list[dict[str, Any]]:
+        """Score ``x`` and explain each row's answer (blocking)."""
+        return self.explain(x, self.model.answers(self.model.forward(x)))
 
     def explain(self, x: np.ndarray, answers: list[Any]) -> list[dict[str, Any]]:
         """One explanation per row of ``x`` (the transformed input), for the row's answer."""
@@ -130,3 +139,27 @@ class Explainer:
             sign = np.where(np.asarray(targets) == 1, 1.0, -1.0)[:, None]
             contribs = contribs * sign
         return contribs  # [B, F+1]: the last column is the bias
+
+
+async def explain_response(predictor: Any, request: Any) -> dict[str, Any]:
+    """The :explain response for a decoded request (``predictor.DecodedRequest``) of ``predictor``;
+    InvalidInput (400) naming the limit when it holds more instances than one call may explain."""
+    from kserve.errors import InvalidInput
+
+    explainer: Explainer = predictor.explainer
+    limit = explainer.limits.max_instances
+    if request.rows > limit:
+        raise InvalidInput(
+            f"{request.rows} instances to explain; this predictor explains at most {limit} per call "
+            "(spec.predictor.explain.maxInstances, serve --explain-max-instances): send fewer"
+        )
+    loop = asyncio.get_running_loop()
+    explanations = await loop.run_in_executor(explainer.pool, explainer.explain_rows, request.x)
+    return {
+        "explanations": explanations,
+        "method": explainer.method,
+        **({"steps": explainer.limits.steps} if explainer.method == METHOD_IG else {}),
+        "id": request.request_id,
+        "model_name": predictor.name,
+        "model_version": predictor.version,
+    }

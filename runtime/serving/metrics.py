@@ -22,7 +22,7 @@ apart in one Prometheus. Names (all prefixed ``conveyor_``):
   ``feedback_window`` labelled rows.
 - ``ignored_inputs_total{field}``: request fields the model does not take, dropped rather than
   refused (at most ``MAX_IGNORED_FIELDS`` names, then ``__other__``).
-- ``model_info{task, architecture}`` = 1; ``server_processes``: the live server processes.
+- ``model_info{task, architecture, backend}`` = 1; ``server_processes``: the live server processes.
 
 Several worker processes (``serve --workers N``): prometheus_client's multiprocess mode
 (``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before any worker starts) keeps each process's
@@ -185,6 +185,7 @@ class ServingMetrics:
         *,
         task: str,
         architecture: str,
+        backend: str = "unknown",
         drift: DriftMonitor | None,
         profile: Mapping[str, Any] | None = None,
         registry: CollectorRegistry = REGISTRY,
@@ -272,11 +273,11 @@ class ServingMetrics:
         info = Gauge(
             "conveyor_model_info",
             "The served model version",
-            [*LABELS, "task", "architecture"],
+            [*LABELS, "task", "architecture", "backend"],
             registry=registry,
             multiprocess_mode="max",
         )
-        info.labels(*lv, task, architecture).set(1)
+        info.labels(*lv, task, architecture, backend).set(1)  # backend: how the forward pass runs
         # 1 per live server process; summed over the live ones (a dead worker's file is dropped).
         processes = Gauge(
             "conveyor_server_processes",

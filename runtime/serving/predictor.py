@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -49,6 +49,9 @@ from conveyor.runtime.package.registry import ModelPackage
 from conveyor.runtime.serving.batching import DynamicBatcher
 from conveyor.runtime.serving.metrics import FeedbackTracker, ServingMetrics
 from conveyor.runtime.serving.model import ScoringModel
+
+if TYPE_CHECKING:
+    from conveyor.runtime.serving.explain import Explainer, ExplainLimits
 from conveyor.runtime.serving.served_log import ServedLog, flush_interval_from_env
 
 log = logging.getLogger("conveyor.predictor")
@@ -133,6 +136,7 @@ class PackagePredictor(Model):
         max_rows_per_request: int = 4096,
         with_metrics: bool = True,
         feedback_store: Any = None,
+        explain: ExplainLimits | None = None,
         decode_on_loop: bool = False,
         decode_threads: int = 2,
     ) -> None:
@@ -157,6 +161,9 @@ class PackagePredictor(Model):
         self.drift: DriftMonitor | None = None
         self.feedback: FeedbackTracker | None = None
         self.feedback_store = feedback_store
+        # :explain is on when limits are given (serve --explain); one thread computes explanations.
+        self.explain_limits = explain
+        self.explainer: Explainer | None = None
         # What this process served, in registry storage: feedback to any replica or process finds it.
         self.served_log: ServedLog | None = None
         self.batcher: DynamicBatcher | None = None
@@ -200,6 +207,7 @@ class PackagePredictor(Model):
                 self.version,
                 task=self.task,
                 architecture=str(pkg.manifest.get("architecture", "unknown")),
+                backend=self.model.backend,
                 drift=self.drift,
                 profile=pkg.profile,
             )
@@ -215,13 +223,18 @@ class PackagePredictor(Model):
                 on_batch=self.metrics.observe_batch if self.metrics else None,
             )
             self.batcher.arriving = 0  # the serving middleware counts requests on their way
+        if self.explain_limits is not None:
+            from conveyor.runtime.serving.explain import Explainer
+
+            self.explainer = Explainer(self.model, self.explain_limits)
         self.ready = True
         log.info(
-            "loaded model %s version %s from %s on %s (batching %s)",
+            "loaded model %s version %s from %s on %s, backend %s (batching %s)",
             self.name,
             self.version,
             self.model_dir,
             self.device,
+            self.model.backend,
             f"max {self.max_batch_size} rows / {self.max_latency_ms} ms" if self.batching else "off",
         )
         return self.ready
@@ -297,12 +310,29 @@ class PackagePredictor(Model):
             response_headers["x-request-id"] = payload.request_id
         return Prediction(payload, out, answers)
 
+    async def explain(self, payload: DecodedRequest, headers: dict[str, str] | None = None) -> dict[str, Any]:
+        """``POST /v1/models/NAME:explain``: each instance's answer with its per-feature attributions
+        (tabular) or saliency map (image), runtime/serving/explain.py; computed off the event loop."""
+        if self.explainer is None:
+            from fastapi import HTTPException
+
+            raise HTTPException(
+                404,
+                f"explanations are off for model {self.name}: the ModelDeployment's "
+                "spec.predictor.explain.enabled is false (serve --explain turns them on)",
+            )
+        from conveyor.runtime.serving.explain import explain_response
+
+        return await explain_response(self, payload)
+
     async def postprocess(
         self,
-        result: Prediction,
+        result: Prediction | dict[str, Any],
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> dict[str, Any] | InferResponse:
+        if isinstance(result, dict):  # an explanation (explain), already the response
+            return result
         request, out, answers = result.request, result.out, result.answers
         if request.v2 is not None:
             return self._v2_response(request.v2, request.request_id, out, answers)

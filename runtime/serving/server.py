@@ -277,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=int, default=4096, help="rows per request at most")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--access-log", action="store_true", help="log every request (off: it costs throughput)")
+    p.add_argument("--explain", action="store_true", help="answer POST /v1/models/NAME:explain (off: 404)")
+    p.add_argument("--explain-max-instances", type=int, default=16, help="instances per :explain call at most")
+    p.add_argument("--explain-steps", type=int, default=32, help="integrated-gradients steps per explanation")
     p.add_argument(
         "--feedback-uri",
         default=os.environ.get("CONVEYOR_FEEDBACK_URI"),
@@ -289,6 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> None:
     problems = []
+    if args.explain and not 1 <= args.explain_max_instances <= 1024:
+        problems.append(f"--explain-max-instances must be 1..1024, got {args.explain_max_instances}")
+    if args.explain and not 2 <= args.explain_steps <= 512:
+        problems.append(f"--explain-steps must be 2..512, got {args.explain_steps}")
     if args.max_batch_size < 1:
         problems.append(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     if args.max_latency_ms < 0:
@@ -399,9 +406,14 @@ def _conveyor_dataplane(models: Any) -> Any:
 
         async def model_metadata(self, model_name: str) -> dict[str, Any]:
             metadata = await super().model_metadata(model_name)
-            version = getattr(self.get_model_from_registry(model_name), "version", None)
+            model = self.get_model_from_registry(model_name)
+            version = getattr(model, "version", None)
             if version:
                 metadata["versions"] = [version]
+            # The V2 metadata's platform: how the forward pass runs (onnxruntime, torch-export, ...).
+            backend = getattr(getattr(model, "model", None), "backend", None)
+            if backend:
+                metadata["platform"] = backend
             return metadata
 
         def decode_inference_request(self, body: Any, headers: dict[str, str], model_name: str) -> Any:
@@ -563,6 +575,7 @@ def serve(args: argparse.Namespace, *, reuse_port: bool = False) -> int:
     from kserve.model_server import app
 
     from conveyor.runtime.package.registry import PackageError
+    from conveyor.runtime.serving.explain import ExplainLimits
     from conveyor.runtime.serving.predictor import PackagePredictor
 
     predictor = PackagePredictor(
@@ -578,6 +591,7 @@ def serve(args: argparse.Namespace, *, reuse_port: bool = False) -> int:
         max_rows_per_request=args.max_rows,
         decode_on_loop=args.decode_on_loop,
         feedback_store=feedback_store(args.feedback_uri, args.model_dir),
+        explain=ExplainLimits(args.explain_max_instances, args.explain_steps) if args.explain else None,
     )
     try:
         predictor.load()

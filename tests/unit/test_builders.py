@@ -295,6 +295,17 @@ def test_predictor_workers_default_from_the_cpu_limit(predictor: dict, workers: 
     assert args[args.index("--workers") + 1] == workers
 
 
+def test_predictor_explain_turns_on_the_explain_route_with_its_bounds() -> None:
+    from conveyor.runtime.serve import build_parser
+
+    explain = {"enabled": True, "maxInstances": 4, "steps": 16}
+    [container] = isvc_for(deployment_obj(predictor={"explain": explain}), stable=V1)["spec"]["predictor"]["containers"]
+    parsed = build_parser().parse_args(container["args"])
+    assert (parsed.explain, parsed.explain_max_instances, parsed.explain_steps) == (True, 4, 16)
+    [off] = isvc_for(deployment_obj(), stable=V1)["spec"]["predictor"]["containers"]
+    assert build_parser().parse_args(off["args"]).explain is False
+
+
 def test_grpc_v2_exposes_the_grpc_port_named_h2c() -> None:
     [container] = isvc_for(deployment_obj(predictor={"protocol": "grpc-v2"}), stable=V1)["spec"]["predictor"]["containers"]
     assert container["ports"] == [{"name": "h2c", "containerPort": 8081, "protocol": "TCP"}]

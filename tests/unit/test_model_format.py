@@ -188,3 +188,31 @@ def test_xgboost_explanations_are_the_boosters_contributions(trained: dict[str, 
         assert sum(e["attributions"].values()) + e["bias"] == pytest.approx(m if a == "1" else -m, abs=1e-4)
     signal = np.mean([abs(e["attributions"]["signal"]) for e in explained])
     assert signal > np.mean([abs(e["attributions"]["noise"]) for e in explained])
+
+
+def test_explain_is_off_unless_the_deployment_turns_it_on(exported_uri: str) -> None:
+    import asyncio
+
+    from fastapi import HTTPException
+    from kserve.errors import InvalidInput
+    from kserve.model import InferenceVerb
+
+    from conveyor.runtime.serving.predictor import PackagePredictor
+
+    rows = [{"signal": 1.0, "noise": 0.0, "constant": 3.0, "colour": "red"}] * 3
+
+    async def ask(limits: ExplainLimits | None) -> Any:
+        predictor = PackagePredictor("tiny", exported_uri, with_metrics=False, batching=False, explain=limits)
+        predictor.load()
+        try:
+            return (await predictor({"instances": rows}, headers={}, verb=InferenceVerb.EXPLAIN))[0]
+        finally:
+            await predictor.close()
+
+    with pytest.raises(HTTPException) as off:
+        asyncio.run(ask(None))
+    assert off.value.status_code == 404 and "spec.predictor.explain.enabled is false" in off.value.detail
+    with pytest.raises(InvalidInput, match="at most 2 per call"):
+        asyncio.run(ask(ExplainLimits(max_instances=2, steps=8)))
+    answer = asyncio.run(ask(ExplainLimits(max_instances=3, steps=8)))
+    assert [e["answer"] for e in answer["explanations"]] == ["1", "1", "1"]
