@@ -43,17 +43,10 @@ def main() -> int:
 
         def predict(self, payload: InferRequest | dict, headers: dict[str, str] | None = None) -> Any:
             t = self.pkg.transforms
-            if isinstance(payload, dict):  # V1 images as KServe's image example sends them
-                import base64
-                import io
+            if isinstance(payload, dict):  # V1: rows, or images as KServe's image example sends them
+                from _ray_serve_model import decode  # the same decoding as the Ray Serve peer
 
-                from PIL import Image
-
-                raw = np.stack([
-                    np.asarray(Image.open(io.BytesIO(base64.b64decode(i["image"]["b64"]))).convert("L"), np.float32)[None]
-                    for i in payload["instances"]
-                ])  # fmt: skip
-                x = t.apply(raw * np.float32(t.scale / 255.0))
+                x = decode(self.pkg, payload["instances"])
                 with torch.inference_mode():
                     probs = (
                         torch.softmax(self.module(torch.from_numpy(x).to(args.device)), dim=1).cpu().numpy()
