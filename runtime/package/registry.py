@@ -26,13 +26,15 @@ written under a temporary name and renamed; an object store's PUT is atomic):
 - ``<model>/.feedback/<version>/part-<time>-<id>.jsonl``: ground truth sent to the predictors of that
   version (each row: request id, the inputs, the prediction, the label), append-only: every feedback
   call adds a part, written whole, so nothing is lost when a replica restarts or scales to zero;
-- ``<model>/.served/<version>/part-<time>-<writer>.jsonl``: the served-request log, what every predictor
+- ``<model>/.served/<version>/<yyyymmddhh>/part-<time>-<writer>.jsonl``: the served-request log (by UTC
+  hour, so a lookup lists only the newest hours), what every predictor
   process of that version answered (one line per request: ``id``, ``inputs`` (the raw rows; none for
   images), ``predictions``, ``version``, ``time``), append-only. Each process buffers its answers and
   writes one part every flush interval (``CONVEYOR_SERVED_LOG_FLUSH_S``, default 1 s), sooner when the
   buffer fills, and on shutdown; ``<time>`` (nanoseconds, zero-padded) orders the parts, ``<writer>``
   (host, pid, random) keeps processes apart. The feedback endpoint of any replica and process looks a
-  request id up there when its own memory lacks it (reading the newest parts, with a bounded index).
+  request id up there when its own memory lacks it (reading the newest parts, with a bounded index),
+  then in the other versions' logs (a canary's route sends feedback to either version's predictors).
 
 Importing this module and ``Registry.read_metadata`` need no torch or ray (the operator uses them);
 ``ModelPackage.load_model`` imports torch when called.
@@ -438,20 +440,44 @@ class Registry:
         """Add a part (JSON lines, one request each) to ``version``'s served-request log; returns its path."""
         if not _VERSION_RE.match(version):
             raise PackageError(f"version {version!r} must be v<N>")
-        name = f"part-{time.time_ns():020d}-{re.sub(r'[^A-Za-z0-9_.-]', '-', writer)}.jsonl"
+        now = time.time_ns()
+        hour = time.strftime("%Y%m%d%H", time.gmtime(now / 1e9))
+        name = f"part-{now:020d}-{re.sub(r'[^A-Za-z0-9_.-]', '-', writer)}.jsonl"
         body = b"".join(json.dumps(r, default=_plain).encode() + b"\n" for r in records)
-        path = _join(self.model_path, ".served", version, name)
+        path = _join(self.model_path, ".served", version, hour, name)
         write_bytes_atomically(self.fs, path, body)
         return path
 
-    def served_parts(self, version: str) -> list[str]:
-        """The served-request log's parts of ``version``, oldest first (paths for ``read_served_part``)."""
+    def served_parts(self, version: str, newest: int = 4096) -> list[str]:
+        """The ``newest`` parts of ``version``'s served-request log, oldest first (paths for
+        ``read_served_part``); only the newest hours' folders are listed."""
         try:
-            entries = self.fs.ls(_join(self.model_path, ".served", version), detail=False)
+            hours = sorted(
+                e for e in self.fs.ls(_join(self.model_path, ".served", version), detail=False)
+                if re.fullmatch(r"[0-9]{10}", e.rstrip("/").rsplit("/", 1)[-1])
+            )
         except FileNotFoundError:
             return []
-        parts = [e for e in entries if e.rsplit("/", 1)[-1].startswith("part-") and e.endswith(".jsonl")]
-        return sorted(parts, key=lambda e: e.rsplit("/", 1)[-1])
+        parts: list[str] = []
+        for hour in reversed(hours):
+            try:
+                entries = self.fs.ls(hour, detail=False)
+            except FileNotFoundError:  # expired meanwhile
+                continue
+            found = [e for e in entries if e.rsplit("/", 1)[-1].startswith("part-") and e.endswith(".jsonl")]
+            parts = sorted(found, key=lambda e: e.rsplit("/", 1)[-1]) + parts
+            if len(parts) >= newest:
+                break
+        return parts[-newest:]
+
+    def served_versions(self) -> list[str]:
+        """The versions with a served-request log, oldest first."""
+        try:
+            entries = self.fs.ls(_join(self.model_path, ".served"), detail=False)
+        except FileNotFoundError:
+            return []
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+        return sorted((n for n in names if _VERSION_RE.match(n)), key=lambda n: int(n[1:]))
 
     def read_served_part(self, path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.fs.cat_file(path).splitlines() if line.strip()]

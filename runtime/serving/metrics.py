@@ -151,6 +151,12 @@ class FeedbackTracker:
             self._scores.extend(scores)
             return scores
 
+    def compare(self, truths: Sequence[Any], predicted: Sequence[Any]) -> list[float]:
+        """Per-row scores as ``score`` gives them, for a request this tracker does not hold."""
+        if self.task == "regression":
+            return [abs(float(t) - float(p)) for t, p in zip(truths, predicted, strict=True)]
+        return [1.0 if str(t) == str(p) else 0.0 for t, p in zip(truths, predicted, strict=True)]
+
     def online_value(self) -> float | None:
         with self._lock:
             return sum(self._scores) / len(self._scores) if self._scores else None
@@ -328,8 +334,9 @@ class ServingMetrics:
             self._ignored_names.add(name)
             self.ignored_inputs.labels(self.model_name, self.model_version, name).inc(n)
 
-    def observe_feedback(self, result: str, rows: int, online_value: float | None) -> None:
-        self.feedback.labels(self.model_name, self.model_version, result).inc(rows)
+    def observe_feedback(self, result: str, rows: int, online_value: float | None, *, version: str | None = None) -> None:
+        """``version``: the version that answered, when another one's predictor took its feedback."""
+        self.feedback.labels(self.model_name, version or self.model_version, result).inc(rows)
         if online_value is not None:
             gauge = self.online_mae if self.task == "regression" else self.online_accuracy
             gauge.labels(self.model_name, self.model_version).set(online_value)

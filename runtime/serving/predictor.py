@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     from conveyor.runtime.serving.explain import Explainer, ExplainLimits
 from conveyor.runtime.serving.served_log import ServedLog, flush_interval_from_env
 
+# How many other versions' served-request logs feedback for an id this version never served looks in.
+OTHER_VERSIONS = 4
+
 log = logging.getLogger("conveyor.predictor")
 
 # Set by the serving middleware for each request; the model marks it once a request reaches it, so an
@@ -166,6 +169,7 @@ class PackagePredictor(Model):
         self.explainer: Explainer | None = None
         # What this process served, in registry storage: feedback to any replica or process finds it.
         self.served_log: ServedLog | None = None
+        self._other_logs: dict[str, ServedLog] = {}  # readers of other versions' logs (a canary's split)
         self.batcher: DynamicBatcher | None = None
         self.version = ""
         self.device = "cpu"
@@ -716,24 +720,28 @@ class PackagePredictor(Model):
                     raise InvalidInput(f"{where}.{single}: {t!r} is not a number")
                 if self.task == "classification" and str(t) not in (self.classes or []):
                     raise InvalidInput(f"{where}.{single}: {t!r} is not one of the classes {self.classes}")
-            predicted = self.feedback.predictions(rid)
+            predicted, version, inputs = self.feedback.predictions(rid), self.version, None
             if predicted is None and self.served_log is not None:
                 # Served by another replica or process (or before a restart): its log in storage knows.
                 served = self.served_log.lookup(rid)
                 if served is not None:
                     self.feedback.remember(rid, served.predictions, served.inputs)
                     predicted = served.predictions
+                else:  # or by a predictor of another version behind the same route (a canary's share)
+                    version, served = self._served_by_another_version(rid)
+                    if served is not None:
+                        predicted, inputs = served.predictions, served.inputs
             if predicted is not None and len(predicted) != len(truths):
                 raise InvalidInput(f"{where}: request {rid!r} had {len(predicted)} row(s); feedback gives {len(truths)} label(s)")
-            checked.append((rid, truths, predicted))
-        unknown = [rid for rid, truths, predicted in checked if predicted is None]
+            checked.append((rid, truths, predicted, version, inputs))
+        unknown = [c[0] for c in checked if c[2] is None]
         if unknown:
             if self.metrics:
-                self.metrics.observe_feedback("unknown_id", sum(len(t) for r, t, p in checked if p is None), None)
+                self.metrics.observe_feedback("unknown_id", sum(len(c[1]) for c in checked if c[2] is None), None)
             if self.served_log is not None:
                 where = (
-                    f"by any predictor of {self.name} {self.version} (neither this process's memory nor the "
-                    f"served-request log {self.served_log.uri} holds them, or they are too old); a request "
+                    f"by any predictor of {self.name} (neither this process's memory, nor the served-request log "
+                    f"{self.served_log.uri}, nor those of its other versions hold them, or they are too old); a request "
                     f"answered within the last {self.served_log.flush_interval:g}s may not be flushed to the "
                     "log yet: retry after that"
                 )
@@ -741,35 +749,58 @@ class PackagePredictor(Model):
                 where = "by this predictor (or are too old)"
             raise InvalidInput(f"request id(s) {unknown[:5]} were never served {where}; nothing was recorded")
         self._persist(checked)  # before counting: what the counters show, the dataset holds
-        for rid, truths, _ in checked:
-            scores = self.feedback.score(rid, truths)
-            online = self.feedback.online_value()
+        for rid, truths, predicted, version, _ in checked:
+            if version == self.version:
+                scores = self.feedback.score(rid, truths)
+                online = self.feedback.online_value()
+            else:  # counted for the version that answered; this version's online window is not its
+                scores = self.feedback.compare(truths, predicted)
+                online = None
             if self.metrics:
                 if self.task == "regression":
-                    self.metrics.observe_feedback("scored", len(scores), online)
+                    self.metrics.observe_feedback("scored", len(scores), online, version=version)
                 else:
                     correct = int(sum(scores))
                     if correct:
-                        self.metrics.observe_feedback("correct", correct, online)
+                        self.metrics.observe_feedback("correct", correct, online, version=version)
                     if len(scores) - correct:
-                        self.metrics.observe_feedback("incorrect", len(scores) - correct, online)
-            results.append({"id": rid, "status": "recorded", "rows": len(scores)})
+                        self.metrics.observe_feedback("incorrect", len(scores) - correct, online, version=version)
+            results.append({"id": rid, "status": "recorded", "rows": len(scores),
+                            **({"model_version": version} if version != self.version else {})})
         online = self.feedback.online_value()
         key = "online_mae" if self.task == "regression" else "online_accuracy"
         return {"results": results, key: online, "model_name": self.name, "model_version": self.version}
 
-    def _persist(self, checked: list[tuple[str, list[Any], list[Any] | None]]) -> None:
-        """One part of the version's feedback dataset: each labelled row with its inputs and prediction."""
+    def _served_by_another_version(self, rid: str) -> tuple[str, Any]:
+        """(version, the request) from the served-request log of another version of this model (the newest
+        OTHER_VERSIONS that logged anything), or (this version, None)."""
+        assert self.feedback_store is not None
+        others = [v for v in self.feedback_store.served_versions() if v != self.version][-OTHER_VERSIONS:]
+        for version in reversed(others):
+            reader = self._other_logs.get(version)
+            if reader is None:
+                reader = self._other_logs[version] = ServedLog(self.feedback_store, version, write=False)
+            served = reader.lookup(rid)
+            if served is not None:
+                return version, served
+        return self.version, None
+
+    def _persist(self, checked: list[tuple[str, list[Any], list[Any] | None, str, Any]]) -> None:
+        """One part of each answering version's feedback dataset: each labelled row with its inputs and
+        prediction."""
         if self.feedback_store is None or self.feedback is None:
             return
         now = time.time()
-        rows = []
-        for rid, truths, predicted in checked:
-            inputs = self.feedback.inputs(rid) or [{} for _ in truths]
+        rows: dict[str, list[dict[str, Any]]] = {}
+        for rid, truths, predicted, version, inputs in checked:
+            inputs = (self.feedback.inputs(rid) if version == self.version else inputs) or [{} for _ in truths]
             for i, truth in enumerate(truths):
-                rows.append({"id": rid, "row": i, "inputs": inputs[i], "prediction": (predicted or [None] * len(truths))[i],
-                             "label": truth, "time": now})
-        self.feedback_store.append_feedback(self.version, rows)
+                rows.setdefault(version, []).append(
+                    {"id": rid, "row": i, "inputs": inputs[i], "prediction": (predicted or [None] * len(truths))[i],
+                     "label": truth, "time": now}
+                )
+        for version, part in rows.items():
+            self.feedback_store.append_feedback(version, part)
 
     def stop(self) -> None:
         """KServe's shutdown (SIGTERM): what the served-request log still buffers is written first."""

@@ -5,8 +5,10 @@ Answers are buffered in memory (``record``: a list append under a lock, nothing 
 waits for storage) and written by a background thread as one atomic part per flush
 (``Registry.append_served``): every ``flush_interval`` seconds, sooner when ``max_buffered`` requests
 wait, and on ``close`` (the server's shutdown). ``lookup`` reads the newest parts of the version's log
-into a bounded index (the ``max_parts`` newest parts; an id older than those counts as never served) and
-re-lists storage only when the id is not in it yet. The layout is in ``registry.py``'s docstring.
+into a bounded index (the ``max_parts`` newest parts, 4,096 by default; an id older than those counts as
+never served) and re-lists storage only when the id is not in it yet. Requests answered by another
+version's predictors (a canary's route) are looked up by readers of those versions' logs (``write=False``).
+The layout is in ``registry.py``'s docstring.
 """
 
 from __future__ import annotations
@@ -53,9 +55,11 @@ class ServedLog:
         *,
         flush_interval: float = 1.0,
         max_buffered: int = 2000,
-        max_parts: int = 512,
+        max_parts: int = 4096,
         max_indexed: int = 200_000,
+        write: bool = True,
     ) -> None:
+        """``write=False``: a reader only (another version's log), no writer thread."""
         self.registry = registry
         self.version = version
         self.flush_interval = flush_interval
@@ -75,9 +79,11 @@ class ServedLog:
         self._read_lock = threading.Lock()
         self.flushed_parts = 0
         self.failed_flushes = 0
-        self._thread = threading.Thread(target=self._run, name="conveyor-served-log", daemon=True)
-        self._thread.start()
-        atexit.register(self.close)  # a process that exits without the server's shutdown hook still flushes
+        self._thread: threading.Thread | None = None
+        if write:
+            self._thread = threading.Thread(target=self._run, name="conveyor-served-log", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)  # a process that exits without the server's shutdown hook still flushes
 
     @property
     def uri(self) -> str:
@@ -126,7 +132,8 @@ class ServedLog:
             return
         self._closed = True
         self._wake.set()
-        self._thread.join(timeout=max(5.0, 2 * self.flush_interval))
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, 2 * self.flush_interval))
         self.flush()
 
     # ------------------------------------------------------------ reading
@@ -142,7 +149,7 @@ class ServedLog:
             return self._index.get(request_id)
 
     def _read_new_parts(self) -> None:
-        for part in self.registry.served_parts(self.version)[-self.max_parts :]:
+        for part in self.registry.served_parts(self.version, self.max_parts):
             if part in self._parts or part <= self._horizon:  # read already, or evicted (older)
                 continue
             try:
