@@ -163,7 +163,7 @@ def build_model(
     *,
     input_shape: Sequence[int],
     outputs: int,
-    hidden_layers: Sequence[int] = (64, 32),
+    hidden_layers: Sequence[int] = (128, 64),
     dropout: float = 0.0,
     pretrained: bool = False,
     module: str | None = None,
