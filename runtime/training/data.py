@@ -119,8 +119,9 @@ def fraud_frame(rows: int = 20000, seed: int = 7, fraud_rate: float = 0.02) -> A
 
 
 def with_feedback(ds: Any, registry_uri: str, model_name: str, label: str) -> tuple[Any, int]:
-    """``ds`` plus the model's feedback dataset (each labelled row's inputs and its true label), cast to the
-    source's column types; and how many rows were added. The caller validates the result."""
+    """``ds`` followed by the model's feedback dataset (each labelled row's inputs and its true label), cast
+    to the source's column types (read from its first rows: the source is not collected); and how many
+    rows were added. The caller validates the result."""
     import pandas as pd
     import ray.data
 
@@ -129,13 +130,13 @@ def with_feedback(ds: Any, registry_uri: str, model_name: str, label: str) -> tu
     rows = Registry(registry_uri, model_name).read_feedback()
     if not rows:
         return ds, 0
-    frame = ds.to_pandas()
+    head = ds.take_batch(1024, batch_format="pandas")
     extra = pd.DataFrame([{**(r.get("inputs") or {}), label: r.get("label")} for r in rows])
-    extra = extra.reindex(columns=frame.columns)
-    for column, dtype in frame.dtypes.items():
+    extra = extra.reindex(columns=head.columns)
+    for column, dtype in head.dtypes.items():
         with contextlib.suppress(TypeError, ValueError):  # e.g. nulls in an int column: the contract reports them
             extra[column] = extra[column].astype(dtype)
-    return ray.data.from_pandas(pd.concat([frame, extra], ignore_index=True)), len(extra)
+    return ds.union(ray.data.from_pandas(extra)), len(extra)
 
 
 def builtin_frame(uri: str) -> Any:
