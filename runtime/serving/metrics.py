@@ -3,9 +3,10 @@
 Every series carries ``model_name`` and ``model_version`` so a canary and the stable version can be told
 apart in one Prometheus. Names (all prefixed ``conveyor_``):
 
-- ``requests_total{protocol, outcome, code}``: inference requests (``protocol`` v1|v2; ``outcome``
-  success|client_error|server_error; ``code`` the HTTP status), counted by the ASGI middleware so that
-  requests KServe rejects before they reach the model are counted too.
+- ``requests_total{protocol, outcome, code}``: inference requests (``protocol`` v1|v2|grpc; ``outcome``
+  success|client_error|server_error; ``code`` the HTTP status, for gRPC the one its status stands for),
+  counted by the ASGI middleware (and a gRPC interceptor) so that requests KServe rejects before they
+  reach the model are counted too.
 - ``request_duration_seconds{protocol}``: end-to-end latency histogram of those requests.
 - ``batch_size`` (rows per forward pass) and ``batch_requests`` (requests per forward pass) histograms.
 - ``predictions_total{class}`` (classification) or ``prediction_value`` histogram (regression).

@@ -392,11 +392,17 @@ def test_grpc_v2_with_tritonclient_and_invalid_argument_naming_the_input(
         assert proc.returncode == 0, proc.stderr[-2000:]
         return json.loads(proc.stdout)
 
+    before = Metrics.scrape(fraud_workers.url)
     answer = grpc_infer(inputs)
     assert answer["ready"] and answer["model_version"] == "v1"
     assert answer["label"] == expected_labels(fraud_package, in_process_probabilities(fraud_package, frame))
     bad = grpc_infer([t for t in inputs if t["name"] != "amount"])["error"]
     assert bad["status"] == "StatusCode.INVALID_ARGUMENT" and "amount" in bad["message"], bad
+    after = Metrics.scrape(fraud_workers.url)  # counted like HTTP, the status as the HTTP code it stands for
+    for code, outcome in (("200", "success"), ("400", "client_error")):
+        lab = {"model_name": FRAUD, "protocol": "grpc", "code": code, "outcome": outcome}
+        grew = after.value("conveyor_requests_total", **lab) - (before.value("conveyor_requests_total", **lab) or 0)
+        assert grew == 1, (code, grew)
 
 
 # ---------------------------------------------------------------- drift
@@ -788,7 +794,7 @@ def test_explain_attributes_each_answer_to_the_input_features(fraud_server: Serv
     # The server says how it runs the model: the package's ONNX on onnxruntime (this CPU's fastest).
     status, raw, _ = http("GET", f"{fraud_server.url}/v2/models/{FRAUD}")
     assert status == 200 and json.loads(raw)["platform"] == "onnxruntime"
-    scraped = Metrics.scrape(fraud_server.url + "/metrics")
+    scraped = Metrics.scrape(fraud_server.url)
     assert scraped.value("conveyor_model_info", model_name=FRAUD, backend="onnxruntime") == 1
 
     too_many = rows_of(live_frame.head(EXPLAIN_MAX + 1))
