@@ -28,7 +28,7 @@ from conveyor.operator.controller.raycluster import (
     ray_cluster,
     submitter_template,
 )
-from conveyor.operator.mlpipeline.build import (
+from conveyor.operator.controller.runs import (
     ANNOTATION_RERUN,
     ANNOTATION_SPEC_GENERATION,
     ANNOTATION_SPEC_HASH,

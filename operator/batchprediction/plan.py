@@ -29,19 +29,21 @@ from typing import Any
 from conveyor.operator.batchprediction.build import ResolvedModel, rayjob_name, spec_hash
 from conveyor.operator.controller import conditions as c
 from conveyor.operator.controller.events import Event
-from conveyor.operator.controller.times import rfc3339
-from conveyor.operator.mlpipeline.build import ANNOTATION_RERUN
-from conveyor.operator.mlpipeline.plan import (
+from conveyor.operator.controller.runs import (
     ACTIVE,
     FAILED,
     PENDING,
     RUNNING,
     SUCCEEDED,
-    _finish,
-    _prune_history,
+    due_trigger,
+    finish,
+    held,
+    prune_history,
     rayjob_state,
     schedule_due,
+    start_run,
 )
+from conveyor.operator.controller.times import rfc3339
 from conveyor.runtime.spec import BatchPredictionSpec
 
 MODEL_RESOLVED = "ModelResolved"
@@ -99,7 +101,7 @@ def plan_batch(
     else:
         c.set_condition(conds, c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.", generation=generation, now=ts)
         _plan_triggers(plan, bp, spec, rayjobs, model, now)
-    _prune_history(plan, spec, rayjobs)  # type: ignore[arg-type]
+    prune_history(plan, spec.runs_history_limit if spec is not None else None, rayjobs)
     _summarize(plan, spec, generation, ts)
     return plan
 
@@ -116,7 +118,7 @@ def _follow_run(
     rj = rayjobs.get(n)
     if rj is None:
         if n in missing:
-            _finish(run, FAILED, "RayJobDeleted", f"RayJob {run.get('rayJob')} disappeared before it finished", ts)
+            finish(run, FAILED, "RayJobDeleted", f"RayJob {run.get('rayJob')} disappeared before it finished", ts)
             plan.events.append(("Warning", "RunFailed", f"run {n}: its RayJob was deleted"))
         return
     state = rayjob_state(rj)
@@ -133,17 +135,17 @@ def _follow_run(
             run[key] = report[key]
     if state.outcome == FAILED or report.get("outcome") == "Failed":
         message = report.get("message") or state.message
-        _finish(run, FAILED, state.reason if state.outcome == FAILED else "ScoringFailed", message, end)
+        finish(run, FAILED, state.reason if state.outcome == FAILED else "ScoringFailed", message, end)
         plan.events.append(("Warning", "RunFailed", f"run {n} failed: {message[:300]}"))
         return
     if report.get("outcome") != "Succeeded":
-        _finish(run, FAILED, "NoOutcomeRecord", "the job ended without writing its outcome record", end)
+        finish(run, FAILED, "NoOutcomeRecord", "the job ended without writing its outcome record", end)
         plan.events.append(("Warning", "RunFailed", f"run {n}: the job wrote no outcome record"))
         return
     rejected = int(report.get("rowsRejected") or 0)
     reasons = "; ".join(f"{r['rows']} x {r['reason']}" for r in report.get("rejectReasons") or [])
     message = f"{report.get('rowsScored', 0)} rows scored, {rejected} rejected" + (f" ({reasons})" if reasons else "")
-    _finish(run, SUCCEEDED, "Completed", message, end)
+    finish(run, SUCCEEDED, "Completed", message, end)
     plan.status["lastOutput"] = report.get("output")
     plan.events.append(("Normal", "RunSucceeded", f"run {n}: {message[:900]}"))
     if rejected:
@@ -162,14 +164,7 @@ def _plan_triggers(
     generation = bp["metadata"].get("generation")
     ts = rfc3339(now)
     current_hash = spec_hash(bp.get("spec") or {})
-    token = (bp["metadata"].get("annotations") or {}).get(ANNOTATION_RERUN)
-    trigger: str | None = None
-    if not status.get("lastSpecHash"):
-        trigger = "Created"
-    elif status["lastSpecHash"] != current_hash:
-        trigger = "SpecChanged"
-    elif token and token != status.get("lastRerunToken"):
-        trigger = "Rerun"
+    trigger, token = due_trigger(bp, status, current_hash)
     fired = schedule_due(plan, bp, spec.schedule, now)
     if fired is not None and trigger is None:
         trigger = "Schedule"
@@ -180,61 +175,17 @@ def _plan_triggers(
     else:
         c.set_condition(status["conditions"], MODEL_RESOLVED, c.TRUE, "Resolved", f"Runs score with {model.model.describe()}.", generation=generation, now=ts)
     active = any(r.get("outcome") in ACTIVE for r in status["runs"])
-    if active or spec.suspend:
-        if fired is not None:
-            status["lastScheduleTime"] = rfc3339(fired)
-            why = "a run is active" if active else "the BatchPrediction is suspended"
-            plan.events.append(("Normal", "ScheduleSkipped", f"the schedule fired at {rfc3339(fired)} while {why}"))
-        return
-    if trigger is None:
+    if held(plan, fired, active=active, suspended=spec.suspend, kind="BatchPrediction") or trigger is None:
         return
     if model.model is None:  # the trigger stays due: looked at again shortly
         plan.requeue_after = min(plan.requeue_after or MODEL_RETRY_SECONDS, MODEL_RETRY_SECONDS)
         return
-    _start_run(plan, bp, rayjobs, trigger, current_hash, token, fired, model.model, now)
-
-
-def _start_run(
-    plan: BatchPlan,
-    bp: dict[str, Any],
-    rayjobs: dict[int, dict[str, Any]],
-    trigger: str,
-    current_hash: str,
-    token: str | None,
-    fired: datetime | None,
-    model: ResolvedModel,
-    now: datetime,
-) -> None:
-    status = plan.status
-    meta = bp["metadata"]
-    last_run = int(status.get("lastRun") or 0)
-    known = {r["run"] for r in status["runs"]}
-    # A RayJob newer than the status knows of was made just before a crash: adopt it, never make another.
-    orphans = sorted(n for n in rayjobs if n > last_run and n not in known)
-    n = orphans[0] if orphans else last_run + 1
-    status["lastRun"] = n
-    status["lastSpecHash"] = current_hash
-    if token:
-        status["lastRerunToken"] = token
-    if fired is not None:
-        status["lastScheduleTime"] = rfc3339(fired)
-    status["runs"].append(
-        {
-            "run": n,
-            "rayJob": rayjob_name(meta["name"], n),
-            "trigger": trigger,
-            "specGeneration": meta.get("generation"),
-            "modelVersion": model.version,
-            "startTime": rfc3339(now),
-            "outcome": PENDING,
-            "reason": "Created",
-            "message": "",
-            "attempts": 1,
-        }
-    )
-    if n not in rayjobs:
-        plan.start_run, plan.start_trigger, plan.model = n, trigger, model
-    plan.events.append(("Normal", "RunStarted", f"run {n} started ({trigger}) with {model.describe()}"))
+    name = bp["metadata"]["name"]
+    run = start_run(plan, bp, rayjobs, trigger, current_hash, token, fired, now, lambda n: rayjob_name(name, n),
+                    modelVersion=model.model.version)
+    if plan.start_run == run["run"]:
+        plan.model = model.model
+    plan.events.append(("Normal", "RunStarted", f"run {run['run']} started ({run['trigger']}) with {model.model.describe()}"))
 
 
 def _summarize(plan: BatchPlan, spec: BatchPredictionSpec | None, generation: int | None, ts: str) -> None:

@@ -28,10 +28,10 @@ from conveyor.operator.batchprediction.plan import BatchPlan, ModelResolution, p
 from conveyor.operator.batchprediction.validate import validate_batch
 from conveyor.operator.controller.cache import Key
 from conveyor.operator.controller.client import resource_path
+from conveyor.operator.controller.runs import ACTIVE, rayjobs_by_run, runs_awaiting_report
 from conveyor.operator.controller.status import write_status
 from conveyor.operator.controller.validation import InvalidSpecError, parse_spec
 from conveyor.operator.controller.workqueue import Requeue
-from conveyor.operator.mlpipeline.plan import ACTIVE, rayjobs_by_run, runs_awaiting_report
 from conveyor.runtime.package.registry import PackageError
 from conveyor.runtime.spec import BatchPredictionSpec
 

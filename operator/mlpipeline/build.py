@@ -28,17 +28,17 @@ from conveyor.operator.controller.raycluster import (
     submitter_template,
 )
 from conveyor.operator.controller.raycluster import worker_groups as cluster_worker_groups
+from conveyor.operator.controller.runs import (  # noqa: F401 - LABEL_RUN and the annotations re-exported
+    ANNOTATION_RERUN,
+    ANNOTATION_SPEC_GENERATION,
+    ANNOTATION_SPEC_HASH,
+    ANNOTATION_TRIGGER,
+    LABEL_RUN,
+)
 from conveyor.runtime.spec import DeployedModel, MLPipelineSpec, RunConfig, WorkerGroup
 
 LABEL_PIPELINE = "conveyor.dev/pipeline"
-LABEL_RUN = "conveyor.dev/run"
 ANNOTATION_RUN_CONFIG = "conveyor.dev/run-config"
-# What a run was started from, on its RayJob, so a RayJob adopted after a crash (before the pipeline's
-# status recorded it) tells which spec and which rerun request it already serves.
-ANNOTATION_SPEC_HASH = "conveyor.dev/spec-hash"
-ANNOTATION_SPEC_GENERATION = "conveyor.dev/spec-generation"
-ANNOTATION_TRIGGER = "conveyor.dev/trigger"
-ANNOTATION_RERUN = "conveyor.dev/rerun"
 
 # Spec fields whose change does not ask for retraining.
 NON_TRAINING_FIELDS = ("triggers", "deploy", "runsHistoryLimit", "suspend")

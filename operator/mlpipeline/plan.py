@@ -46,64 +46,34 @@ from typing import Any
 
 from conveyor.operator.controller import conditions as c
 from conveyor.operator.controller.events import Event
-from conveyor.operator.controller.schedule import cron_firing
+from conveyor.operator.controller.runs import (  # noqa: F401 - re-exported: the kinds' run vocabulary
+    ACTIVE,
+    FAILED,
+    PENDING,
+    RUNNING,
+    SUCCEEDED,
+    RayJobState,
+    due_trigger,
+    finish,
+    held,
+    prune_history,
+    rayjob_state,
+    rayjobs_by_run,
+    runs_awaiting_report,
+    schedule_due,
+    start_run,
+)
 from conveyor.operator.controller.times import parse_time, rfc3339
 from conveyor.operator.mlpipeline.blockers import BLOCKED_REASONS, QUEUED, StartBlocker
-from conveyor.operator.mlpipeline.build import (
-    ANNOTATION_RERUN,
-    ANNOTATION_SPEC_GENERATION,
-    ANNOTATION_SPEC_HASH,
-    ANNOTATION_TRIGGER,
-    LABEL_RUN,
-    rayjob_name,
-    spec_hash,
-)
+from conveyor.operator.mlpipeline.build import rayjob_name, spec_hash
 from conveyor.operator.mlpipeline.gate import GateOutcome
 from conveyor.runtime.spec import DeployedModel, MLPipelineSpec
 
-PENDING = "Pending"
-RUNNING = "Running"
-SUCCEEDED = "Succeeded"
-FAILED = "Failed"
 GATE_FAILED = "GateFailed"
-ACTIVE = (PENDING, RUNNING)
 
 # The outcome a run records in the registry when its data broke the contract (runtime/training/run.py).
 RECORD_DATA_VALIDATION_FAILED = "DataValidationFailed"
 DATA_CONTRACT_VIOLATED = "DataContractViolated"
-
-
-@dataclass(frozen=True)
-class RayJobState:
-    outcome: str  # Pending, Running, Succeeded, Failed
-    reason: str
-    message: str
-    attempts: int
-    start: str | None
-    end: str | None
-
-
-def rayjob_state(rayjob: dict[str, Any]) -> RayJobState:
-    st = rayjob.get("status") or {}
-    deployment = st.get("jobDeploymentStatus") or ""
-    job = st.get("jobStatus") or ""
-    failed = int(st.get("failed") or 0)
-    message = st.get("message") or ""
-    start, end = st.get("startTime"), st.get("endTime")
-    if deployment in ("Failed", "ValidationFailed"):
-        reason = st.get("reason") or ("ValidationFailed" if deployment == "ValidationFailed" else "RayJobFailed")
-        if job and job not in ("FAILED", "STOPPED", "SUCCEEDED"):
-            message = (message + " " if message else "") + f"(KubeRay reports jobStatus {job} too)"
-        return RayJobState(FAILED, reason, message or f"RayJob {deployment}", max(failed, 1), start, end)
-    if deployment == "Complete":
-        if job == "SUCCEEDED":
-            return RayJobState(SUCCEEDED, "Completed", message, failed + 1, start, end)
-        reason = {"FAILED": "JobFailed", "STOPPED": "JobStopped"}.get(job, "JobNotSucceeded")
-        return RayJobState(FAILED, reason, message or f"Ray job ended {job or 'without a status'}", max(failed, 1), start, end)
-    if deployment in ("Running", "Retrying"):
-        return RayJobState(RUNNING, deployment, message, failed + 1, start, end)
-    # New, Initializing, Waiting, Suspending, Suspended (e.g. queued by Kueue).
-    return RayJobState(PENDING, deployment or "Created", message, failed + 1, start, end)
 
 
 @dataclass(frozen=True)
@@ -139,16 +109,6 @@ class PipelinePlan:
     reject_versions: dict[str, str] = field(default_factory=dict)  # version -> why: mark rejected in the registry
 
 
-def runs_awaiting_report(status: dict[str, Any], rayjobs: dict[int, dict[str, Any]]) -> list[int]:
-    """Active runs whose RayJob ended: the handler reads their outcome record before planning."""
-    out = []
-    for run in status.get("runs") or []:
-        rj = rayjobs.get(run["run"])
-        if run.get("outcome") in ACTIVE and rj is not None and rayjob_state(rj).outcome not in ACTIVE:
-            out.append(run["run"])
-    return out
-
-
 def runs_awaiting_gate(
     status: dict[str, Any], rayjobs: dict[int, dict[str, Any]], reports: dict[int, dict[str, Any]] | None = None
 ) -> list[int]:
@@ -174,13 +134,6 @@ def summarize_violations(report: dict[str, Any]) -> str:
         parts.append(f"{where}: {v.get('rule')} ({v.get('count')} value(s); expected {v.get('expected')})")
     more = f"; and {len(violations) - 10} more" if len(violations) > 10 else ""
     return head + (": " + "; ".join(parts) if parts else "") + more
-
-
-def _finish(run: dict[str, Any], outcome: str, reason: str, message: str, end: str) -> None:
-    run["outcome"] = outcome
-    run["reason"] = reason
-    run["message"] = message[:2000]
-    run["completionTime"] = end
 
 
 def plan_pipeline(
@@ -224,7 +177,7 @@ def plan_pipeline(
         c.set_condition(conds, c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.", generation=generation, now=ts)
         active = [r for r in runs if r.get("outcome") in ACTIVE]
         _plan_triggers(plan, pipeline, spec, active, rayjobs, now, drift if spec.triggers.on_drift else None)
-    _prune_history(plan, spec, rayjobs)
+    prune_history(plan, spec.runs_history_limit if spec is not None else None, rayjobs)
     _summarize(plan, spec, generation, ts)
     return plan
 
@@ -245,7 +198,7 @@ def _follow_run(
     rj = rayjobs.get(n)
     if rj is None:
         if n in missing_rayjobs:
-            _finish(run, FAILED, "RayJobDeleted", f"RayJob {run.get('rayJob')} disappeared before it finished", ts)
+            finish(run, FAILED, "RayJobDeleted", f"RayJob {run.get('rayJob')} disappeared before it finished", ts)
             plan.events.append(("Warning", "RunFailed", f"run {n}: its RayJob was deleted"))
         return
     state = rayjob_state(rj)
@@ -262,12 +215,12 @@ def _follow_run(
     report = report or {}
     if report.get("outcome") == RECORD_DATA_VALIDATION_FAILED:
         message = summarize_violations(report)
-        _finish(run, FAILED, DATA_CONTRACT_VIOLATED, message, end)
+        finish(run, FAILED, DATA_CONTRACT_VIOLATED, message, end)
         plan.events.append(("Warning", DATA_CONTRACT_VIOLATED, f"run {n}: {message[:1000]}"))
         return
     if state.outcome == FAILED:
         message = report.get("message") or state.message  # the record says why; a RayJob only gives an exit code
-        _finish(run, FAILED, state.reason, message, end)
+        finish(run, FAILED, state.reason, message, end)
         plan.events.append(("Warning", "RunFailed", f"run {n} failed: {state.reason}: {message[:300]}"))
         return
     outcome = gate.get(n)
@@ -312,7 +265,7 @@ def _record_gate(
 ) -> None:
     n = run["run"]
     if outcome.version is None:
-        _finish(run, GATE_FAILED, "NoModelPackage", "the run succeeded but no committed model package names it in its lineage", end)
+        finish(run, GATE_FAILED, "NoModelPackage", "the run succeeded but no committed model package names it in its lineage", end)
         plan.events.append(("Warning", "GateFailed", f"run {n}: no model package found"))
         return
     run["modelVersion"] = outcome.version
@@ -320,11 +273,11 @@ def _record_gate(
     result = outcome.result
     assert result is not None
     if not result.passed:
-        _finish(run, GATE_FAILED, result.reason, result.message, end)
+        finish(run, GATE_FAILED, result.reason, result.message, end)
         plan.events.append(("Warning", "GateFailed", f"run {n} ({outcome.version}): {result.message}"))
         plan.reject_versions[outcome.version] = f"{result.reason}: {result.message}"
         return
-    _finish(run, SUCCEEDED, "GatePassed", result.message, end)
+    finish(run, SUCCEEDED, "GatePassed", result.message, end)
     plan.status["latestVersion"] = outcome.version
     if result.value is not None:
         plan.status["latestMetric"] = f"{result.metric}={result.value:.4g}"
@@ -352,21 +305,6 @@ def _hand_over(plan: PipelinePlan, pipeline: str, version: str, target: DeployTa
                 f"spec.model.version to latest (and pipeline to {pipeline}) to follow this pipeline",
             )
         )
-
-
-def _prune_history(plan: PipelinePlan, spec: MLPipelineSpec | None, rayjobs: dict[int, dict[str, Any]]) -> None:
-    """Keep active runs and the newest runsHistoryLimit finished ones; delete the RayJobs of the rest."""
-    status = plan.status
-    runs = status["runs"]
-    limit = spec.runs_history_limit if spec is not None else max(len(runs), 1)
-    finished = [r for r in runs if r.get("outcome") not in ACTIVE]
-    keep_finished = {r["run"] for r in finished[-limit:]} if limit > 0 else set()
-    status["runs"] = [r for r in runs if r.get("outcome") in ACTIVE or r["run"] in keep_finished]
-    kept = {r["run"] for r in status["runs"]}
-    last_run = int(status.get("lastRun") or 0)
-    for n, rj in sorted(rayjobs.items()):
-        if n not in kept and n <= last_run and n != plan.start_run and not rj["metadata"].get("deletionTimestamp"):
-            plan.delete_rayjobs.append(rj["metadata"]["name"])
 
 
 def _summarize(plan: PipelinePlan, spec: MLPipelineSpec | None, generation: int | None, ts: str) -> None:
@@ -403,27 +341,18 @@ def _plan_triggers(
     """Whether a run starts now, and why (the module docstring lists the triggers)."""
     status = plan.status
     current_hash = spec_hash(pipeline.get("spec") or {})
-    token = (pipeline["metadata"].get("annotations") or {}).get(ANNOTATION_RERUN)
-    trigger: str | None = None
-    if not status.get("lastSpecHash"):
-        trigger = "Created"
-    elif status["lastSpecHash"] != current_hash:
-        trigger = "SpecChanged"
-    elif token and token != status.get("lastRerunToken"):
-        trigger = "Rerun"
+    trigger, token = due_trigger(pipeline, status, current_hash)
     fired = _schedule(plan, pipeline, spec, now)
     if fired is not None and trigger is None:
         trigger = "Schedule"
     if trigger is None and _drift_due(plan, drift, now):
         trigger = "Drift"
-    if active or spec.suspend:
-        if fired is not None:
-            status["lastScheduleTime"] = rfc3339(fired)
-            why = "a run is active" if active else "the pipeline is suspended"
-            plan.events.append(("Normal", "ScheduleSkipped", f"the schedule fired at {rfc3339(fired)} while {why}"))
+    if held(plan, fired, active=bool(active), suspended=spec.suspend, kind="pipeline"):
         return
     if trigger is not None:
-        _start_run(plan, pipeline, rayjobs, trigger, current_hash, token, fired, now)
+        name = pipeline["metadata"]["name"]
+        run = start_run(plan, pipeline, rayjobs, trigger, current_hash, token, fired, now, lambda n: rayjob_name(name, n))
+        plan.events.append(("Normal", "RunStarted", f"run {run['run']} started ({run['trigger']})"))
         if drift is not None:  # whatever started it, this run trains on the drifted data: the episode is served
             status["lastDriftEpisode"] = drift.episode
         if drift is not None and status["runs"][-1]["trigger"] == "Drift":
@@ -447,71 +376,6 @@ def _drift_due(plan: PipelinePlan, drift: DriftSignal | None, now: datetime) -> 
 def _schedule(plan: PipelinePlan, pipeline: dict[str, Any], spec: MLPipelineSpec, now: datetime) -> datetime | None:
     """The cron firing not yet served, if any; sets nextScheduleTime and the requeue for the next one."""
     return schedule_due(plan, pipeline, spec.triggers.schedule, now)
-
-
-def schedule_due(plan: Any, obj: dict[str, Any], schedule: str | None, now: datetime) -> datetime | None:
-    """The firing of `schedule` not yet served (since status.lastScheduleTime, or the object's creation),
-    if any; sets status.nextScheduleTime and the plan's requeue for the next firing."""
-    status = plan.status
-    base = parse_time(status.get("lastScheduleTime")) or parse_time(obj["metadata"].get("creationTimestamp")) or now
-    fired, next_fire = cron_firing(schedule, base, now)
-    if next_fire is None:
-        status.pop("nextScheduleTime", None)
-        return None
-    status["nextScheduleTime"] = rfc3339(next_fire)
-    plan.requeue_after = max(1.0, (next_fire - now).total_seconds() + 0.5)
-    return fired
-
-
-def _start_run(
-    plan: PipelinePlan,
-    pipeline: dict[str, Any],
-    rayjobs: dict[int, dict[str, Any]],
-    trigger: str,
-    current_hash: str,
-    token: str | None,
-    fired: datetime | None,
-    now: datetime,
-) -> None:
-    status = plan.status
-    meta = pipeline["metadata"]
-    last_run = int(status.get("lastRun") or 0)
-    known = {r["run"] for r in status["runs"]}
-    # A RayJob newer than the status knows of was created just before a crash or restart: adopt it
-    # rather than create another.
-    orphans = sorted(n for n in rayjobs if n > last_run and n not in known)
-    n = orphans[0] if orphans else last_run + 1
-    generation = meta.get("generation")
-    if orphans:
-        # The orphan serves the spec and rerun request it was created from, not necessarily today's.
-        made_from = rayjobs[n]["metadata"].get("annotations") or {}
-        current_hash = made_from.get(ANNOTATION_SPEC_HASH, current_hash)
-        token = made_from.get(ANNOTATION_RERUN, status.get("lastRerunToken"))
-        trigger = made_from.get(ANNOTATION_TRIGGER, trigger)
-        generation = int(made_from.get(ANNOTATION_SPEC_GENERATION) or generation or 0) or generation
-    status["lastRun"] = n
-    status["lastSpecHash"] = current_hash
-    if token:
-        status["lastRerunToken"] = token
-    if fired is not None:
-        status["lastScheduleTime"] = rfc3339(fired)
-    status["runs"].append(
-        {
-            "run": n,
-            "rayJob": rayjob_name(meta["name"], n),
-            "trigger": trigger,
-            "specGeneration": generation,
-            "startTime": rfc3339(now),
-            "outcome": PENDING,
-            "reason": "Created",
-            "message": "",
-            "attempts": 1,
-        }
-    )
-    if n not in rayjobs:
-        plan.start_run = n
-        plan.start_trigger = trigger
-    plan.events.append(("Normal", "RunStarted", f"run {n} started ({trigger})"))
 
 
 def _set_run_conditions(conds: list[dict[str, Any]], run: dict[str, Any] | None, generation: int | None, ts: str) -> None:
@@ -570,14 +434,3 @@ def _set_run_conditions(conds: list[dict[str, Any]], run: dict[str, Any] | None,
         return
     put(c.EVALUATED, c.TRUE, "GatePassed", message)
     put(c.SUCCEEDED, c.TRUE, "GatePassed", f"Run {n} produced {version}, which passed the gate.")
-
-
-def rayjobs_by_run(rayjobs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    out: dict[int, dict[str, Any]] = {}
-    for rj in rayjobs:
-        try:
-            out[int((rj["metadata"].get("labels") or {})[LABEL_RUN])] = rj
-        except (KeyError, ValueError):
-            continue
-    return out
-
