@@ -125,13 +125,26 @@ def measure(rows: int, files: int, tmp: Path, path: str = "streaming") -> dict[s
 
 
 def run_benchmark(
-    rows: list[int], files: int, out: Path = RESULTS, memory_max_rows: int = 1_000_000, note: str = ""
+    rows: list[int],
+    files: int,
+    out: Path = RESULTS,
+    memory_max_rows: int = 1_000_000,
+    note: str = "",
+    paths: tuple[str, ...] = ("memory", "streaming"),
+    append: bool = False,
 ) -> dict[str, Any]:
+    """Measure every size on each of ``paths`` (memory only up to ``memory_max_rows``); ``append`` adds the
+    cases to those already in ``out`` (a case Ray could not start for, measured again)."""
     cases: list[dict[str, Any]] = []
+    if append and out.exists():
+        cases = [c for c in json.loads(out.read_text())["cases"] if "error" not in c]
     with tempfile.TemporaryDirectory() as d:
         for n in rows:
-            for path in ("memory", "streaming") if n <= memory_max_rows else ("streaming",):
-                case = measure(n, files, Path(d), path)
+            for path in [p for p in paths if p == "streaming" or n <= memory_max_rows]:
+                for _attempt in range(2):  # a loaded machine can fail Ray's own start-up: once more
+                    case = measure(n, files, Path(d), path)
+                    if "timed out during startup" not in case.get("error", ""):
+                        break
                 print(json.dumps(case), flush=True)
                 cases.append(case)
                 _write(cases, out, note)  # what was measured so far survives an interrupted run
@@ -140,6 +153,7 @@ def run_benchmark(
 
 
 def _write(cases: list[dict[str, Any]], out: Path, note: str) -> dict[str, Any]:
+    cases.sort(key=lambda c: (c["rows"], c["path"]))
     ok = [c for c in cases if "error" not in c]
     streamed = [c for c in ok if c["path"] == "streaming"]
     base = streamed[0] if streamed else None
@@ -180,6 +194,16 @@ if __name__ == "__main__":
     parser.add_argument("--files", type=int, default=64)
     parser.add_argument("--memory-max-rows", type=int, default=1_000_000)
     parser.add_argument("--note", default="", help="e.g. the machine's load while it ran")
+    parser.add_argument("--paths", default="memory,streaming")
+    parser.add_argument("--append", action="store_true", help="add to the cases already in --out")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    run_benchmark([int(r) for r in args.rows.split(",")], args.files, args.out, args.memory_max_rows, args.note)
+    run_benchmark(
+        [int(r) for r in args.rows.split(",")],
+        args.files,
+        args.out,
+        args.memory_max_rows,
+        args.note,
+        tuple(args.paths.split(",")),
+        args.append,
+    )
