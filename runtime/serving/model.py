@@ -25,7 +25,7 @@ BACKEND_ENV = "CONVEYOR_MODEL_BACKEND"
 def choose_backend(package: ModelPackage, device: str, requested: str | None = None) -> str:
     """The fastest backend this package has here, by the rule tests/bench/bench_model_format.py measured:
     on CPU onnxruntime beats the torch module at every batch size for both the fraud MLP and ResNet-18
-    (docs/benchmarks/model_format.json), so a package with model.onnx uses it when onnxruntime is
+    (docs/benchmarks/model_format-2cpu.json), so a package with model.onnx uses it when onnxruntime is
     installed; on CUDA the torch module (this image has onnxruntime's CPU build only)."""
     kind = package.model_kind
     native = kind if kind in ("xgboost", "torchscript") else "torch-export"
