@@ -25,7 +25,7 @@ from conveyor.operator.controller.workqueue import WorkQueue
 
 @dataclass
 class Config:
-    pipeline_workers: int = 2
+    pipeline_workers: int = 8
     deployment_workers: int = 16
     resync_seconds: float = 600.0
     registry_poll_seconds: float = 60.0

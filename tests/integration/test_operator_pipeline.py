@@ -197,7 +197,8 @@ def test_retry_and_rerun(cluster: Cluster, operator: OperatorProcess, registry: 
     # The user asks for another run with the rerun annotation.
     cluster.patch(MLP, "fraud", {"metadata": {"annotations": {"conveyor.dev/rerun": "2026-01-05T10:00"}}})
     wait_for("RayJob fraud-2", lambda: cluster.rayjob("fraud-2"))
-    assert run_entry(cluster, "fraud", 2)["trigger"] == "Rerun"  # type: ignore[index]
+    # The RayJob is created before the status that records it is written: wait for the record.
+    assert wait_for("run 2 recorded", lambda: run_entry(cluster, "fraud", 2))["trigger"] == "Rerun"
     train(registry, "fraud", pipeline="fraud", namespace=ns, run=2, accuracy=0.97)
     cluster.kuberay_sets("fraud-2", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
     assert wait_for("run 2 succeeded", lambda: outcome(cluster, "fraud", 2) == "Succeeded")
@@ -216,7 +217,7 @@ def test_spec_change_waits_for_the_active_run(cluster: Cluster, operator: Operat
     assert [r["metadata"]["name"] for r in cluster.rayjobs()] == ["fraud-1"], "never two active runs"
     cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="FAILED")
     rj2 = wait_for("RayJob fraud-2", lambda: cluster.rayjob("fraud-2"))
-    assert run_entry(cluster, "fraud", 2)["trigger"] == "SpecChanged"  # type: ignore[index]
+    assert wait_for("run 2 recorded", lambda: run_entry(cluster, "fraud", 2))["trigger"] == "SpecChanged"
     cm = cluster.core.read_namespaced_config_map("fraud-2-config", cluster.ns)
     assert json.loads(cm.data["run.json"])["training"]["hyperparameters"]["epochs"] == 12
     assert rj2["metadata"]["labels"]["conveyor.dev/run"] == "2"
