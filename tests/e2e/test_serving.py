@@ -308,12 +308,15 @@ def fraud_workers(fraud_package: str, tmp_path_factory: pytest.TempPathFactory) 
         "--workers", "3", "--grpc-port", str(grpc_port), "--max-latency-ms", "2",
     )  # fmt: skip
     server.grpc_port = grpc_port  # type: ignore[attr-defined]
-    with server:
+    server.start(timeout=300)  # three processes load the model at once on a shared machine
+    try:
         wait_for_processes(server, 3)
         yield server
+    finally:
+        server.stop()
 
 
-def wait_for_processes(server: ServerProcess, n: int, timeout: float = 90) -> Metrics:
+def wait_for_processes(server: ServerProcess, n: int, timeout: float = 300) -> Metrics:
     deadline = time.monotonic() + timeout
     while True:
         m = Metrics.scrape(server.url)
@@ -395,7 +398,7 @@ def test_grpc_v2_with_tritonclient_and_invalid_argument_naming_the_input(
     before = Metrics.scrape(fraud_workers.url)
     answer = grpc_infer(inputs)
     assert answer["ready"] and answer["model_version"] == "v1"
-    assert answer["label"] == expected_labels(fraud_package, in_process_probabilities(fraud_package, frame))
+    assert answer["label"] == expected_labels(fraud_package, in_process_probabilities(fraud_package, frame[FRAUD_FEATURES]))
     bad = grpc_infer([t for t in inputs if t["name"] != "amount"])["error"]
     assert bad["status"] == "StatusCode.INVALID_ARGUMENT" and "amount" in bad["message"], bad
     after = Metrics.scrape(fraud_workers.url)  # counted like HTTP, the status as the HTTP code it stands for
