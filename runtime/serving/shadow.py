@@ -13,7 +13,8 @@ shadow`, operator/modeldeployment/build.py):
 What the caller never pays for: the sampling decision is a counter (a smooth 1-in-N, no randomness, so a
 test sees the share it set); a sampled request's body and the stable answer are copied into a bounded
 queue with ``put_nowait`` once the stable answer has been sent; when the queue is full the copy is
-dropped and counted (``dropped``), never waited for. A few worker tasks send the copies with a timeout
+dropped and counted (``dropped``), never waited for. A few worker tasks (each with one keep-alive connection and a minimal HTTP/1.1 client,
+so that a copy costs the stable predictor little CPU) send the copies with a timeout
 and compare the answers: the labels (classification) or values (regression, relative tolerance 1e-6)
 of every row must be equal for a request to count as ``agree``. JSON bodies only (V1, V2 JSON); a
 binary V2 body is not mirrored.
@@ -21,7 +22,7 @@ binary V2 body is not mirrored.
 Metrics (counters and a histogram: additive across replicas and worker processes, every result series
 from 0), labelled ``model_name``/``model_version`` (the stable predictor's) and ``shadow_version``:
 - ``conveyor_shadow_requests_total{result}``: agree | disagree | error (the shadow answered non-2xx or the
-  connection failed) | timeout | incomparable (an answer without rows to compare) | dropped (queue full);
+  connection failed; for ``DOWN_BACKOFF_S`` after a refused connection, copies count as errors untried) | timeout | incomparable (an answer without rows to compare) | dropped (queue full);
 - ``conveyor_shadow_duration_seconds``: the shadow's latency as the mirror saw it.
 The rollout's analysis reads the agreement rate ``agree / (agree + disagree)`` from these
 (operator/modeldeployment/analysis.py).
@@ -30,6 +31,7 @@ The rollout's analysis reads the agreement rate ``agree / (agree + disagree)`` f
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import math
@@ -38,6 +40,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
@@ -54,6 +57,7 @@ LABELS = ("model_name", "model_version", "shadow_version")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 QUEUE_SIZE = 256
 WORKERS = 4
+DOWN_BACKOFF_S = 0.5  # after a refused connection, copies count as errors without a connection attempt
 
 
 class ShadowMetrics:
@@ -144,7 +148,15 @@ class ShadowMirror:
         self._workers = workers
         self._queue: asyncio.Queue[_Job] | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._session: Any = None
+        self._down_until = 0.0
+        parsed = urlsplit(self.url)
+        if parsed.scheme != "http" or not parsed.hostname:
+            raise ValueError(f"{ENV_URL}: {url!r} is not an http:// URL")
+        self._host, self._port = parsed.hostname, parsed.port or 80
+        self._netloc, self._path_prefix = parsed.netloc, parsed.path.rstrip("/")
+        # Each worker task keeps one connection to the shadow (a context variable is per task).
+        self._conn: contextvars.ContextVar[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = (
+            contextvars.ContextVar(f"shadow-conn-{id(self)}", default=None))
 
     @classmethod
     def from_env(cls, model_name: str, model_version: str, env: Mapping[str, str] = os.environ) -> ShadowMirror | None:
@@ -155,13 +167,17 @@ class ShadowMirror:
                    shadow_model=env.get(ENV_MODEL) or model_name, shadow_version=env.get(ENV_VERSION) or "unknown",
                    percent=int(env.get(ENV_PERCENT) or 100), timeout_s=int(env.get(ENV_TIMEOUT_MS) or 2000) / 1000)
 
-    def target(self, path: str) -> str:
-        """The shadow's URL for a request path: the same route under the shadow's model name."""
+    def target_path(self, path: str) -> str:
+        """The same route under the shadow's model name."""
         prefix = f"/models/{self.model_name}"
         i = path.find(prefix)
         if i >= 0:
             path = path[:i] + f"/models/{self.shadow_model}" + path[i + len(prefix):]
-        return self.url + path
+        return path
+
+    def target(self, path: str) -> str:
+        """The shadow's URL for a request path."""
+        return self.url + self.target_path(path)
 
     def offer(self, path: str, content_type: str, body: bytes, answer: bytes) -> None:
         """Queue one sampled request and its stable answer; never waits (a full queue drops it)."""
@@ -185,20 +201,19 @@ class ShadowMirror:
                 self._queue.task_done()
 
     async def _mirror(self, job: _Job) -> str:
-        from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector
-
-        if self._session is None:
-            self._session = ClientSession(connector=TCPConnector(limit=self._workers * 2))
+        if time.monotonic() < self._down_until:
+            return "error"  # the shadow refused a connection just now: not tried again for a moment
         started = time.perf_counter()
         try:
-            async with self._session.post(self.target(job.path), data=job.body,
-                                          headers={"content-type": job.content_type or "application/json"},
-                                          timeout=ClientTimeout(total=self.timeout_s)) as r:
-                body = await r.read()
-                status = r.status
+            status, body = await asyncio.wait_for(self._post(job), self.timeout_s)
         except TimeoutError:
+            self._drop_connection()
             return "timeout"
-        except (ClientError, OSError):
+        except ConnectionRefusedError:
+            self._down_until = time.monotonic() + DOWN_BACKOFF_S
+            return "error"
+        except (OSError, ValueError, asyncio.IncompleteReadError):
+            self._drop_connection()
             return "error"
         finally:
             self.metrics.latency.observe(time.perf_counter() - started)
@@ -209,6 +224,50 @@ class ShadowMirror:
             return "incomparable"
         return "agree" if agree(mine, theirs) else "disagree"
 
+    async def _post(self, job: _Job) -> tuple[int, bytes]:
+        """One POST over this worker's keep-alive connection: a minimal HTTP/1.1 client, because a
+        mirrored request must cost the stable predictor as little CPU as possible."""
+        conn = self._conn.get()
+        if conn is None:
+            conn = await asyncio.open_connection(self._host, self._port)
+            self._conn.set(conn)
+        reader, writer = conn
+        head = (f"POST {self._path_prefix}{self.target_path(job.path)} HTTP/1.1\r\nHost: {self._netloc}\r\n"
+                f"Content-Type: {job.content_type or 'application/json'}\r\nContent-Length: {len(job.body)}\r\n\r\n")
+        writer.write(head.encode("latin-1") + job.body)
+        status_line = await reader.readline()
+        if not status_line:
+            raise ConnectionResetError("the shadow closed the connection")
+        status = int(status_line.split(b" ", 2)[1])
+        length, chunked, close = 0, False, False
+        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == "content-length":
+                length = int(value)
+            elif name == "transfer-encoding" and "chunked" in value:
+                chunked = True
+            elif name == "connection" and value == "close":
+                close = True
+        if chunked:
+            parts = []
+            while (size := int((await reader.readline()).split(b";")[0], 16)) > 0:
+                parts.append(await reader.readexactly(size))
+                await reader.readline()
+            await reader.readline()
+            body = b"".join(parts)
+        else:
+            body = await reader.readexactly(length)
+        if close:
+            self._drop_connection()
+        return status, body
+
+    def _drop_connection(self) -> None:
+        conn = self._conn.get()
+        if conn is not None:
+            conn[1].close()
+            self._conn.set(None)
+
     async def drain(self) -> None:
         """Wait until every queued copy has been sent (tests, shutdown)."""
         if self._queue is not None:
@@ -217,5 +276,3 @@ class ShadowMirror:
     async def close(self) -> None:
         for t in self._tasks:
             t.cancel()
-        if self._session is not None:
-            await self._session.close()
