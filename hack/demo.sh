@@ -8,9 +8,12 @@
 #      the operator gates the registered version and hands it to the ModelDeployment;
 #   3. the ModelDeployment: its InferenceService is served by KServe's real model server; predictions
 #      over HTTP;
-#   4. the story (conveyor_devstack.demo, under load throughout): v2 promoted through every canary step,
-#      v3 (a planted fault) rolled back at its first, drifted traffic retrains v4, which goes through the
-#      canary; one line per event, from the objects' status and events; an HTML report at the end.
+#   4. the story (conveyor_devstack.demo, under load throughout): v2 (the full data, v1 saw a sample)
+#      promoted through every canary step, v3 (a planted fault) rolled back at its first, drifted traffic
+#      retrains v4, which goes through the canary; a BatchPrediction scores a table with the promoted
+#      version; one line per event, from the objects' status and events; an HTML report at the end.
+# The RayJobs join one local Ray cluster (conveyor_devstack.rayhead: RAY_ADDRESS, as in a KubeRay
+# cluster) instead of each starting and stopping a Ray of its own.
 # REGISTRY=file (default) keeps the model registry in a folder; REGISTRY=s3 in the local S3 server
 # (hack/s3.sh: versitygw), with the credentials delivered as on a cluster: the operator gets them in
 # its environment (the chart's registry.credentialsSecret), training and serving from a Secret named in
@@ -54,6 +57,10 @@ if [[ $REGISTRY == s3 ]]; then
   pod_settings='{"envFrom": [{"secretRef": {"name": "registry-credentials"}}]}'
 fi
 
+step "a Ray cluster for the RayJobs (as KubeRay keeps one up for a job): $("$PY" -m conveyor_devstack.rayhead up "$DEMO/ray")"
+trap '"$PY" -m conveyor_devstack.rayhead down "$DEMO/ray"' EXIT
+ray_address=$(cat "$DEMO/ray/rayhead.address")
+
 step "start the operator and the local executor (logs in $DEMO/logs); Prometheus at $CONVEYOR_PROMETHEUS_URL"
 metrics_port=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 (cd "$DEMO" && exec "$PY" -m conveyor.operator --namespace "$NS" --metrics-port "$metrics_port" --liveness-port 0 \
@@ -62,12 +69,13 @@ operator_pid=$!
 # The local Prometheus scrapes the operator too (file_sd, as for the predictors the executor lists).
 printf '[{"targets": ["127.0.0.1:%s"], "labels": {"component": "operator"}}]\n' "$metrics_port" \
   >"$CONVEYOR_PROMETHEUS_TARGETS/operator-$NS.json"
-(cd "$DEMO" && exec env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_ENDPOINT_URL "$PY" -m conveyor_devstack.executor --kubeconfig "$kubeconfig" --namespace "$NS" \
+(cd "$DEMO" && exec env -u AWS_ACCESS_KEY_ID -u AWS_SECRET_ACCESS_KEY -u AWS_ENDPOINT_URL RAY_ADDRESS="$ray_address" "$PY" -m conveyor_devstack.executor --kubeconfig "$kubeconfig" --namespace "$NS" \
   --state-dir "$DEMO/executor" --prometheus-targets "$CONVEYOR_PROMETHEUS_TARGETS" --faults "$DEMO/faults.json") >"$DEMO/logs/executor.log" 2>&1 &
 executor_pid=$!
-trap 'kill $operator_pid $executor_pid 2>/dev/null || true; wait 2>/dev/null || true; rm -f "$CONVEYOR_PROMETHEUS_TARGETS/operator-$NS.json"' EXIT
+trap 'kill $operator_pid $executor_pid 2>/dev/null || true; wait 2>/dev/null || true; rm -f "$CONVEYOR_PROMETHEUS_TARGETS/operator-$NS.json"
+  "$PY" -m conveyor_devstack.rayhead down "$DEMO/ray"' EXIT
 
-step "the story (hack/devstack/conveyor_devstack/demo.py): v1 trains and serves, v2 is promoted, v3 rolled back, drift retrains v4"
+step "the story (hack/devstack/conveyor_devstack/demo.py): v1 trains and serves, v2 is promoted, v3 rolled back, drift retrains v4, a batch is scored"
 report=$DEMO/report.html
 "$PY" -m conveyor_devstack.demo --kubeconfig "$kubeconfig" --namespace "$NS" --registry "$registry_uri" \
   --faults "$DEMO/faults.json" --prometheus-url "$CONVEYOR_PROMETHEUS_URL" --report "$report" --logs "$DEMO/logs" \
@@ -77,7 +85,7 @@ step "kubectl get ml"
 kubectl get -n "$NS" ml
 if command -v chromium >/dev/null; then
   # What the report looks like, as a browser draws it (hack/install-deps.sh installs Debian's chromium).
-  chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1340,1500 \
+  chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --force-device-scale-factor=1 --window-size=1340,1900 \
     --screenshot="$DEMO/report.png" "file://$report" >/dev/null 2>&1 && echo "screenshot: $DEMO/report.png"
 fi
 printf '\nreport: %s\n' "$report"

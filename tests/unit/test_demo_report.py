@@ -35,7 +35,15 @@ def _data() -> report.ReportData:
                          "rocAuc", 0.7),
     ]
     return report.ReportData("conveyor: make demo", 300, plots, runs=[{"run": 1, "trigger": "Created", "outcome": "Succeeded",
-                             "metrics": {"rocAuc": 0.9}}], markers=[(100, "v2 stable")], lines=["[ 0m01s] run 1 started"])
+                             "metrics": {"rocAuc": 0.9}}], markers=[(100, "v2 stable")], lines=["[ 0m01s] run 1 started"],
+                             batch=BATCH)
+
+
+BATCH = {"run": {"run": 1, "outcome": "Succeeded", "modelVersion": "v2", "rowsScored": 19997, "rowsRejected": 3,
+                 "durationSeconds": 4.2, "output": "file:///x/run-1", "drift": {"features": [{"name": "hour", "score": 0.01}]}},
+         "flagged": 412, "predictions": [{"txn_id": "t00000", "prediction": "0", "probabilities": np.array([0.9, 0.1]),
+                                          "model_version": "v2"}],
+         "rejects": [{"txn_id": "t00017", "reason": "feature 'hour' expects a int value; 1 value is not: 'noon'"}]}
 
 
 def test_the_report_has_every_plot_titled() -> None:
@@ -44,6 +52,9 @@ def test_the_report_has_every_plot_titled() -> None:
     assert [t for t, _ in imgs] and all(any(t.startswith(x) for t, _ in imgs) for x in TITLES), [t for t, _ in imgs]
     assert all(len(b) > 5000 for _, b in imgs)  # a drawn plot, not an empty canvas
     assert "run 1 started" in page and "<table class=runs>" in page
+    # The batch run: its figures, an output row (probabilities as numbers) and a reject with its reason.
+    assert "Batch scoring" in page and "19997 rows scored, 3 rejected, 412 flagged" in page
+    assert "[0.900, 0.100]" in page and "t00017" in page and "&#x27;noon&#x27;" in page
 
 
 def test_the_screenshot_shows_data_in_every_plot(tmp_path: Path) -> None:

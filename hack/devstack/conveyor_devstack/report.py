@@ -46,6 +46,7 @@ class ReportData:
     runs: list[dict[str, Any]] = field(default_factory=list)  # MLPipeline status.runs
     markers: list[tuple[float, str]] = field(default_factory=list)  # (seconds, what): promoted, rolled back...
     lines: list[str] = field(default_factory=list)  # the progress lines
+    batch: dict[str, Any] = field(default_factory=dict)  # the batch run: {"run", "predictions", "flagged", "rejects"}
 
 
 # ---------------------------------------------------------------------------------------- Prometheus
@@ -152,13 +153,44 @@ def _runs_table(runs: list[dict[str, Any]]) -> str:
     return f"<table class=runs><tr>{head}</tr>{''.join(rows)}</table>"
 
 
+def _batch_section(batch: dict[str, Any]) -> str:
+    """The batch run's status figures and the first rows of its output (predictions, rejects)."""
+    if not batch:
+        return ""
+    run = batch.get("run") or {}
+    drift = ", ".join(f"{f['name']} {f['score']:.3f}" for f in ((run.get("drift") or {}).get("features") or [])[:3])
+    facts = (f"run {run.get('run')} {run.get('outcome')} with {run.get('modelVersion')}: {run.get('rowsScored')} rows "
+             f"scored, {run.get('rowsRejected')} rejected, {batch.get('flagged')} flagged as fraud, in "
+             f"{run.get('durationSeconds')} s; output {run.get('output')}; input drift (PSI) {drift or '-'}")
+
+    def table(rows: list[dict[str, Any]]) -> str:
+        if not rows:
+            return ""
+        cols = list(rows[0])
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r[c]))}</td>" for c in cols) + "</tr>" for r in rows)
+        return f"<table class=runs><tr>{head}</tr>{body}</table>"
+
+    return (f'<h2 style="margin: 16px">Batch scoring</h2><div style="margin: 16px">{html.escape(facts)}</div>'
+            f"{table(batch.get('predictions') or [])}{table(batch.get('rejects') or [])}")
+
+
+def _cell(v: Any) -> str:
+    if hasattr(v, "tolist"):
+        v = v.tolist()
+    if isinstance(v, list):
+        return "[" + ", ".join(f"{x:.3f}" if isinstance(x, float) else str(x) for x in v) + "]"
+    return str(v)
+
+
 def runs_plot(runs: list[dict[str, Any]], metric: str, threshold: float | None) -> Plot:
     """Each run's gate metric at the second it finished (a point per run, labelled by its trigger)."""
     series: Series = {}
     for r in runs:
         value = (r.get("metrics") or {}).get(metric)
         if isinstance(value, (int, float)):
-            series.setdefault(f"runs ({r.get('trigger')})", []).append((float(r.get("_finished_s", r["run"])), value))
+            label = f"{r.get('modelVersion') or 'run ' + str(r['run'])} ({r.get('trigger')})"
+            series.setdefault(label, []).append((float(r.get("_finished_s", r["run"])), value))
     return Plot(f"Training runs: held-out {metric} (gate {threshold})", metric, series, threshold=threshold,
                 threshold_label="gate threshold", points=True)
 
@@ -199,6 +231,7 @@ pre {{ margin: 16px; font-size: 12px; }}
 (traffic, success rate, p99 latency, online accuracy) and the ModelDeployment's status (drift).</div></header>
 <div class=grid>{images}</div>
 <h2 style="margin: 16px">Runs</h2>{_runs_table(data.runs)}
+{_batch_section(data.batch)}
 <h2 style="margin: 16px">Progress</h2><pre>{lines}</pre>
 </body></html>
 """
