@@ -4,12 +4,16 @@ training runs on Ray through the executor.
 
 - in-distribution traffic keeps Drifted=False; shifted traffic turns it True within two windows and
   starts exactly one retrain run (trigger Drift);
+- ground truth for a prediction one predictor process served, sent to ANOTHER process (a second server
+  on another port over the same registry), is accepted through the served-request log in storage and
+  joins the retrain run's training data (data.feedback); an id nobody served gets a 400;
 - a data-contract violation shows DataValidated=False naming the column, after one attempt only.
 
 Small settings keep it short: monitoring window 15s, interval 2s; a 1000-row, one-epoch fraud model."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Iterator
@@ -19,7 +23,10 @@ from typing import Any
 import pytest
 from _closed_loop_support import drifted, pipeline_spec, rows
 from _rollout_support import MDEP, NAME, Stack, rollout_stack, wait_until
+from _serving_support import ServerProcess, post_json
 from _traffic import Load
+
+from conveyor.runtime.package.registry import Registry
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -45,6 +52,7 @@ def bare_stack(kubeconfig: str, kube_api: Any, namespace: str, prometheus: Any, 
         yield s
 
 
+@pytest.mark.timeout(1200)  # it also waits for the retrain run to read the feedback (900 s is the default)
 def test_drift_is_measured_across_replicas_and_starts_one_retrain(stack: Stack) -> None:
     stack.cluster.create(MDEP, NAME, {
         "model": {"registryUri": stack.registry, "name": NAME, "version": "v1"},
@@ -54,7 +62,9 @@ def test_drift_is_measured_across_replicas_and_starts_one_retrain(stack: Stack) 
     })
     status = stack.wait("v1 Ready", lambda s: s.get("stableVersion") == "v1" and s.get("url"), timeout=120)
     url = f"{status['url']}/v1/models/{NAME}:predict"
-    stack.cluster.create(MLP, "fraud", pipeline_spec(stack.registry))
+    spec = pipeline_spec(stack.registry)
+    spec["data"]["feedback"] = True  # the retrain run trains on the ground truth sent below, too
+    stack.cluster.create(MLP, "fraud", spec)
 
     with Load(url, {"instances": rows(200, seed=21)}, rate=2):
         calm = stack.wait("a drift reading of in-distribution traffic",
@@ -67,6 +77,7 @@ def test_drift_is_measured_across_replicas_and_starts_one_retrain(stack: Stack) 
         status = stack.status()
         assert drifted(status)["status"] == "False", status["drift"]
         assert status["drift"]["score"] < 0.2
+        labelled = _feedback_through_another_process(stack, url)
 
     shifted_at = time.monotonic()
     with Load(url, {"instances": rows(200, seed=22, shift=True)}, rate=2):
@@ -87,6 +98,33 @@ def test_drift_is_measured_across_replicas_and_starts_one_retrain(stack: Stack) 
     assert any(t == "Warning" and r == "DriftDetected" for t, r, _ in stack.cluster.events(NAME))
     print(f"shifted traffic -> Drifted=True {to_drifted:.1f}s, -> retrain RayJob {to_rayjob:.1f}s (window {WINDOW_S}s)")
     assert to_drifted <= 2 * WINDOW_S, to_drifted
+
+    # The retrain run read the feedback dataset: the source's 1000 rows plus the labelled ones.
+    store = Registry(stack.registry, NAME)
+    record = wait_until("run 2's outcome record", lambda: store.read_run_record(stack.cluster.ns, "fraud", 2),
+                        lambda r: r is not None, timeout=300)
+    assert record["dataValidation"]["rows"] == 1000 + labelled, record
+
+
+def _feedback_through_another_process(stack: Stack, url: str) -> int:
+    """A prediction served by the stack's predictor; its ground truth sent to a second predictor process
+    of v1 (another port, the same registry), which finds the request in the served-request log."""
+    status, body = post_json(url, {"instances": rows(4, seed=31)})
+    assert status == 200, body
+    rid, predicted = body["id"], [p["label"] for p in body["predictions"]]
+    truth = ["1" if p == "0" else "0" for p in predicted]
+    with ServerProcess(f"{stack.registry}/{NAME}/v1", NAME, stack.workdir) as other:
+        feedback = f"{other.url}/v1/models/{NAME}/feedback"
+        # Accepted once the serving process has flushed its log (every second): until then a 400 says so.
+        answer = wait_until("feedback accepted by the other process", lambda: post_json(feedback, {"id": rid, "labels": truth}),
+                            lambda a: a[0] != 400, timeout=30)
+        assert answer[0] == 200 and answer[1]["results"] == [{"id": rid, "status": "recorded", "rows": 4}], answer
+        status, body = post_json(feedback, {"id": "nobody-served-this", "label": "1"})
+        assert status == 400 and "nobody-served-this" in json.dumps(body), body
+    stored = [r for r in Registry(stack.registry, NAME).read_feedback(["v1"]) if r["id"] == rid]
+    assert [r["label"] for r in stored] == truth and [r["prediction"] for r in stored] == predicted
+    assert stored[0]["inputs"]["merchant"] == rows(4, seed=31)[0]["merchant"]
+    return len(truth)
 
 
 def test_a_contract_violation_fails_the_run_once_naming_the_column(bare_stack: Stack) -> None:
