@@ -156,6 +156,10 @@ class Executor:
             module = _entrypoint_module(rayjob["spec"].get("entrypoint", ""))
             (workdir / "run.json").write_text(self._run_config(rayjob))
         except Exception as exc:  # noqa: BLE001 - any failure to start is the job's failure
+            if getattr(exc, "status", None) == 404 and "configmaps" in str(getattr(exc, "body", "")):
+                # The run's ConfigMap is owned by the RayJob, so it is written just after it: a kubelet keeps
+                # the head pod in ContainerCreating until the volume's ConfigMap exists; so do we (next sync).
+                return
             self._patch_status(RAY, rayjob, {
                 "jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "startTime": _now(), "endTime": _now(),
                 "reason": "SubmissionFailed", "message": str(exc),
