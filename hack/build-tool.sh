@@ -10,11 +10,11 @@
 #        versitygw (github.com/versity/versitygw: the local stack's S3 server, run by hack/s3.sh)
 #        and the placement tier's (hack/placement.sh): kube-scheduler (k8s.io/kubernetes, the module and
 #        version of the apiserver: hack/tools/kube), kwok (sigs.k8s.io/kwok), kuberay
-#        (github.com/ray-project/kuberay/ray-operator)
+#        (github.com/ray-project/kuberay/ray-operator), kueue (sigs.k8s.io/kueue)
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [--path] helm|kubectl|versitygw|kube-scheduler|kwok|kuberay" >&2
+    echo "usage: $0 [--path] helm|kubectl|versitygw|kube-scheduler|kwok|kuberay|kueue" >&2
     exit 2
 }
 
@@ -78,6 +78,11 @@ case "${tool}" in
         package=github.com/ray-project/kuberay/ray-operator
         version="$(module_version github.com/ray-project/kuberay/ray-operator)"
         ldflags="-s -w"
+        ;;
+    kueue)
+        package=sigs.k8s.io/kueue/cmd/kueue
+        version="$(module_version sigs.k8s.io/kueue)"
+        ldflags="-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=${version}"
         ;;
     *)
         echo "build-tool: unknown tool '${tool}'" >&2

@@ -6,7 +6,12 @@
 #   - kwok, playing two node pools and their kubelets' pod status: a CPU pool and a GPU pool whose nodes
 #     carry `nvidia.com/gpu` capacity, the pool's labels and a `nvidia.com/gpu:NoSchedule` taint;
 #   - the real KubeRay operator (ray-operator, the release whose CRDs the control plane installs);
-#   - kube-controller-manager's job, deployment, replicaset and node-lifecycle controllers.
+#   - kube-controller-manager's job, deployment, replicaset and node-lifecycle controllers;
+#   - Kueue (sigs.k8s.io/kueue's manager, its CRDs, the RayJob integration only), its admission webhooks
+#     served on 127.0.0.1 with a self-signed certificate ($STATE/webhooks; also its metrics server's:
+#     Kueue reads that one from the fixed path /etc/kueue/metrics/certs when it does not manage its own
+#     certificates); no visibility API server, no leader election, no CRD conversion webhooks (the tier
+#     uses Kueue's storage version only).
 # Pods never run: kwok marks them Running (and a Job's Succeeded). Training stays in the devstack executor.
 #
 #   hack/placement.sh build    build (once) and cache the binaries
@@ -23,8 +28,8 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/conveyor
 STATE=${CONVEYOR_PLACEMENT_DIR:-$CACHE/placement}
 export CONVEYOR_CLUSTER_DIR=$STATE/cluster
 KUBECONFIG_PATH=$CONVEYOR_CLUSTER_DIR/admin.kubeconfig
-TOOLS=(kube-scheduler kwok kuberay)
-COMPONENTS=(kube-scheduler kwok kuberay kube-controller-manager-jobs)
+TOOLS=(kube-scheduler kwok kuberay kueue)
+COMPONENTS=(kube-scheduler kwok kuberay kube-controller-manager-jobs kueue)
 # The pools' shape: what the samples ask for (manifests/samples/mlpipeline-fraud-gpu.yaml selects L4s).
 CPU_NODES=2
 GPU_NODES=2
@@ -110,6 +115,95 @@ nodes() {
   for ((i = 0; i < GPU_NODES; i++)); do node "gpu-$i" gpu "$GPUS_PER_NODE" "${GPU_POOL_LABELS[@]}"; done
 }
 
+# One self-signed serving certificate for the webhooks the apiserver calls on 127.0.0.1.
+webhook_cert() {
+  local dir=$STATE/webhooks
+  [[ -s $dir/tls.crt && -s $dir/tls.key ]] && return 0
+  mkdir -p "$dir"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=conveyor-placement-webhooks" \
+    -addext "subjectAltName=IP:127.0.0.1,DNS:localhost" -addext "basicConstraints=critical,CA:TRUE" \
+    -keyout "$dir/tls.key.tmp" -out "$dir/tls.crt.tmp" 2>/dev/null
+  mv "$dir/tls.key.tmp" "$dir/tls.key"
+  mv "$dir/tls.crt.tmp" "$dir/tls.crt"
+}
+
+# Kueue's own admission webhooks and its RayJob ones (the tier's only integration), from its module's
+# manifests, pointed at the local process: a url instead of a service, our certificate as caBundle.
+kueue_webhooks() { # port
+  python3 - "$(module_dir kueue sigs.k8s.io/kueue)/config/components/webhook/manifests.yaml" "$1" \
+    "$(base64 -w0 <"$STATE/webhooks/tls.crt")" <<'PY'
+import sys, yaml
+manifests, port, ca = sys.argv[1], sys.argv[2], sys.argv[3]
+out = []
+for doc in yaml.safe_load_all(open(manifests)):
+    if not doc:
+        continue
+    kind = doc["kind"].removesuffix("WebhookConfiguration").lower()
+    doc["metadata"] = {"name": f"kueue-{kind}-webhook-configuration"}
+    keep = []
+    for hook in doc["webhooks"]:
+        rules = hook.get("rules") or []
+        if not any("kueue.x-k8s.io" in r["apiGroups"] or "rayjobs" in r["resources"] for r in rules):
+            continue
+        path = hook["clientConfig"]["service"]["path"]
+        hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca}
+        keep.append(hook)
+    doc["webhooks"] = keep
+    out.append(doc)
+print(yaml.safe_dump_all(out))
+PY
+}
+
+kueue_config() {
+  cat <<EOF
+apiVersion: config.kueue.x-k8s.io/v1beta2
+kind: Configuration
+namespace: kueue-system
+health: {healthProbeBindAddress: "127.0.0.1:$(cat "$STATE/ports/kueue-health")"}
+metrics: {bindAddress: "127.0.0.1:$(cat "$STATE/ports/kueue-metrics")"}
+webhook: {host: 127.0.0.1, port: $(cat "$STATE/ports/kueue-webhook"), certDir: "$STATE/webhooks"}
+leaderElection: {leaderElect: false}
+internalCertManagement: {enable: false}
+manageJobsWithoutQueueName: false
+integrations: {frameworks: [ray.io/rayjob]}
+EOF
+}
+
+# Kueue reads its metrics server's certificate from this fixed path when it does not manage its own.
+KUEUE_METRICS_CERTS=/etc/kueue/metrics/certs
+kueue_metrics_cert() {
+  [[ -s $KUEUE_METRICS_CERTS/tls.crt && -s $KUEUE_METRICS_CERTS/tls.key ]] && return 0
+  mkdir -p "$KUEUE_METRICS_CERTS" 2>/dev/null && [[ -w $KUEUE_METRICS_CERTS ]] \
+    || die "Kueue reads its metrics certificate from $KUEUE_METRICS_CERTS: make that folder writable"
+  (
+    flock 9
+    if [[ ! -s $KUEUE_METRICS_CERTS/tls.crt ]]; then
+      cp "$STATE/webhooks/tls.key" "$KUEUE_METRICS_CERTS/tls.key"
+      cp "$STATE/webhooks/tls.crt" "$KUEUE_METRICS_CERTS/tls.crt"
+    fi
+  ) 9>"$KUEUE_METRICS_CERTS/.lock"
+}
+
+start_kueue() {
+  local dir; dir=$(module_dir kueue sigs.k8s.io/kueue)/config/components/crd/bases
+  kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement -f "$dir" >/dev/null
+  wait_for "Kueue's CRDs Established" 60 kubectl wait --for condition=Established --timeout=5s -f "$dir"
+  kubectl create namespace kueue-system --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  webhook_cert
+  kueue_metrics_cert
+  if ! running kueue; then
+    local p
+    for p in kueue-health kueue-metrics kueue-webhook; do free_port >"$STATE/ports/$p"; done
+    kueue_config >"$STATE/kueue.yaml"
+    KUBECONFIG=$KUBECONFIG_PATH start kueue "$(tool kueue)" --config "$STATE/kueue.yaml" \
+      --feature-gates VisibilityOnDemand=false --zap-log-level info
+  fi
+  wait_for "Kueue /readyz" 90 curl -sf "http://127.0.0.1:$(cat "$STATE/ports/kueue-health")/readyz" \
+    || { tail -20 "$STATE/logs/kueue.log" >&2; exit 1; }
+  kueue_webhooks "$(cat "$STATE/ports/kueue-webhook")" | kubectl apply --server-side --force-conflicts \
+    --field-manager=conveyor-placement -f - >/dev/null
+}
+
 cmd_up() {
   cmd_build
   mkdir -p "$STATE"/{pids,logs,ports}
@@ -155,11 +249,12 @@ cmd_up() {
       --metrics-addr "127.0.0.1:$(cat "$STATE/ports/kuberay-metrics")" \
       --health-probe-bind-address "127.0.0.1:$(cat "$STATE/ports/kuberay-health")" --log-stdout-encoder console
   fi
+  start_kueue
   wait_for "kube-scheduler /healthz" 60 curl -skf "https://127.0.0.1:$(cat "$STATE/ports/kube-scheduler")/healthz" \
     || { tail -20 "$STATE/logs/kube-scheduler.log" >&2; exit 1; }
   wait_for "KubeRay /readyz" 60 curl -sf "http://127.0.0.1:$(cat "$STATE/ports/kuberay-health")/readyz" \
     || { tail -20 "$STATE/logs/kuberay.log" >&2; exit 1; }
-  log "ready: ${CPU_NODES} CPU and ${GPU_NODES} GPU kwok nodes, kube-scheduler, KubeRay; logs in $STATE/logs"
+  log "ready: ${CPU_NODES} CPU and ${GPU_NODES} GPU kwok nodes, kube-scheduler, KubeRay, Kueue; logs in $STATE/logs"
   echo "$KUBECONFIG_PATH"
 }
 
