@@ -23,6 +23,11 @@ address, the stable predictor gets that address (build.ShadowTarget) and mirrors
 hold begins when both are Ready with the mirror in place (reported as weight 0); when the candidate
 leaves the shadow (a canary, promoted, rolled back) the shadow InferenceService is deleted.
 
+A/B/N (strategy abn): instead of the rollout state machine, `_experiment` serves
+`rollout.experiment.versions` at their weights (build.build_experiment_service) and steps the
+experiment (experiment.py) with the figures the handler read when due; status.experiment holds them and
+the verdict, and a significant winner is promoted with `autoPromote`.
+
 Manual actions: the annotation `conveyor.dev/rollout-action: <promote|abort|resume|retry>[@token]`
 acts once per distinct value (status.lastRolloutAction records the value acted on; `kubectl conveyor`
 writes `<action>@<time>`), so Argo CD or a person can set it again with a new token.
@@ -228,7 +233,8 @@ def plan_deployment(
         _mirror_url(status, isvc)
         record_drift(status, plan.events, drift_reading, spec, generation=generation)
         return plan
-    status.pop("experiment", None)
+    if status.pop("experiment", None) is not None and status.get("rolloutPhase") == "Experiment":
+        status["rolloutPhase"] = "Stable"  # the experiment's first version (or its winner) serves on
     wanted = hold_back(conds, plan.events, resolution.version if resolution else None, compatibility, put)
     state = _roll(plan, deployment, spec, isvc, wanted, analysis, now, shadow_isvc)
     try:
