@@ -7,6 +7,7 @@ Training does not run here (kwok only plays the kubelet's pod status): this tier
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -43,11 +44,15 @@ def test_the_namespace_enforces_the_restricted_standard(placement_cluster: Clust
 
 @pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
 def test_each_samples_run_is_placed_on_its_pool(
-    sample: Path, placement_cluster: Cluster, placement_operator: OperatorProcess, tmp_path: Path
+    sample: Path, placement_cluster: Cluster, placement_operator: OperatorProcess, tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
     manifest: dict[str, Any] = yaml.safe_load(sample.read_text())
     name, spec = manifest["metadata"]["name"], manifest["spec"]
     spec["registry"]["uri"] = f"file://{tmp_path}/registry"  # the sample's path is a cluster volume's
+    queue = spec["training"].get("queue")
+    if queue:  # a sample queued through Kueue: its LocalQueue, on a ClusterQueue with room for it
+        _kueue_queue(placement_cluster, queue, request.addfinalizer)
     placement_cluster.create("mlpipelines", name, spec)
 
     rayjob = wait_for("the run's RayJob", lambda: next(iter(placement_cluster.rayjobs()), None), timeout=60)
@@ -91,6 +96,31 @@ def test_each_samples_run_is_placed_on_its_pool(
         lambda r: r is not None and r.get("rayJob") == rj_name,
     )
     assert run["outcome"] in ("Pending", "Running"), run
+
+
+def _kueue_queue(cluster: Cluster, queue: str, finalizer: Any) -> None:
+    api = "kueue.x-k8s.io/v1beta2"
+    group, version = api.split("/")
+    flavor, cq = f"{cluster.ns}-flavor", f"{cluster.ns}-cq"
+    quota = [{"name": "cpu", "nominalQuota": "200"}, {"name": "memory", "nominalQuota": "1Ti"},
+             {"name": GPU, "nominalQuota": "64"}]
+    cluster.custom.create_cluster_custom_object(group, version, "resourceflavors",
+                                                {"apiVersion": api, "kind": "ResourceFlavor", "metadata": {"name": flavor}})
+    cluster.custom.create_cluster_custom_object(group, version, "clusterqueues", {
+        "apiVersion": api, "kind": "ClusterQueue", "metadata": {"name": cq},
+        "spec": {"namespaceSelector": {}, "resourceGroups": [{"coveredResources": ["cpu", "memory", GPU],
+                                                                "flavors": [{"name": flavor, "resources": quota}]}]},
+    })
+    cluster.custom.create_namespaced_custom_object(group, version, cluster.ns, "localqueues",
+                                                   {"apiVersion": api, "kind": "LocalQueue", "metadata": {"name": queue},
+                                                    "spec": {"clusterQueue": cq}})
+
+    def remove() -> None:
+        for plural, obj in (("clusterqueues", cq), ("resourceflavors", flavor)):
+            with contextlib.suppress(ApiException):
+                cluster.custom.delete_cluster_custom_object(group, version, plural, obj)
+
+    finalizer(remove)
 
 
 def _small_pipeline(registry: str, **training: Any) -> dict[str, Any]:
