@@ -10,11 +10,12 @@
 #        versitygw (github.com/versity/versitygw: the local stack's S3 server, run by hack/s3.sh)
 #        and the placement tier's (hack/placement.sh): kube-scheduler (k8s.io/kubernetes, the module and
 #        version of the apiserver: hack/tools/kube), kwok (sigs.k8s.io/kwok), kuberay
-#        (github.com/ray-project/kuberay/ray-operator), kueue (sigs.k8s.io/kueue)
+#        (github.com/ray-project/kuberay/ray-operator), kueue (sigs.k8s.io/kueue), kserve (github.com/kserve/kserve
+#        cmd/manager: built inside a copy of its own module, see hack/tools/kserve/go.mod)
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [--path] helm|kubectl|versitygw|kube-scheduler|kwok|kuberay|kueue" >&2
+    echo "usage: $0 [--path] helm|kubectl|versitygw|kube-scheduler|kwok|kuberay|kueue|kserve" >&2
     exit 2
 }
 
@@ -84,6 +85,13 @@ case "${tool}" in
         version="$(module_version sigs.k8s.io/kueue)"
         ldflags="-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=${version}"
         ;;
+    kserve)
+        # Its own module is the main one (its replaces apply): the version pinned, downloaded, copied.
+        version="$(awk '$1 == "github.com/kserve/kserve" {print $2}' "${module_dir}/go.mod")"
+        package=./cmd/manager
+        ldflags="-s -w"
+        build_in_copy="github.com/kserve/kserve@${version}"
+        ;;
     *)
         echo "build-tool: unknown tool '${tool}'" >&2
         usage
@@ -110,8 +118,19 @@ if [[ ! -x "${binary}" ]]; then
     echo "build-tool: building ${tool} ${version} (${package}) into ${cache_dir}; the first build takes minutes" >&2
     tmp="$(mktemp "${cache_dir}/.${tool}.XXXXXX")"
     trap 'rm -f "${tmp}"' EXIT
-    (cd "${module_dir}" && GOFLAGS=-mod=readonly \
-        go build -trimpath -ldflags "${ldflags}" -o "${tmp}" "${package}")
+    if [[ -n "${build_in_copy:-}" ]]; then
+        src="$(cd / && go mod download -json "${build_in_copy}" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')"
+        [[ -d "${src}" ]] || { echo "build-tool: could not download ${build_in_copy}" >&2; exit 1; }
+        work="$(mktemp -d "${cache_dir}/.src.XXXXXX")"
+        trap 'rm -f "${tmp}"; rm -rf "${work}"' EXIT
+        cp -r "${src}/." "${work}"
+        chmod -R u+w "${work}"
+        (cd "${work}" && GOFLAGS=-mod=readonly go build -trimpath -ldflags "${ldflags}" -o "${tmp}" "${package}")
+        rm -rf "${work}"
+    else
+        (cd "${module_dir}" && GOFLAGS=-mod=readonly \
+            go build -trimpath -ldflags "${ldflags}" -o "${tmp}" "${package}")
+    fi
     chmod 0755 "${tmp}"
     mv -f "${tmp}" "${binary}"
     trap - EXIT
