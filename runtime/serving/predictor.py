@@ -49,13 +49,13 @@ from conveyor.runtime.package.registry import ModelPackage
 from conveyor.runtime.serving.batching import DynamicBatcher
 from conveyor.runtime.serving.metrics import FeedbackTracker, ServingMetrics
 from conveyor.runtime.serving.model import ScoringModel
-
-if TYPE_CHECKING:
-    from conveyor.runtime.serving.explain import Explainer, ExplainLimits
 from conveyor.runtime.serving.served_log import ServedLog, flush_interval_from_env
 
 # How many other versions' served-request logs feedback for an id this version never served looks in.
 OTHER_VERSIONS = 4
+
+if TYPE_CHECKING:
+    from conveyor.runtime.serving.explain import Explainer, ExplainLimits
 
 log = logging.getLogger("conveyor.predictor")
 
@@ -164,12 +164,12 @@ class PackagePredictor(Model):
         self.drift: DriftMonitor | None = None
         self.feedback: FeedbackTracker | None = None
         self.feedback_store = feedback_store
-        # :explain is on when limits are given (serve --explain); one thread computes explanations.
-        self.explain_limits = explain
-        self.explainer: Explainer | None = None
         # What this process served, in registry storage: feedback to any replica or process finds it.
         self.served_log: ServedLog | None = None
         self._other_logs: dict[str, ServedLog] = {}  # readers of other versions' logs (a canary's split)
+        # :explain is on when limits are given (serve --explain); one thread computes explanations.
+        self.explain_limits = explain
+        self.explainer: Explainer | None = None
         self.batcher: DynamicBatcher | None = None
         self.version = ""
         self.device = "cpu"
