@@ -16,7 +16,7 @@ import pytest
 from _training_support import start_local_ray, wait_for
 
 from conveyor.runtime.package.decision import decide, decision_threshold
-from conveyor.runtime.package.registry import Registry, open_package
+from conveyor.runtime.package.registry import FORMAT_VERSION, Registry, open_package
 from conveyor.runtime.spec import DataSource, RunConfig
 from conveyor.runtime.training import data as data_mod
 from conveyor.runtime.training.evaluate import softmax
@@ -194,7 +194,7 @@ def test_xgboost_trains_on_two_workers_and_serves_from_the_same_package_format(
     config.training.num_workers = 2
     pkg = open_package(train_and_register(config))
     m = pkg.metrics
-    assert pkg.manifest["modelKind"] == "xgboost" and pkg.manifest["formatVersion"] == 2
+    assert pkg.manifest["modelKind"] == "xgboost" and pkg.manifest["formatVersion"] == FORMAT_VERSION
     assert pkg.lineage["training"]["workers"] == 2 and 1 <= m["bestEpoch"] <= 60
     assert m["rocAuc"] >= 0.75 and 0 < pkg.schema["decisionThreshold"] < 1
     # The held-out metrics are what the package's model and decision rule give on the raw test rows.

@@ -161,6 +161,7 @@ OPERATOR_NAMESPACED_GRANTS: set[tuple[str, str, str]] = {
     ("serving.kserve.io", "inferenceservices", "watch"),
     ("serving.kserve.io", "inferenceservices", "create"),
     ("serving.kserve.io", "inferenceservices", "patch"),
+    ("serving.kserve.io", "inferenceservices", "delete"),  # a shadow's own InferenceService, when it ends
     ("", "configmaps", "create"),
     ("", "configmaps", "patch"),
     ("", "events", "create"),

@@ -119,8 +119,12 @@ def test_a_run_without_room_waits_queued_and_is_admitted_when_the_first_finishes
     cluster.create("mlpipelines", "second", spec)
 
     # The second waits, suspended by Kueue, and the MLPipeline says so in Kueue's words.
-    second_run = wait_until("the second MLPipeline to show its run Queued", lambda: _run(cluster, "second"),
-                            lambda r: r.get("reason") == "Queued", timeout=60)
+    # (Before Kueue first looks at its Workload the message says it waits for the queue to consider it;
+    # the operator looks again every 15 s.)
+    second_run = wait_until("the second MLPipeline to show its run Queued, in Kueue's words",
+                            lambda: _run(cluster, "second"),
+                            lambda r: r.get("reason") == "Queued" and "(Pending)" in (r.get("message") or ""),
+                            timeout=90)
     assert second_run["outcome"] == "Pending"
     assert "LocalQueue team (Pending)" in second_run["message"] and "insufficient unused quota" in second_run["message"]
     status = cluster.status("mlpipelines", "second")

@@ -71,7 +71,10 @@ def test_each_samples_run_is_placed_on_its_pool(
     core = placement_cluster.core
 
     def bound_pods() -> list[client.V1Pod] | None:
-        pods = core.list_namespaced_pod(placement_cluster.ns, label_selector=f"ray.io/cluster={cluster_name}").items
+        # The RayJob's current cluster: KubeRay makes a new one for each retry, and attempts fail here
+        # (no Ray runs in kwok's pods; measured: failed=2 and a second cluster within the wait).
+        current = (placement_cluster.rayjob(rj_name).get("status") or {}).get("rayClusterName") or cluster_name
+        pods = core.list_namespaced_pod(placement_cluster.ns, label_selector=f"ray.io/cluster={current}").items
         ready = [p for p in pods if p.spec.node_name and p.status.phase == "Running"]
         return ready if len(ready) == sum(groups.values()) else None
 
@@ -114,6 +117,11 @@ def _kueue_queue(cluster: Cluster, queue: str, finalizer: Any) -> None:
     cluster.custom.create_namespaced_custom_object(group, version, cluster.ns, "localqueues",
                                                    {"apiVersion": api, "kind": "LocalQueue", "metadata": {"name": queue},
                                                     "spec": {"clusterQueue": cq}})
+    # A workload that reaches a ClusterQueue before Kueue made it Active waits for a requeue: start after.
+    wait_for("the ClusterQueue to be Active", lambda: any(
+        c["type"] == "Active" and c["status"] == "True"
+        for c in (cluster.custom.get_cluster_custom_object(group, version, "clusterqueues", cq).get("status") or {})
+        .get("conditions") or []), timeout=60)
 
     def remove() -> None:
         for plural, obj in (("clusterqueues", cq), ("resourceflavors", flavor)):

@@ -53,7 +53,8 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
   operator re-reads one after a write conflict (get) and merge-patches its status subresource.
 - RayJobs and InferenceServices: watched (list, watch) for their status and written with server-side
   apply, which is a patch, and also needs create when the child does not exist yet. RayJobs: read back
-  after a restart (get) and deleted beyond the pipeline's history limit.
+  after a restart (get) and deleted beyond the pipeline's history limit. InferenceServices: a shadow
+  rollout's own `<name>-shadow` is deleted when the shadow stage ends.
 - A run's configuration ConfigMap: server-side apply (create, patch); it is owned by its RayJob, so
   the garbage collector removes it.
 - Events: the operator posts core/v1 Events on transitions (create only; kopf's own posting is off).
@@ -84,7 +85,7 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
   verbs: ["list"]
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
-  verbs: ["list", "watch", "create", "patch"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "patch"]
