@@ -28,7 +28,7 @@ from conveyor.operator.controller.raycluster import (
     submitter_template,
 )
 from conveyor.operator.controller.raycluster import worker_groups as cluster_worker_groups
-from conveyor.operator.controller.runs import (  # noqa: F401 - LABEL_RUN and the annotations re-exported
+from conveyor.operator.controller.runs import (
     ANNOTATION_RERUN,
     ANNOTATION_SPEC_GENERATION,
     ANNOTATION_SPEC_HASH,

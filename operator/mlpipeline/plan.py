@@ -46,19 +46,17 @@ from typing import Any
 
 from conveyor.operator.controller import conditions as c
 from conveyor.operator.controller.events import Event
-from conveyor.operator.controller.runs import (  # noqa: F401 - re-exported: the kinds' run vocabulary
+from conveyor.operator.controller.runs import (
     ACTIVE,
     FAILED,
     PENDING,
     RUNNING,
     SUCCEEDED,
-    RayJobState,
     due_trigger,
     finish,
     held,
     prune_history,
     rayjob_state,
-    rayjobs_by_run,
     runs_awaiting_report,
     schedule_due,
     start_run,
@@ -342,7 +340,7 @@ def _plan_triggers(
     status = plan.status
     current_hash = spec_hash(pipeline.get("spec") or {})
     trigger, token = due_trigger(pipeline, status, current_hash)
-    fired = _schedule(plan, pipeline, spec, now)
+    fired = schedule_due(plan, pipeline, spec.triggers.schedule, now)
     if fired is not None and trigger is None:
         trigger = "Schedule"
     if trigger is None and _drift_due(plan, drift, now):
@@ -371,11 +369,6 @@ def _drift_due(plan: PipelinePlan, drift: DriftSignal | None, now: datetime) -> 
             plan.requeue_after = min(plan.requeue_after or wait + 0.5, wait + 0.5)
             return False
     return True
-
-
-def _schedule(plan: PipelinePlan, pipeline: dict[str, Any], spec: MLPipelineSpec, now: datetime) -> datetime | None:
-    """The cron firing not yet served, if any; sets nextScheduleTime and the requeue for the next one."""
-    return schedule_due(plan, pipeline, spec.triggers.schedule, now)
 
 
 def _set_run_conditions(conds: list[dict[str, Any]], run: dict[str, Any] | None, generation: int | None, ts: str) -> None:

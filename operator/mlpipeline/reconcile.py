@@ -25,6 +25,13 @@ from conveyor.operator.controller import conditions as c
 from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key
 from conveyor.operator.controller.client import NotFound, resource_path
+from conveyor.operator.controller.runs import (
+    ACTIVE,
+    PENDING,
+    rayjob_state,
+    rayjobs_by_run,
+    runs_awaiting_report,
+)
 from conveyor.operator.controller.status import write_status
 from conveyor.operator.controller.times import parse_time
 from conveyor.operator.controller.validation import InvalidSpecError, parse_spec, validate_registry
@@ -39,16 +46,11 @@ from conveyor.operator.mlpipeline.build import (
 )
 from conveyor.operator.mlpipeline.gate import GateOutcome, judge_run
 from conveyor.operator.mlpipeline.plan import (
-    ACTIVE,
-    PENDING,
     DeployTarget,
     DriftSignal,
     PipelinePlan,
     plan_pipeline,
-    rayjob_state,
-    rayjobs_by_run,
     runs_awaiting_gate,
-    runs_awaiting_report,
 )
 from conveyor.operator.mlpipeline.validate import validate_pipeline
 from conveyor.operator.modeldeployment.rollout import parse_duration
