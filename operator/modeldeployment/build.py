@@ -109,10 +109,23 @@ def predictor_workers(spec: ModelDeploymentSpec) -> int:
     cpu = str(p.resources.limits.cpu or p.resources.requests.cpu or "").strip()
     if not cpu:
         return 1
-    # Not kubernetes.utils.parse_quantity: the operator's process keeps the kubernetes client unimportable
-    # (operator/__main__.py). CPU quantities are plain cores or millicores (2, 1.5, 500m).
-    cores = float(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
-    return max(1, min(MAX_DEFAULT_WORKERS, int(cores)))
+    return max(1, min(MAX_DEFAULT_WORKERS, int(quantity(cpu))))
+
+
+# Kubernetes quantity suffixes (binary, then decimal SI); the CRD admits any quantity (isQuantity).
+_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+             "n": 1e-9, "u": 1e-6, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes quantity's value (``500m`` -> 0.5, ``2`` -> 2.0, ``1k`` -> 1000.0, ``1e3m`` -> 1.0; an
+    exponent is digits after e/E, a bare trailing ``E`` is exa).
+    Not kubernetes.utils.parse_quantity: the operator's process keeps the kubernetes client unimportable
+    (operator/__main__.py)."""
+    for suffix in sorted(_SUFFIXES, key=len, reverse=True):
+        if text.endswith(suffix):
+            return float(text[: -len(suffix)]) * _SUFFIXES[suffix]
+    return float(text)
 
 
 def predictor_ports(protocol: str) -> list[dict[str, Any]]:

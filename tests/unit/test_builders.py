@@ -285,6 +285,9 @@ def test_isvc_identity_owner_and_predictor() -> None:
         ({}, "1"),
         ({"resources": {"limits": {"cpu": "4"}}}, "4"),
         ({"resources": {"limits": {"cpu": "1500m"}}}, "1"),
+        ({"resources": {"limits": {"cpu": "2.5"}}}, "2"),
+        ({"resources": {"limits": {"cpu": "3e3m"}}}, "3"),
+        ({"resources": {"limits": {"cpu": "1k"}}}, "16"),  # any quantity the CRD admits; capped
         ({"resources": {"requests": {"cpu": "2"}}}, "2"),
         ({"workers": 3, "resources": {"limits": {"cpu": "8"}}}, "3"),
     ],
