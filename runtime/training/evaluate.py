@@ -6,6 +6,17 @@ AUC (average precision) and the positive (second) class's ``precision``, ``recal
 predictions made by the package's decision threshold (``choose_threshold``, on the validation split).
 Regression: RMSE and MAE.
 
+Every metric is folded batch by batch (``ClassificationTally``, ``RegressionTally``), so evaluating a
+streamed split keeps a fixed amount in the driver whatever its rows: the confusion matrix (exact), and
+for a binary task one histogram of the model's log-odds per class, SCORE_BINS_PER_UNIT bins per unit of
+log-odds over [-SCORE_RANGE, SCORE_RANGE] (about 1.3 MB). ROC AUC, PR AUC and the threshold search come
+from those histograms: they are exact for the scores rounded down to their bin (rows of both classes in
+one bin count as ties), and the largest possible difference from the unrounded scores' value, given
+which rows share a bin, is recorded next to them (``rocAucMaxBinningError``, 0 when no bin holds both
+classes; ``prAucMaxBinningError``, 0 when no bin holds two rows). Candidate thresholds are the bin edges: every 0.001 of log-odds,
+finer than any probability a float32 model tells apart near 0.5. The regression prediction distribution
+is a mergeable sample (``runtime.package.summary``).
+
 ``evaluate_deployed`` scores the version deployed now on a run's own test split (raw rows, through that
 version's own fitted transforms and decision rule, the shared scoring path of serving), so the gate's
 ``mustBeatDeployed`` compares the candidate and the deployed version on the same rows.
@@ -23,6 +34,11 @@ from conveyor.runtime.spec import LOWER_IS_BETTER, EvaluationSpec, meets
 
 # Metrics that depend on the decision rule and can be maximised by choosing the threshold.
 THRESHOLD_METRICS = ("accuracy", "f1Macro")
+# The binary score histograms: bins per unit of log-odds, and the log-odds range they cover (scores
+# beyond it fall in the first or last bin).
+SCORE_BINS_PER_UNIT = 1000
+SCORE_RANGE = 40.0
+_N_BINS = int(2 * SCORE_RANGE * SCORE_BINS_PER_UNIT)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -31,75 +47,196 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def _log_odds(logits: np.ndarray) -> np.ndarray:
+    """log p1/p0 of two-class logits (or log-probabilities)."""
+    return np.asarray(logits[:, 1], dtype=np.float64) - np.asarray(logits[:, 0], dtype=np.float64)
+
+
+def _bins(scores: np.ndarray) -> np.ndarray:
+    j = np.floor((np.nan_to_num(scores, nan=0.0) + SCORE_RANGE) * SCORE_BINS_PER_UNIT)
+    return np.clip(j, 0, _N_BINS - 1).astype(np.int64)
+
+
+def _edge(j: int) -> float:
+    """The lower edge (log-odds) of bin ``j``."""
+    return j / SCORE_BINS_PER_UNIT - SCORE_RANGE
+
+
+def _sigmoid(s: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-s)))
+
+
+def _f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """F1 from counts, 0 where it is undefined (scikit-learn's ``zero_division=0``)."""
+    denom = 2 * tp + fp + fn
+    return np.where(denom > 0, 2 * tp / np.maximum(denom, 1), 0.0)
+
+
+class ClassificationTally:
+    """Classification metrics folded batch by batch (``add``), mergeable (``merge``): what the driver
+    keeps while a split streams past it, a fixed size whatever the rows (see the module docstring)."""
+
+    def __init__(self, classes: Sequence[str], threshold: float | None = None) -> None:
+        self.classes = list(classes)
+        self.threshold = threshold
+        k = len(self.classes)
+        self.confusion = np.zeros((k, k), dtype=np.int64)
+        self.binary = k == 2
+        # [class, bin]: rows of each true class by their log-odds bin (binary tasks)
+        self.hist = np.zeros((2, _N_BINS), dtype=np.int64) if self.binary else None
+
+    @property
+    def rows(self) -> int:
+        return int(self.confusion.sum())
+
+    def add(self, logits: np.ndarray, y_true: np.ndarray) -> ClassificationTally:
+        logits = np.asarray(logits)
+        y = np.asarray(y_true, dtype=np.int64).reshape(-1)
+        if len(y) == 0:
+            return self
+        k = len(self.classes)
+        pred = decide(softmax(logits.astype(np.float64)), self.threshold)
+        self.confusion += np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
+        if self.hist is not None:
+            b = _bins(_log_odds(logits))
+            self.hist += np.bincount(y * _N_BINS + b, minlength=2 * _N_BINS).reshape(2, _N_BINS)
+        return self
+
+    def merge(self, other: ClassificationTally) -> ClassificationTally:
+        self.confusion += other.confusion
+        if self.hist is not None and other.hist is not None:
+            self.hist += other.hist
+        return self
+
+    def predicted_counts(self) -> np.ndarray:
+        return self.confusion.sum(axis=0)
+
+    def metrics(self) -> dict[str, Any]:
+        cm = self.confusion.astype(np.float64)
+        n = cm.sum()
+        tp = np.diag(cm)
+        predicted, actual = cm.sum(axis=0), cm.sum(axis=1)
+        precision = np.where(predicted > 0, tp / np.maximum(predicted, 1), 0.0)
+        recall = np.where(actual > 0, tp / np.maximum(actual, 1), 0.0)
+        f1 = _f1(tp, predicted - tp, actual - tp)
+        out: dict[str, Any] = {
+            "accuracy": float(tp.sum() / n) if n else 0.0,
+            "f1Macro": float(f1.mean()) if len(f1) else 0.0,
+            "confusionMatrix": self.confusion.tolist(),
+            "classes": list(self.classes),
+        }
+        for i, c in enumerate(self.classes):
+            out[f"precision:{c}"] = float(precision[i])
+            out[f"recall:{c}"] = float(recall[i])
+            out[f"f1:{c}"] = float(f1[i])
+        if self.binary:
+            out.update(precision=float(precision[1]), recall=float(recall[1]), f1=float(f1[1]))
+            if self.threshold is not None:
+                out["decisionThreshold"] = self.threshold
+            out.update(self._aucs())
+        return out
+
+    def _aucs(self) -> dict[str, Any]:
+        assert self.hist is not None
+        neg, pos = self.hist[0].astype(np.float64), self.hist[1].astype(np.float64)
+        P, N = pos.sum(), neg.sum()
+        if P == 0 or N == 0:  # undefined when the split holds one class only
+            return {"rocAuc": None, "prAuc": None}
+        # From the highest bin down: positives and negatives strictly above each bin.
+        pos_above = np.cumsum(pos[::-1])[::-1] - pos
+        neg_above = np.cumsum(neg[::-1])[::-1] - neg
+        roc = float(np.sum(neg * (pos_above + 0.5 * pos)) / (P * N))
+        roc_err = float(0.5 * np.sum(pos * neg) / (P * N))
+        # Average precision: each bin's positives at the precision of the threshold at that bin's edge.
+        tp, fp = pos_above + pos, neg_above + neg
+        has = pos > 0
+        ap = float(np.sum(pos[has] / P * tp[has] / (tp[has] + fp[has])))
+        # Within a bin the rows may come in any order: its positives' precision lies between the
+        # all-negatives-first and the all-positives-first orders.
+        a, b = pos_above[has], neg_above[has]
+        hi = (a + pos[has]) / (a + b + pos[has])
+        lo = (a + 1) / (a + b + neg[has] + 1)
+        ap_err = float(np.sum(pos[has] / P * np.maximum(hi - lo, 0.0)))
+        return {
+            "rocAuc": roc,
+            "prAuc": ap,
+            "rocAucMaxBinningError": roc_err,
+            "prAucMaxBinningError": ap_err,
+        }
+
+    def best_threshold(self, objective: str) -> float | None:
+        """The positive-class probability threshold that maximises ``objective`` (accuracy or f1Macro;
+        F1 of the positive class for threshold-free metrics such as rocAuc) over these rows; None (argmax)
+        for more than two classes or rows without both classes. Candidates are the bins' edges; 0.5
+        wins ties, so a tie keeps the plain rule."""
+        if self.hist is None:
+            return None
+        neg, pos = self.hist[0].astype(np.float64), self.hist[1].astype(np.float64)
+        P, N = pos.sum(), neg.sum()
+        if P == 0 or N == 0:
+            return None
+        # Predicting positive from bin j up: tp[j], fp[j].
+        tp = np.cumsum(pos[::-1])[::-1]
+        fp = np.cumsum(neg[::-1])[::-1]
+        fn, tn = P - tp, N - fp
+        if objective == "accuracy":
+            score = (tp + tn) / (P + N)
+        elif objective == "f1Macro":
+            score = 0.5 * (_f1(tp, fp, fn) + _f1(tn, fn, fp))
+        else:
+            score = _f1(tp, fp, fn)
+        half = int(SCORE_RANGE * SCORE_BINS_PER_UNIT)  # the bin whose lower edge is log-odds 0 (p = 0.5)
+        j = int(np.argmax(score))
+        if score[j] <= score[half] + 1e-12:
+            return 0.5
+        return _sigmoid(_edge(j))
+
+
+class RegressionTally:
+    """RMSE and MAE folded batch by batch, with a mergeable sample of the predictions (their profile)."""
+
+    def __init__(self, seed: int = 0) -> None:
+        from conveyor.runtime.package.summary import ColumnSummary
+
+        self.n, self.sq, self.abs = 0, 0.0, 0.0
+        self.predictions = ColumnSummary(False)
+        self._rng = np.random.default_rng(seed)
+
+    @property
+    def rows(self) -> int:
+        return self.n
+
+    def add(self, predictions: np.ndarray, y_true: np.ndarray) -> RegressionTally:
+        p = np.asarray(predictions, dtype=np.float64).reshape(-1)
+        err = p - np.asarray(y_true, dtype=np.float64).reshape(-1)
+        self.n += len(err)
+        self.sq += float(np.sum(err**2))
+        self.abs += float(np.sum(np.abs(err)))
+        self.predictions.add(p, self._rng.random(len(p)))
+        return self
+
+    def metrics(self) -> dict[str, Any]:
+        n = max(self.n, 1)
+        return {"rmse": float(np.sqrt(self.sq / n)), "mae": float(self.abs / n)}
+
+
 def classification_metrics(
     logits: np.ndarray, y_true: np.ndarray, classes: Sequence[str], threshold: float | None = None
 ) -> dict[str, Any]:
-    from sklearn.metrics import (
-        average_precision_score,
-        confusion_matrix,
-        f1_score,
-        precision_recall_fscore_support,
-        roc_auc_score,
-    )
-
-    y_true = np.asarray(y_true, dtype=np.int64)
-    probabilities = softmax(logits)
-    pred = decide(probabilities, threshold)
-    labels = list(range(len(classes)))
-    out: dict[str, Any] = {
-        "accuracy": float((pred == y_true).mean()),
-        "f1Macro": float(f1_score(y_true, pred, labels=labels, average="macro", zero_division=0)),
-        "confusionMatrix": confusion_matrix(y_true, pred, labels=labels).tolist(),
-        "classes": list(classes),
-    }
-    precision, recall, f1, _ = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
-    for i, c in enumerate(classes):
-        out[f"precision:{c}"] = float(precision[i])
-        out[f"recall:{c}"] = float(recall[i])
-        out[f"f1:{c}"] = float(f1[i])
-    if len(classes) == 2:
-        out.update(precision=float(precision[1]), recall=float(recall[1]), f1=float(f1[1]))
-        if threshold is not None:
-            out["decisionThreshold"] = threshold
-        # AUCs are undefined when the test split holds one class only.
-        both = len(np.unique(y_true)) == 2
-        out["rocAuc"] = float(roc_auc_score(y_true, probabilities[:, 1])) if both else None
-        out["prAuc"] = float(average_precision_score(y_true, probabilities[:, 1])) if both else None
-    return out
+    """``ClassificationTally`` over one batch of rows."""
+    return ClassificationTally(classes, threshold).add(logits, y_true).metrics()
 
 
 def choose_threshold(logits: np.ndarray, y_true: np.ndarray, objective: str) -> float | None:
-    """The positive-class probability threshold that maximises ``objective`` (accuracy or f1Macro; F1 of
-    the positive class for threshold-free metrics such as rocAuc) on a validation split; None (argmax)
-    for more than two classes or a split without both classes."""
-    from sklearn.metrics import f1_score
-
-    y_true = np.asarray(y_true, dtype=np.int64)
-    if logits.shape[1] != 2 or len(np.unique(y_true)) < 2:
+    """``ClassificationTally.best_threshold`` over one batch of rows (a validation split)."""
+    logits = np.asarray(logits)
+    if logits.ndim != 2 or logits.shape[1] != 2:
         return None
-    p = softmax(logits)[:, 1]
-    # Every distinct score is a candidate (at most ~400, by quantile, for large splits); 0.5 first, so a
-    # tie keeps the plain rule.
-    candidates = np.unique(np.quantile(p, np.linspace(0, 1, 401))) if len(p) > 400 else np.unique(p)
-    best, best_score = 0.5, -1.0
-    for t in [0.5, *candidates.tolist()]:
-        pred = (p >= t).astype(np.int64)
-        if objective == "accuracy":
-            score = float((pred == y_true).mean())
-        elif objective == "f1Macro":
-            score = float(f1_score(y_true, pred, average="macro", zero_division=0))
-        else:
-            score = float(f1_score(y_true, pred, zero_division=0))
-        if score > best_score + 1e-12:
-            best, best_score = float(t), score
-    return best
+    return ClassificationTally(["0", "1"]).add(logits, y_true).best_threshold(objective)
 
 
 def regression_metrics(predictions: np.ndarray, y_true: np.ndarray) -> dict[str, Any]:
-    err = np.asarray(predictions, dtype=np.float64).reshape(-1) - np.asarray(
-        y_true, dtype=np.float64
-    ).reshape(-1)
-    return {"rmse": float(np.sqrt(np.mean(err**2))), "mae": float(np.mean(np.abs(err)))}
+    return RegressionTally().add(predictions, y_true).metrics()
 
 
 def gate(metrics: dict[str, Any], spec: EvaluationSpec) -> dict[str, Any]:
@@ -152,7 +289,11 @@ def evaluate_deployed(
     if (model.task == "classification") != (task == "classification"):
         return {**out, "error": f"the deployed package is a {model.task} model, this run trains {task}"}
     index = {c: i for i, c in enumerate(model.classes or [])}
-    scores, truths, n = [], [], 0
+    classification = model.task == "classification"
+    tally: ClassificationTally | RegressionTally = (
+        ClassificationTally(model.classes or [], model.threshold) if classification else RegressionTally()
+    )
+    n = 0
     try:
         for batch in batches:
             if len(batch) == 0:
@@ -162,25 +303,23 @@ def evaluate_deployed(
                 x = model.transform(raw[:, None] if raw.ndim == 3 else raw)
             else:
                 x = model.transform(batch[[f.name for f in model.package.transforms.features]])
-            scores.append(model.forward(x))
-            truths.append(batch[label].to_numpy())
+            scores = model.forward(x)
+            y_raw = batch[label].to_numpy()
+            if classification:
+                y = np.array([index.get(category_key(v), -1) for v in y_raw.tolist()], dtype=np.int64)
+                if (y < 0).any():
+                    unknown = sorted({category_key(v) for v, i in zip(y_raw.tolist(), y.tolist(), strict=True) if i < 0})
+                    return {**out, "error": f"the run's test split holds label(s) {unknown[:5]} the deployed "
+                            f"version does not know (its classes: {model.classes}): they cannot be compared"[:1000]}
+                tally.add(np.log(np.clip(scores, 1e-12, None)), y)
+            else:
+                tally.add(scores, y_raw.astype(np.float64))
             n += len(batch)
     except (KeyError, ValueError, TypeError) as e:
         return {**out, "error": f"the deployed package cannot score this run's test rows: {e}"[:1000]}
     if n == 0:
         return {**out, "error": "the run's test split is empty"}
-    y_raw = np.concatenate(truths)
-    if model.task == "classification":
-        probabilities = np.concatenate(scores)
-        y = np.array([index.get(category_key(v), -1) for v in y_raw.tolist()], dtype=np.int64)
-        if (y < 0).any():
-            unknown = sorted({category_key(v) for v, i in zip(y_raw.tolist(), y.tolist(), strict=True) if i < 0})
-            return {**out, "error": f"the run's test split holds label(s) {unknown[:5]} the deployed version "
-                    f"does not know (its classes: {model.classes}): they cannot be compared"[:1000]}
-        metrics = classification_metrics(np.log(np.clip(probabilities, 1e-12, None)), y, model.classes or [],
-                                         model.threshold)
-    else:
-        metrics = regression_metrics(np.concatenate(scores), y_raw.astype(np.float64))
+    metrics = tally.metrics()
     scalars = {
         k: float(v) for k, v in metrics.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)

@@ -130,21 +130,21 @@ class PreparedData:
         ds = ray.data.from_numpy(x).zip(ray.data.from_numpy(y))
         return ds.rename_columns({"data": "x", "data_1": "y"}).materialize()
 
-    def scored(
+    def score_batches(
         self, logits_of: Callable[[np.ndarray], np.ndarray], split: str, batch_size: int = 8192
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """The model's outputs on ``split`` (validation or test) and its labels; batch by batch when
-        streamed (the driver then keeps the outputs and labels, ~12 bytes a row for a binary task)."""
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The model's outputs on ``split`` (validation or test) and its labels, batch by batch on either
+        path (a streamed split is read and transformed as it goes): evaluation folds them into tallies
+        (``evaluate.ClassificationTally``), so the driver never holds a split's outputs."""
         if self.streams is None:
             x, y = (self.x_val, self.y_val) if split == "validation" else (self.x_test, self.y_test)
-            return logits_of(x), y
-        outs, ys = [], []
+            if x is None or y is None:
+                return
+            for i in range(0, len(x), batch_size):
+                yield logits_of(x[i : i + batch_size]), np.asarray(y[i : i + batch_size])
+            return
         for b in self.streams.xy(split).iter_batches(batch_format="numpy", batch_size=batch_size):
-            outs.append(logits_of(np.asarray(b["x"], dtype=np.float32)))
-            ys.append(np.asarray(b["y"]))
-        if not outs:
-            return np.zeros((0, self.outputs), dtype=np.float32), np.zeros(0)
-        return np.concatenate(outs), np.concatenate(ys)
+            yield logits_of(np.asarray(b["x"], dtype=np.float32)), np.asarray(b["y"])
 
     def raw_test_batches(self, batch_size: int = 4096) -> Iterator[Any]:
         """The test split's raw rows (features and label, as the source has them) as pandas batches, on

@@ -53,7 +53,6 @@ from typing import Any
 import numpy as np
 
 from conveyor.runtime.package import profile
-from conveyor.runtime.package.decision import decide
 from conveyor.runtime.package.registry import PackageError, Registry, StagingArea
 from conveyor.runtime.package.validation import DataValidationError
 from conveyor.runtime.spec import RunConfig
@@ -178,22 +177,26 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
 
     trained_at = time.time()
     log.info("phases: data %.1fs, training %.1fs", prepared_at - started, trained_at - prepared_at)
-    # Scored batch by batch when the splits are streamed (PreparedData.scored).
-    outputs, y_test = prepared.scored(logits_of, "test")
+    # Scored batch by batch on either path (PreparedData.score_batches) and folded into fixed-size tallies,
+    # so the driver's memory does not grow with the splits' rows.
+    tally: evaluate.ClassificationTally | evaluate.RegressionTally
     if prepared.classes is not None:
         # The decision threshold is chosen on the validation split and shipped in schema.json, so the
         # test split judges exactly the rule serving applies.
         threshold = None
         if prepared.rows("validation"):
-            val_outputs, y_val = prepared.scored(logits_of, "validation")
-            threshold = evaluate.choose_threshold(val_outputs, y_val, config.evaluation.metric)
+            val_tally = evaluate.ClassificationTally(prepared.classes)
+            for out, y in prepared.score_batches(logits_of, "validation"):
+                val_tally.add(out, y)
+            threshold = val_tally.best_threshold(config.evaluation.metric)
         if threshold is not None:
             prepared.schema["decisionThreshold"] = threshold
-        metrics = evaluate.classification_metrics(outputs, y_test, prepared.classes, threshold)
-        predicted = decide(evaluate.softmax(outputs), threshold)
+        tally = evaluate.ClassificationTally(prepared.classes, threshold)
     else:
-        metrics = evaluate.regression_metrics(outputs, y_test)
-        predicted = outputs.reshape(-1)
+        tally = evaluate.RegressionTally(seed=config.training.hyperparameters.seed)
+    for out, y in prepared.score_batches(logits_of, "test"):
+        tally.add(out, y)
+    metrics = tally.metrics()
     metrics.update(
         {
             "trainSamples": prepared.rows("train"),
@@ -216,7 +219,11 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
     gate = evaluate.gate(metrics, config.evaluation)
     metrics["gate"] = gate
     prof = dict(prepared.profile)
-    prof["predictionDistribution"] = profile.prediction_distribution(predicted, prepared.classes)
+    if isinstance(tally, evaluate.ClassificationTally):
+        counts, n = tally.predicted_counts(), max(tally.rows, 1)
+        prof["predictionDistribution"] = {str(c): float(counts[i]) / n for i, c in enumerate(prepared.classes or [])}
+    else:
+        prof["predictionDistribution"] = profile.numeric_profile_from_summary(tally.predictions)
     lineage = {
         "pipeline": config.pipeline,
         "namespace": config.namespace,

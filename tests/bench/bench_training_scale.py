@@ -81,7 +81,11 @@ def _config(data: Path, registry: Path, name: str) -> dict[str, Any]:
     }
 
 
-def measure(rows: int, files: int, tmp: Path, path: str = "streaming") -> dict[str, Any]:
+def _loadavg() -> list[float]:
+    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def measure(rows: int, files: int, tmp: Path, path: str = "streaming", timeout: float = 3600) -> dict[str, Any]:
     data = tmp / f"data-{rows}"
     if not data.exists():
         write_parquet(data, rows, files)
@@ -93,20 +97,25 @@ def measure(rows: int, files: int, tmp: Path, path: str = "streaming") -> dict[s
         "PYTHONUNBUFFERED": "1",
         "CONVEYOR_DATA_PATH": path,
     }
+    load_start = _loadavg()
     started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", _DRIVER, str(run_json), str(result_json)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=3600,
-    )
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _DRIVER, str(run_json), str(result_json)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return {"rows": rows, "path": path, "error": f"did not finish within {timeout:.0f} s", "loadavgStart": load_start}
     wall = time.perf_counter() - started
+    load = {"loadavgStart": load_start, "loadavgEnd": _loadavg()}
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("DRIVER_PEAK_KB")), None)
     result = json.loads(result_json.read_text()) if result_json.exists() else {}
     if line is None or proc.returncode != 0 or line.split()[-1] != "0" or "packageUri" not in result:
         message = result.get("message") or (proc.stderr or proc.stdout)[-2000:]
-        return {"rows": rows, "path": path, "error": message}
+        return {"rows": rows, "path": path, "error": message, **load}
     peak_kb = int(line.split()[1])
     from conveyor.runtime.package.registry import open_package
 
@@ -121,6 +130,7 @@ def measure(rows: int, files: int, tmp: Path, path: str = "streaming") -> dict[s
         "trainSamples": metrics["trainSamples"],
         "wallSeconds": round(wall, 1),
         "rocAuc": metrics.get("rocAuc"),
+        **load,
     }
 
 
@@ -132,6 +142,7 @@ def run_benchmark(
     note: str = "",
     paths: tuple[str, ...] = ("memory", "streaming"),
     append: bool = False,
+    timeout: float = 3600,
 ) -> dict[str, Any]:
     """Measure every size on each of ``paths`` (memory only up to ``memory_max_rows``); ``append`` adds the
     cases to those already in ``out`` (a case Ray could not start for, measured again)."""
@@ -142,7 +153,7 @@ def run_benchmark(
         for n in rows:
             for path in [p for p in paths if p == "streaming" or n <= memory_max_rows]:
                 for _attempt in range(2):  # a loaded machine can fail Ray's own start-up: once more
-                    case = measure(n, files, Path(d), path)
+                    case = measure(n, files, Path(d), path, timeout)
                     if "timed out during startup" not in case.get("error", ""):
                         break
                 print(json.dumps(case), flush=True)
@@ -197,6 +208,7 @@ if __name__ == "__main__":
     parser.add_argument("--paths", default="memory,streaming")
     parser.add_argument("--append", action="store_true", help="add to the cases already in --out")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds one case may take")
     args = parser.parse_args()
     run_benchmark(
         [int(r) for r in args.rows.split(",")],
@@ -206,4 +218,5 @@ if __name__ == "__main__":
         args.note,
         tuple(args.paths.split(",")),
         args.append,
+        args.timeout,
     )
