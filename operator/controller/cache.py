@@ -19,13 +19,36 @@ from typing import Any
 Key = tuple[str, str]  # (namespace, name)
 
 
+# Metadata no reconcile reads, and often the larger part of an object's bytes (kept in memory for every
+# object of every kind watched): the field managers' records, and the copy of the whole object kubectl
+# apply leaves in an annotation.
+_UNREAD_ANNOTATION = "kubectl.kubernetes.io/last-applied-configuration"
+
+
 def _trimmed(obj: dict[str, Any]) -> dict[str, Any]:
-    """The object without metadata.managedFields, which no reconcile reads and which is often the larger
-    part of a child's bytes (kept in memory for every object of every kind watched)."""
+    """The object without metadata.managedFields and kubectl's last-applied annotation."""
     meta = obj.get("metadata") or {}
-    if "managedFields" not in meta:
+    annotations = meta.get("annotations") or {}
+    if "managedFields" not in meta and _UNREAD_ANNOTATION not in annotations:
         return obj
-    return {**obj, "metadata": {k: v for k, v in meta.items() if k != "managedFields"}}
+    meta = {k: v for k, v in meta.items() if k != "managedFields"}
+    if _UNREAD_ANNOTATION in annotations:
+        meta["annotations"] = {k: v for k, v in annotations.items() if k != _UNREAD_ANNOTATION}
+    return {**obj, "metadata": meta}
+
+
+def keep_spec_fields(*fields: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A projection for a kind whose reconcilers read only these fields of its spec (and its metadata and
+    status whole): a RayJob's spec is its whole Ray cluster's pod templates, ~15 kB in memory each, of
+    which the operator reads `suspend` alone (it never re-applies a RayJob, it only creates it)."""
+
+    def project(obj: dict[str, Any]) -> dict[str, Any]:
+        spec = obj.get("spec")
+        if not isinstance(spec, dict):
+            return obj
+        return {**obj, "spec": {k: spec[k] for k in fields if k in spec}}
+
+    return project
 
 
 def key_of(obj: dict[str, Any]) -> Key:
@@ -34,7 +57,15 @@ def key_of(obj: dict[str, Any]) -> Key:
 
 
 class ObjectCache:
-    def __init__(self, *, echo_timeout: float = 30.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        echo_timeout: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+        project: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    ) -> None:
+        # What is kept of each object: the object less unread metadata, and less what `project` drops.
+        self._keep = _trimmed if project is None else (lambda obj: project(_trimmed(obj)))
         self._objects: dict[Key, dict[str, Any]] = {}
         self._awaiting: dict[Key, tuple[str, float]] = {}  # our copy's resourceVersion, since when
         self._seen: dict[Key, deque[str]] = {}  # resourceVersions the watch delivered lately
@@ -50,6 +81,10 @@ class ObjectCache:
     def __len__(self) -> int:
         return len(self._objects)
 
+    def __iter__(self) -> Iterator[Key]:
+        """The keys held now (a copy: the watch may change the cache while the caller iterates)."""
+        return iter(list(self._objects))
+
     def keys(self) -> list[Key]:
         return list(self._objects)
 
@@ -59,12 +94,15 @@ class ObjectCache:
     def values(self) -> Iterator[dict[str, Any]]:
         return iter(list(self._objects.values()))
 
-    def in_namespace(self, namespace: str, *, label: str | None = None, value: str | None = None) -> list[dict[str, Any]]:
+    def in_namespace(
+        self, namespace: str, *, label: str | None = None, value: str | None = None
+    ) -> list[dict[str, Any]]:
         """The objects of a namespace, optionally only those whose `label` equals `value`."""
         return [
             obj
             for (ns, _), obj in self._objects.items()
-            if ns == namespace and (label is None or (obj["metadata"].get("labels") or {}).get(label) == value)
+            if ns == namespace
+            and (label is None or (obj["metadata"].get("labels") or {}).get(label) == value)
         ]
 
     def observe(self, event: dict[str, Any]) -> dict[str, Any] | None:
@@ -88,7 +126,7 @@ class ObjectCache:
             if rv != want and same_object and self._clock() - since < self._echo_timeout:
                 return obj  # older than the copy we hold: the watch has not caught up yet
             del self._awaiting[key]
-        self._objects[key] = _trimmed(obj)
+        self._objects[key] = self._keep(obj)
         return obj
 
     def remember(self, obj: dict[str, Any]) -> None:
@@ -97,5 +135,5 @@ class ObjectCache:
         rv = obj["metadata"].get("resourceVersion", "")
         if rv in self._seen.get(key, ()):
             return  # the watch delivered it already; what the cache holds is as new or newer
-        self._objects[key] = _trimmed(obj)
+        self._objects[key] = self._keep(obj)
         self._awaiting[key] = (rv, self._clock())

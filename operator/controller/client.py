@@ -18,7 +18,8 @@ with capped exponential backoff and jitter, honouring Retry-After; anything else
 at once. A 409 on a status write raises `Conflict`, which the reconcile loop answers by re-reading
 the object and reconciling again.
 
-Children are written with server-side apply (`application/apply-patch+yaml`, one field manager,
+A run's RayJob is created (POST: a 409 says one of that name exists, see mlpipeline/reconcile.py); other
+children are written with server-side apply (`application/apply-patch+yaml`, one field manager,
 `force=true`: the operator owns what it applies); status with a JSON merge patch carrying the
 resourceVersion read (optimistic concurrency).
 """
@@ -65,9 +66,18 @@ class Client(Protocol):
 
     async def get(self, path: str, *, resource: str = "") -> dict[str, Any] | None: ...
 
-    async def list(self, path: str, *, label_selector: str | None = None, resource: str = "") -> list[dict[str, Any]]: ...
+    async def list(
+        self,
+        path: str,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        resource: str = "",
+    ) -> list[dict[str, Any]]: ...
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]: ...
+
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any]: ...
 
     async def patch_status(self, obj: Mapping[str, Any], status_patch: dict[str, Any]) -> dict[str, Any]: ...
 
@@ -167,7 +177,9 @@ class ApiClient:
             attempt += 1
             started = time.monotonic()
             try:
-                async with session.request(method, self.server + path, params=params, data=data, headers=headers) as resp:
+                async with session.request(
+                    method, self.server + path, params=params, data=data, headers=headers
+                ) as resp:
                     text = await resp.text()
                     code = resp.status
                     retry_after = resp.headers.get("Retry-After")
@@ -218,9 +230,18 @@ class ApiClient:
         except NotFound:
             return None
 
-    async def list(self, path: str, *, label_selector: str | None = None, resource: str = "") -> list[dict[str, Any]]:
-        params = {"labelSelector": label_selector} if label_selector else None
-        result = await self.request("GET", path, params=params, resource=resource)
+    async def list(
+        self,
+        path: str,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        resource: str = "",
+    ) -> list[dict[str, Any]]:
+        params = {"labelSelector": label_selector} if label_selector else {}
+        if field_selector:
+            params["fieldSelector"] = field_selector
+        result = await self.request("GET", path, params=params or None, resource=resource)
         api_version, kind = result.get("apiVersion", ""), result.get("kind", "").removesuffix("List")
         items = result.get("items") or []
         for item in items:  # list items come without apiVersion/kind
@@ -236,6 +257,22 @@ class ApiClient:
             params={"fieldManager": self.field_manager, "force": "true"},
             body=manifest,
             content_type="application/apply-patch+yaml",
+            resource=manifest["kind"],
+        )
+
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Create the object under the operator's field manager; `Conflict` (409 AlreadyExists) when an
+        object of that name exists: the apiserver's own answer, atomic, where a read first would race."""
+        meta = manifest["metadata"]
+        return await self.request(
+            "POST",
+            resource_path(
+                manifest["apiVersion"],
+                PLURALS[(manifest["apiVersion"], manifest["kind"])],
+                meta.get("namespace"),
+            ),
+            params={"fieldManager": self.field_manager},
+            body=manifest,
             resource=manifest["kind"],
         )
 
@@ -291,4 +328,3 @@ class ApiClient:
             )
         except ApiError as e:  # an event lost is no reason to fail a reconcile
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], e)
-

@@ -1,5 +1,9 @@
-"""Events for transitions, posted by one background task: best-effort, so a reconcile never waits on
-them and a burst (200 new objects) does not crowd out the writes that matter."""
+"""Events for transitions, posted in the background: best-effort, so a reconcile never waits on them.
+
+A few posters work the queue at once (`concurrency`): one alone, at one round trip per event, fell
+minutes behind a burst of 2,000 new objects and was still posting their events long after every status
+had settled, as if the operator kept writing while idle. Posting order across objects is not kept (each
+event carries its own timestamp)."""
 
 from __future__ import annotations
 
@@ -15,16 +19,20 @@ class EventSink(Protocol):
 
 
 class EventPoster:
-    def __init__(self, sink: EventSink) -> None:
+    def __init__(self, sink: EventSink, concurrency: int = 8) -> None:
         self._sink = sink
         self._queue: asyncio.Queue[tuple[dict[str, Any], Event]] = asyncio.Queue()
-        self._task: asyncio.Task[None] | None = None
+        self._concurrency = concurrency
+        self._tasks: list[asyncio.Task[None]] = []
 
     def post(self, obj: dict[str, Any], events: list[Event]) -> None:
         for event in events:
             self._queue.put_nowait((obj, event))
-        if events and (self._task is None or self._task.done()):
-            self._task = asyncio.create_task(self._run(), name="events")
+        if not events:
+            return
+        self._tasks = [t for t in self._tasks if not t.done()]
+        while len(self._tasks) < min(self._concurrency, self._queue.qsize() + len(self._tasks)):
+            self._tasks.append(asyncio.create_task(self._run(), name=f"events-{len(self._tasks)}"))
 
     async def _run(self) -> None:
         while True:
@@ -36,8 +44,9 @@ class EventPoster:
 
     async def drain(self, timeout: float = 5.0) -> None:
         """Let the queued events out (bounded), then stop."""
-        if self._task is None:
+        if not self._tasks:
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._queue.join(), timeout=timeout)
-        self._task.cancel()
+        for task in self._tasks:
+            task.cancel()

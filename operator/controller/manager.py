@@ -9,18 +9,23 @@ the kopf handlers (handlers.py) only feed the caches and the queues.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from conveyor.operator.controller import metrics
-from conveyor.operator.controller.cache import Key, ObjectCache
-from conveyor.operator.controller.client import Client
+from conveyor.operator.controller.cache import Key, ObjectCache, keep_spec_fields
+from conveyor.operator.controller.client import Client, resource_path
 from conveyor.operator.controller.events import Event, EventPoster
 from conveyor.operator.controller.leader import LeaseConfig
 from conveyor.operator.controller.prometheus import Prometheus
 from conveyor.operator.controller.workqueue import WorkQueue
+
+# How old a namespace's list of Warning events may be when a stalled run reads it (it is rechecked every
+# 15 s; a fault must show in its status within the minute).
+WARNINGS_MAX_AGE = 5.0
 
 
 @dataclass
@@ -62,7 +67,8 @@ class Operator:
     clock: Callable[[], datetime] = lambda: datetime.now(UTC)
     pipelines: ObjectCache = field(default_factory=ObjectCache)
     deployments: ObjectCache = field(default_factory=ObjectCache)
-    rayjobs: ObjectCache = field(default_factory=ObjectCache)
+    # Of a RayJob the reconcilers read metadata, status and spec.suspend only (runs.py, blockers.py).
+    rayjobs: ObjectCache = field(default_factory=lambda: ObjectCache(project=keep_spec_fields("suspend")))
     isvcs: ObjectCache = field(default_factory=ObjectCache)
     batches: ObjectCache = field(default_factory=ObjectCache)
     # Committed registry versions never change: a positive lookup is cached for good.
@@ -85,7 +91,9 @@ class Operator:
             return await reconcile_deployment(self, key)
 
         self.pipeline_queue = WorkQueue("MLPipeline", pipeline, workers=self.config.pipeline_workers)
-        self.deployment_queue = WorkQueue("ModelDeployment", deployment, workers=self.config.deployment_workers)
+        self.deployment_queue = WorkQueue(
+            "ModelDeployment", deployment, workers=self.config.deployment_workers
+        )
 
         async def batch(key: Key) -> float | None:
             return await reconcile_batch(self, key)
@@ -96,6 +104,8 @@ class Operator:
         if self.prometheus is None and self.config.prometheus_url:
             self.prometheus = Prometheus(self.config.prometheus_url)
         self._resync_task: asyncio.Task[None] | None = None
+        self._warnings: dict[str, tuple[float, list[dict[str, Any]]]] = {}
+        self._warnings_lock = asyncio.Lock()
 
     def registry(self, uri: str, name: str) -> Any:
         key = (uri, name)
@@ -106,6 +116,19 @@ class Operator:
     def emit(self, obj: dict[str, Any], events: list[Event]) -> None:
         self._events.post(obj, events)
 
+    async def warning_events(self, namespace: str, max_age: float = WARNINGS_MAX_AGE) -> list[dict[str, Any]]:
+        """The Warning events of a namespace (a field selector: the apiserver filters them), read at most
+        once per `max_age` seconds and shared by every stalled run that looks for why it does not start
+        (a thousand pending runs would otherwise each list every event of the namespace, every recheck)."""
+        async with self._warnings_lock:
+            read = self._warnings.get(namespace)
+            if read is None or time.monotonic() - read[0] >= max_age:
+                events = await self.client.list(
+                    resource_path("v1", "events", namespace), field_selector="type=Warning", resource="Event"
+                )
+                read = self._warnings[namespace] = (time.monotonic(), events)
+            return read[1]
+
     def deployments_following(self, namespace: str, pipeline: dict[str, Any]) -> list[Key]:
         """ModelDeployments that take this pipeline's versions (named by it, or naming it)."""
         name = pipeline["metadata"]["name"]
@@ -113,12 +136,17 @@ class Operator:
         return [
             (namespace, md["metadata"]["name"])
             for md in self.deployments.in_namespace(namespace)
-            if md["metadata"]["name"] == target or ((md.get("spec") or {}).get("model") or {}).get("pipeline") == name
+            if md["metadata"]["name"] == target
+            or ((md.get("spec") or {}).get("model") or {}).get("pipeline") == name
         ]
 
     def update_gauges(self) -> None:
-        metrics.ACTIVE_RUNS.set(sum(1 for p in self.pipelines.values() if (p.get("status") or {}).get("activeRun") is not None))
-        metrics.ACTIVE_ROLLOUTS.set(sum(1 for d in self.deployments.values() if (d.get("status") or {}).get("canaryVersion")))
+        metrics.ACTIVE_RUNS.set(
+            sum(1 for p in self.pipelines.values() if (p.get("status") or {}).get("activeRun") is not None)
+        )
+        metrics.ACTIVE_ROLLOUTS.set(
+            sum(1 for d in self.deployments.values() if (d.get("status") or {}).get("canaryVersion"))
+        )
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -7,10 +7,10 @@ observe: the pipeline and its RayJobs from the cache; a live GET for an active r
          For a run pending past blockers.STALLED_AFTER: its RayCluster, pods and the events on them (and
          on its RayJob), read once, to say why it does not start.
 plan:    `plan.plan_pipeline` -> the status, the run to start, the RayJobs to delete, the events.
-act:     before creating a RayJob, one live LIST asks the apiserver whether a RayJob of this pipeline
-         exists that the snapshot did not know (made just before a restart); if so the reconcile is
-         requeued to plan again from a snapshot that holds it, instead of creating a second one. Then
-         the RayJob and its ConfigMap are applied, deletions made, status written once, events posted.
+act:     the run's RayJob is created (a POST: the apiserver refuses a second one of the name with a 409,
+         when one made just before a restart is not in the snapshot yet; the reconcile is then requeued
+         to plan again from a snapshot that holds it); its ConfigMap applied, deletions made, status
+         written once, events posted.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from conveyor.operator.controller import conditions as c
 from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key
-from conveyor.operator.controller.client import NotFound, resource_path
+from conveyor.operator.controller.client import Conflict, NotFound, object_path, resource_path
 from conveyor.operator.controller.runs import (
     ACTIVE,
     PENDING,
@@ -144,7 +144,18 @@ async def observe(op: Operator, key: Key) -> PipelineSnapshot | None:
     now = op.clock()
     blockers = await _start_blockers(op, namespace, status, rayjobs, now)
     return PipelineSnapshot(
-        key, obj, spec, invalid, rayjobs, frozenset(missing), gate, deploy_target, now, reports, drift, blockers
+        key,
+        obj,
+        spec,
+        invalid,
+        rayjobs,
+        frozenset(missing),
+        gate,
+        deploy_target,
+        now,
+        reports,
+        drift,
+        blockers,
     )
 
 
@@ -165,7 +176,11 @@ async def _start_blockers(
             if queued is not None:
                 found[run["run"]] = queued
             continue
-        if (now - started).total_seconds() < STALLED_AFTER or rayjob_state(rj).reason not in ("Created", "New", "Initializing"):
+        if (now - started).total_seconds() < STALLED_AFTER or rayjob_state(rj).reason not in (
+            "Created",
+            "New",
+            "Initializing",
+        ):
             continue
         blocker = await _read_blocker(op, namespace, rj)
         if blocker is not None:
@@ -179,7 +194,9 @@ async def _workloads(op: Operator, namespace: str, rayjob: dict[str, Any]) -> li
     for version in ("v1beta2", "v1beta1"):
         try:
             return await op.client.list(
-                resource_path(f"kueue.x-k8s.io/{version}", "workloads", namespace), label_selector=selector, resource="Workload"
+                resource_path(f"kueue.x-k8s.io/{version}", "workloads", namespace),
+                label_selector=selector,
+                resource="Workload",
             )
         except NotFound:
             continue
@@ -193,15 +210,16 @@ async def _read_blocker(op: Operator, namespace: str, rayjob: dict[str, Any]) ->
     job, cluster = rayjob["metadata"]["name"], (rayjob.get("status") or {}).get("rayClusterName")
     raycluster = None
     if cluster:
-        raycluster = await op.client.get(resource_path("ray.io/v1", "rayclusters", namespace, cluster), resource="RayCluster")
+        raycluster = await op.client.get(
+            resource_path("ray.io/v1", "rayclusters", namespace, cluster), resource="RayCluster"
+        )
 
     def about_the_run(event: dict[str, Any]) -> bool:
         name = (event.get("involvedObject") or {}).get("name") or ""
         return name == job or bool(cluster) and (name == cluster or name.startswith(f"{cluster}-"))
 
-    events = await op.client.list(resource_path("v1", "events", namespace), resource="Event")
     mine = sorted(
-        (e for e in events if about_the_run(e)),
+        (e for e in await op.warning_events(namespace) if about_the_run(e)),
         key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or "",
         reverse=True,  # the newest first
     )
@@ -217,7 +235,9 @@ def _drift_signal(op: Operator, namespace: str, pipeline: str) -> DriftSignal | 
         drifted = c.get_condition((md.get("status") or {}).get("conditions"), c.DRIFTED) or {}
         if drifted.get("status") == c.TRUE and drifted.get("lastTransitionTime"):
             cooldown = parse_duration(monitoring.get("retrainCooldown") or "1h").total_seconds()
-            return DriftSignal(md["metadata"]["name"], drifted["lastTransitionTime"], drifted.get("message", ""), cooldown)
+            return DriftSignal(
+                md["metadata"]["name"], drifted["lastTransitionTime"], drifted.get("message", ""), cooldown
+            )
     return None
 
 
@@ -230,7 +250,9 @@ async def _confirm_missing(
         n = run["run"]
         if run.get("outcome") not in ACTIVE or n in rayjobs:
             continue
-        live = await op.client.get(resource_path("ray.io/v1", "rayjobs", namespace, rayjob_name(name, n)), resource="RayJob")
+        live = await op.client.get(
+            resource_path("ray.io/v1", "rayjobs", namespace, rayjob_name(name, n)), resource="RayJob"
+        )
         if live is None:
             missing.add(n)
             continue
@@ -255,8 +277,12 @@ def _deploy_target(op: Operator, namespace: str, pipeline: str, spec: MLPipeline
     serving = None
     stable = (md.get("status") or {}).get("stableVersion")
     if stable and model.get("registryUri") and model.get("name"):
-        serving = DeployedModel(version=stable, package_uri=package_uri(model["registryUri"], model["name"], stable))
-    return DeployTarget(name, exists=True, follows=follows, pinned_version=None if follows else pinned, serving=serving)
+        serving = DeployedModel(
+            version=stable, package_uri=package_uri(model["registryUri"], model["name"], stable)
+        )
+    return DeployTarget(
+        name, exists=True, follows=follows, pinned_version=None if follows else pinned, serving=serving
+    )
 
 
 def _judge(
@@ -269,10 +295,16 @@ def _judge(
         version = (md.get("status") or {}).get("stableVersion")
         model = (md.get("spec") or {}).get("model") or {}
         if version:
-            registry = op.registry(model["registryUri"], model["name"]) if model.get("registryUri") and model.get("name") else None
+            registry = (
+                op.registry(model["registryUri"], model["name"])
+                if model.get("registryUri") and model.get("name")
+                else None
+            )
             deployed = (version, registry)
     registry = op.registry(spec.registry.uri, spec.registry.model_name)
-    return judge_run(registry, spec.evaluation, pipeline=pipeline, namespace=namespace, run=run, deployed=deployed)
+    return judge_run(
+        registry, spec.evaluation, pipeline=pipeline, namespace=namespace, run=run, deployed=deployed
+    )
 
 
 # ---------------------------------------------------------------- act
@@ -282,18 +314,27 @@ async def act(op: Operator, s: PipelineSnapshot, plan: PipelinePlan) -> None:
     namespace, name = s.key
     if plan.start_run is not None:
         assert s.spec is not None
-        await _refuse_unknown_rayjobs(op, s)
-        created = await op.client.apply(build_rayjob(s.pipeline, s.spec, plan.start_run, plan.start_trigger or ""))
+        created = await _create_rayjob(
+            op, build_rayjob(s.pipeline, s.spec, plan.start_run, plan.start_trigger or "")
+        )
         op.rayjobs.remember(created)
         serving = s.deploy_target.serving if s.deploy_target is not None else None
         await op.client.apply(build_run_configmap(s.pipeline, s.spec, plan.start_run, created, serving))
         log.info("%s/%s: run %d started (%s)", namespace, name, plan.start_run, plan.start_trigger)
-    if plan.reject_versions and s.spec is not None:  # before the status says GateFailed: latest must skip them
+    if (
+        plan.reject_versions and s.spec is not None
+    ):  # before the status says GateFailed: latest must skip them
         registry = op.registry(s.spec.registry.uri, s.spec.registry.model_name)
         for version, why in plan.reject_versions.items():
             await asyncio.to_thread(registry.reject, version, why[:1000])
     for rj_name in plan.delete_rayjobs:
-        await op.client.delete({"apiVersion": "ray.io/v1", "kind": "RayJob", "metadata": {"name": rj_name, "namespace": namespace}})
+        await op.client.delete(
+            {
+                "apiVersion": "ray.io/v1",
+                "kind": "RayJob",
+                "metadata": {"name": rj_name, "namespace": namespace},
+            }
+        )
     old = s.pipeline.get("status") or {}
     await write_status(op.client, op.pipelines, s.pipeline, plan.status)
     for run in plan.status.get("runs") or []:  # counted once: only after the status recorded it
@@ -307,15 +348,19 @@ async def act(op: Operator, s: PipelineSnapshot, plan: PipelinePlan) -> None:
     op.update_gauges()
 
 
-async def _refuse_unknown_rayjobs(op: Operator, s: PipelineSnapshot) -> None:
-    """The cache may lag behind a RayJob made just before a restart: ask the apiserver itself, and plan
-    again from a snapshot that holds any RayJob we did not know of (adopting it keeps one RayJob per run)."""
-    namespace, name = s.key
-    live = await op.client.list(
-        resource_path("ray.io/v1", "rayjobs", namespace), label_selector=f"{LABEL_PIPELINE}={name}", resource="RayJob"
-    )
-    unknown = [rj for n, rj in rayjobs_by_run(live).items() if n not in s.rayjobs]
-    for rj in unknown:
-        op.rayjobs.remember(rj)
-    if unknown:
-        raise Requeue(0.0)
+async def _create_rayjob(op: Operator, rayjob: dict[str, Any]) -> dict[str, Any]:
+    """Create the run's RayJob, unless one of its name exists that the snapshot did not know (the cache
+    may lag behind a RayJob made just before a restart, whose run the status never recorded: a run's
+    RayJob is created before the status that records it). The apiserver's 409 says so, atomically; the
+    RayJob is read into the cache and the reconcile requeued to plan again from a snapshot that holds
+    it (adopting it keeps one RayJob per run). Only the run planned can have such an orphan: the planner
+    numbers a new run lastRun + 1, and the status records each run before the next one's RayJob exists."""
+    try:
+        return await op.client.create(rayjob)
+    except Conflict:
+        live = await op.client.get(object_path(rayjob), resource="RayJob")
+        if live is not None:
+            live.setdefault("apiVersion", "ray.io/v1")
+            live.setdefault("kind", "RayJob")
+            op.rayjobs.remember(live)
+        raise Requeue(0.0) from None

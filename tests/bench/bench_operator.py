@@ -82,8 +82,10 @@ class ChildWatch:
         listed = self._api.list_namespaced_custom_object(*self._args)
         self._ready.set()
         for ev in self._watch.stream(
-            self._api.list_namespaced_custom_object, *self._args,
-            resource_version=listed["metadata"]["resourceVersion"], timeout_seconds=900,
+            self._api.list_namespaced_custom_object,
+            *self._args,
+            resource_version=listed["metadata"]["resourceVersion"],
+            timeout_seconds=900,
         ):
             self.seen.setdefault(ev["object"]["metadata"]["name"], time.monotonic())
 
@@ -117,18 +119,69 @@ def isvc_body(name: str, uri: str) -> dict[str, Any]:
 
 def apiserver_writes(api: client.ApiClient) -> dict[str, float]:
     """apiserver_request_total for our kinds and their children, non-GET verbs, by verb/resource."""
-    text = api.call_api("/metrics", "GET", auth_settings=["BearerToken"], response_type="str", _preload_content=False)[0].data.decode()
+    text = api.call_api(
+        "/metrics", "GET", auth_settings=["BearerToken"], response_type="str", _preload_content=False
+    )[0].data.decode()
     out: dict[str, float] = {}
-    samples = (s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "apiserver_request_total")
+    samples = (
+        s
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "apiserver_request_total"
+    )
     for sample in samples:
         fields = sample.labels
         if fields.get("verb") in ("GET", "LIST", "WATCH", "CONNECT"):
             continue
         if fields.get("resource") not in ("modeldeployments", "inferenceservices", "events"):
             continue
-        key = f'{fields["verb"]} {fields["resource"]}{"/" + fields["subresource"] if fields.get("subresource") else ""}'
+        key = f"{fields['verb']} {fields['resource']}{'/' + fields['subresource'] if fields.get('subresource') else ''}"
         out[key] = out.get(key, 0.0) + sample.value
     return out
+
+
+def audited_operator_writes(kubeconfig: str, namespace: str, since: str, until: str) -> dict[str, int]:
+    """From the apiserver's audit log (hack/local-cluster.sh logs every write at Metadata level): the
+    operator's writes (its User-Agent) in `namespace` received in [since, until), by verb, resource and
+    object ("patch mlpipelines/status p0001"); events by verb only (their names are generated)."""
+    log = Path(kubeconfig).parent / "logs" / "audit.log"
+    out: dict[str, int] = {}
+    if not log.exists():
+        return out
+    with log.open() as f:
+        for line in f:
+            if '"conveyor-operator/' not in line or namespace not in line:
+                continue
+            event = json.loads(line)
+            ref = event.get("objectRef") or {}
+            when = event.get("requestReceivedTimestamp") or ""
+            if (
+                ref.get("namespace") != namespace
+                or event.get("stage") != "ResponseComplete"
+                or not since <= when < until
+            ):
+                continue
+            resource = ref.get("resource", "") + ("/" + ref["subresource"] if ref.get("subresource") else "")
+            key = f"{event['verb']} {resource}" + ("" if resource == "events" else f" {ref.get('name', '')}")
+            out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def events_posted(core: client.CoreV1Api, namespace: str, since: str, until: str) -> dict[str, int]:
+    """Events the operator posted in `namespace` in [since, until), by involved kind and reason."""
+    out: dict[str, int] = {}
+    for e in core.list_namespaced_event(namespace).items:
+        stamp = e.first_timestamp or e.event_time
+        when = stamp.strftime("%Y-%m-%dT%H:%M:%S") if stamp else ""
+        if (e.reporting_component or "") != "conveyor-operator" or not since[:19] <= when < until[:19]:
+            continue
+        key = f"{e.involved_object.kind} {e.reason}"
+        out[key] = out.get(key, 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() % 1 * 1e6):06d}Z"
 
 
 def proc_memory(pid: int) -> dict[str, float]:
@@ -150,10 +203,17 @@ def rayjob_body(name: str, registry: str) -> dict[str, Any]:
     from conveyor.operator.mlpipeline.build import build_rayjob
     from conveyor.runtime.spec import MLPipelineSpec
 
-    pipeline = {"apiVersion": "conveyor.dev/v1alpha1", "kind": "MLPipeline",
-                "metadata": {"name": name, "namespace": "x", "uid": "u", "generation": 1}, "spec": pipeline_spec(registry)}
+    pipeline = {
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "MLPipeline",
+        "metadata": {"name": name, "namespace": "x", "uid": "u", "generation": 1},
+        "spec": pipeline_spec(registry),
+    }
     body = build_rayjob(pipeline, MLPipelineSpec.model_validate(pipeline["spec"]), 1)
-    body["metadata"] = {"name": f"{name}-1", "labels": body["metadata"]["labels"]}  # no owner: nothing to collect it
+    body["metadata"] = {
+        "name": f"{name}-1",
+        "labels": body["metadata"]["labels"],
+    }  # no owner: nothing to collect it
     return body
 
 
@@ -207,10 +267,19 @@ def run_benchmark(
         isvcs = ChildWatch(api, ns_direct, "serving.kserve.io", "v1beta1", "inferenceservices")
         rayjobs = ChildWatch(api, ns_direct, "ray.io", "v1", "rayjobs")
         t0 = time.monotonic()
-        create_all(lambda w: custom.create_namespaced_custom_object(
-            *(("serving.kserve.io", "v1beta1", ns_direct, "inferenceservices", isvc_body(w[1], uri)) if w[0] == "md"
-              else ("ray.io", "v1", ns_direct, "rayjobs", rayjob_body(w[1], registry)))), work)
-        wait_for("all direct children seen", lambda: len(isvcs.seen) + len(rayjobs.seen) == len(work), timeout=600)
+        create_all(
+            lambda w: custom.create_namespaced_custom_object(
+                *(
+                    ("serving.kserve.io", "v1beta1", ns_direct, "inferenceservices", isvc_body(w[1], uri))
+                    if w[0] == "md"
+                    else ("ray.io", "v1", ns_direct, "rayjobs", rayjob_body(w[1], registry))
+                )
+            ),
+            work,
+        )
+        wait_for(
+            "all direct children seen", lambda: len(isvcs.seen) + len(rayjobs.seen) == len(work), timeout=600
+        )
         direct_seen = {**isvcs.seen, **{n.removesuffix("-1"): t for n, t in rayjobs.seen.items()}}
         for w in (isvcs, rayjobs):
             w.stop()
@@ -223,26 +292,66 @@ def run_benchmark(
         rayjobs = ChildWatch(api, ns_op, "ray.io", "v1", "rayjobs")
         md_spec = {"model": {"registryUri": registry, "name": "fraud", "version": version}}
         t0 = time.monotonic()
-        applied = create_all(lambda w: custom.create_namespaced_custom_object(
-            "conveyor.dev", "v1alpha1", ns_op, *(
-                ("modeldeployments", {"apiVersion": "conveyor.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": w[1]}, "spec": md_spec})
-                if w[0] == "md" else
-                ("mlpipelines", {"apiVersion": "conveyor.dev/v1alpha1", "kind": "MLPipeline", "metadata": {"name": w[1]}, "spec": pipeline_spec(registry)}))), work)
+        applied = create_all(
+            lambda w: custom.create_namespaced_custom_object(
+                "conveyor.dev",
+                "v1alpha1",
+                ns_op,
+                *(
+                    (
+                        "modeldeployments",
+                        {
+                            "apiVersion": "conveyor.dev/v1alpha1",
+                            "kind": "ModelDeployment",
+                            "metadata": {"name": w[1]},
+                            "spec": md_spec,
+                        },
+                    )
+                    if w[0] == "md"
+                    else (
+                        "mlpipelines",
+                        {
+                            "apiVersion": "conveyor.dev/v1alpha1",
+                            "kind": "MLPipeline",
+                            "metadata": {"name": w[1]},
+                            "spec": pipeline_spec(registry),
+                        },
+                    )
+                ),
+            ),
+            work,
+        )
         applied_s = time.monotonic() - t0
-        wait_for("all operator children seen", lambda: len(isvcs.seen) + len(rayjobs.seen) == len(work), timeout=900, interval=0.5)
+        wait_for(
+            "all operator children seen",
+            lambda: len(isvcs.seen) + len(rayjobs.seen) == len(work),
+            timeout=900,
+            interval=0.5,
+        )
         seen = {**isvcs.seen, **{n.removesuffix("-1"): t for n, t in rayjobs.seen.items()}}
         for w in (isvcs, rayjobs):
             w.stop()
         operator = summary([seen[n] - t0 for _, n in work])
         per_object = summary([seen[n] - applied[w] for w in work for n in [w[1]]])
-        per_kind = {kind: summary([seen[w[1]] - applied[w] for w in work if w[0] == kind])
-                    for kind in ("md", "mlp") if any(w[0] == kind for w in work)}
+        per_kind = {
+            kind: summary([seen[w[1]] - applied[w] for w in work if w[0] == kind])
+            for kind in ("md", "mlp")
+            if any(w[0] == kind for w in work)
+        }
 
         def settled() -> bool:
-            mds = custom.list_namespaced_custom_object("conveyor.dev", "v1alpha1", ns_op, "modeldeployments")["items"]
-            mlps = custom.list_namespaced_custom_object("conveyor.dev", "v1alpha1", ns_op, "mlpipelines")["items"]
-            return (all((i.get("status") or {}).get("stableVersion") == version for i in mds) and len(mds) == count
-                    and all((i.get("status") or {}).get("lastRun") == 1 for i in mlps) and len(mlps) == pipelines)
+            mds = custom.list_namespaced_custom_object("conveyor.dev", "v1alpha1", ns_op, "modeldeployments")[
+                "items"
+            ]
+            mlps = custom.list_namespaced_custom_object("conveyor.dev", "v1alpha1", ns_op, "mlpipelines")[
+                "items"
+            ]
+            return (
+                all((i.get("status") or {}).get("stableVersion") == version for i in mds)
+                and len(mds) == count
+                and all((i.get("status") or {}).get("lastRun") == 1 for i in mlps)
+                and len(mlps) == pipelines
+            )
 
         wait_for("every object's status written", settled, timeout=600, interval=1)
         burst_s = max(seen.values()) - t0
@@ -251,15 +360,22 @@ def run_benchmark(
         time.sleep(5)  # let the last watch events of our own writes come back and be reconciled
 
         # 3. Idle.
-        op_before, api_before = op.writes(), apiserver_writes(api)
+        op_before, api_before, idle_from = op.writes(), apiserver_writes(api), utc_now()
         time.sleep(idle)
-        op_after, api_after = op.writes(), apiserver_writes(api)
+        op_after, api_after, idle_until = op.writes(), apiserver_writes(api), utc_now()
+        time.sleep(1)  # the audit log's last lines
+        idle_audited = audited_operator_writes(kubeconfig, ns_op, idle_from, idle_until)
+        idle_events = events_posted(core, ns_op, idle_from, idle_until)
         api_delta = {k: api_after.get(k, 0) - api_before.get(k, 0) for k in set(api_after) | set(api_before)}
         memory = proc_memory(op.proc.pid)  # type: ignore[union-attr]
         reconciles = op.metric("conveyor_reconcile_total")
         api_latency = {
-            verb: round(1000 * op.metric("conveyor_api_request_duration_seconds_sum", verb=verb)
-                        / max(1.0, op.metric("conveyor_api_request_duration_seconds_count", verb=verb)), 1)
+            verb: round(
+                1000
+                * op.metric("conveyor_api_request_duration_seconds_sum", verb=verb)
+                / max(1.0, op.metric("conveyor_api_request_duration_seconds_count", verb=verb)),
+                1,
+            )
             for verb in ("GET", "PATCH", "POST")
         }
         direct_rate = len(work) / direct["all_exist_s"]
@@ -276,16 +392,23 @@ def run_benchmark(
                 "apply_all_s": round(applied_s, 3),
                 "apply_to_child_exists_per_object": per_object,
                 "apply_to_child_exists_by_kind": {
-                    {"md": "ModelDeployment->InferenceService", "mlp": "MLPipeline->RayJob"}[k]: v for k, v in per_kind.items()},
+                    {"md": "ModelDeployment->InferenceService", "mlp": "MLPipeline->RayJob"}[k]: v
+                    for k, v in per_kind.items()
+                },
                 "api_writes_during_burst": burst_writes,
                 "cpu_seconds_until_settled": round(fanout_cpu, 2),
                 "args": list(operator_args),
             },
             "operator_vs_direct_all_exist": round(operator["all_exist_s"] / direct["all_exist_s"], 2),
             "goals": {
-                "write_rate_vs_direct_create_rate": {"value": round(operator_write_rate / direct_rate, 2), "goal": ">= 0.5"},
+                "write_rate_vs_direct_create_rate": {
+                    "value": round(operator_write_rate / direct_rate, 2),
+                    "goal": ">= 0.5",
+                },
                 "last_applied_to_last_child_vs_direct_create_time": {
-                    "value": round(last_applied_to_last_child / direct["all_exist_s"], 2), "goal": "<= 2"},
+                    "value": round(last_applied_to_last_child / direct["all_exist_s"], 2),
+                    "goal": "<= 2",
+                },
                 "p99_apply_to_child_exists_s": per_object["p99_s"],
                 "idle_api_writes": {"value": op_after - op_before, "goal": "0"},
                 "rss_mib": {"value": memory["rss_mib"], "goal": "< 150"},
@@ -294,6 +417,9 @@ def run_benchmark(
                 "seconds": idle,
                 "operator_api_writes": op_after - op_before,
                 "apiserver_writes_on_our_resources": {k: v for k, v in sorted(api_delta.items()) if v},
+                "operator_writes_audited": dict(list(idle_audited.items())[:20]),
+                "operator_writes_audited_total": sum(idle_audited.values()),
+                "events_posted_by_kind_reason": idle_events,
                 "note": "apiserver figures count every client on the shared local cluster; the operator's own counter counts only its requests",
             },
             "operator_memory": memory,
@@ -341,10 +467,26 @@ def main() -> None:
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"))
     p.add_argument("--operator-arg", action="append", default=[], help="extra operator flag (repeatable)")
     args = p.parse_args()
-    kubeconfig = args.kubeconfig or subprocess.run(
-        [str(ROOT / "hack" / "local-cluster.sh"), "up"], capture_output=True, text=True, check=True
-    ).stdout.strip().splitlines()[-1]
-    print(json.dumps(run_benchmark(kubeconfig, args.count, args.idle, operator_args=tuple(args.operator_arg), pipelines=args.pipelines), indent=2))
+    kubeconfig = (
+        args.kubeconfig
+        or subprocess.run(
+            [str(ROOT / "hack" / "local-cluster.sh"), "up"], capture_output=True, text=True, check=True
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    print(
+        json.dumps(
+            run_benchmark(
+                kubeconfig,
+                args.count,
+                args.idle,
+                operator_args=tuple(args.operator_arg),
+                pipelines=args.pipelines,
+            ),
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 It keeps objects by (plural, namespace, name) and plays the parts of the apiserver the reconcilers rely
 on: server-side apply creates or replaces what the manifest sets and bumps resourceVersion and (for a
 spec change) generation; a status patch carrying a resourceVersion that is not the current one is a 409
-(`Conflict`); LIST filters by one `label=value` selector. Every write is recorded in `writes`, so a test
+(`Conflict`), as is a create of an object that exists; LIST filters by one `label=value` selector
+(and one top-level `field=value`, an Event's type). Every write is recorded in `writes`, so a test
 can assert what a reconcile wrote and that a repeated one writes nothing. The integration tests run the
 same reconcilers against the real kube-apiserver.
 """
@@ -73,13 +74,24 @@ class FakeApi:
         obj = self.objects.get((plural, namespace, name or ""))
         return copy.deepcopy(obj) if obj is not None else None
 
-    async def list(self, path: str, *, label_selector: str | None = None, resource: str = "") -> list[dict[str, Any]]:
+    async def list(
+        self,
+        path: str,
+        *,
+        label_selector: str | None = None,
+        field_selector: str | None = None,
+        resource: str = "",
+    ) -> list[dict[str, Any]]:
         plural, namespace, _ = self._parse(path)
         label, _, value = (label_selector or "").partition("=")
+        field, _, wanted = (field_selector or "").partition("=")  # a top-level field only (an Event's type)
         return [
             copy.deepcopy(obj)
             for (p, ns, _), obj in self.objects.items()
-            if p == plural and ns == namespace and (not label or (obj["metadata"].get("labels") or {}).get(label) == value)
+            if p == plural
+            and ns == namespace
+            and (not label or (obj["metadata"].get("labels") or {}).get(label) == value)
+            and (not field or obj.get(field) == wanted)
         ]
 
     async def apply(self, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -103,11 +115,20 @@ class FakeApi:
         self.objects[key] = new
         return copy.deepcopy(new)
 
+    async def create(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        if self._key_of(manifest) in self.objects:
+            raise Conflict(409, f"{manifest['kind']} {manifest['metadata']['name']} already exists")
+        created = await self.apply(manifest)
+        self.writes[-1] = ("create", *self.writes[-1][1:])
+        return created
+
     async def patch_status(self, obj: Mapping[str, Any], status_patch: dict[str, Any]) -> dict[str, Any]:
         key = self._key_of(obj)
         stored = self.objects[key]
         if stored["metadata"]["resourceVersion"] != obj["metadata"]["resourceVersion"]:
-            raise Conflict(409, "the object has been modified; please apply your changes to the latest version")
+            raise Conflict(
+                409, "the object has been modified; please apply your changes to the latest version"
+            )
         self.writes.append(("status", obj["kind"], obj["metadata"]["name"]))
         status = stored.setdefault("status", {})
         _apply_merge(status, status_patch)
@@ -138,4 +159,3 @@ class FakeApi:
         if rest[0] != "namespaces":
             raise ValueError(f"the fake knows namespaced paths only: {path}")
         return rest[2], rest[1], rest[3] if len(rest) > 3 else None
-

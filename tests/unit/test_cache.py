@@ -60,3 +60,30 @@ def test_managed_fields_are_not_kept() -> None:
     cache = ObjectCache(clock=Clock())
     cache.observe({"type": "ADDED", "object": obj("a", managedFields=[{"manager": "kubectl"}])})
     assert "managedFields" not in cache.get(("ml", "p"))["metadata"]
+
+
+def test_the_cache_iterates_over_its_keys() -> None:
+    """The resync walks every cached key (it once raised TypeError and stopped resyncing for good)."""
+    cache = ObjectCache(clock=Clock())
+    cache.observe({"type": "ADDED", "object": obj("a")})
+    cache.observe(
+        {
+            "type": "ADDED",
+            "object": {"metadata": {"name": "q", "namespace": "ml", "uid": "u2", "resourceVersion": "b"}},
+        }
+    )
+    assert sorted(cache) == [("ml", "p"), ("ml", "q")]
+
+
+def test_a_projection_keeps_only_the_spec_fields_read() -> None:
+    from conveyor.operator.controller.cache import keep_spec_fields
+
+    cache = ObjectCache(clock=Clock(), project=keep_spec_fields("suspend"))
+    rayjob = obj("a", managedFields=[{"manager": "x"}], labels={"conveyor.dev/run": "1"})
+    rayjob.update(
+        spec={"suspend": True, "rayClusterSpec": {"headGroupSpec": {}}}, status={"jobStatus": "RUNNING"}
+    )
+    cache.observe({"type": "ADDED", "object": rayjob})
+    kept = cache.get(("ml", "p"))
+    assert kept["spec"] == {"suspend": True} and kept["status"] == {"jobStatus": "RUNNING"}
+    assert kept["metadata"]["labels"] == {"conveyor.dev/run": "1"} and "managedFields" not in kept["metadata"]

@@ -82,9 +82,17 @@ def test_pipeline_create_then_noop(registry: str) -> None:
     async def scenario(op: Operator, api: FakeApi) -> None:
         op.pipelines.remember(api.put(pipeline(registry)))
         await reconcile_pipeline(op, (NS, "fraud"))
-        assert api.writes == [("apply", "RayJob", "fraud-1"), ("apply", "ConfigMap", "fraud-1-config"), ("status", "MLPipeline", "fraud")]
+        assert api.writes == [
+            ("create", "RayJob", "fraud-1"),
+            ("apply", "ConfigMap", "fraud-1-config"),
+            ("status", "MLPipeline", "fraud"),
+        ]
         status = api.find("MLPipeline", NS, "fraud")["status"]  # type: ignore[index]
-        assert status["lastRun"] == 1 and status["runs"][0]["trigger"] == "Created" and status["phase"] == "Pending"
+        assert (
+            status["lastRun"] == 1
+            and status["runs"][0]["trigger"] == "Created"
+            and status["phase"] == "Pending"
+        )
         # The watch would now deliver the written objects; a second pass changes nothing and writes nothing.
         op.pipelines.remember(api.find("MLPipeline", NS, "fraud"))  # type: ignore[arg-type]
         api.writes.clear()
@@ -120,7 +128,11 @@ def test_pipeline_adopts_a_rayjob_created_before_a_crash(registry: str) -> None:
             await reconcile_pipeline(op, (NS, "fraud"))
         assert api.writes == []
         await reconcile_pipeline(op, (NS, "fraud"))
-        assert ("apply", "RayJob", "fraud-1") not in api.writes
+        assert ("create", "RayJob", "fraud-1") not in api.writes and (
+            "apply",
+            "RayJob",
+            "fraud-1",
+        ) not in api.writes
         status = api.find("MLPipeline", NS, "fraud")["status"]  # type: ignore[index]
         assert status["lastRun"] == 1 and status["runs"][0]["rayJob"] == "fraud-1"
         assert len(api.kinds("RayJob")) == 1
@@ -135,7 +147,9 @@ def test_pipeline_invalid_spec_names_the_field_and_builds_nothing(registry: str)
         op.pipelines.remember(api.put(obj))
         await reconcile_pipeline(op, (NS, "fraud"))
         assert api.kinds("RayJob") == []
-        accepted = next(c for c in api.find("MLPipeline", NS, "fraud")["status"]["conditions"] if c["type"] == "Accepted")  # type: ignore[index]
+        accepted = next(
+            c for c in api.find("MLPipeline", NS, "fraud")["status"]["conditions"] if c["type"] == "Accepted"
+        )  # type: ignore[index]
         assert accepted["status"] == "False" and "spec.training.workerGroups[1].name" in accepted["message"]
 
     run(scenario)
@@ -203,7 +217,11 @@ def test_deployment_missing_version_is_degraded_not_applied(registry: str) -> No
         op.deployments.remember(api.put(deployment(registry, "v9")))
         await reconcile_deployment(op, (NS, "fraud"))
         assert api.kinds("InferenceService") == []
-        degraded = next(c for c in api.find("ModelDeployment", NS, "fraud")["status"]["conditions"] if c["type"] == "Degraded")  # type: ignore[index]
+        degraded = next(
+            c
+            for c in api.find("ModelDeployment", NS, "fraud")["status"]["conditions"]
+            if c["type"] == "Degraded"
+        )  # type: ignore[index]
         assert (degraded["status"], degraded["reason"]) == ("True", "VersionNotFound")
 
     run(scenario)
