@@ -124,7 +124,9 @@ class TreesSpec(_Model):
 
 class ModelArchitecture(_Model):
     """`mlp` or `xgboost` for tabular data, a torchvision classification model name (`resnet18`, ...) or
-    `cnn` for images, or `custom` with `module` (`package.module:function` building a torch.nn.Module)."""
+    `cnn` for images, `custom` with `module` (`package.module:function` building a torch.nn.Module), or
+    `auto`: `cnn` for images, `xgboost` for tables with a rare class, `mlp` for other tables
+    (``training.run.resolve_architecture``)."""
 
     architecture: str = "mlp"
     # Measured by tests/bench/bench_quality.py: [64, 32] was 1.4 points of accuracy behind SVC on digits.

@@ -3,8 +3,10 @@
 For each data set the default pipeline (a data contract that only names the task and label: no
 transforms, no hyperparameters, so every default applies: standardized numeric inputs, class weights for
 rare classes, a validation split with early stopping, a decision threshold chosen on it) trains through
-the real run (Ray Data, Ray Train, the registry), once with the default architecture (mlp) and once
-with ``xgboost``. The baselines (logistic regression and SVC on standardized inputs,
+the real run (Ray Data, Ray Train, the registry), once with each architecture asked for: the CRD's
+default (``mlp``), ``xgboost`` and ``auto`` (which picks by the data: trees for a table with a rare
+class, the MLP for other tables; ``training.run.resolve_architecture``; the architecture it picked is
+recorded as ``trained``). The baselines (logistic regression and SVC on standardized inputs,
 HistGradientBoosting; their regression counterparts Ridge, SVR and HistGradientBoostingRegressor; every
 one with scikit-learn's defaults) train on exactly the rows of the run's training split (the 80/20
 split, stratified for classification, seed 42) and are scored on exactly its test rows.
@@ -136,6 +138,7 @@ def _ours(case: dict[str, Any], config: Any, test: np.ndarray) -> dict[str, Any]
         if case["minority"]:
             out["minorityF1"] = m["f1:1"]
             out["decisionThreshold"] = m.get("decisionThreshold")
+    out["trained"] = pkg.manifest.get("architecture")
     out["epochsOrRounds"] = len(m["history"])
     out["bestEpoch"] = m.get("bestEpoch")
     return out
@@ -165,7 +168,13 @@ def _verdict(
     return verdict
 
 
-def run_benchmark(architectures: tuple[str, ...] = ("mlp", "xgboost"), out: Path = RESULTS) -> dict[str, Any]:
+def _loadavg() -> list[float]:
+    return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
+
+
+def run_benchmark(
+    architectures: tuple[str, ...] = ("mlp", "xgboost", "auto"), out: Path = RESULTS, note: str = ""
+) -> dict[str, Any]:
     import pandas as pd
     import ray
 
@@ -174,6 +183,7 @@ def run_benchmark(architectures: tuple[str, ...] = ("mlp", "xgboost"), out: Path
     if not ray.is_initialized():
         ray.init(num_cpus=int(os.environ.get("BENCH_RAY_CPUS", "2")), include_dashboard=False)
     cases = []
+    load_start = _loadavg()
     with tempfile.TemporaryDirectory() as tmp:
         for case in _datasets():
             frame = pd.DataFrame(case["x"], columns=[f"f{i}" for i in range(case["x"].shape[1])])
@@ -198,6 +208,10 @@ def run_benchmark(architectures: tuple[str, ...] = ("mlp", "xgboost"), out: Path
         "benchmark": "quality",
         "host": {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version()},
         "split": "80/20, stratified for classification, seed 42 (the run's own split; baselines use its rows)",
+        "architectures": list(architectures),
+        "loadavgStart": load_start,
+        "loadavgEnd": _loadavg(),
+        "note": note,
         "cases": cases,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -210,12 +224,13 @@ def test_bench_quality() -> None:
     doc = run_benchmark()
     # A benchmark records figures; it only checks that every path trained and was scored.
     for case in doc["cases"]:
-        assert case["baselines"] and all("goalMet" in case[a] for a in ("mlp", "xgboost"))
+        assert case["baselines"] and all("goalMet" in case[a] for a in ("mlp", "xgboost", "auto"))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--architectures", default="mlp,xgboost")
+    parser.add_argument("--architectures", default="mlp,xgboost,auto")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--note", default="", help="e.g. the machine's load while it ran")
     args = parser.parse_args()
-    run_benchmark(tuple(args.architectures.split(",")), args.out)
+    run_benchmark(tuple(args.architectures.split(",")), args.out, args.note)
