@@ -50,6 +50,7 @@ def test_restart_mid_run_picks_up_without_a_second_rayjob(
         status = cluster.status(MLP, "fraud")
         assert status["lastRun"] == 1 and len(status["runs"]) == 1
         # The restarted operator created nothing: only reads and the status writes.
+        assert second.metric("conveyor_api_requests_total", verb="POST", resource="RayJob") == 0
         assert second.metric("conveyor_api_requests_total", verb="PATCH", resource="RayJob") == 0
     finally:
         second.stop()
@@ -115,7 +116,7 @@ def test_metrics_and_liveness_endpoints(kubeconfig: str, cluster: Cluster, regis
         m = wait_until("active run gauge", op.metrics, lambda m: m.get("conveyor_active_runs") == 1.0)
         assert m['conveyor_reconcile_total{kind="MLPipeline",result="ok"}'] >= 1
         assert m['conveyor_reconcile_duration_seconds_count{kind="MLPipeline"}'] >= 1
-        assert op.metric("conveyor_api_requests_total", verb="PATCH", resource="RayJob") == 1  # the one apply
+        assert op.metric("conveyor_api_requests_total", verb="POST", resource="RayJob") == 1  # the one create
         assert op.metric("conveyor_api_requests_total", verb="PATCH", resource="ConfigMap") == 1
         with urllib.request.urlopen(f"http://127.0.0.1:{op.liveness_port}/healthz", timeout=5) as r:
             assert r.status == 200 and b"queued" in r.read()
