@@ -299,7 +299,9 @@ def evaluate_deployed(
             if len(batch) == 0:
                 continue
             if model.kind == "image":
-                raw = np.stack(batch[model.package.schema.get("imageField", "image")].to_numpy()).astype(np.float32)
+                raw = np.stack(batch[model.package.schema.get("imageField", "image")].to_numpy()).astype(
+                    np.float32
+                )
                 x = model.transform(raw[:, None] if raw.ndim == 3 else raw)
             else:
                 x = model.transform(batch[[f.name for f in model.package.transforms.features]])
@@ -308,9 +310,16 @@ def evaluate_deployed(
             if classification:
                 y = np.array([index.get(category_key(v), -1) for v in y_raw.tolist()], dtype=np.int64)
                 if (y < 0).any():
-                    unknown = sorted({category_key(v) for v, i in zip(y_raw.tolist(), y.tolist(), strict=True) if i < 0})
-                    return {**out, "error": f"the run's test split holds label(s) {unknown[:5]} the deployed "
-                            f"version does not know (its classes: {model.classes}): they cannot be compared"[:1000]}
+                    unknown = sorted(
+                        {category_key(v) for v, i in zip(y_raw.tolist(), y.tolist(), strict=True) if i < 0}
+                    )
+                    return {
+                        **out,
+                        "error": f"the run's test split holds label(s) {unknown[:5]} the deployed "
+                        f"version does not know (its classes: {model.classes}): they cannot be compared"[
+                            :1000
+                        ],
+                    }
                 tally.add(np.log(np.clip(scores, 1e-12, None)), y)
             else:
                 tally.add(scores, y_raw.astype(np.float64))
@@ -321,7 +330,8 @@ def evaluate_deployed(
         return {**out, "error": "the run's test split is empty"}
     metrics = tally.metrics()
     scalars = {
-        k: float(v) for k, v in metrics.items()
+        k: float(v)
+        for k, v in metrics.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
     }
     return {**out, "testSamples": int(n), "metrics": scalars}

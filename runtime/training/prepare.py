@@ -269,7 +269,9 @@ def prepare_data(config: RunConfig) -> PreparedData:
     source = config.data.source
     ds = data_mod.load_dataset(source, label=config.data.label)
     if config.data.feedback:  # ground truth from the predictors joins the source, under the same contract
-        ds, added = data_mod.with_feedback(ds, config.registry.uri, config.registry.model_name, config.data.label)
+        ds, added = data_mod.with_feedback(
+            ds, config.registry.uri, config.registry.model_name, config.data.label
+        )
         log.info("feedback: %d labelled rows added to %s", added, source.uri)
     report = validate_dataset(ds, config.data)
     if not report.ok:
@@ -427,7 +429,9 @@ def _prepare_streamed(config: RunConfig, ds: Any, report: ValidationReport) -> P
                       declared[n].allowed_values)
         for n in feature_names
     ]  # fmt: skip
-    plan = streaming.Plan(rule, features, label, classification, streaming.sample_cutoff(expected_train), image)
+    plan = streaming.Plan(
+        rule, features, label, classification, streaming.sample_cutoff(expected_train), image
+    )
     first = streaming.summarize(ds, plan)
     rows = dict(zip(("train", "validation", "test"), (int(v) for v in first["split"]), strict=True))
     if rows["train"] == 0 or rows["test"] == 0:
@@ -458,7 +462,8 @@ def _prepare_streamed(config: RunConfig, ds: Any, report: ValidationReport) -> P
             "rows": rows["train"],
             "features": {},
             "imageStats": {
-                k: profile.numeric_profile_from_summary(s.scaled(1.0 / scale)) for k, s in img["stats"].items()
+                k: profile.numeric_profile_from_summary(s.scaled(1.0 / scale))
+                for k, s in img["stats"].items()
             },
         }
     else:

@@ -133,7 +133,11 @@ def run(config: RunConfig) -> RunResult:
     try:
         result = _run(config, registry)
     except DataValidationError as e:
-        _record(config, registry, {"outcome": "DataValidationFailed", "message": str(e), "dataValidation": e.report.to_json()})
+        _record(
+            config,
+            registry,
+            {"outcome": "DataValidationFailed", "message": str(e), "dataValidation": e.report.to_json()},
+        )
         raise
     except Exception as e:
         _record(config, registry, {"outcome": "Failed", "message": f"{type(e).__name__}: {e}"[:4000]})
@@ -228,7 +232,9 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
     prof = dict(prepared.profile)
     if isinstance(tally, evaluate.ClassificationTally):
         counts, n = tally.predicted_counts(), max(tally.rows, 1)
-        prof["predictionDistribution"] = {str(c): float(counts[i]) / n for i, c in enumerate(prepared.classes or [])}
+        prof["predictionDistribution"] = {
+            str(c): float(counts[i]) / n for i, c in enumerate(prepared.classes or [])
+        }
     else:
         prof["predictionDistribution"] = profile.numeric_profile_from_summary(tally.predictions)
     lineage = {

@@ -85,7 +85,9 @@ def _loadavg() -> list[float]:
     return [float(v) for v in Path("/proc/loadavg").read_text().split()[:3]]
 
 
-def measure(rows: int, files: int, tmp: Path, path: str = "streaming", timeout: float = 3600) -> dict[str, Any]:
+def measure(
+    rows: int, files: int, tmp: Path, path: str = "streaming", timeout: float = 3600
+) -> dict[str, Any]:
     data = tmp / f"data-{rows}"
     if not data.exists():
         write_parquet(data, rows, files)
@@ -108,7 +110,12 @@ def measure(rows: int, files: int, tmp: Path, path: str = "streaming", timeout: 
             timeout=timeout,
         )
     except subprocess.TimeoutExpired:
-        return {"rows": rows, "path": path, "error": f"did not finish within {timeout:.0f} s", "loadavgStart": load_start}
+        return {
+            "rows": rows,
+            "path": path,
+            "error": f"did not finish within {timeout:.0f} s",
+            "loadavgStart": load_start,
+        }
     wall = time.perf_counter() - started
     load = {"loadavgStart": load_start, "loadavgEnd": _loadavg()}
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("DRIVER_PEAK_KB")), None)

@@ -16,8 +16,20 @@ from conveyor.runtime.training.run import resolve_architecture
 
 def _prepared(kind: str, y: np.ndarray, classes: list[str] | None) -> PreparedData:
     x = np.zeros((len(y), 3), dtype=np.float32)
-    return PreparedData(kind, "classification" if classes else "regression", classes, None, {}, {},  # type: ignore[arg-type]
-                        x, y, x[:2], y[:2], "sha", None)  # type: ignore[arg-type]
+    return PreparedData(
+        kind,
+        "classification" if classes else "regression",
+        classes,
+        None,
+        {},
+        {},  # type: ignore[arg-type]
+        x,
+        y,
+        x[:2],
+        y[:2],
+        "sha",
+        None,
+    )  # type: ignore[arg-type]
 
 
 def test_auto_resolves_by_the_data() -> None:
@@ -28,7 +40,10 @@ def test_auto_resolves_by_the_data() -> None:
     assert resolve_architecture("auto", _prepared("tabular", rare.astype(np.float32), None)) == "mlp"
     assert resolve_architecture("auto", _prepared("image", balanced, ["a", "b", "c"])) == "cnn"
     # A class the training split lacks altogether counts as rare.
-    assert resolve_architecture("auto", _prepared("tabular", np.array([0, 1] * 40), ["0", "1", "2"])) == "xgboost"
+    assert (
+        resolve_architecture("auto", _prepared("tabular", np.array([0, 1] * 40), ["0", "1", "2"]))
+        == "xgboost"
+    )
     assert resolve_architecture("mlp", _prepared("tabular", rare, ["0", "1"])) == "mlp"
 
 

@@ -38,7 +38,9 @@ def test_binary_metrics_batch_by_batch_match_sklearn_on_the_whole_split() -> Non
     precision, recall, f1, _ = precision_recall_fscore_support(y, pred, labels=[0, 1], zero_division=0)
     assert m["accuracy"] == pytest.approx(float((pred == y).mean()), abs=1e-12)
     assert m["f1Macro"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-12)
-    assert (m["precision"], m["recall"], m["f1"]) == pytest.approx((precision[1], recall[1], f1[1]), abs=1e-12)
+    assert (m["precision"], m["recall"], m["f1"]) == pytest.approx(
+        (precision[1], recall[1], f1[1]), abs=1e-12
+    )
     assert m["recall:0"] == pytest.approx(recall[0], abs=1e-12)
     # The AUCs come from the score histograms: within their stated (small) binning error of the exact ones.
     assert 0 < m["rocAucMaxBinningError"] < 1e-3 and 0 < m["prAucMaxBinningError"] < 1e-2
