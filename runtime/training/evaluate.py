@@ -9,13 +9,14 @@ Regression: RMSE and MAE.
 Every metric is folded batch by batch (``ClassificationTally``, ``RegressionTally``), so evaluating a
 streamed split keeps a fixed amount in the driver whatever its rows: the confusion matrix (exact), and
 for a binary task one histogram of the model's log-odds per class, SCORE_BINS_PER_UNIT bins per unit of
-log-odds over [-SCORE_RANGE, SCORE_RANGE] (about 1.3 MB). ROC AUC, PR AUC and the threshold search come
-from those histograms: they are exact for the scores rounded down to their bin (rows of both classes in
-one bin count as ties), and the largest possible difference from the unrounded scores' value, given
-which rows share a bin, is recorded next to them (``rocAucMaxBinningError``, 0 when no bin holds both
-classes; ``prAucMaxBinningError``, 0 when no bin holds two rows). Candidate thresholds are the bin edges: every 0.001 of log-odds,
-finer than any probability a float32 model tells apart near 0.5. The regression prediction distribution
-is a mergeable sample (``runtime.package.summary``).
+log-odds over [-SCORE_RANGE, SCORE_RANGE] (about 1.3 MB), and up to EXACT_ROWS rows every row's score
+(at most 1.6 MB). The threshold search always, and ROC AUC and PR AUC past EXACT_ROWS rows, come from
+the histograms: they are exact for the scores rounded down to their bin (rows of both classes in one
+bin count as ties), and the largest possible difference from the unrounded scores' value, given which
+rows share a bin, is recorded next to them (``rocAucMaxBinningError``, 0 when no bin holds both
+classes; ``prAucMaxBinningError``, 0 when no positive row shares its bin). Candidate thresholds are the
+bin edges, every 0.001 of log-odds (a probability step of at most 0.00025). The regression prediction
+distribution is a mergeable sample (``runtime.package.summary``).
 
 ``evaluate_deployed`` scores the version deployed now on a run's own test split (raw rows, through that
 version's own fitted transforms and decision rule, the shared scoring path of serving), so the gate's
@@ -39,6 +40,9 @@ THRESHOLD_METRICS = ("accuracy", "f1Macro")
 SCORE_BINS_PER_UNIT = 1000
 SCORE_RANGE = 40.0
 _N_BINS = int(2 * SCORE_RANGE * SCORE_BINS_PER_UNIT)
+# Up to this many rows a binary tally also keeps every row's score (16 bytes a row), and its AUCs are
+# exact (scikit-learn's), as for the in-memory path's small splits.
+EXACT_ROWS = 100_000
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -84,6 +88,10 @@ class ClassificationTally:
         self.binary = k == 2
         # [class, bin]: rows of each true class by their log-odds bin (binary tasks)
         self.hist = np.zeros((2, _N_BINS), dtype=np.int64) if self.binary else None
+        # The positive class's probability and the label of every row while there are at most
+        # EXACT_ROWS (the AUCs are then exact); dropped past that.
+        self._exact: list[tuple[np.ndarray, np.ndarray]] | None = [] if self.binary else None
+        self._exact_rows = 0
 
     @property
     def rows(self) -> int:
@@ -95,17 +103,31 @@ class ClassificationTally:
         if len(y) == 0:
             return self
         k = len(self.classes)
-        pred = decide(softmax(logits.astype(np.float64)), self.threshold)
+        probabilities = softmax(logits.astype(np.float64))
+        pred = decide(probabilities, self.threshold)
         self.confusion += np.bincount(y * k + pred, minlength=k * k).reshape(k, k)
         if self.hist is not None:
             b = _bins(_log_odds(logits))
             self.hist += np.bincount(y * _N_BINS + b, minlength=2 * _N_BINS).reshape(2, _N_BINS)
+            self._keep_exact([(probabilities[:, 1].copy(), y.copy())])
         return self
+
+    def _keep_exact(self, parts: list[tuple[np.ndarray, np.ndarray]] | None) -> None:
+        if self._exact is None:
+            return
+        if parts is None:
+            self._exact = None
+            return
+        self._exact.extend(parts)
+        self._exact_rows += sum(len(y) for _, y in parts)
+        if self._exact_rows > EXACT_ROWS:
+            self._exact = None
 
     def merge(self, other: ClassificationTally) -> ClassificationTally:
         self.confusion += other.confusion
         if self.hist is not None and other.hist is not None:
             self.hist += other.hist
+            self._keep_exact(other._exact)
         return self
 
     def predicted_counts(self) -> np.ndarray:
@@ -142,6 +164,12 @@ class ClassificationTally:
         P, N = pos.sum(), neg.sum()
         if P == 0 or N == 0:  # undefined when the split holds one class only
             return {"rocAuc": None, "prAuc": None}
+        if self._exact is not None:
+            from sklearn.metrics import average_precision_score, roc_auc_score
+
+            p = np.concatenate([s for s, _ in self._exact])
+            y = np.concatenate([t for _, t in self._exact])
+            return {"rocAuc": float(roc_auc_score(y, p)), "prAuc": float(average_precision_score(y, p))}
         # From the highest bin down: positives and negatives strictly above each bin.
         pos_above = np.cumsum(pos[::-1])[::-1] - pos
         neg_above = np.cumsum(neg[::-1])[::-1] - neg
