@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml hack/devstack/pyproject.toml
 
 venv: $(STAMP) ## the Python environment (torch, ray, kserve, kopf, test tools)
 
-tools: ## build (once, cached) kube-apiserver, etcd, kube-controller-manager, kubectl, helm, the S3 server, the placement tier's (kube-scheduler, kwok, KubeRay, Kueue); fetch third-party CRDs
+tools: ## build (once, cached) kube-apiserver, etcd, kube-controller-manager, kubectl, helm, the S3 server, the placement tier's (kube-scheduler, kwok, KubeRay, Kueue, the KServe controller); fetch third-party CRDs
 	hack/install-deps.sh
 	hack/local-cluster.sh build
 	hack/build-tool.sh helm >/dev/null

@@ -6,12 +6,24 @@
 #   - kwok, playing two node pools and their kubelets' pod status: a CPU pool and a GPU pool whose nodes
 #     carry `nvidia.com/gpu` capacity, the pool's labels and a `nvidia.com/gpu:NoSchedule` taint;
 #   - the real KubeRay operator (ray-operator, the release whose CRDs the control plane installs);
-#   - kube-controller-manager's job, deployment, replicaset and node-lifecycle controllers;
+#   - kube-controller-manager's job, deployment, replicaset, horizontal-pod-autoscaler and node-lifecycle
+#     controllers (the HPA controller holds KServe's Standard-mode predictors at their minReplicas: no
+#     metrics server runs, so it never scales on load);
 #   - Kueue (sigs.k8s.io/kueue's manager, its CRDs, the RayJob integration only), its admission webhooks
 #     served on 127.0.0.1 with a self-signed certificate ($STATE/webhooks; also its metrics server's:
 #     Kueue reads that one from the fixed path /etc/kueue/metrics/certs when it does not manage its own
 #     certificates); no visibility API server, no leader election, no CRD conversion webhooks (the tier
-#     uses Kueue's storage version only).
+#     uses Kueue's storage version only);
+#   - the real KServe controller (github.com/kserve/kserve cmd/manager, the release whose CRDs the control
+#     plane installs) with every KServe CRD, its own `inferenceservice-config` ConfigMap (from its module,
+#     with `enableGatewayApi` on) in namespace kserve, and its InferenceService defaulting and validating
+#     webhooks served on 127.0.0.1 with the same self-signed certificate (controller-runtime reads it from
+#     $TMPDIR/k8s-webhook-server/serving-certs); not its pod mutator (the storage initializer it injects
+#     would never run under kwok). CRDs only, no controllers, for what it writes to: the Gateway API's
+#     (sigs.k8s.io/gateway-api: its HTTPRoutes) and Knative Serving's (knative.dev/serving: its Services,
+#     with Knative's own config-autoscaler ConfigMap, which KServe reads in Knative mode), at the versions
+#     hack/tools/kserve/go.mod pins. Nothing plays a gateway or Knative: a test that needs their status
+#     writes it and says so.
 # Pods never run: kwok marks them Running (and a Job's Succeeded). Training stays in the devstack executor.
 #
 #   hack/placement.sh build    build (once) and cache the binaries
@@ -28,8 +40,8 @@ CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/conveyor
 STATE=${CONVEYOR_PLACEMENT_DIR:-$CACHE/placement}
 export CONVEYOR_CLUSTER_DIR=$STATE/cluster
 KUBECONFIG_PATH=$CONVEYOR_CLUSTER_DIR/admin.kubeconfig
-TOOLS=(kube-scheduler kwok kuberay kueue)
-COMPONENTS=(kube-scheduler kwok kuberay kube-controller-manager-jobs kueue)
+TOOLS=(kube-scheduler kwok kuberay kueue kserve)
+COMPONENTS=(kube-scheduler kwok kuberay kube-controller-manager-jobs kueue kserve)
 # The pools' shape: what the samples ask for (manifests/samples/mlpipeline-fraud-gpu.yaml selects L4s).
 CPU_NODES=2
 GPU_NODES=2
@@ -204,6 +216,93 @@ start_kueue() {
     --field-manager=conveyor-placement -f - >/dev/null
 }
 
+# A module KServe's build pins (hack/tools/kserve/go.mod), downloaded at that version outside any module
+# (that go.mod only pins versions and has no go.sum to update).
+kserve_module_dir() {
+  local version; version=$(awk -v m="$1" '$1 == m {print $2}' "$ROOT/hack/tools/kserve/go.mod")
+  [[ -n $version ]] || die "hack/tools/kserve/go.mod does not pin $1"
+  (cd / && go mod download -json "$1@$version" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+}
+
+# KServe's own inferenceservice-config, from its module, with the Gateway API ingress on.
+kserve_config() {
+  python3 - "$(kserve_module_dir github.com/kserve/kserve)/config/configmap/inferenceservice.yaml" <<'PY'
+import json, sys, yaml
+cm = yaml.safe_load(open(sys.argv[1]))
+ingress = json.loads(cm["data"]["ingress"])
+ingress["enableGatewayApi"] = True
+cm["data"]["ingress"] = json.dumps(ingress, indent=2)
+cm["metadata"] = {"name": cm["metadata"]["name"], "namespace": "kserve"}
+print(yaml.safe_dump(cm))
+PY
+}
+
+# KServe's InferenceService defaulting and validating webhooks from its module's manifests, pointed at the
+# local process (a url instead of its service, our certificate as caBundle).
+kserve_webhooks() { # port
+  python3 - "$(kserve_module_dir github.com/kserve/kserve)/config/webhook/manifests.yaml" "$1" \
+    "$(base64 -w0 <"$STATE/webhooks/tls.crt")" <<'PY'
+import sys, yaml
+manifests, port, ca = sys.argv[1], sys.argv[2], sys.argv[3]
+out = []
+for doc in yaml.safe_load_all(open(manifests)):
+    if not doc:
+        continue
+    keep = []
+    for hook in doc["webhooks"]:
+        if not any("inferenceservices" in r["resources"] for r in hook.get("rules") or []):
+            continue
+        path = hook["clientConfig"]["service"]["path"]
+        hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca}
+        keep.append(hook)
+    if keep:
+        doc["webhooks"] = keep
+        doc["metadata"] = {"name": doc["metadata"]["name"]}
+        out.append(doc)
+print(yaml.safe_dump_all(out))
+PY
+}
+
+apply_dir() { # description, files...
+  local what=$1; shift
+  kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement "${@/#/--filename=}" >/dev/null
+  wait_for "$what Established" 60 kubectl wait --for condition=Established --timeout=5s "${@/#/--filename=}"
+}
+
+start_kserve() {
+  local kserve gw kn
+  kserve=$(kserve_module_dir github.com/kserve/kserve)
+  gw=$(kserve_module_dir sigs.k8s.io/gateway-api)/config/crd/standard
+  kn=$(kserve_module_dir knative.dev/serving)/config/core
+  [[ -d $kserve && -d $gw && -d $kn ]] || die "KServe's, the Gateway API's or Knative Serving's module is missing"
+  apply_dir "KServe's CRDs" "$kserve"/config/crd/full/serving.kserve.io_*.yaml \
+    "$kserve"/config/crd/full/clusterstoragecontainer/serving.kserve.io_*.yaml
+  apply_dir "the Gateway API's CRDs" "$gw"/gateway.networking.k8s.io_{gatewayclasses,gateways,httproutes,grpcroutes,referencegrants}.yaml
+  apply_dir "Knative Serving's CRDs" "$kn"/300-resources/{service,configuration,revision,route}.yaml
+  local ns
+  for ns in kserve knative-serving; do
+    kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  done
+  kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement -f "$kn/configmaps/autoscaler.yaml" >/dev/null
+  kserve_config | kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement -f - >/dev/null
+  webhook_cert
+  local tmp=$STATE/kserve-tmp
+  mkdir -p "$tmp/k8s-webhook-server/serving-certs"
+  cp "$STATE/webhooks/tls.crt" "$STATE/webhooks/tls.key" "$tmp/k8s-webhook-server/serving-certs/"
+  if ! running kserve; then
+    local p
+    for p in kserve-health kserve-metrics kserve-webhook; do free_port >"$STATE/ports/$p"; done
+    KUBECONFIG=$KUBECONFIG_PATH POD_NAMESPACE=kserve TMPDIR=$tmp start kserve "$(tool kserve)" \
+      --metrics-addr "127.0.0.1:$(cat "$STATE/ports/kserve-metrics")" \
+      --health-probe-addr "127.0.0.1:$(cat "$STATE/ports/kserve-health")" \
+      --webhook-port "$(cat "$STATE/ports/kserve-webhook")" --leader-elect=false
+  fi
+  wait_for "KServe /readyz" 90 curl -sf "http://127.0.0.1:$(cat "$STATE/ports/kserve-health")/readyz" \
+    || { tail -20 "$STATE/logs/kserve.log" >&2; exit 1; }
+  kserve_webhooks "$(cat "$STATE/ports/kserve-webhook")" | kubectl apply --server-side --force-conflicts \
+    --field-manager=conveyor-placement -f - >/dev/null
+}
+
 cmd_up() {
   cmd_build
   mkdir -p "$STATE"/{pids,logs,ports}
@@ -232,7 +331,8 @@ cmd_up() {
   fi
   if ! running kube-controller-manager-jobs; then
     # A second controller-manager (the one under it stays as local-cluster.sh made it): the job
-    # controller (KubeRay's submitter is a Job), deployment and replicaset, and node lifecycle, which
+    # controller (KubeRay's submitter is a Job), deployment and replicaset, the HPA controller (KServe's
+    # Standard mode leaves a predictor's replica count to its HPA), and node lifecycle, which
     # lifts the not-ready taint the apiserver puts on new nodes once kwok reports them Ready.
     free_port >"$STATE/ports/kube-controller-manager-jobs"
     start kube-controller-manager-jobs "$("$ROOT/hack/local-cluster.sh" bin-dir)/kube-controller-manager" \
@@ -240,7 +340,8 @@ cmd_up() {
       --authentication-kubeconfig "$cluster/controller-manager.kubeconfig" \
       --authorization-kubeconfig "$cluster/controller-manager.kubeconfig" \
       --bind-address 127.0.0.1 --secure-port "$(cat "$STATE/ports/kube-controller-manager-jobs")" --leader-elect=false \
-      --controllers 'job-controller,deployment-controller,replicaset-controller,node-lifecycle-controller' \
+      --controllers 'job-controller,deployment-controller,replicaset-controller,horizontal-pod-autoscaler-controller,node-lifecycle-controller' \
+      --horizontal-pod-autoscaler-sync-period 2s \
       --use-service-account-credentials=true --v 1
   fi
   if ! running kuberay; then
@@ -250,11 +351,12 @@ cmd_up() {
       --health-probe-bind-address "127.0.0.1:$(cat "$STATE/ports/kuberay-health")" --log-stdout-encoder console
   fi
   start_kueue
+  start_kserve
   wait_for "kube-scheduler /healthz" 60 curl -skf "https://127.0.0.1:$(cat "$STATE/ports/kube-scheduler")/healthz" \
     || { tail -20 "$STATE/logs/kube-scheduler.log" >&2; exit 1; }
   wait_for "KubeRay /readyz" 60 curl -sf "http://127.0.0.1:$(cat "$STATE/ports/kuberay-health")/readyz" \
     || { tail -20 "$STATE/logs/kuberay.log" >&2; exit 1; }
-  log "ready: ${CPU_NODES} CPU and ${GPU_NODES} GPU kwok nodes, kube-scheduler, KubeRay, Kueue; logs in $STATE/logs"
+  log "ready: ${CPU_NODES} CPU and ${GPU_NODES} GPU kwok nodes, kube-scheduler, KubeRay, Kueue, KServe; logs in $STATE/logs"
   echo "$KUBECONFIG_PATH"
 }
 
