@@ -21,6 +21,7 @@ from conveyor.operator.controller.client import Client, resource_path
 from conveyor.operator.controller.events import Event, EventPoster
 from conveyor.operator.controller.leader import LeaseConfig
 from conveyor.operator.controller.prometheus import Prometheus
+from conveyor.operator.controller.validation import known_readable, validate_registry
 from conveyor.operator.controller.workqueue import WorkQueue
 
 # How old a namespace's list of Warning events may be when a stalled run reads it (it is rechecked every
@@ -106,6 +107,8 @@ class Operator:
         self._resync_task: asyncio.Task[None] | None = None
         self._warnings: dict[str, tuple[float, list[dict[str, Any]]]] = {}
         self._warnings_lock = asyncio.Lock()
+        self._active_runs: set[Key] = set()
+        self._active_rollouts: set[Key] = set()
 
     def registry(self, uri: str, name: str) -> Any:
         key = (uri, name)
@@ -140,13 +143,31 @@ class Operator:
             or ((md.get("spec") or {}).get("model") or {}).get("pipeline") == name
         ]
 
-    def update_gauges(self) -> None:
-        metrics.ACTIVE_RUNS.set(
-            sum(1 for p in self.pipelines.values() if (p.get("status") or {}).get("activeRun") is not None)
-        )
-        metrics.ACTIVE_ROLLOUTS.set(
-            sum(1 for d in self.deployments.values() if (d.get("status") or {}).get("canaryVersion"))
-        )
+    def note_run(self, key: Key, status: dict[str, Any] | None) -> None:
+        """A pipeline's status as last written (None: it is gone), for the active-runs gauge: kept per key,
+        not counted over the whole cache after each reconcile (quadratic in the number of objects)."""
+        if status is not None and status.get("activeRun") is not None:
+            self._active_runs.add(key)
+        else:
+            self._active_runs.discard(key)
+        metrics.ACTIVE_RUNS.set(len(self._active_runs))
+
+    def note_rollout(self, key: Key, status: dict[str, Any] | None) -> None:
+        """A ModelDeployment's status as last written (None: it is gone), for the active-rollouts gauge."""
+        if status is not None and status.get("canaryVersion"):
+            self._active_rollouts.add(key)
+        else:
+            self._active_rollouts.discard(key)
+        metrics.ACTIVE_ROLLOUTS.set(len(self._active_rollouts))
+
+    async def registry_problem(self, uri: str, name: str, field: str) -> str | None:
+        """validate_registry, in a thread only when this process has not yet read that registry (the
+        answer is then known without any I/O: one hop to a thread per reconcile was a measurable part of
+        a burst's CPU)."""
+        opened = self._registries.get((uri, name))
+        if opened is not None and known_readable(opened):
+            return None
+        return await asyncio.to_thread(validate_registry, self.registry, uri, name, field)
 
     # ---------------------------------------------------------------- lifecycle
 

@@ -36,7 +36,9 @@ def parse_spec(model: type[SpecT], spec: dict[str, Any]) -> tuple[SpecT | None, 
         return None, "; ".join(problems)
 
 
-def validate_registry(open_registry: Callable[[str, str], Any], uri: str, name: str, field: str) -> str | None:
+def validate_registry(
+    open_registry: Callable[[str, str], Any], uri: str, name: str, field: str
+) -> str | None:
     """Whether this operator can open the registry (s3:// needs the s3 extra) and read it (credentials,
     endpoint, permissions); a message naming `field` and the reason. It does blocking I/O: call it off
     the event loop."""
@@ -50,6 +52,11 @@ def validate_registry(open_registry: Callable[[str, str], Any], uri: str, name: 
 # Registries this process has read once: later reconciles skip the probe (a registry that stops being
 # readable then fails the read that needs it, and that read's caller reports it).
 _readable: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def known_readable(registry: Any) -> bool:
+    """Whether this process has read the registry once (validate_registry would answer None, no I/O)."""
+    return registry in _readable
 
 
 def _probe(registry: Any, uri: str, field: str) -> str | None:

@@ -34,7 +34,7 @@ from conveyor.operator.controller.runs import (
 )
 from conveyor.operator.controller.status import write_status
 from conveyor.operator.controller.times import parse_time
-from conveyor.operator.controller.validation import InvalidSpecError, parse_spec, validate_registry
+from conveyor.operator.controller.validation import InvalidSpecError, parse_spec
 from conveyor.operator.controller.workqueue import Requeue
 from conveyor.operator.mlpipeline.blockers import STALLED_AFTER, StartBlocker, queue_blocker, start_blocker
 from conveyor.operator.mlpipeline.build import (
@@ -85,6 +85,7 @@ async def reconcile_pipeline(op: Operator, key: Key) -> float | None:
     snapshot = await observe(op, key)
     if snapshot is None:
         op.pipeline_queue.forget(key)
+        op.note_run(key, None)
         return None
     s = snapshot
     plan = plan_pipeline(
@@ -120,9 +121,7 @@ async def observe(op: Operator, key: Key) -> PipelineSnapshot | None:
         except InvalidSpecError as e:
             invalid = str(e)
     if spec is not None and invalid is None:
-        invalid = await asyncio.to_thread(
-            validate_registry, op.registry, spec.registry.uri, spec.registry.model_name, "spec.registry.uri"
-        )
+        invalid = await op.registry_problem(spec.registry.uri, spec.registry.model_name, "spec.registry.uri")
     rayjobs = rayjobs_by_run(op.rayjobs.in_namespace(namespace, label=LABEL_PIPELINE, value=name))
     missing = await _confirm_missing(op, namespace, name, status, rayjobs)
     deploy_target = _deploy_target(op, namespace, name, spec) if spec is not None else None
@@ -345,7 +344,7 @@ async def act(op: Operator, s: PipelineSnapshot, plan: PipelinePlan) -> None:
     if plan.status.get("latestVersion") != old.get("latestVersion"):
         for md_key in op.deployments_following(namespace, s.pipeline):
             op.deployment_queue.add(md_key)
-    op.update_gauges()
+    op.note_run(s.key, plan.status)
 
 
 async def _create_rayjob(op: Operator, rayjob: dict[str, Any]) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from conveyor.operator.controller.cache import Key
 from conveyor.operator.controller.prometheus import PrometheusError
 from conveyor.operator.controller.status import write_status
 from conveyor.operator.controller.times import parse_time
-from conveyor.operator.controller.validation import parse_spec, validate_registry
+from conveyor.operator.controller.validation import parse_spec
 from conveyor.operator.modeldeployment import compat, drift, experiment
 from conveyor.operator.modeldeployment.analysis import Target, analyse
 from conveyor.operator.modeldeployment.build import shadow_service_name
@@ -66,24 +67,48 @@ async def reconcile_deployment(op: Operator, key: Key) -> float | None:
     s = await observe(op, key)
     if s is None:
         op.deployment_queue.forget(key)
+        op.note_rollout(key, None)
         with contextlib.suppress(KeyError):
             metrics.CANARY_WEIGHT.remove(*key)
         return None
-    plan = plan_deployment(s.deployment, s.spec, s.invalid, s.resolution, s.isvc, s.uri_for, s.now, s.analysis, s.drift_reading, s.compatibility,
-                           s.shadow_isvc, s.experiment_reading)
-    await act(op, s, plan)
+    plan = _plan(s)
+    s, plan = await act(op, s, plan)
     return _requeue_after(op, s, plan)
+
+
+def _plan(s: DeploymentSnapshot) -> DeploymentPlan:
+    return plan_deployment(
+        s.deployment,
+        s.spec,
+        s.invalid,
+        s.resolution,
+        s.isvc,
+        s.uri_for,
+        s.now,
+        s.analysis,
+        s.drift_reading,
+        s.compatibility,
+        s.shadow_isvc,
+        s.experiment_reading,
+    )
 
 
 def _requeue_after(op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan) -> float | None:
     """Nothing announces that an analysis is due or that the registry has a new version: come back then."""
     waits = []
-    for due in (plan.status.get("nextAnalysisTime"), (plan.status.get("experiment") or {}).get("nextReadTime")):
+    for due in (
+        plan.status.get("nextAnalysisTime"),
+        (plan.status.get("experiment") or {}).get("nextReadTime"),
+    ):
         if (t := parse_time(due)) is not None:
             waits.append(max(0.0, (t - s.now).total_seconds()))
     if s.resolution is not None and s.resolution.source == "registry":
         waits.append(op.config.registry_poll_seconds)
-    if s.spec is not None and s.invalid is None and (drift_wait := drift.seconds_until_due(op, plan.status, s.spec, s.now)) is not None:
+    if (
+        s.spec is not None
+        and s.invalid is None
+        and (drift_wait := drift.seconds_until_due(op, plan.status, s.spec, s.now)) is not None
+    ):
         waits.append(drift_wait)
     return min(waits) if waits else None
 
@@ -103,14 +128,16 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
     resolution = compatibility = None
     uri_for: Callable[[str], str] = str
     if spec is not None and invalid is None:
-        invalid = await asyncio.to_thread(
-            validate_registry, op.registry, spec.model.registry_uri, spec.model.name, "spec.model.registryUri"
+        invalid = await op.registry_problem(
+            spec.model.registry_uri, spec.model.name, "spec.model.registryUri"
         )
     if spec is not None and invalid is None:
         registry = op.registry(spec.model.registry_uri, spec.model.name)
         uri_for = registry.package_uri
         resolution = await _resolve(op, key, spec, registry)
-        compatibility = await compat.check(registry, (obj.get("status") or {}).get("stableVersion"), resolution.version)
+        compatibility = await compat.check(
+            registry, (obj.get("status") or {}).get("stableVersion"), resolution.version
+        )
     now = op.clock()
     analysis = drift_reading = None
     if spec is not None and invalid is None:
@@ -120,8 +147,21 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
     reading = None
     if spec is not None and invalid is None and spec.rollout.strategy == "abn" and spec.rollout.experiment:
         reading = await _experiment_reading(op, key, obj, spec, now)
-    return DeploymentSnapshot(key, obj, spec, invalid, resolution, isvc, uri_for, now, analysis, drift_reading, compatibility,
-                              shadow_isvc, reading)
+    return DeploymentSnapshot(
+        key,
+        obj,
+        spec,
+        invalid,
+        resolution,
+        isvc,
+        uri_for,
+        now,
+        analysis,
+        drift_reading,
+        compatibility,
+        shadow_isvc,
+        reading,
+    )
 
 
 async def _experiment_reading(
@@ -133,7 +173,9 @@ async def _experiment_reading(
     if experiment_spec is None or not experiment.read_due(exp, now):
         return None
     if op.prometheus is None:
-        return ExperimentReading(error="no Prometheus configured (--prometheus-url / CONVEYOR_PROMETHEUS_URL)")
+        return ExperimentReading(
+            error="no Prometheus configured (--prometheus-url / CONVEYOR_PROMETHEUS_URL)"
+        )
     window = experiment.elapsed_window(exp, now)
     figures = []
     try:
@@ -161,8 +203,11 @@ async def _analysis_if_due(
     if not state.analysis_due(now) or state.canary is None or spec.rollout.paused or pending_action(obj):
         return None
     namespace, name = key
-    return await analyse(op.prometheus, spec.rollout.analysis, Target(namespace, name, state.canary, state.stable,
-                                                                            shadow=state.shadow))
+    return await analyse(
+        op.prometheus,
+        spec.rollout.analysis,
+        Target(namespace, name, state.canary, state.stable, shadow=state.shadow),
+    )
 
 
 async def _resolve(op: Operator, key: Key, spec: ModelDeploymentSpec, registry: Any) -> Resolution:
@@ -170,7 +215,10 @@ async def _resolve(op: Operator, key: Key, spec: ModelDeploymentSpec, registry: 
     namespace, name = key
     model = spec.model
     if model.version != "latest":
-        if await asyncio.to_thread(_version_exists, op, registry, model.registry_uri, model.name, model.version):
+        known = (model.registry_uri, model.name, model.version) in op.known_versions  # no I/O, no thread
+        if known or await asyncio.to_thread(
+            _version_exists, op, registry, model.registry_uri, model.name, model.version
+        ):
             return Resolution(model.version, "pinned")
         return Resolution(
             None,
@@ -179,11 +227,15 @@ async def _resolve(op: Operator, key: Key, spec: ModelDeploymentSpec, registry: 
             f"spec.model.version {model.version} is not a committed version of {model.name} in {model.registry_uri}",
             degraded=True,
         )
-    sources = [model.pipeline] if model.pipeline else [
-        p["metadata"]["name"]
-        for p in op.pipelines.in_namespace(namespace)
-        if ((p.get("spec") or {}).get("deploy") or {}).get("modelDeployment") == name
-    ]
+    sources = (
+        [model.pipeline]
+        if model.pipeline
+        else [
+            p["metadata"]["name"]
+            for p in op.pipelines.in_namespace(namespace)
+            if ((p.get("spec") or {}).get("deploy") or {}).get("modelDeployment") == name
+        ]
+    )
     if len(sources) > 1:
         return Resolution(
             None,
@@ -196,7 +248,9 @@ async def _resolve(op: Operator, key: Key, spec: ModelDeploymentSpec, registry: 
         return _from_pipeline(op.pipelines.get((namespace, sources[0])), sources[0])
     latest = await asyncio.to_thread(registry.latest)
     if latest is None:
-        return Resolution(None, "registry", "NoModelVersion", f"{model.registry_uri} holds no version of {model.name} yet")
+        return Resolution(
+            None, "registry", "NoModelVersion", f"{model.registry_uri} holds no version of {model.name} yet"
+        )
     return Resolution(latest, "registry")
 
 
@@ -228,18 +282,42 @@ def _version_exists(op: Operator, registry: Any, uri: str, model: str, version: 
 # ---------------------------------------------------------------- act
 
 
-async def act(op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan) -> None:
+async def act(
+    op: Operator, s: DeploymentSnapshot, plan: DeploymentPlan
+) -> tuple[DeploymentSnapshot, DeploymentPlan]:
+    """Apply, then write the status once. After an apply, the status written is the one the next
+    reconcile would write on seeing the applied InferenceService come back through the watch (planned
+    here from the apply's response and the status this plan made), when that plan has nothing more to
+    apply: one status write per change instead of two (`Updating`, then what KServe reports), a third
+    fewer writes in a burst of new ModelDeployments. Returns the snapshot and plan whose status was
+    written."""
+    applied: dict[str, Any] = {}
     if plan.shadow_service is not None:
-        op.isvcs.remember(await op.client.apply(plan.shadow_service))
+        applied["shadow_isvc"] = await op.client.apply(plan.shadow_service)
+        op.isvcs.remember(applied["shadow_isvc"])
     if plan.inference_service is not None:
-        op.isvcs.remember(await op.client.apply(plan.inference_service))
+        applied["isvc"] = await op.client.apply(plan.inference_service)
+        op.isvcs.remember(applied["isvc"])
     if plan.delete_shadow is not None:
         await op.client.delete(plan.delete_shadow)
+        applied.setdefault("shadow_isvc", None)
+    if applied:
+        ahead = dataclasses.replace(s, deployment={**s.deployment, "status": plan.status}, **applied)
+        then = _plan(ahead)
+        if then.inference_service is None and then.shadow_service is None and then.delete_shadow is None:
+            events, finished = plan.events + then.events, plan.finished + then.finished
+            plan = dataclasses.replace(then, events=events, finished=finished)
+            s = dataclasses.replace(
+                ahead, deployment=s.deployment
+            )  # the status write compares with what was read
     await write_status(op.client, op.deployments, s.deployment, plan.status)
     op.emit(s.deployment, plan.events)
-    if s.spec is not None and (pipeline := drift.pipeline_to_wake(s.deployment.get("status") or {}, plan.status, s.spec)):
+    if s.spec is not None and (
+        pipeline := drift.pipeline_to_wake(s.deployment.get("status") or {}, plan.status, s.spec)
+    ):
         op.pipeline_queue.add((s.key[0], pipeline))
     for outcome in plan.finished:
         metrics.ROLLOUTS_FINISHED.labels(*s.key, outcome).inc()
     metrics.CANARY_WEIGHT.labels(*s.key).set(plan.status.get("canaryWeight") or 0)
-    op.update_gauges()
+    op.note_rollout(s.key, plan.status)
+    return s, plan
