@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--liveness-port", type=int, default=int(os.environ.get("CONVEYOR_LIVENESS_PORT", "8080")),
                    help="liveness endpoint port (/healthz), 0 to disable (default 8080)")
     p.add_argument("--bind", default=os.environ.get("CONVEYOR_BIND", "0.0.0.0"), help="address for both endpoints")
-    p.add_argument("--pipeline-workers", type=int, default=8,
-                   help="MLPipelines (and BatchPredictions) reconciled at once (default 8)")
+    p.add_argument("--pipeline-workers", type=int, default=16,
+                   help="MLPipelines (and BatchPredictions) reconciled at once (default 16)")
     p.add_argument("--deployment-workers", type=int, default=16, help="ModelDeployments reconciled at once (default 16)")
     p.add_argument("--resync-seconds", type=float, default=600.0, help="reconcile everything this often")
     p.add_argument("--registry-poll-seconds", type=float, default=60.0,

@@ -31,7 +31,7 @@ WARNINGS_MAX_AGE = 5.0
 
 @dataclass
 class Config:
-    pipeline_workers: int = 8
+    pipeline_workers: int = 16
     deployment_workers: int = 16
     resync_seconds: float = 600.0
     registry_poll_seconds: float = 60.0

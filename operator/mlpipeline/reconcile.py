@@ -16,6 +16,7 @@ act:     the run's RayJob is created (a POST: the apiserver refuses a second one
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -320,9 +321,9 @@ async def act(op: Operator, s: PipelineSnapshot, plan: PipelinePlan) -> None:
         serving = s.deploy_target.serving if s.deploy_target is not None else None
         await op.client.apply(build_run_configmap(s.pipeline, s.spec, plan.start_run, created, serving))
         log.info("%s/%s: run %d started (%s)", namespace, name, plan.start_run, plan.start_trigger)
-    if (
-        plan.reject_versions and s.spec is not None
-    ):  # before the status says GateFailed: latest must skip them
+    await _config_maps_of_adopted_runs(op, s, plan)
+    # Before the status says GateFailed: `latest` must skip them.
+    if plan.reject_versions and s.spec is not None:
         registry = op.registry(s.spec.registry.uri, s.spec.registry.model_name)
         for version, why in plan.reject_versions.items():
             await asyncio.to_thread(registry.reject, version, why[:1000])
@@ -345,6 +346,22 @@ async def act(op: Operator, s: PipelineSnapshot, plan: PipelinePlan) -> None:
         for md_key in op.deployments_following(namespace, s.pipeline):
             op.deployment_queue.add(md_key)
     op.note_run(s.key, plan.status)
+
+
+async def _config_maps_of_adopted_runs(op: Operator, s: PipelineSnapshot, plan: PipelinePlan) -> None:
+    """A run adopted from a RayJob the status did not record (made just before a crash, or before a
+    status write that lost a conflict) may lack its ConfigMap, which is applied after the RayJob: its pods
+    would wait for it for ever. Created if missing, never replaced (the run may be reading it)."""
+    if s.spec is None:
+        return
+    known = {r["run"] for r in (s.pipeline.get("status") or {}).get("runs") or []}
+    serving = s.deploy_target.serving if s.deploy_target is not None else None
+    for run in plan.status.get("runs") or []:
+        n = run["run"]
+        if n in known or n == plan.start_run or n not in s.rayjobs:
+            continue
+        with contextlib.suppress(Conflict):  # it exists: the usual case
+            await op.client.create(build_run_configmap(s.pipeline, s.spec, n, s.rayjobs[n], serving))
 
 
 async def _create_rayjob(op: Operator, rayjob: dict[str, Any]) -> dict[str, Any]:

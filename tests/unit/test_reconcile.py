@@ -136,6 +136,8 @@ def test_pipeline_adopts_a_rayjob_created_before_a_crash(registry: str) -> None:
         status = api.find("MLPipeline", NS, "fraud")["status"]  # type: ignore[index]
         assert status["lastRun"] == 1 and status["runs"][0]["rayJob"] == "fraud-1"
         assert len(api.kinds("RayJob")) == 1
+        # Its ConfigMap was never made (the crash came first): created now, or its pods would wait for ever.
+        assert api.find("ConfigMap", NS, "fraud-1-config") is not None
 
     run(scenario)
 
