@@ -173,8 +173,12 @@ def _loadavg() -> list[float]:
 
 
 def run_benchmark(
-    architectures: tuple[str, ...] = ("mlp", "xgboost", "auto"), out: Path = RESULTS, note: str = ""
+    architectures: tuple[str, ...] = ("mlp", "xgboost", "auto"),
+    out: Path = RESULTS,
+    note: str = "",
+    only: tuple[str, ...] = (),
 ) -> dict[str, Any]:
+    """Every data set (or those named in ``only``) with each of ``architectures``."""
     import pandas as pd
     import ray
 
@@ -185,7 +189,7 @@ def run_benchmark(
     cases = []
     load_start = _loadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        for case in _datasets():
+        for case in [c for c in _datasets() if not only or c["name"] in only]:
             frame = pd.DataFrame(case["x"], columns=[f"f{i}" for i in range(case["x"].shape[1])])
             frame["label"] = case["y"]
             uri = str(Path(tmp) / f"{case['name']}.parquet")
@@ -232,5 +236,7 @@ if __name__ == "__main__":
     parser.add_argument("--architectures", default="mlp,xgboost,auto")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--note", default="", help="e.g. the machine's load while it ran")
+    parser.add_argument("--cases", default="", help="only these data sets (comma-separated names)")
     args = parser.parse_args()
-    run_benchmark(tuple(args.architectures.split(",")), args.out, args.note)
+    only = tuple(c for c in args.cases.split(",") if c)
+    run_benchmark(tuple(args.architectures.split(",")), args.out, args.note, only)

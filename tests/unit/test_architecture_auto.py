@@ -39,6 +39,11 @@ def test_auto_resolves_by_the_data() -> None:
     assert resolve_architecture("auto", _prepared("tabular", balanced, ["a", "b", "c"])) == "mlp"
     assert resolve_architecture("auto", _prepared("tabular", rare.astype(np.float32), None)) == "mlp"
     assert resolve_architecture("auto", _prepared("image", balanced, ["a", "b", "c"])) == "cnn"
+    # Ten even classes (digits: ~10% each) are not rare; one at an eighth of the others' count is.
+    digits = [str(i) for i in range(10)]
+    assert resolve_architecture("auto", _prepared("tabular", np.repeat(np.arange(10), 30), digits)) == "mlp"
+    skewed = np.concatenate([np.repeat(np.arange(9), 40), np.full(5, 9)])
+    assert resolve_architecture("auto", _prepared("tabular", skewed, digits)) == "xgboost"
     # A class the training split lacks altogether counts as rare.
     assert (
         resolve_architecture("auto", _prepared("tabular", np.array([0, 1] * 40), ["0", "1", "2"]))
