@@ -1,0 +1,516 @@
+"""What the real KServe controller (v0.20.0's cmd/manager, run by hack/placement.sh) makes of the
+InferenceServices the operator writes: its admission webhooks accept them, and what it creates from them
+at each canary step.
+
+Standard mode: the Deployments, Services and Gateway API HTTPRoutes KServe writes, with kube-controller-
+manager's deployment and replicaset controllers and kwok playing the predictor pods (they never run). No
+gateway controller runs here, so the test plays one: it accepts every HTTPRoute KServe writes (status
+`parents`), which KServe waits for before it reports IngressReady.
+
+Knative mode: only Knative Serving's CRDs are installed (its controller does not run), so the test plays
+Knative's status on the Knative Service KServe writes (revisions created, ready, the traffic served as the
+spec asks); what it checks is KServe's own output, the Service's spec.traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _canary_support import Load
+from _operator_support import Cluster, OperatorProcess, deployment_spec, train, wait_for, wait_until
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from conveyor.operator.modeldeployment.build import (
+    build_experiment_service,
+    build_inference_service,
+    build_shadow_service,
+)
+from conveyor.operator.modeldeployment.validate import validate_deployment
+from conveyor.runtime.spec import ModelDeploymentSpec
+
+pytestmark = pytest.mark.placement
+
+MDEP = "modeldeployments"
+SAMPLES = sorted(
+    (Path(__file__).resolve().parents[2] / "manifests" / "samples").glob("modeldeployment-*.yaml")
+)
+GATEWAY = ("gateway.networking.k8s.io", "v1", "httproutes")
+KNATIVE = ("serving.knative.dev", "v1", "services")
+PLAYED_GATEWAY = "conveyor.dev/test-gateway"  # the gateway controller this test plays
+NOW = "2026-01-01T00:00:00Z"
+
+ANALYSIS = {
+    "window": "10s",
+    "minRequests": 5,
+    "minSuccessRate": 0.95,
+    "failureLimit": 0,
+    "consecutiveErrorLimit": 3,
+}
+MIN_REPLICAS, MAX_REPLICAS = 4, 8
+STANDARD_STEPS = [25, 50, 100]
+
+
+@pytest.fixture
+def registry(tmp_path: Path, restricted_namespace: str) -> str:
+    uri = f"file://{tmp_path}/registry"
+    for run in (1, 2):  # v1 and v2, as two training runs would have committed them
+        train(
+            uri,
+            "fraud",
+            pipeline="offline",
+            namespace=restricted_namespace,
+            run=run,
+            accuracy=0.9 + run / 100,
+        )
+    return uri
+
+
+@pytest.fixture
+def analysing_operator(
+    placement_kubeconfig: str, restricted_namespace: str, prometheus: Any
+) -> Iterator[OperatorProcess]:
+    load = Load(prometheus, restricted_namespace, versions=("v1", "v2"))
+    op = OperatorProcess(
+        placement_kubeconfig, restricted_namespace, "--prometheus-url", prometheus.url
+    ).start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        load.stop()
+        print(op.logs())
+
+
+# -- what KServe wrote ----------------------------------------------------------------------------------
+
+
+def _routes(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    items = cluster.custom.list_namespaced_custom_object(*GATEWAY[:2], cluster.ns, GATEWAY[2])["items"]
+    return {r["metadata"]["name"]: r for r in items}
+
+
+def _backends(route: dict[str, Any]) -> list[tuple[str, int | None]]:
+    """Every rule's backends as (Service, weight)."""
+    return [
+        (b["name"], b.get("weight")) for rule in route["spec"]["rules"] for b in rule.get("backendRefs") or []
+    ]
+
+
+def _predictor_deployments(cluster: Cluster, isvc: str) -> dict[str, tuple[int, int]]:
+    """KServe's predictor Deployments: name -> (spec.replicas, status.availableReplicas)."""
+    items = (
+        client.AppsV1Api(cluster.core.api_client)
+        .list_namespaced_deployment(cluster.ns, label_selector=f"serving.kserve.io/inferenceservice={isvc}")
+        .items
+    )
+    return {d.metadata.name: (d.spec.replicas, d.status.available_replicas or 0) for d in items}
+
+
+def _isvc_condition(isvc: dict[str, Any], type_: str) -> str | None:
+    for c in (isvc.get("status") or {}).get("conditions") or []:
+        if c["type"] == type_:
+            return c["status"]
+    return None
+
+
+# -- the controllers that do not run here, played -------------------------------------------------------
+
+
+def _play_gateway(cluster: Cluster) -> None:
+    """A gateway controller's acceptance of every HTTPRoute KServe wrote (none runs here)."""
+    for name, route in _routes(cluster).items():
+        if (route.get("status") or {}).get("parents"):
+            continue
+        condition = {
+            "status": "True",
+            "lastTransitionTime": NOW,
+            "message": "played by the test",
+            "observedGeneration": route["metadata"]["generation"],
+        }
+        parents = [
+            {
+                "parentRef": ref,
+                "controllerName": PLAYED_GATEWAY,
+                "conditions": [
+                    {**condition, "type": "Accepted", "reason": "Accepted"},
+                    {**condition, "type": "ResolvedRefs", "reason": "ResolvedRefs"},
+                ],
+            }
+            for ref in route["spec"]["parentRefs"]
+        ]
+        cluster.custom.patch_namespaced_custom_object_status(
+            *GATEWAY[:2], cluster.ns, GATEWAY[2], name, {"status": {"parents": parents}}
+        )
+
+
+class KnativePlayer:
+    """Knative's status for the Knative Services KServe writes (its controller does not run here): a new
+    revision for each new template, ready at once, serving the spec's traffic block as written."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.templates: dict[str, tuple[str, str]] = {}  # service -> (template, its latest revision)
+
+    def play(self, name: str) -> dict[str, Any]:
+        c = self.cluster
+        ksvc = c.custom.get_namespaced_custom_object(*KNATIVE[:2], c.ns, KNATIVE[2], name)
+        template = json.dumps(ksvc["spec"]["template"], sort_keys=True)
+        seen, latest = self.templates.get(name, ("", f"{name}-00000"))
+        if template != seen:
+            latest = f"{name}-{int(latest.rsplit('-', 1)[1]) + 1:05d}"
+            self.templates[name] = (template, latest)
+        traffic = [
+            {
+                "revisionName": t.get("revisionName") or latest,
+                "percent": t["percent"],
+                "latestRevision": bool(t.get("latestRevision")),
+                **({"tag": t["tag"]} if t.get("tag") else {}),
+            }
+            for t in ksvc["spec"]["traffic"]
+        ]
+        ready = [
+            {"type": t, "status": "True", "lastTransitionTime": NOW}
+            for t in ("ConfigurationsReady", "RoutesReady", "Ready")
+        ]
+        return c.custom.patch_namespaced_custom_object_status(
+            *KNATIVE[:2],
+            c.ns,
+            KNATIVE[2],
+            name,
+            {
+                "status": {
+                    "observedGeneration": ksvc["metadata"]["generation"],
+                    "conditions": ready,
+                    "latestCreatedRevisionName": latest,
+                    "latestReadyRevisionName": latest,
+                    "url": f"http://{name}.{c.ns}.example.com",
+                    "address": {"url": f"http://{name}.{c.ns}.svc"},
+                    "traffic": traffic,
+                }
+            },
+        )
+
+
+# -- Standard mode ---------------------------------------------------------------------------------------
+
+
+def test_standard_canary_steps_on_the_real_kserve(
+    placement_cluster: Cluster, analysing_operator: OperatorProcess, registry: str
+) -> None:
+    """At each step of a Standard-mode canary (analysed by a real Prometheus, promoted by the operator),
+    what the real KServe v0.20.0 makes of our `spec.canary[]`:
+
+    - a Deployment, Service and HPA per version: the canary's HPA pinned at its fixed share of
+      minReplicas (min = max = ceil(min x weight / 100)), the stable one's minimum lowered by as many
+      (at least 1); kube-controller-manager's HPA controller holds each at its minimum (no metrics
+      server runs, so nothing scales on load and the stable Deployment keeps the replicas it had);
+    - its status echoes the canary's trafficPercent (`canaryStatuses`), which the operator reads;
+    - the HTTPRoutes (the top-level one and the predictor's) have ONE backend at every step, the stable
+      predictor's Service: KServe v0.20.0 writes no canary backend and no weights, so the gateway sends
+      the canary no traffic at any step, even at 100%; the canary is reachable only through its own
+      Service (`<name>-<version>-predictor`).
+    - promotion (predictor.name becomes the canary's, the canary entry goes) makes the route point at the
+      new predictor and deletes the old predictor's Deployment and Service; KServe leaves the old
+      predictor's HTTPRoute and HPA behind (owned by the InferenceService, so they go with it)."""
+    cluster = placement_cluster
+    spec = deployment_spec(
+        registry,
+        "v1",
+        predictor={"resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+        autoscaling={"minReplicas": MIN_REPLICAS, "maxReplicas": MAX_REPLICAS, "metric": "cpu", "target": 70},
+        rollout={"mode": "Standard", "steps": STANDARD_STEPS, "interval": "5s", "analysis": ANALYSIS},
+    )
+    cluster.create(MDEP, "fraud", spec)
+
+    def settled(version: str) -> dict[str, Any] | None:
+        _play_gateway(cluster)
+        status = cluster.status(MDEP, "fraud")
+        isvc = cluster.isvc("fraud")
+        if (
+            status.get("stableVersion") == version
+            and status.get("rolloutPhase") == "Stable"
+            and not status.get("canaryVersion")
+            and _isvc_condition(isvc, "Ready") == "True"
+            and _isvc_condition(isvc, "IngressReady") == "True"
+            and _predictor_deployments(cluster, "fraud")
+            == {f"fraud-{version}-predictor": (MIN_REPLICAS,) * 2}
+        ):
+            return status
+        return None
+
+    wait_for("v1 served through the real KServe", lambda: settled("v1"), timeout=90)
+    assert _hpas(cluster) == {"fraud-v1-predictor": (MIN_REPLICAS, MAX_REPLICAS)}
+    assert _route_backends(cluster) == {
+        "fraud": ["fraud-v1-predictor"],
+        "fraud-v1-predictor": ["fraud-v1-predictor"],
+    }
+
+    cluster.patch(MDEP, "fraud", {"spec": {"model": {"version": "v2"}}})
+    for weight in STANDARD_STEPS:
+        canary = math.ceil(MIN_REPLICAS * weight / 100)
+
+        def at_step(weight: int = weight, canary: int = canary) -> dict[str, Any] | None:
+            _play_gateway(cluster)
+            isvc = cluster.isvc("fraud")
+            reported = [
+                (e["name"], e["ready"], e["trafficPercent"])
+                for e in (isvc.get("status") or {}).get("canaryStatuses") or []
+            ]
+            deployments = _predictor_deployments(cluster, "fraud")
+            asked = [c["trafficPercent"] for c in isvc["spec"].get("canary") or []]
+            if asked != [weight] or reported != [("v2", True, weight)]:
+                return None  # (KServe's status keeps the last canary for a moment after the promotion)
+            if deployments.get("fraud-v2-predictor") != (canary, canary):
+                return None
+            seen = {
+                "deployments": deployments,
+                "hpas": _hpas(cluster),
+                "routes": _route_backends(cluster),
+                "services": {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.ns).items},
+            }
+            # All read while the spec still asked for this step (it holds `interval` at least).
+            return (
+                seen
+                if [c["trafficPercent"] for c in cluster.isvc("fraud")["spec"].get("canary") or []]
+                == [weight]
+                else None
+            )
+
+        try:
+            seen = wait_for(f"KServe at the {weight}% step", at_step, timeout=60, interval=0.3)
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{_snapshot(cluster)}") from None
+        assert seen["hpas"] == {
+            "fraud-v1-predictor": (max(1, MIN_REPLICAS - canary), MAX_REPLICAS),
+            "fraud-v2-predictor": (canary, canary),
+        }
+        assert seen["deployments"]["fraud-v1-predictor"][0] >= max(1, MIN_REPLICAS - canary)
+        # Every request through the gateway still goes to the stable predictor: one backend, no canary.
+        assert seen["routes"] == {
+            "fraud": ["fraud-v1-predictor"],
+            "fraud-v1-predictor": ["fraud-v1-predictor"],
+        }
+        assert {"fraud-v1-predictor", "fraud-v2-predictor"} <= seen["services"]
+
+    status = wait_for("v2 promoted", lambda: settled("v2"), timeout=60)
+    assert [a["weight"] for a in status["analyses"]][-len(STANDARD_STEPS) :] == STANDARD_STEPS
+    promoted = {
+        "fraud": ["fraud-v2-predictor"],
+        "fraud-v2-predictor": ["fraud-v2-predictor"],
+        "fraud-v1-predictor": ["fraud-v1-predictor"],  # left behind, its Service deleted:
+    }
+    # (KServe may call the InferenceService Ready on the old route's status a moment before it rewrites it.)
+    wait_until(
+        "the routes of the promoted version",
+        lambda: (_play_gateway(cluster), _route_backends(cluster))[1],
+        lambda r: r == promoted,
+        timeout=30,
+    )
+    services = {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.ns).items}
+    assert "fraud-v1-predictor" not in services and "fraud-v2-predictor" in services
+    assert set(_hpas(cluster)) == {"fraud-v1-predictor", "fraud-v2-predictor"}
+
+
+def _snapshot(cluster: Cluster) -> str:
+    """What KServe and the operator show, for a failure's message."""
+    isvc = cluster.isvc("fraud")
+    status = cluster.status(MDEP, "fraud")
+    return json.dumps(
+        {
+            "spec.canary": [
+                (c["predictor"]["name"], c["trafficPercent"]) for c in isvc["spec"].get("canary") or []
+            ],
+            "kserve": {
+                k: (isvc.get("status") or {}).get(k)
+                for k in ("canaryStatuses", "conditions", "observedGeneration")
+            },
+            "deployments": _predictor_deployments(cluster, "fraud"),
+            "hpas": _hpas(cluster),
+            "operator": {
+                k: status.get(k) for k in ("rolloutPhase", "canaryWeight", "analyses", "conditions")
+            },
+        },
+        indent=1,
+        default=str,
+    )
+
+
+def _route_backends(cluster: Cluster) -> dict[str, list[str]]:
+    """Each HTTPRoute's backends; asserts that KServe sets no weight of its own (the apiserver's default, 1,
+    is what a single-backend rule has)."""
+    out = {}
+    for name, route in _routes(cluster).items():
+        backends = _backends(route)
+        assert all(weight == 1 for _, weight in backends), (name, backends)
+        out[name] = [service for service, _ in backends]
+    return out
+
+
+def _hpas(cluster: Cluster) -> dict[str, tuple[int, int]]:
+    items = (
+        client.AutoscalingV2Api(cluster.core.api_client)
+        .list_namespaced_horizontal_pod_autoscaler(cluster.ns)
+        .items
+    )
+    return {h.metadata.name: (h.spec.min_replicas, h.spec.max_replicas) for h in items}
+
+
+# -- Knative mode ----------------------------------------------------------------------------------------
+
+
+def test_knative_canary_percentage_reaches_the_knative_service(
+    placement_kubeconfig: str, placement_cluster: Cluster, registry: str
+) -> None:
+    """Knative mode: the Knative Service the real KServe writes carries our canaryTrafficPercent in its
+    traffic block (the latest revision at the canary's share, the last rolled-out one at the rest, tagged
+    prev), and the operator reads the split back from KServe's status. Knative's controller does not run:
+    the test plays its status on the Knative Service."""
+    cluster = placement_cluster
+    op = OperatorProcess(placement_kubeconfig, cluster.ns).start()
+    try:
+        cluster.create(
+            MDEP,
+            "fraud",
+            deployment_spec(
+                registry, "v1", rollout={"mode": "Knative", "steps": [30, 100], "interval": "1h"}
+            ),
+        )
+        ksvc = wait_for("KServe's Knative Service", lambda: _ksvc(cluster))
+        assert ksvc["spec"]["traffic"] == [{"latestRevision": True, "percent": 100}]
+        knative = KnativePlayer(cluster)
+        knative.play("fraud-predictor")
+        wait_for(
+            "v1 Ready",
+            lambda: (
+                cluster.status(MDEP, "fraud").get("stableVersion") == "v1"
+                and (cluster.condition(MDEP, "fraud", "Ready") or {}).get("status") == "True"
+            ),
+        )
+
+        cluster.patch(MDEP, "fraud", {"spec": {"model": {"version": "v2"}}})
+        ksvc = wait_until(
+            "the canary's traffic block",
+            lambda: _ksvc(cluster),
+            lambda k: len(k["spec"]["traffic"]) == 2,
+            timeout=30,
+        )
+        assert ksvc["spec"]["traffic"] == [
+            {"latestRevision": True, "percent": 30},
+            {"latestRevision": False, "percent": 70, "revisionName": "fraud-predictor-00001", "tag": "prev"},
+        ]
+        env = {e["name"]: e["value"] for e in ksvc["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env["STORAGE_URI"] == f"{registry}/fraud/v2"
+        knative.play("fraud-predictor")
+        expected = {("v2", 30, "fraud-predictor-00002"), ("v1", 70, "fraud-predictor-00001")}
+        wait_until(
+            "the split read back from KServe's status",
+            lambda: {
+                (t["version"], t["percent"], t.get("revision"))
+                for t in cluster.status(MDEP, "fraud")["traffic"]
+            },
+            lambda t: t == expected,
+            timeout=30,
+        )
+    finally:
+        op.stop()
+        print(op.logs())
+
+
+def _ksvc(cluster: Cluster) -> dict[str, Any]:
+    return cluster.custom.get_namespaced_custom_object(
+        *KNATIVE[:2], cluster.ns, KNATIVE[2], "fraud-predictor"
+    )
+
+
+# -- admission -------------------------------------------------------------------------------------------
+
+
+def _variants(sample: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Every InferenceService the operator can write for a sample: as written, and in the other KServe mode
+    (Standard needs minReplicas >= 1 and metric cpu), stable alone, at each canary step, promoted, its
+    shadow, and an A/B/N experiment."""
+    manifest = yaml.safe_load(sample.read_text())
+    for mode in ("Knative", "Standard"):
+        raw = yaml.safe_load(yaml.safe_dump(manifest["spec"]))
+        raw["model"]["registryUri"] = "file:///var/lib/conveyor/registry"
+        raw.setdefault("rollout", {})["mode"] = mode
+        if mode == "Standard":
+            a = raw.setdefault("autoscaling", {})
+            a.update({"minReplicas": max(1, a.get("minReplicas", 1)), "metric": "cpu", "target": 70})
+        spec = ModelDeploymentSpec.model_validate(raw)
+        validate_deployment(spec)
+        name = manifest["metadata"]["name"]
+        obj = {
+            "apiVersion": "conveyor.dev/v1alpha1",
+            "kind": "ModelDeployment",
+            "metadata": {"name": name, "namespace": "placeholder", "uid": str(uuid.uuid4()), "generation": 1},
+            "spec": raw,
+        }
+        root = f"{raw['model']['registryUri']}/{raw['model']['name']}"
+        v1, v2, v3 = ((v, f"{root}/{v}") for v in ("v1", "v2", "v3"))
+        yield f"{mode}-stable", build_inference_service(obj, spec, stable=v1)
+        for weight in spec.rollout.steps:
+            yield (
+                f"{mode}-canary-{weight}",
+                build_inference_service(obj, spec, stable=v1, candidate=v2, weight=weight),
+            )
+        yield f"{mode}-promoted", build_inference_service(obj, spec, stable=v2)
+        yield f"{mode}-shadow", build_shadow_service(obj, spec, v2)
+        versions = [(*v1, 50), (*v2, 50)] if mode == "Knative" else [(*v1, 50), (*v2, 30), (*v3, 20)]
+        yield f"{mode}-abn", build_experiment_service(obj, spec, versions)
+
+
+@pytest.mark.parametrize("sample", SAMPLES, ids=lambda p: p.stem)
+def test_kserve_admits_every_inference_service_of_each_sample(
+    sample: Path, placement_cluster: Cluster
+) -> None:
+    """The real KServe defaulting and validating webhooks accept every InferenceService the operator can
+    write for each sample ModelDeployment (server-side dry run: the webhooks run, nothing is stored)."""
+    refused, variants = {}, 0
+    for variant, isvc in _variants(sample):
+        variants += 1
+        isvc["metadata"]["namespace"] = placement_cluster.ns
+        isvc["metadata"].pop("ownerReferences", None)  # the sample ModelDeployment is not created
+        try:
+            placement_cluster.custom.create_namespaced_custom_object(
+                "serving.kserve.io", "v1beta1", placement_cluster.ns, "inferenceservices", isvc, dry_run="All"
+            )
+        except ApiException as e:
+            refused[variant] = e.body
+    assert variants >= 8 and refused == {}
+
+
+def test_kserve_webhook_refuses_what_kserve_cannot_serve(placement_cluster: Cluster) -> None:
+    """The premise of the test above: KServe's own validator answers on this apiserver (a canary outside
+    Standard mode is refused in KServe's words)."""
+    isvc = {
+        "apiVersion": "serving.kserve.io/v1beta1",
+        "kind": "InferenceService",
+        "metadata": {"name": "bad", "annotations": {"serving.kserve.io/deploymentMode": "Knative"}},
+        "spec": {
+            "predictor": {
+                "name": "a",
+                "containers": [
+                    {
+                        "name": "kserve-container",
+                        "image": "x",
+                        "env": [{"name": "STORAGE_URI", "value": "s3://b/m"}],
+                    }
+                ],
+            },
+            "canary": [{"predictor": {"name": "b"}, "trafficPercent": 10}],
+        },
+    }
+    with pytest.raises(ApiException) as refused:
+        placement_cluster.custom.create_namespaced_custom_object(
+            "serving.kserve.io", "v1beta1", placement_cluster.ns, "inferenceservices", isvc, dry_run="All"
+        )
+    assert "canary is only supported in Standard deployment mode" in refused.value.body
