@@ -1,7 +1,7 @@
 """The placement tier's stack (hack/placement.sh): a control plane of its own with the real kube-scheduler,
-kwok's CPU and GPU node pools and the real KubeRay operator, brought up once per session in a state
-directory of the session's own (or CONVEYOR_PLACEMENT_DIR's, reused) and taken down at its end if this
-session started it. The shared control plane is never touched.
+kwok's CPU and GPU node pools, the real KubeRay operator, Kueue and the real KServe controller, brought up
+once per session in a state directory of the session's own (or CONVEYOR_PLACEMENT_DIR's, reused) and taken
+down at its end if this session started it. The shared control plane is never touched.
 
 A tool that cannot be built (no Go toolchain, no module proxy) skips the tier locally and fails it under
 CI=true.
