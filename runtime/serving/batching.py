@@ -12,6 +12,12 @@ The server tells the batcher how many requests are on their way (received, not y
 waiting cannot fill the batch, so it runs at once: a lone client pays no batching delay. Under
 concurrency (previous batch shared) the wait stays, since the next requests are typically still on the
 wire, not yet visible to the server.
+
+A forward pass runs in the batcher's worker thread, so the loop keeps reading requests meanwhile. A model
+whose passes take less than ``inline_below_ms`` (a small MLP: tens of microseconds) runs on the loop
+instead: the hand-off to the thread and back (a future, a wake-up of the loop) would cost more than the
+pass. The choice follows the last pass's duration, so a slow pass (a large batch) moves back to the
+thread.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +37,7 @@ RunBatch = Callable[[np.ndarray], Any]
 
 @dataclass
 class _Pending:
-    inputs: np.ndarray
+    inputs: Any
     future: asyncio.Future[Any]
 
 
@@ -48,10 +55,15 @@ def split_outputs(outputs: Any, sizes: list[int]) -> list[Any]:
     return pieces
 
 
+def _concatenate(inputs: list[np.ndarray]) -> np.ndarray:
+    return inputs[0] if len(inputs) == 1 else np.concatenate(inputs)
+
+
 class DynamicBatcher:
     """Batches ``submit`` calls made on one event loop into calls of ``run_batch(inputs [B, ...])``.
 
-    ``run_batch`` returns an array (or tuple/dict of arrays) whose first axis matches its input's;
+    ``run_batch`` returns an array (or tuple/dict of arrays) whose first axis matches its input's; a batch
+    that fails is rerun request by request, so each gets its own answer or error;
     ``on_batch(rows, requests)`` is told the size of every batch run (for the batch size histogram).
     """
 
@@ -62,6 +74,8 @@ class DynamicBatcher:
         max_batch_size: int = 32,
         max_latency_ms: float = 5.0,
         on_batch: Callable[[int, int], None] | None = None,
+        inline_below_ms: float = 1.0,
+        combine: Callable[[list[Any]], Any] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max batch size must be at least 1, got {max_batch_size}")
@@ -71,6 +85,10 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_latency_s = max_latency_ms / 1000.0
         self.on_batch = on_batch
+        self.inline_below_s = inline_below_ms / 1000.0
+        # Requests' inputs -> one batch input, in the pass (default: np.concatenate of arrays).
+        self.combine = combine or _concatenate
+        self._last_pass_s = float("inf")  # the first pass runs in the thread
         self._queue: asyncio.Queue[_Pending] | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -92,8 +110,9 @@ class DynamicBatcher:
         assert self._queue is not None
         return self._queue
 
-    async def submit(self, inputs: np.ndarray) -> Any:
-        """Run ``inputs`` ([n, ...], n >= 1) in the next batch; returns this request's outputs."""
+    async def submit(self, inputs: Any) -> Any:
+        """Run ``inputs`` ([n, ...], n >= 1; anything with a length that ``combine`` takes) in the next
+        batch; returns this request's outputs."""
         if len(inputs) == 0:
             raise ValueError("a request must hold at least one row")
         queue = self._ensure_started()
@@ -134,23 +153,48 @@ class DynamicBatcher:
             live = [p for p in batch if not p.future.done()]  # a client that went away is skipped
             if not live:
                 continue
-            sizes = [len(p.inputs) for p in live]
             self._last_requests = len(live)
             try:
-                inputs = live[0].inputs if len(live) == 1 else np.concatenate([p.inputs for p in live])
-                outputs = await loop.run_in_executor(self._executor, self.run_batch, inputs)
-                pieces = split_outputs(outputs, sizes)
-            except Exception as e:  # every waiting request gets the error; the loop keeps serving
+                outputs = await self._pass(loop, [p.inputs for p in live])
+            except Exception as e:
+                if len(live) == 1:
+                    live[0].future.set_exception(e)
+                    continue
+                # One request's bad input must not fail its neighbours: each runs alone, and gets its own
+                # answer or error.
                 for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(e)
+                    try:
+                        self._answer([p], await self._pass(loop, [p.inputs]))
+                    except Exception as e1:  # the loop keeps serving
+                        if not p.future.done():
+                            p.future.set_exception(e1)
                 continue
-            if self.on_batch is not None:
-                with contextlib.suppress(Exception):
-                    self.on_batch(sum(sizes), len(live))
-            for p, piece in zip(live, pieces, strict=True):
-                if not p.future.done():
-                    p.future.set_result(piece)
+            self._answer(live, outputs)
+
+    async def _pass(self, loop: asyncio.AbstractEventLoop, inputs: list[Any]) -> Any:
+        """One forward pass over ``inputs`` (combined in the pass): on the loop when passes are cheap."""
+        if self._last_pass_s < self.inline_below_s:
+            return self._timed(inputs)
+        return await loop.run_in_executor(self._executor, self._timed, inputs)
+
+    def _answer(self, live: list[_Pending], outputs: Any) -> None:
+        sizes = [len(p.inputs) for p in live]
+        pieces = split_outputs(outputs, sizes)
+        if self.on_batch is not None:
+            with contextlib.suppress(Exception):
+                self.on_batch(sum(sizes), len(live))
+        for p, piece in zip(live, pieces, strict=True):
+            if not p.future.done():
+                p.future.set_result(piece)
+
+    def _timed(self, inputs: list[Any]) -> Any:
+        """``run_batch`` on the combined inputs, its duration kept (timed where it runs, without the
+        wait for the loop)."""
+        t0 = time.perf_counter()
+        try:
+            return self.run_batch(self.combine(inputs))
+        finally:
+            self._last_pass_s = time.perf_counter() - t0
 
     async def close(self) -> None:
         if self._task is not None:

@@ -57,7 +57,9 @@ class Explainer:
         self.method = METHOD_TREE if model.package.model_kind == "xgboost" else METHOD_IG
         # One explanation at a time, in its own thread: a burst of :explain calls queues here instead of
         # taking every core from predictions (each call is bounded by max_instances x steps).
-        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="conveyor-explain")
+        self.pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="conveyor-explain"
+        )
         transforms = model.package.transforms
         self.kind = transforms.kind
         if self.kind != "image":
@@ -88,7 +90,9 @@ class Explainer:
             else:
                 per_feature = np.zeros(len(self.features), dtype=np.float64)
                 np.add.at(per_feature, self._owner, attributions[i].astype(np.float64))
-                item["attributions"] = {f: round(float(v), 8) for f, v in zip(self.features, per_feature, strict=True)}
+                item["attributions"] = {
+                    f: round(float(v), 8) for f, v in zip(self.features, per_feature, strict=True)
+                }
             if bias is not None:  # the trees' expected margin: bias + sum(attributions) = the margin
                 item["bias"] = round(float(bias[i]), 8)
             if delta is not None:
@@ -154,7 +158,9 @@ async def explain_response(predictor: Any, request: Any) -> dict[str, Any]:
             "(spec.predictor.explain.maxInstances, serve --explain-max-instances): send fewer"
         )
     loop = asyncio.get_running_loop()
-    explanations = await loop.run_in_executor(explainer.pool, explainer.explain_rows, request.x)
+    explanations = await loop.run_in_executor(
+        explainer.pool, lambda: explainer.explain_rows(predictor.model_input([request.x]))
+    )
     return {
         "explanations": explanations,
         "method": explainer.method,

@@ -41,11 +41,13 @@ from collections import OrderedDict, deque
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from conveyor.runtime.package.drift import PREDICTION, DriftMonitor, bin_counts, bin_labels, references
+from conveyor.runtime.package.features import is_null
 
 LABELS = ("model_name", "model_version")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -116,7 +118,9 @@ class FeedbackTracker:
         self._scores: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
 
-    def remember(self, request_id: str, predictions: Sequence[Any], inputs: list[dict[str, Any]] | None = None) -> None:
+    def remember(
+        self, request_id: str, predictions: Sequence[Any], inputs: list[dict[str, Any]] | None = None
+    ) -> None:
         with self._lock:
             self._predictions[request_id] = list(predictions)
             self._predictions.move_to_end(request_id)
@@ -267,9 +271,16 @@ class ServingMetrics:
             registry=registry,
         )
         self._references = references(profile or {})
+        # Children looked up once: prometheus_client's labels() costs more per request than the count.
+        self._bin_children: dict[str, dict[str, Any]] = {}
+        self._edges: dict[str, np.ndarray] = {}  # a numeric feature's inner bin edges
         for feature, entry in self._references.items():
-            for label in bin_labels(entry):
-                self.drift_bins.labels(*lv, feature, label)
+            self._bin_children[feature] = {label: self.drift_bins.labels(*lv, feature, label)
+                                           for label in bin_labels(entry)}  # fmt: skip
+            if entry.get("kind") == "numeric" and entry.get("binEdges"):
+                self._edges[feature] = np.asarray(entry["binEdges"][1:-1], dtype=np.float64)
+        self._request_children: dict[tuple[str, int], tuple[Any, Any]] = {}
+        self._class_children: dict[str, Any] = {}
         self.ignored_inputs = Counter(
             "conveyor_ignored_inputs_total",
             "Request fields the model does not take, ignored (rows that carried them)",
@@ -300,9 +311,15 @@ class ServingMetrics:
             registry.register(self.drift_collector)
 
     def observe_request(self, protocol: str, code: int, seconds: float) -> None:
-        lv = (self.model_name, self.model_version)
-        self.requests.labels(*lv, protocol, outcome_of(code), str(code)).inc()
-        self.latency.labels(*lv, protocol).observe(seconds)
+        children = self._request_children.get((protocol, code))
+        if children is None:
+            lv = (self.model_name, self.model_version)
+            children = self._request_children[(protocol, code)] = (
+                self.requests.labels(*lv, protocol, outcome_of(code), str(code)),
+                self.latency.labels(*lv, protocol),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, rows: int, requests: int) -> None:
         self.batch_size.observe(rows)
@@ -317,7 +334,12 @@ class ServingMetrics:
         for p in predictions:
             counts[str(p)] = counts.get(str(p), 0) + 1
         for cls, n in counts.items():
-            self.predictions.labels(self.model_name, self.model_version, cls).inc(n)
+            child = self._class_children.get(cls)
+            if child is None:
+                child = self._class_children[cls] = self.predictions.labels(
+                    self.model_name, self.model_version, cls
+                )
+            child.inc(n)
 
     def observe_bins(self, columns: Mapping[str, Sequence[Any]], predictions: Sequence[Any]) -> None:
         """Count a batch's live values (and predictions) per profile bin."""
@@ -325,8 +347,16 @@ class ServingMetrics:
             values = predictions if feature == PREDICTION else columns.get(feature)
             if values is None or len(values) == 0:
                 continue
+            children = self._bin_children[feature]
+            edges = self._edges.get(feature)
+            if edges is not None and len(values) == 1:  # one row: its bin, without bin_counts' arrays
+                v = values[0]
+                x = np.nan if is_null(v) else float(v)
+                if x == x:  # nulls are not counted (NaN != NaN)
+                    children[str(int(np.searchsorted(edges, x, side="right")))].inc()
+                continue
             for label, n in bin_counts(entry, values).items():
-                self.drift_bins.labels(self.model_name, self.model_version, feature, label).inc(n)
+                children[label].inc(n)
 
     def observe_ignored(self, fields: Mapping[str, int]) -> None:
         for name, n in fields.items():
@@ -335,7 +365,9 @@ class ServingMetrics:
             self._ignored_names.add(name)
             self.ignored_inputs.labels(self.model_name, self.model_version, name).inc(n)
 
-    def observe_feedback(self, result: str, rows: int, online_value: float | None, *, version: str | None = None) -> None:
+    def observe_feedback(
+        self, result: str, rows: int, online_value: float | None, *, version: str | None = None
+    ) -> None:
         """``version``: the version that answered, when another one's predictor took its feedback."""
         self.feedback.labels(self.model_name, version or self.model_version, result).inc(rows)
         if online_value is not None:

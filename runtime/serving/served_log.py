@@ -83,7 +83,9 @@ class ServedLog:
         if write:
             self._thread = threading.Thread(target=self._run, name="conveyor-served-log", daemon=True)
             self._thread.start()
-            atexit.register(self.close)  # a process that exits without the server's shutdown hook still flushes
+            atexit.register(
+                self.close
+            )  # a process that exits without the server's shutdown hook still flushes
 
     @property
     def uri(self) -> str:
@@ -93,8 +95,13 @@ class ServedLog:
 
     def record(self, request_id: str, predictions: list[Any], inputs: list[dict[str, Any]] | None) -> None:
         """Buffer one served request (cheap; written by the background thread)."""
-        entry = {"id": request_id, "predictions": predictions, "inputs": inputs, "version": self.version,
-                 "time": time.time()}
+        entry = {
+            "id": request_id,
+            "predictions": predictions,
+            "inputs": inputs,
+            "version": self.version,
+            "time": time.time(),
+        }
         with self._lock:
             self._buffer.append(entry)
             full = len(self._buffer) >= self.max_buffered
@@ -113,7 +120,9 @@ class ServedLog:
                 self.registry.append_served(self.version, self.writer, records)
             except Exception:
                 self.failed_flushes += 1
-                log.exception("served-request log: could not write %d request(s) to %s", len(records), self.uri)
+                log.exception(
+                    "served-request log: could not write %d request(s) to %s", len(records), self.uri
+                )
                 with self._lock:
                     self._buffer[:0] = records[-self.max_buffered * 10 :]  # bounded: never grow without end
                 return 0

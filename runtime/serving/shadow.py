@@ -61,15 +61,25 @@ DOWN_BACKOFF_S = 0.5  # after a refused connection, copies count as errors witho
 
 
 class ShadowMetrics:
-    def __init__(self, model_name: str, model_version: str, shadow_version: str,
-                 registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(
+        self, model_name: str, model_version: str, shadow_version: str, registry: CollectorRegistry = REGISTRY
+    ) -> None:
         lv = (model_name, model_version, shadow_version)
-        counter = Counter("conveyor_shadow_requests_total",
-                          "Requests mirrored to a shadow candidate, by result (agree, disagree, error, timeout, "
-                          "incomparable, dropped)", [*LABELS, "result"], registry=registry)
+        counter = Counter(
+            "conveyor_shadow_requests_total",
+            "Requests mirrored to a shadow candidate, by result (agree, disagree, error, timeout, "
+            "incomparable, dropped)",
+            [*LABELS, "result"],
+            registry=registry,
+        )
         self.results = {r: counter.labels(*lv, r) for r in RESULTS}  # every series from 0
-        self.latency = Histogram("conveyor_shadow_duration_seconds", "The shadow candidate's latency, as mirrored",
-                                 LABELS, buckets=BUCKETS, registry=registry).labels(*lv)
+        self.latency = Histogram(
+            "conveyor_shadow_duration_seconds",
+            "The shadow candidate's latency, as mirrored",
+            LABELS,
+            buckets=BUCKETS,
+            registry=registry,
+        ).labels(*lv)
 
 
 class Sampler:
@@ -135,9 +145,20 @@ def agree(stable: list[Any], shadow: list[Any]) -> bool:
 class ShadowMirror:
     """Mirrors sampled requests to the shadow (see the module docstring). Lives on the server's loop."""
 
-    def __init__(self, url: str, *, model_name: str, model_version: str, shadow_model: str, shadow_version: str,
-                 percent: int = 100, timeout_s: float = 2.0, queue_size: int = QUEUE_SIZE, workers: int = WORKERS,
-                 registry: CollectorRegistry = REGISTRY) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        model_name: str,
+        model_version: str,
+        shadow_model: str,
+        shadow_version: str,
+        percent: int = 100,
+        timeout_s: float = 2.0,
+        queue_size: int = QUEUE_SIZE,
+        workers: int = WORKERS,
+        registry: CollectorRegistry = REGISTRY,
+    ) -> None:
         self.url = url.rstrip("/")
         self.model_name = model_name
         self.shadow_model = shadow_model
@@ -156,23 +177,32 @@ class ShadowMirror:
         self._netloc, self._path_prefix = parsed.netloc, parsed.path.rstrip("/")
         # Each worker task keeps one connection to the shadow (a context variable is per task).
         self._conn: contextvars.ContextVar[tuple[asyncio.StreamReader, asyncio.StreamWriter] | None] = (
-            contextvars.ContextVar(f"shadow-conn-{id(self)}", default=None))
+            contextvars.ContextVar(f"shadow-conn-{id(self)}", default=None)
+        )
 
     @classmethod
-    def from_env(cls, model_name: str, model_version: str, env: Mapping[str, str] = os.environ) -> ShadowMirror | None:
+    def from_env(
+        cls, model_name: str, model_version: str, env: Mapping[str, str] = os.environ
+    ) -> ShadowMirror | None:
         url = env.get(ENV_URL, "").strip()
         if not url:
             return None
-        return cls(url, model_name=model_name, model_version=model_version,
-                   shadow_model=env.get(ENV_MODEL) or model_name, shadow_version=env.get(ENV_VERSION) or "unknown",
-                   percent=int(env.get(ENV_PERCENT) or 100), timeout_s=int(env.get(ENV_TIMEOUT_MS) or 2000) / 1000)
+        return cls(
+            url,
+            model_name=model_name,
+            model_version=model_version,
+            shadow_model=env.get(ENV_MODEL) or model_name,
+            shadow_version=env.get(ENV_VERSION) or "unknown",
+            percent=int(env.get(ENV_PERCENT) or 100),
+            timeout_s=int(env.get(ENV_TIMEOUT_MS) or 2000) / 1000,
+        )
 
     def target_path(self, path: str) -> str:
         """The same route under the shadow's model name."""
         prefix = f"/models/{self.model_name}"
         i = path.find(prefix)
         if i >= 0:
-            path = path[:i] + f"/models/{self.shadow_model}" + path[i + len(prefix):]
+            path = path[:i] + f"/models/{self.shadow_model}" + path[i + len(prefix) :]
         return path
 
     def target(self, path: str) -> str:
@@ -232,8 +262,10 @@ class ShadowMirror:
             conn = await asyncio.open_connection(self._host, self._port)
             self._conn.set(conn)
         reader, writer = conn
-        head = (f"POST {self._path_prefix}{self.target_path(job.path)} HTTP/1.1\r\nHost: {self._netloc}\r\n"
-                f"Content-Type: {job.content_type or 'application/json'}\r\nContent-Length: {len(job.body)}\r\n\r\n")
+        head = (
+            f"POST {self._path_prefix}{self.target_path(job.path)} HTTP/1.1\r\nHost: {self._netloc}\r\n"
+            f"Content-Type: {job.content_type or 'application/json'}\r\nContent-Length: {len(job.body)}\r\n\r\n"
+        )
         writer.write(head.encode("latin-1") + job.body)
         status_line = await reader.readline()
         if not status_line:

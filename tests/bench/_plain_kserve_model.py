@@ -1,7 +1,8 @@
 """The benchmark's baseline: a plain ``kserve.Model`` of a package, one forward pass per request.
 
-What one would write without a batcher: load the TorchScript module and the fitted transforms, and in
-``predict`` transform the request's V2 input and run it. Same request format as the conveyor predictor's
+What one would write without a batcher: load the package (``ScoringModel``: the same backend as the
+conveyor predictor picks, e.g. onnxruntime) and the fitted transforms, and in ``predict`` transform the
+request's input and run it. Same request format as the conveyor predictor's
 raw-pixel / per-feature V2 input, same outputs, so the load generator is the same.
 
     python tests/bench/_plain_kserve_model.py --model-dir URI --name NAME --http-port P [--device D] [--torch-threads N]
@@ -29,15 +30,15 @@ def main() -> int:
     import torch
     from kserve import InferOutput, InferRequest, InferResponse
 
-    from conveyor.runtime.package.registry import open_package
+    from conveyor.runtime.serving.model import ScoringModel
 
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
 
     class PlainModel(kserve.Model):
         def load(self) -> bool:
-            self.pkg = open_package(args.model_dir)
-            self.module = self.pkg.load_model(args.device)
+            self.scoring = ScoringModel.open(args.model_dir, args.device)
+            self.pkg = self.scoring.package
             self.ready = True
             return True
 
@@ -46,11 +47,7 @@ def main() -> int:
             if isinstance(payload, dict):  # V1: rows, or images as KServe's image example sends them
                 from _ray_serve_model import decode  # the same decoding as the Ray Serve peer
 
-                x = decode(self.pkg, payload["instances"])
-                with torch.inference_mode():
-                    probs = (
-                        torch.softmax(self.module(torch.from_numpy(x).to(args.device)), dim=1).cpu().numpy()
-                    )
+                probs = self.scoring.forward(decode(self.pkg, payload["instances"]))
                 classes = self.pkg.classes
                 return {
                     "predictions": [
@@ -61,8 +58,7 @@ def main() -> int:
                 x = t.apply(payload.inputs[0].as_numpy())
             else:
                 x = t.apply({i.name: i.as_numpy().tolist() for i in payload.inputs})
-            with torch.inference_mode():
-                probs = torch.softmax(self.module(torch.from_numpy(x).to(args.device)), dim=1).cpu().numpy()
+            probs = self.scoring.forward(x)
             classes = self.pkg.classes
             label = InferOutput("label", [len(probs)], "BYTES")
             label.set_data_from_numpy(

@@ -1,5 +1,6 @@
 """The benchmark's peer: the same package served by Ray Serve with ``@serve.batch``, as a user choosing Ray
-Serve instead would write it: decode the V1 body (rows, or KServe-style base64 images), apply the
+Serve instead would write it (with the package's forward pass as the conveyor predictor runs it,
+``ScoringModel``: same backend): decode the V1 body (rows, or KServe-style base64 images), apply the
 package's fitted transforms, batch the forward pass, answer ``{"predictions": [...]}``.
 
     python tests/bench/_ray_serve_model.py --model-dir URI --http-port P [--torch-threads N] [--replicas N]
@@ -56,20 +57,18 @@ def main() -> int:
         def __init__(self) -> None:
             import torch
 
-            from conveyor.runtime.package.registry import open_package
+            from conveyor.runtime.serving.model import ScoringModel
 
-            torch.set_num_threads(args.torch_threads)
-            self.pkg = open_package(args.model_dir)
-            self.module = self.pkg.load_model("cpu")
+            torch.set_num_threads(args.torch_threads)  # onnxruntime takes the same thread count
+            self.scoring = ScoringModel.open(args.model_dir, "cpu")  # the conveyor predictor's backend
+            self.pkg = self.scoring.package
 
         @serve.batch(max_batch_size=args.max_batch_size, batch_wait_timeout_s=args.batch_wait_ms / 1000)
         async def forward(self, xs: list[Any]) -> list[Any]:
             import numpy as np
-            import torch
 
             sizes = [len(x) for x in xs]
-            with torch.inference_mode():
-                probs = torch.softmax(self.module(torch.from_numpy(np.concatenate(xs))), dim=1).numpy()
+            probs = self.scoring.forward(np.concatenate(xs))
             out, start = [], 0
             for n in sizes:
                 out.append(probs[start : start + n])
@@ -80,7 +79,11 @@ def main() -> int:
             body = await request.json()
             probs = await self.forward(decode(self.pkg, body["instances"]))
             classes = self.pkg.classes
-            return {"predictions": [{"label": classes[int(r.argmax())], "probabilities": r.tolist()} for r in probs]}
+            return {
+                "predictions": [
+                    {"label": classes[int(r.argmax())], "probabilities": r.tolist()} for r in probs
+                ]
+            }
 
     serve.run(PackageModel.bind(), name="model", route_prefix="/predict")
     print("READY", flush=True)

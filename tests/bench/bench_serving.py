@@ -3,18 +3,24 @@
 For a tabular model (the fraud MLP) and an image model (ResNet-18 on 64x64 PNG digits), at concurrency 1,
 8, 32 and 64 (closed loop), requests/s and p50/p99 of:
 
-(a) in-process: the package's forward pass (plus softmax, as served) called directly on transformed
-    inputs at batch sizes 1..256, with 1 torch thread and with all cores; the best is the limit;
-(b) plain ``kserve.Model`` of the same package (``_plain_kserve_model.py``): one forward pass per request;
-(c) Ray Serve with ``@serve.batch`` on the same package (``_ray_serve_model.py``, one replica per core);
-(d) conveyor (``python -m conveyor.runtime.serve``) with 1 process and with one per core, over HTTP (V1
-    JSON, the same bodies as (b) and (c)) and over gRPC (V2 tensors, ``tritonclient.grpc.aio``).
+(a) in-process: the package's forward pass (``ScoringModel.forward``: the backend the predictor picks,
+    e.g. onnxruntime, plus softmax) called directly on transformed inputs at batch sizes 1..256, on the
+    server's cores with 1 torch thread and with all of them; the best is the limit;
+(b) plain ``kserve.Model`` of the same package and backend (``_plain_kserve_model.py``): one forward pass
+    per request;
+(c) Ray Serve with ``@serve.batch`` on the same package and backend (``_ray_serve_model.py``, one replica
+    per server core);
+(d) conveyor (``python -m conveyor.runtime.serve``) with 1 process and with N (one per server core, at
+    least 2), over HTTP (V1 JSON, the same bodies as (b) and (c)) and over gRPC (V2 tensors,
+    ``tritonclient.grpc.aio``).
 
-Each request is one row (a transaction as JSON; one PNG as KServe's image example sends it). The load
-generator runs in its own processes on the same 2 cores (they cannot be pinned apart without halving
-the server): each point records the generator's own CPU use (``client_cpu_cores``) so its share is
-visible. For the image model it also measures the event loop's lag while large images decode
-(``loop_lag``): health-probe latency with decoding on the loop (the old way) and off it.
+Each request is one row (a transaction as JSON; one PNG as KServe's image example sends it). Servers and
+load generator are pinned apart with ``taskset``/``sched_setaffinity``: on this 2-core machine every
+server (and its children, Ray's processes included) runs on cpu 1 and the generator (this process and
+its client processes) on cpu 0; the in-process limit is measured on the server's core too. Each point
+still records the generator's own CPU use (``client_cpu_cores``). For the image model it also measures
+the event loop's lag while large images decode (``loop_lag``): health-probe latency with decoding on the
+loop (the old way) and off it.
 
 Run: ``make bench`` (pytest -m bench) or ``python tests/bench/bench_serving.py [--fraud-package URI]
 [--image-package URI] [--duration S]``. Writes tests/bench/results/serving.json. Goal at concurrency 32:
@@ -60,6 +66,25 @@ from _serving_support import (  # noqa: E402
 
 RESULTS = HERE / "results" / "serving.json"
 CONCURRENCY = (1, 8, 32, 64)
+
+
+def _split_cpus() -> tuple[set[int], set[int]]:
+    """(server cpus, load generator cpus): the first cpu for the generator, the rest for the servers
+    (on one cpu, both share it)."""
+    # The first process's cpus, handed to its children (they start pinned to the generator's).
+    known = os.environ.setdefault("CONVEYOR_BENCH_CPUS", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
+    cpus = sorted(int(c) for c in known.split(","))
+    return (set(cpus[1:]), {cpus[0]}) if len(cpus) > 1 else (set(cpus), set(cpus))
+
+
+SERVER_CPUS, CLIENT_CPUS = _split_cpus()
+
+
+def pinned(args: list[str]) -> list[str]:
+    """A server command line run on the server's cpus (its children inherit them)."""
+    return ["taskset", "-c", ",".join(map(str, sorted(SERVER_CPUS))), *args]
+
+
 BATCH_SIZES = (1, 8, 32, 64, 128, 256)
 NAME = "digits"
 
@@ -134,21 +159,21 @@ def decoded(pngs: list[bytes]) -> np.ndarray:
 
 
 def in_process(package: str, threads: int, seconds: float, x_all: np.ndarray) -> dict[str, Any]:
-    """The forward pass (plus softmax) on already transformed rows, per batch size."""
+    """The forward pass (plus softmax) on already transformed rows, per batch size, with the backend the
+    predictor picks (ScoringModel)."""
     import torch
 
-    from conveyor.runtime.package.registry import open_package
+    from conveyor.runtime.serving.model import ScoringModel
 
     torch.set_num_threads(threads)
-    module = open_package(package).load_model("cpu")
+    model = ScoringModel.open(package, "cpu")
     x_all = np.concatenate([x_all] * (max(BATCH_SIZES) // len(x_all) + 1))[: max(BATCH_SIZES)]
     by_batch = {}
     for bs in BATCH_SIZES:
-        x = torch.from_numpy(np.ascontiguousarray(x_all[:bs]))
+        x = np.ascontiguousarray(x_all[:bs], dtype=np.float32)
 
-        def step(x: torch.Tensor = x) -> None:
-            with torch.inference_mode():
-                torch.softmax(module(x), dim=1)
+        def step(x: np.ndarray = x) -> None:
+            model.forward(x)
 
         for _ in range(3):
             step()
@@ -158,16 +183,19 @@ def in_process(package: str, threads: int, seconds: float, x_all: np.ndarray) ->
             rows += bs
         by_batch[bs] = rows / (time.perf_counter() - start)
     best = max(by_batch, key=by_batch.__getitem__)
-    return {"torch_threads": threads, "rows_per_s_by_batch": {str(k): round(v, 1) for k, v in by_batch.items()},
+    return {"torch_threads": threads, "backend": model.backend, "cpus": sorted(os.sched_getaffinity(0)),
+            "rows_per_s_by_batch": {str(k): round(v, 1) for k, v in by_batch.items()},
             "best_batch": best, "best_rows_per_s": round(by_batch[best], 1)}  # fmt: skip
 
 
 def _in_process_proc(package: str, threads: int, seconds: float, x_all: np.ndarray, queue: Any) -> None:
+    os.sched_setaffinity(0, SERVER_CPUS)  # the server's core(s), where the served model runs
     queue.put(in_process(package, threads, seconds, x_all))
 
 
 def in_process_isolated(package: str, threads: int, seconds: float, x_all: np.ndarray) -> dict[str, Any]:
-    """``in_process`` in a fresh process (torch's thread count is set once per process)."""
+    """``in_process`` in a fresh process on the server's cores (torch's thread count is set once per
+    process)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_in_process_proc, args=(package, threads, seconds, x_all, queue))
@@ -182,6 +210,7 @@ def in_process_isolated(package: str, threads: int, seconds: float, x_all: np.nd
 
 def _client_proc(target: dict[str, Any], concurrency: int, seconds: float, queue: Any) -> None:
     """Closed-loop clients: HTTP POSTs of JSON bodies (aiohttp) or gRPC V2 calls (tritonclient.grpc.aio)."""
+    os.sched_setaffinity(0, CLIENT_CPUS)
 
     async def run() -> tuple[list[float], list[str], float, float]:
         lat: list[float] = []
@@ -306,8 +335,16 @@ class PlainServer(ServerProcess):
 
     def __init__(self, model_dir: str, name: str, logdir: Path) -> None:
         super().__init__(model_dir, name, logdir, threads=1)
-        self.args = [sys.executable, str(HERE / "_plain_kserve_model.py"), "--model-dir", model_dir,
-                     "--name", name, "--http-port", str(self.port), "--torch-threads", "1"]  # fmt: skip
+        self.args = pinned([sys.executable, str(HERE / "_plain_kserve_model.py"), "--model-dir", model_dir,
+                            "--name", name, "--http-port", str(self.port), "--torch-threads", "1"])  # fmt: skip
+
+
+class ConveyorServer(ServerProcess):
+    """``python -m conveyor.runtime.serve`` on the server's cpus."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.args = pinned(self.args)
 
 
 class RayServeServer:
@@ -317,8 +354,8 @@ class RayServeServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = logdir / f"ray-serve-{self.port}.log"
-        self.args = [sys.executable, str(HERE / "_ray_serve_model.py"), "--model-dir", model_dir,
-                     "--http-port", str(self.port), "--replicas", str(replicas)]  # fmt: skip
+        self.args = pinned([sys.executable, str(HERE / "_ray_serve_model.py"), "--model-dir", model_dir,
+                            "--http-port", str(self.port), "--replicas", str(replicas)])  # fmt: skip
 
     def __enter__(self) -> RayServeServer:
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in __exit__
@@ -386,7 +423,10 @@ def image_workload(package: str) -> dict[str, Any]:
         "name": "digits",
         "model": {"architecture": "resnet18", "input": [1, 64, 64]},
         "request": 'V1 {"instances": [{"image": {"b64": PNG}}]} over HTTP; V2 BYTES [1] (the PNG) over gRPC',
-        "bodies": [json.dumps({"instances": [{"image": {"b64": base64.b64encode(p).decode()}}]}).encode() for p in pngs],
+        "bodies": [
+            json.dumps({"instances": [{"image": {"b64": base64.b64encode(p).decode()}}]}).encode()
+            for p in pngs
+        ],
         "grpc": [[("image", "BYTES", np.array([p], dtype=object))] for p in pngs],
         "x": t.apply(decoded(pngs) * np.float32(t.scale / 255.0)),
         "pngs": pngs,
@@ -401,9 +441,12 @@ def loop_lag(package: str, workdir: Path, seconds: float) -> dict[str, Any]:
     buf = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (1024, 1024), dtype=np.uint8), mode="L").save(buf, format="PNG")
     body = json.dumps({"instances": [{"image": {"b64": base64.b64encode(buf.getvalue()).decode()}}]}).encode()
-    out = {"large_image": "1024x1024 noise PNG, resized to 64x64 by the server", "probe": "GET /v2/health/live"}
+    out = {
+        "large_image": "1024x1024 noise PNG, resized to 64x64 by the server",
+        "probe": "GET /v2/health/live",
+    }
     for mode, extra in (("decode_on_loop", ["--decode-on-loop"]), ("decode_off_loop", [])):
-        with ServerProcess(package, "digits", workdir, "--max-body-bytes", str(32 << 20), *extra) as server:
+        with ConveyorServer(package, "digits", workdir, "--max-body-bytes", str(32 << 20), *extra) as server:
             ctx = mp.get_context("spawn")
             queue = ctx.Queue()
             target = {"kind": "http", "url": f"{server.url}/v1/models/digits:predict", "bodies": [body]}
@@ -429,29 +472,48 @@ def loop_lag(package: str, workdir: Path, seconds: float) -> dict[str, Any]:
 # ---------------------------------------------------------------- the run
 
 
-def bench_model(workload: dict[str, Any], package: str, workdir: Path, seconds: float, cores: int) -> dict[str, Any]:
+def bench_model(
+    workload: dict[str, Any], package: str, workdir: Path, seconds: float, cores: int
+) -> dict[str, Any]:
     name = workload["name"]
     result: dict[str, Any] = {"package": package, **workload["model"], "request": workload["request"]}
     limits = [in_process_isolated(package, t, min(seconds, 3.0), workload["x"]) for t in sorted({1, cores})]
     result["in_process"] = limits
+    result["backend"] = limits[0]["backend"]  # every system below runs the same (ScoringModel's choice)
     limit = max(p["best_rows_per_s"] for p in limits)
     http_target = {"kind": "http", "bodies": workload["bodies"]}
     systems: dict[str, list[dict[str, Any]]] = {}
     with PlainServer(package, name, workdir) as plain:
-        systems["plain_kserve"] = sweep({**http_target, "url": f"{plain.url}/v1/models/{name}:predict"}, seconds)
+        systems["plain_kserve"] = sweep(
+            {**http_target, "url": f"{plain.url}/v1/models/{name}:predict"}, seconds
+        )
     with RayServeServer(package, workdir, cores) as ray_serve:
         systems["ray_serve_batch"] = sweep({**http_target, "url": f"{ray_serve.url}/predict"}, seconds)
-    for procs in sorted({1, cores}):
+    for procs in (1, max(2, cores)):
         grpc_port = free_port()
-        args = ["--workers", str(procs), "--grpc-port", str(grpc_port), "--max-batch-size", "32", "--max-latency-ms", "2"]
-        with ServerProcess(package, name, workdir, *args, threads=1) as server:
+        args = [
+            "--workers",
+            str(procs),
+            "--grpc-port",
+            str(grpc_port),
+            "--max-batch-size",
+            "32",
+            "--max-latency-ms",
+            "2",
+        ]
+        with ConveyorServer(package, name, workdir, *args, threads=1) as server:
             deadline = time.monotonic() + 120
             while Metrics.scrape(server.url).value("conveyor_server_processes", model_name=name) != procs:
                 assert time.monotonic() < deadline, server.log_tail()
                 time.sleep(0.5)
             url = f"{server.url}/v1/models/{name}:predict"
             systems[f"conveyor_http_{procs}proc"] = sweep({**http_target, "url": url}, seconds, server.url)
-            grpc_target = {"kind": "grpc", "url": f"127.0.0.1:{grpc_port}", "model": name, "requests": workload["grpc"]}
+            grpc_target = {
+                "kind": "grpc",
+                "url": f"127.0.0.1:{grpc_port}",
+                "model": name,
+                "requests": workload["grpc"],
+            }
             systems[f"conveyor_grpc_{procs}proc"] = sweep(grpc_target, seconds, server.url)
     result["systems"] = systems
 
@@ -465,6 +527,7 @@ def bench_model(workload: dict[str, Any], package: str, workdir: Path, seconds: 
         "conveyor_over_in_process": round(at32(best) / limit, 3),
         "conveyor_over_ray_serve": round(at32(best) / max(at32("ray_serve_batch"), 1e-9), 2),
         "conveyor_over_plain_kserve": round(at32(best) / max(at32("plain_kserve"), 1e-9), 2),
+        "each_over_in_process": {s: round(at32(s) / limit, 3) for s in systems},
         "goal": "conveyor >= 0.8 x in-process limit and ahead of Ray Serve",
         "goal_met": at32(best) >= 0.8 * limit and at32(best) > at32("ray_serve_batch"),
     }
@@ -472,22 +535,41 @@ def bench_model(workload: dict[str, Any], package: str, workdir: Path, seconds: 
 
 
 def run_benchmark(
-    *, fraud_package: str | None, image_package: str | None, seconds: float, workdir: Path, only: str | None = None
+    *,
+    fraud_package: str | None,
+    image_package: str | None,
+    seconds: float,
+    workdir: Path,
+    only: str | None = None,
 ) -> dict[str, Any]:
     if fraud_package is None and only != "image":
         fraud_package = train_package(fraud_config(str(workdir / "registry")), workdir / "train-fraud")
     if image_package is None and only != "tabular":
         images = write_image_folder(workdir / "digits64", 64)
-        image_package = train_package(resnet_config(str(workdir / "registry"), images), workdir / "train-resnet")
-    cores = len(os.sched_getaffinity(0))
+        image_package = train_package(
+            resnet_config(str(workdir / "registry"), images), workdir / "train-resnet"
+        )
+    os.sched_setaffinity(0, CLIENT_CPUS)  # this process drives the load; servers get SERVER_CPUS
+    cores = len(SERVER_CPUS)
     result: dict[str, Any] = {
-        "machine": {"cpu_count": cores, "platform": platform.platform(), "processor": platform.processor(),
-                    "loadavg_at_start": os.getloadavg()},  # fmt: skip
+        "machine": {
+            "cpu_count": os.cpu_count(),
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "loadavg_at_start": os.getloadavg(),
+        },  # fmt: skip
         "device": "cpu",
         "seconds_per_point": seconds,
-        "load_generator": "in-process aiohttp / tritonclient.grpc.aio clients in 1-2 processes on the same "
-        "cores as the server (not pinned apart); client_cpu_cores is the generator's own CPU use",
-        "servers": "1 torch thread per server process; batching max 32 rows / 2 ms (conveyor, Ray Serve)",
+        "pinning": {
+            "server_cpus": sorted(SERVER_CPUS),
+            "load_generator_cpus": sorted(CLIENT_CPUS),
+            "how": "servers started under taskset (children, Ray's included, inherit it); the "
+            "in-process limit measured in a process pinned to the server cpus",
+        },  # fmt: skip
+        "load_generator": "aiohttp / tritonclient.grpc.aio closed-loop clients in 1-2 processes on the "
+        "load generator cpus; client_cpu_cores is the generator's own CPU use",
+        "servers": "1 torch (and onnxruntime) thread per server process; batching max 32 rows / 2 ms "
+        "(conveyor, Ray Serve); every system runs the model with the backend the predictor picks",
     }
     if only != "image":
         result["tabular"] = bench_model(fraud_workload(fraud_package), fraud_package, workdir, seconds, cores)
