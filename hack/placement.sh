@@ -15,9 +15,9 @@
 #     certificates); no visibility API server, no leader election, no CRD conversion webhooks (the tier
 #     uses Kueue's storage version only);
 #   - the real KServe controller (github.com/kserve/kserve cmd/manager, the release whose CRDs the control
-#     plane installs) with every KServe CRD, its own `inferenceservice-config` ConfigMap (from its module,
-#     with `enableGatewayApi` on) in namespace kserve, and its InferenceService defaulting and validating
-#     webhooks served on 127.0.0.1 with the same self-signed certificate (controller-runtime reads it from
+#     plane installs) with the KServe CRDs it watches, its own `inferenceservice-config` ConfigMap (from
+#     its module, with `enableGatewayApi` on) in namespace kserve, and its InferenceService defaulting and
+#     validating webhooks served on 127.0.0.1 with the same self-signed certificate (controller-runtime reads it from
 #     $TMPDIR/k8s-webhook-server/serving-certs); not its pod mutator (the storage initializer it injects
 #     would never run under kwok). CRDs only, no controllers, for what it writes to: the Gateway API's
 #     (sigs.k8s.io/gateway-api: its HTTPRoutes) and Knative Serving's (knative.dev/serving: its Services,
@@ -225,8 +225,8 @@ kserve_module_dir() {
 }
 
 # KServe's own inferenceservice-config, from its module, with the Gateway API ingress on.
-kserve_config() {
-  python3 - "$(kserve_module_dir github.com/kserve/kserve)/config/configmap/inferenceservice.yaml" <<'PY'
+kserve_config() { # KServe's module directory
+  python3 - "$1/config/configmap/inferenceservice.yaml" <<'PY'
 import json, sys, yaml
 cm = yaml.safe_load(open(sys.argv[1]))
 ingress = json.loads(cm["data"]["ingress"])
@@ -239,9 +239,8 @@ PY
 
 # KServe's InferenceService defaulting and validating webhooks from its module's manifests, pointed at the
 # local process (a url instead of its service, our certificate as caBundle).
-kserve_webhooks() { # port
-  python3 - "$(kserve_module_dir github.com/kserve/kserve)/config/webhook/manifests.yaml" "$1" \
-    "$(base64 -w0 <"$STATE/webhooks/tls.crt")" <<'PY'
+kserve_webhooks() { # KServe's module directory, port
+  python3 - "$1/config/webhook/manifests.yaml" "$2" "$(base64 -w0 <"$STATE/webhooks/tls.crt")" <<'PY'
 import sys, yaml
 manifests, port, ca = sys.argv[1], sys.argv[2], sys.argv[3]
 out = []
@@ -263,28 +262,30 @@ print(yaml.safe_dump_all(out))
 PY
 }
 
-apply_dir() { # description, files...
-  local what=$1; shift
-  kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement "${@/#/--filename=}" >/dev/null
-  wait_for "$what Established" 60 kubectl wait --for condition=Established --timeout=5s "${@/#/--filename=}"
-}
-
-start_kserve() {
+# KServe's part of `up` in two halves, so that it starts while Kueue does: its CRDs, the Gateway API's
+# and Knative Serving's (one apply, one wait), its namespace and ConfigMaps, then the process...
+launch_kserve() {
   local kserve gw kn
   kserve=$(kserve_module_dir github.com/kserve/kserve)
   gw=$(kserve_module_dir sigs.k8s.io/gateway-api)/config/crd/standard
   kn=$(kserve_module_dir knative.dev/serving)/config/core
   [[ -d $kserve && -d $gw && -d $kn ]] || die "KServe's, the Gateway API's or Knative Serving's module is missing"
-  apply_dir "KServe's CRDs" "$kserve"/config/crd/full/serving.kserve.io_*.yaml \
-    "$kserve"/config/crd/full/clusterstoragecontainer/serving.kserve.io_*.yaml
-  apply_dir "the Gateway API's CRDs" "$gw"/gateway.networking.k8s.io_{gatewayclasses,gateways,httproutes,grpcroutes,referencegrants}.yaml
-  apply_dir "Knative Serving's CRDs" "$kn"/300-resources/{service,configuration,revision,route}.yaml
-  local ns
-  for ns in kserve knative-serving; do
-    kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  done
-  kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement -f "$kn/configmaps/autoscaler.yaml" >/dev/null
-  kserve_config | kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement -f - >/dev/null
+  # Only the kinds KServe's manager watches or writes here (the CRDs are large and the apiserver is slow
+  # to take them): InferenceServices come with the control plane (hack/local-cluster.sh, the same file);
+  # no ClusterServingRuntimes (KServe skips them when absent); of the Gateway API only HTTPRoutes; of
+  # Knative Serving only Services.
+  local crds=("$kserve"/config/crd/full/serving.kserve.io_{trainedmodels,servingruntimes,inferencegraphs}.yaml
+    "$kserve"/config/crd/full/clusterstoragecontainer/serving.kserve.io_clusterstoragecontainers.yaml
+    "$gw"/gateway.networking.k8s.io_httproutes.yaml "$kn"/300-resources/service.yaml)
+  kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement "${crds[@]/#/--filename=}" >/dev/null
+  wait_for "KServe's, the Gateway API's and Knative Serving's CRDs Established" 60 \
+    kubectl wait --for condition=Established --timeout=5s "${crds[@]/#/--filename=}"
+  {
+    printf 'apiVersion: v1\nkind: Namespace\nmetadata: {name: %s}\n---\n' kserve knative-serving
+    cat "$kn/configmaps/autoscaler.yaml"
+    printf '\n---\n'
+    kserve_config "$kserve"
+  } | kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement -f - >/dev/null
   webhook_cert
   local tmp=$STATE/kserve-tmp
   mkdir -p "$tmp/k8s-webhook-server/serving-certs"
@@ -297,10 +298,14 @@ start_kserve() {
       --health-probe-addr "127.0.0.1:$(cat "$STATE/ports/kserve-health")" \
       --webhook-port "$(cat "$STATE/ports/kserve-webhook")" --leader-elect=false
   fi
+}
+
+# ... and, once it is ready, its admission webhooks.
+kserve_ready() {
   wait_for "KServe /readyz" 90 curl -sf "http://127.0.0.1:$(cat "$STATE/ports/kserve-health")/readyz" \
     || { tail -20 "$STATE/logs/kserve.log" >&2; exit 1; }
-  kserve_webhooks "$(cat "$STATE/ports/kserve-webhook")" | kubectl apply --server-side --force-conflicts \
-    --field-manager=conveyor-placement -f - >/dev/null
+  kserve_webhooks "$(kserve_module_dir github.com/kserve/kserve)" "$(cat "$STATE/ports/kserve-webhook")" \
+    | kubectl apply --server-side --force-conflicts --field-manager=conveyor-placement -f - >/dev/null
 }
 
 cmd_up() {
@@ -350,8 +355,9 @@ cmd_up() {
       --metrics-addr "127.0.0.1:$(cat "$STATE/ports/kuberay-metrics")" \
       --health-probe-bind-address "127.0.0.1:$(cat "$STATE/ports/kuberay-health")" --log-stdout-encoder console
   fi
+  launch_kserve
   start_kueue
-  start_kserve
+  kserve_ready
   wait_for "kube-scheduler /healthz" 60 curl -skf "https://127.0.0.1:$(cat "$STATE/ports/kube-scheduler")/healthz" \
     || { tail -20 "$STATE/logs/kube-scheduler.log" >&2; exit 1; }
   wait_for "KubeRay /readyz" 60 curl -sf "http://127.0.0.1:$(cat "$STATE/ports/kuberay-health")/readyz" \
