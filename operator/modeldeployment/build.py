@@ -21,8 +21,11 @@ Canary in the two KServe deployment modes (checked against the pinned KServe v0.
   explicitly (the same count KServe would pick, never 0, visible in the spec); the stable predictor
   keeps the full autoscaling. Promotion, per KServe, sets `predictor.name` to the candidate's and
   drops the canary entry: that is what this builder emits for (stable=candidate, candidate=None).
-  KServe splits Standard-mode traffic only through an ingress (a Gateway API HTTPRoute with
-  `enableGatewayApi`, or Istio); without one it reports `IngressReady=False` and nothing is split.
+  KServe v0.20.0 does not split Standard-mode traffic by weight (its source, and the real controller
+  in tests/placement/test_kserve.py): `trafficPercent` sizes the canary's replicas, and the Gateway API
+  HTTPRoute it writes (`enableGatewayApi`) has the stable predictor's Service as its one backend at
+  every step. A weighted split there needs a route weighting the two predictor Services (not built
+  here; Knative mode splits by `canaryTrafficPercent`).
 
 Shadow (`strategy: shadow`), the same in both modes and without a mesh: the candidate is a second
 InferenceService, `<name>-shadow` (`shadow_service_name`), serving the candidate under the model name
