@@ -33,32 +33,71 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m conveyor.operator", description=__doc__.split("\n")[0])
     scope = p.add_mutually_exclusive_group()
     scope.add_argument(
-        "-n", "--namespace", action="append", default=[], metavar="NS",
+        "-n",
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
         help="watch only this namespace (repeatable; default: every namespace)",
     )
-    scope.add_argument("-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)")
-    p.add_argument("--metrics-port", type=int, default=int(os.environ.get("CONVEYOR_METRICS_PORT", "8000")),
-                   help="Prometheus /metrics port, 0 to disable (default 8000)")
-    p.add_argument("--liveness-port", type=int, default=int(os.environ.get("CONVEYOR_LIVENESS_PORT", "8080")),
-                   help="liveness endpoint port (/healthz), 0 to disable (default 8080)")
-    p.add_argument("--bind", default=os.environ.get("CONVEYOR_BIND", "0.0.0.0"), help="address for both endpoints")
-    p.add_argument("--pipeline-workers", type=int, default=16,
-                   help="MLPipelines (and BatchPredictions) reconciled at once (default 16)")
-    p.add_argument("--deployment-workers", type=int, default=16, help="ModelDeployments reconciled at once (default 16)")
+    scope.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch every namespace (the default)"
+    )
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("CONVEYOR_METRICS_PORT", "8000")),
+        help="Prometheus /metrics port, 0 to disable (default 8000)",
+    )
+    p.add_argument(
+        "--liveness-port",
+        type=int,
+        default=int(os.environ.get("CONVEYOR_LIVENESS_PORT", "8080")),
+        help="liveness endpoint port (/healthz), 0 to disable (default 8080)",
+    )
+    p.add_argument(
+        "--bind", default=os.environ.get("CONVEYOR_BIND", "0.0.0.0"), help="address for both endpoints"
+    )
+    p.add_argument(
+        "--pipeline-workers",
+        type=int,
+        default=16,
+        help="MLPipelines (and BatchPredictions) reconciled at once (default 16)",
+    )
+    p.add_argument(
+        "--deployment-workers", type=int, default=16, help="ModelDeployments reconciled at once (default 16)"
+    )
     p.add_argument("--resync-seconds", type=float, default=600.0, help="reconcile everything this often")
-    p.add_argument("--registry-poll-seconds", type=float, default=60.0,
-                   help="how often a ModelDeployment following a registry's latest version looks for a new one")
-    p.add_argument("--default-kserve-mode", choices=["Knative", "Standard"],
-                   default=os.environ.get("CONVEYOR_DEFAULT_KSERVE_MODE", "Knative"),
-                   help="KServe mode of a ModelDeployment that sets no spec.rollout.mode (fixed once its "
-                        "InferenceService exists)")
-    p.add_argument("--prometheus-url", default=os.environ.get("CONVEYOR_PROMETHEUS_URL") or None,
-                   help="Prometheus that canary analysis and drift query (e.g. http://prometheus:9090); "
-                        "unset: a canary pauses for a person at its first analysis")
-    p.add_argument("--leader-elect", action="store_true", default=os.environ.get("CONVEYOR_LEADER_ELECT") == "true",
-                   help="for several replicas: only the holder of a coordination.k8s.io Lease reconciles")
-    p.add_argument("--leader-election-namespace", default=os.environ.get("POD_NAMESPACE", "default"),
-                   help="namespace of the Lease (default: $POD_NAMESPACE)")
+    p.add_argument(
+        "--registry-poll-seconds",
+        type=float,
+        default=60.0,
+        help="how often a ModelDeployment following a registry's latest version looks for a new one",
+    )
+    p.add_argument(
+        "--default-kserve-mode",
+        choices=["Knative", "Standard"],
+        default=os.environ.get("CONVEYOR_DEFAULT_KSERVE_MODE", "Knative"),
+        help="KServe mode of a ModelDeployment that sets no spec.rollout.mode (fixed once its "
+        "InferenceService exists)",
+    )
+    p.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("CONVEYOR_PROMETHEUS_URL") or None,
+        help="Prometheus that canary analysis and drift query (e.g. http://prometheus:9090); "
+        "unset: a canary pauses for a person at its first analysis",
+    )
+    p.add_argument(
+        "--leader-elect",
+        action="store_true",
+        default=os.environ.get("CONVEYOR_LEADER_ELECT") == "true",
+        help="for several replicas: only the holder of a coordination.k8s.io Lease reconciles",
+    )
+    p.add_argument(
+        "--leader-election-namespace",
+        default=os.environ.get("POD_NAMESPACE", "default"),
+        help="namespace of the Lease (default: $POD_NAMESPACE)",
+    )
     p.add_argument("--leader-election-id", default="conveyor-operator", help="name of the Lease")
     p.add_argument("--log-level", default=os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
@@ -70,9 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # kopf's per-object chatter is noise at INFO for an event-only operator.
-    logging.getLogger("kopf").setLevel(logging.WARNING if args.log_level.upper() == "INFO" else args.log_level.upper())
+    logging.getLogger("kopf").setLevel(
+        logging.WARNING if args.log_level.upper() == "INFO" else args.log_level.upper()
+    )
     config = Config(
         pipeline_workers=args.pipeline_workers,
         deployment_workers=args.deployment_workers,

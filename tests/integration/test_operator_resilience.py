@@ -57,7 +57,9 @@ def test_restart_mid_run_picks_up_without_a_second_rayjob(
         print(second.logs())
 
 
-def test_restart_between_rayjob_and_status_adopts_the_orphan(kubeconfig: str, cluster: Cluster, registry: str) -> None:
+def test_restart_between_rayjob_and_status_adopts_the_orphan(
+    kubeconfig: str, cluster: Cluster, registry: str
+) -> None:
     """The RayJob exists, the status never recorded it (the crash came between the two writes)."""
     cluster.create(MLP, "fraud", pipeline_spec(registry))
     pipeline = cluster.get(MLP, "fraud")
@@ -66,10 +68,26 @@ def test_restart_between_rayjob_and_status_adopts_the_orphan(kubeconfig: str, cl
         "kind": "RayJob",
         "metadata": {
             "name": "fraud-1",
-            "labels": {"app.kubernetes.io/managed-by": "conveyor", "conveyor.dev/pipeline": "fraud", "conveyor.dev/run": "1"},
-            "ownerReferences": [{"apiVersion": "conveyor.dev/v1alpha1", "kind": "MLPipeline", "name": "fraud", "uid": pipeline["metadata"]["uid"]}],
+            "labels": {
+                "app.kubernetes.io/managed-by": "conveyor",
+                "conveyor.dev/pipeline": "fraud",
+                "conveyor.dev/run": "1",
+            },
+            "ownerReferences": [
+                {
+                    "apiVersion": "conveyor.dev/v1alpha1",
+                    "kind": "MLPipeline",
+                    "name": "fraud",
+                    "uid": pipeline["metadata"]["uid"],
+                }
+            ],
         },
-        "spec": {"entrypoint": "python -m conveyor.runtime.train --config /etc/conveyor/run.json", "rayClusterSpec": {"headGroupSpec": {"template": {"spec": {"containers": [{"name": "ray-head", "image": "x"}]}}}}},
+        "spec": {
+            "entrypoint": "python -m conveyor.runtime.train --config /etc/conveyor/run.json",
+            "rayClusterSpec": {
+                "headGroupSpec": {"template": {"spec": {"containers": [{"name": "ray-head", "image": "x"}]}}}
+            },
+        },
     }
     cluster.custom.create_namespaced_custom_object("ray.io", "v1", cluster.ns, "rayjobs", orphan)
     op = OperatorProcess(kubeconfig, cluster.ns).start()
@@ -95,13 +113,23 @@ def test_deletion_collects_children(kubeconfig: str, cluster: Cluster, registry:
         wait_for("InferenceService", lambda: cluster.isvc("fraud"))
         cluster.delete(MLP, "fraud")
         cluster.delete(MDEP, "fraud")
-        wait_for("RayJob collected", lambda: not cluster.exists(lambda: cluster.rayjob("fraud-1")), timeout=60)
+        wait_for(
+            "RayJob collected", lambda: not cluster.exists(lambda: cluster.rayjob("fraud-1")), timeout=60
+        )
         wait_for(
             "ConfigMap collected",
-            lambda: not cluster.exists(lambda: cluster.core.read_namespaced_config_map("fraud-1-config", cluster.ns)),
+            lambda: (
+                not cluster.exists(
+                    lambda: cluster.core.read_namespaced_config_map("fraud-1-config", cluster.ns)
+                )
+            ),
             timeout=60,
         )
-        wait_for("InferenceService collected", lambda: not cluster.exists(lambda: cluster.isvc("fraud")), timeout=60)
+        wait_for(
+            "InferenceService collected",
+            lambda: not cluster.exists(lambda: cluster.isvc("fraud")),
+            timeout=60,
+        )
         assert op.alive()
     finally:
         op.stop()
@@ -162,7 +190,9 @@ def test_status_write_conflict_rereads_and_retries(
     assert [r["metadata"]["name"] for r in cluster.rayjobs()] == ["fraud-1"]
 
 
-def test_namespace_flag_limits_what_the_operator_touches(kubeconfig: str, kube_api: Any, cluster: Cluster, registry: str) -> None:
+def test_namespace_flag_limits_what_the_operator_touches(
+    kubeconfig: str, kube_api: Any, cluster: Cluster, registry: str
+) -> None:
     import uuid
 
     from kubernetes import client
