@@ -117,9 +117,10 @@ def two_proportion_z(s1: float, n1: float, s2: float, n2: float) -> tuple[float,
     """(z, two-sided p-value) of H0: p1 == p2, with the pooled standard error."""
     p1, p2 = s1 / n1, s2 / n2
     pooled = (s1 + s2) / (n1 + n2)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n1 + 1 / n2))
-    if se == 0:
-        return (0.0, 1.0) if p1 == p2 else (math.copysign(math.inf, p1 - p2), 0.0)
+    # max(): rates read from Prometheus can exceed 1 by a rounding (a success rate of 1.0000000001).
+    se = math.sqrt(max(pooled * (1 - pooled), 0.0) * (1 / n1 + 1 / n2))
+    if se == 0:  # every trial of both came out the same: the rates are equal (up to a rounding)
+        return 0.0, 1.0
     z = (p1 - p2) / se
     return z, math.erfc(abs(z) / math.sqrt(2))
 

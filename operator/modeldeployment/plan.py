@@ -50,6 +50,7 @@ from conveyor.operator.controller.validation import InvalidSpecError
 from conveyor.operator.modeldeployment import experiment
 from conveyor.operator.modeldeployment.build import (
     ANNOTATION_EXPERIMENT,
+    KSERVE_DEPLOYMENT_MODE,
     ShadowTarget,
     build_experiment_service,
     build_inference_service,
@@ -112,14 +113,34 @@ class DeploymentPlan:
     delete_shadow: dict[str, Any] | None = None  # the shadow InferenceService to delete (no shadow any more)
 
 
+def spec_observed(isvc: dict[str, Any]) -> bool:
+    """KServe has acted on the InferenceService's latest spec, judged by what it reports for the mode.
+
+    Knative: `status.observedGeneration` is the Knative Service's, which KServe rewrites with every spec
+    it is given, so it keeps pace with ours. Standard: KServe v0.20.0 copies a predictor Deployment's
+    observedGeneration there (its source: `PropagateRawStatus`), another object's counter, which says
+    nothing about our spec: ahead of ours (the HPA's scaling moves it) it passes a step KServe has not
+    seen, behind it it would hold one for ever. There the fact is `status.canaryStatuses`, which KServe
+    rebuilds from the spec's `canary[]` on every reconcile: observed when it names exactly the spec's
+    canaries with their `trafficPercent` (none after a promotion or rollback).
+    """
+    st = isvc.get("status") or {}
+    annotations = isvc["metadata"].get("annotations") or {}
+    if annotations.get(KSERVE_DEPLOYMENT_MODE) in ("Standard", "RawDeployment"):
+        wanted = {(e.get("predictor") or {}).get("name"): int(e.get("trafficPercent") or 0)
+                  for e in (isvc.get("spec") or {}).get("canary") or []}
+        seen = {e.get("name"): int(e.get("trafficPercent") or 0) for e in st.get("canaryStatuses") or []}
+        return seen == wanted
+    gen, observed = isvc["metadata"].get("generation"), st.get("observedGeneration")
+    return observed is None or gen is None or observed >= gen
+
+
 def _isvc_ready(isvc: dict[str, Any] | None) -> tuple[bool, str, str]:
     if isvc is None:
         return False, "InferenceServiceMissing", "The InferenceService does not exist yet."
     st = isvc.get("status") or {}
-    gen = isvc["metadata"].get("generation")
-    observed = st.get("observedGeneration")
     ready = c.get_condition(st.get("conditions"), "Ready")
-    if observed is not None and gen is not None and observed < gen:
+    if not spec_observed(isvc):
         return False, "InferenceServiceUpdating", "KServe has not yet observed the latest InferenceService spec."
     if ready is None:
         return False, "InferenceServiceNotReady", "KServe reports no readiness yet."
@@ -445,8 +466,7 @@ def reported_weight(isvc: dict[str, Any] | None, mode: str | None, canary: str |
     if isvc is None or canary is None:
         return None
     st = isvc.get("status") or {}
-    observed, gen = st.get("observedGeneration"), isvc["metadata"].get("generation")
-    if observed is None or (gen is not None and observed < gen):
+    if st.get("observedGeneration") is None or not spec_observed(isvc):
         return None
     if mode == "Knative":
         entries = ((st.get("components") or {}).get("predictor") or {}).get("traffic") or []

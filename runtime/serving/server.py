@@ -185,6 +185,12 @@ class ServingMiddleware:
 _JSON_TYPES = (b"application/json", b"application/cloudevents+json", b"application/ld+json")
 
 
+# V1 predictions are answered in front of FastAPI (V1FastPath) unless this is False: development
+# middleware that must see every inference request inside KServe's app turns it off
+# (conveyor_devstack.faults plants 5xx answers there, where ServingMiddleware counts them).
+V1_FAST_PATH = True
+
+
 class V1FastPath:
     """The ASGI app uvicorn runs: ``POST /v1/models/NAME:predict`` with a JSON body is answered here,
     everything else goes to KServe's FastAPI app (with ``ServingMiddleware`` inside it).
@@ -846,7 +852,8 @@ def serve(args: argparse.Namespace, *, reuse_port: bool = False) -> int:
         workers=1,  # the batcher and the drift window live in this process
         enable_latency_logging=False,
     )
-    server.front = V1FastPath(app, predictor=predictor, max_body_bytes=args.max_body_bytes, shadow=shadow)
+    if V1_FAST_PATH:
+        server.front = V1FastPath(app, predictor=predictor, max_body_bytes=args.max_body_bytes, shadow=shadow)
     if args.grpc_port:
         server.grpc_accounting = grpc_accounting(predictor)
         server.grpc_log_calls = args.access_log

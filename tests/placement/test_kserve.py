@@ -202,8 +202,9 @@ class KnativePlayer:
 # -- Standard mode ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("min_replicas", [MIN_REPLICAS, 1], ids=["minReplicas4", "minReplicas1"])
 def test_standard_canary_steps_on_the_real_kserve(
-    placement_cluster: Cluster, analysing_operator: OperatorProcess, registry: str
+    placement_cluster: Cluster, analysing_operator: OperatorProcess, registry: str, min_replicas: int
 ) -> None:
     """At each step of a Standard-mode canary (analysed by a real Prometheus, promoted by the operator),
     what the real KServe v0.20.0 makes of our `spec.canary[]`:
@@ -219,13 +220,17 @@ def test_standard_canary_steps_on_the_real_kserve(
       Service (`<name>-<version>-predictor`).
     - promotion (predictor.name becomes the canary's, the canary entry goes) makes the route point at the
       new predictor and deletes the old predictor's Deployment and Service; KServe leaves the old
-      predictor's HTTPRoute and HPA behind (owned by the InferenceService, so they go with it)."""
+      predictor's HTTPRoute and HPA behind (owned by the InferenceService, so they go with it).
+
+    Also at minReplicas 1, where the canary is one replica at every step (from 25% to 50% nothing of
+    either Deployment changes): the operator still sees each step taken, from KServe's `canaryStatuses`
+    (`plan.spec_observed`; the observedGeneration KServe reports in this mode is a Deployment's)."""
     cluster = placement_cluster
     spec = deployment_spec(
         registry,
         "v1",
         predictor={"resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
-        autoscaling={"minReplicas": MIN_REPLICAS, "maxReplicas": MAX_REPLICAS, "metric": "cpu", "target": 70},
+        autoscaling={"minReplicas": min_replicas, "maxReplicas": MAX_REPLICAS, "metric": "cpu", "target": 70},
         rollout={"mode": "Standard", "steps": STANDARD_STEPS, "interval": "5s", "analysis": ANALYSIS},
     )
     cluster.create(MDEP, "fraud", spec)
@@ -241,13 +246,13 @@ def test_standard_canary_steps_on_the_real_kserve(
             and _isvc_condition(isvc, "Ready") == "True"
             and _isvc_condition(isvc, "IngressReady") == "True"
             and _predictor_deployments(cluster, "fraud")
-            == {f"fraud-{version}-predictor": (MIN_REPLICAS,) * 2}
+            == {f"fraud-{version}-predictor": (min_replicas,) * 2}
         ):
             return status
         return None
 
     wait_for("v1 served through the real KServe", lambda: settled("v1"), timeout=90)
-    assert _hpas(cluster) == {"fraud-v1-predictor": (MIN_REPLICAS, MAX_REPLICAS)}
+    assert _hpas(cluster) == {"fraud-v1-predictor": (min_replicas, MAX_REPLICAS)}
     assert _route_backends(cluster) == {
         "fraud": ["fraud-v1-predictor"],
         "fraud-v1-predictor": ["fraud-v1-predictor"],
@@ -255,7 +260,7 @@ def test_standard_canary_steps_on_the_real_kserve(
 
     cluster.patch(MDEP, "fraud", {"spec": {"model": {"version": "v2"}}})
     for weight in STANDARD_STEPS:
-        canary = math.ceil(MIN_REPLICAS * weight / 100)
+        canary = math.ceil(min_replicas * weight / 100)
 
         def at_step(weight: int = weight, canary: int = canary) -> dict[str, Any] | None:
             _play_gateway(cluster)
@@ -289,10 +294,10 @@ def test_standard_canary_steps_on_the_real_kserve(
         except AssertionError as e:
             raise AssertionError(f"{e}\n{_snapshot(cluster)}") from None
         assert seen["hpas"] == {
-            "fraud-v1-predictor": (max(1, MIN_REPLICAS - canary), MAX_REPLICAS),
+            "fraud-v1-predictor": (max(1, min_replicas - canary), MAX_REPLICAS),
             "fraud-v2-predictor": (canary, canary),
         }
-        assert seen["deployments"]["fraud-v1-predictor"][0] >= max(1, MIN_REPLICAS - canary)
+        assert seen["deployments"]["fraud-v1-predictor"][0] >= max(1, min_replicas - canary)
         # Every request through the gateway still goes to the stable predictor: one backend, no canary.
         assert seen["routes"] == {
             "fraud": ["fraud-v1-predictor"],

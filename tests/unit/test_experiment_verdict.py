@@ -34,6 +34,8 @@ def test_z_test_matches_the_textbook_value() -> None:
     assert z == pytest.approx(1.980, abs=1e-3) and p == pytest.approx(0.0477, abs=1e-4)
     assert two_proportion_z(5, 10, 5, 10) == (0.0, 1.0)
     assert two_proportion_z(10, 10, 0, 10)[0] > 4
+    # Every request succeeded, as Prometheus's rates say it: 1.0000000001 x n successes (was a math domain error).
+    assert two_proportion_z(1.0000000001 * 500, 500, 1.0000000001 * 300, 300) == (0.0, 1.0)
 
 
 def test_a_clearly_better_version_wins() -> None:

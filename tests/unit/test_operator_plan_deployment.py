@@ -14,6 +14,8 @@ from conveyor.operator.modeldeployment.plan import (
     Resolution,
     observed_traffic,
     plan_deployment,
+    reported_weight,
+    spec_observed,
 )
 from conveyor.runtime.spec import ModelDeploymentSpec
 
@@ -170,6 +172,38 @@ def test_stale_isvc_status_is_not_ready() -> None:
     isvc = applied(p1, ready=True, observedGeneration=0)
     p2 = plan(md(status=p1.status), "v1", isvc)
     assert cond(p2, c.READY) == ("False", "InferenceServiceUpdating")
+
+
+def _standard_isvc(generation: int, canary: dict[str, int], statuses: dict[str, int]) -> dict[str, Any]:
+    """A Standard-mode InferenceService as the real KServe v0.20.0 reports it: observedGeneration is the
+    stable predictor Deployment's (here stuck at 2 while ours moves on), canaryStatuses rebuilt from the
+    spec it last reconciled."""
+    return {
+        "metadata": {"name": "fraud", "generation": generation,
+                     "annotations": {"serving.kserve.io/deploymentMode": "Standard"}},
+        "spec": {"predictor": {"name": "v1"},
+                 "canary": [{"predictor": {"name": n}, "trafficPercent": w} for n, w in canary.items()]},
+        "status": {"observedGeneration": 2, "conditions": [{"type": "Ready", "status": "True"}],
+                   "canaryStatuses": [{"name": n, "trafficPercent": w, "ready": True} for n, w in statuses.items()]},
+    }
+
+
+def test_standard_mode_observed_from_canary_statuses_not_the_deployments_generation() -> None:
+    # A step from 25% to 50% at minReplicas 1 leaves the stable Deployment as it was: its generation (2),
+    # which KServe reports as the InferenceService's, never reaches ours (4). KServe acted on the step once
+    # its canaryStatuses say 50.
+    acted = _standard_isvc(4, {"v2": 50}, {"v2": 50})
+    assert spec_observed(acted) and reported_weight(acted, "Standard", "v2") == 50
+    not_yet = _standard_isvc(4, {"v2": 50}, {"v2": 25})
+    assert not spec_observed(not_yet) and reported_weight(not_yet, "Standard", "v2") is None
+    promoted_not_yet = _standard_isvc(5, {}, {"v2": 100})
+    assert not spec_observed(promoted_not_yet)
+    assert spec_observed(_standard_isvc(5, {}, {}))
+    # Knative keeps the generation rule: KServe copies the Knative Service's, which moves with every spec.
+    knative = {"metadata": {"generation": 4, "annotations": {"serving.kserve.io/deploymentMode": "Knative"}},
+               "status": {"observedGeneration": 3}}
+    assert not spec_observed(knative)
+    assert spec_observed({**knative, "status": {"observedGeneration": 4}})
 
 
 def test_invalid_spec_writes_no_child_and_warns_once() -> None:

@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         # Added before server.main adds the ServingMiddleware: Starlette puts later middleware outside,
         # so the serving middleware sees (and counts) what this one answers.
         app.add_middleware(FaultMiddleware, faults_file=Path(path), key=key)
+        # The V1 fast path answers in front of KServe's app, where this middleware would never see it.
+        server.V1_FAST_PATH = False
     return server.main(argv)
 
 
