@@ -26,7 +26,8 @@ def leader_of(replicas: list[OperatorProcess]) -> OperatorProcess:
 
 
 def rayjob_writes(op: OperatorProcess) -> float:
-    return op.metric("conveyor_api_requests_total", verb="PATCH", resource="RayJob")
+    """RayJob writes by this replica: a run's RayJob is created with POST (a 409 adopts), PATCH updates it."""
+    return sum(op.metric("conveyor_api_requests_total", verb=v, resource="RayJob") for v in ("POST", "PATCH"))
 
 
 def test_one_replica_reconciles_and_the_other_takes_over(kubeconfig: str, kube_api: Any, cluster: Cluster, registry: str) -> None:
