@@ -29,6 +29,15 @@ from conveyor.operator.controller.workqueue import WorkQueue
 WARNINGS_MAX_AGE = 5.0
 
 
+def _track(active: set[Key], gauge: Any, key: Key, is_active: bool) -> None:
+    """Keep `key` in the set of active objects or not, and set `gauge` to how many there are."""
+    if is_active:
+        active.add(key)
+    else:
+        active.discard(key)
+    gauge.set(len(active))
+
+
 @dataclass
 class Config:
     pipeline_workers: int = 16
@@ -146,19 +155,12 @@ class Operator:
     def note_run(self, key: Key, status: dict[str, Any] | None) -> None:
         """A pipeline's status as last written (None: it is gone), for the active-runs gauge: kept per key,
         not counted over the whole cache after each reconcile (quadratic in the number of objects)."""
-        if status is not None and status.get("activeRun") is not None:
-            self._active_runs.add(key)
-        else:
-            self._active_runs.discard(key)
-        metrics.ACTIVE_RUNS.set(len(self._active_runs))
+        active = status is not None and status.get("activeRun") is not None
+        _track(self._active_runs, metrics.ACTIVE_RUNS, key, active)
 
     def note_rollout(self, key: Key, status: dict[str, Any] | None) -> None:
         """A ModelDeployment's status as last written (None: it is gone), for the active-rollouts gauge."""
-        if status is not None and status.get("canaryVersion"):
-            self._active_rollouts.add(key)
-        else:
-            self._active_rollouts.discard(key)
-        metrics.ACTIVE_ROLLOUTS.set(len(self._active_rollouts))
+        _track(self._active_rollouts, metrics.ACTIVE_ROLLOUTS, key, bool(status and status.get("canaryVersion")))
 
     async def registry_problem(self, uri: str, name: str, field: str) -> str | None:
         """validate_registry, in a thread only when this process has not yet read that registry (the

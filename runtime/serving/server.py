@@ -126,10 +126,7 @@ class ServingMiddleware:
                 except ValueError:
                     declared = None
         if declared is not None and declared > limit:
-            await reply(
-                413,
-                f"request body is {declared} bytes; this server accepts at most {limit} (--max-body-bytes)",
-            )
+            await reply(413, _declared_too_large(declared, limit))
             self._account(protocol, status["code"], started)
             return
 
@@ -154,15 +151,12 @@ class ServingMiddleware:
             await self.app(scope, receive_wrapper, send_wrapper)
         except _BodyTooLarge:
             if status["code"] is None:
-                await reply(
-                    413,
-                    f"request body exceeds {limit} bytes, the most this server accepts (--max-body-bytes)",
-                )
+                await reply(413, _read_too_large(limit))
         except Exception as e:
             # Raised before the model saw the request: KServe could not decode what the client sent.
             if status["code"] is None and protocol is not None and not state["reached_model"]:
                 log.info("malformed %s request: %s: %s", protocol, type(e).__name__, e)
-                await reply(400, f"malformed {protocol} request: {type(e).__name__}: {e}")
+                await reply(400, _malformed(protocol, e))
             else:
                 raise
         finally:
@@ -183,6 +177,19 @@ class ServingMiddleware:
 
 
 _JSON_TYPES = (b"application/json", b"application/cloudevents+json", b"application/ld+json")
+
+
+# The 4xx bodies both inference paths (ServingMiddleware, V1FastPath) answer with, word for word.
+def _declared_too_large(declared: int, limit: int) -> str:
+    return f"request body is {declared} bytes; this server accepts at most {limit} (--max-body-bytes)"
+
+
+def _read_too_large(limit: int) -> str:
+    return f"request body exceeds {limit} bytes, the most this server accepts (--max-body-bytes)"
+
+
+def _malformed(protocol: str, e: Exception) -> str:
+    return f"malformed {protocol} request: {type(e).__name__}: {e}"
 
 
 # V1 predictions are answered in front of FastAPI (V1FastPath) unless this is False: development
@@ -247,13 +254,11 @@ class V1FastPath:
         code, payload, extra, body = 500, None, None, b""
         try:
             if declared is not None and declared > limit:
-                code, payload = 413, {"error": f"request body is {declared} bytes; this server accepts at most "
-                                      f"{limit} (--max-body-bytes)"}  # fmt: skip
+                code, payload = 413, {"error": _declared_too_large(declared, limit)}
             else:
                 body = await _read_body(receive, limit)
                 if body is None:
-                    code, payload = 413, {"error": f"request body exceeds {limit} bytes, the most this server "
-                                          "accepts (--max-body-bytes)"}  # fmt: skip
+                    code, payload = 413, {"error": _read_too_large(limit)}
             if payload is None:
                 try:
                     request = orjson.loads(body)
@@ -270,7 +275,7 @@ class V1FastPath:
             code, payload = 503, {"error": str(e)}
         except Exception as e:
             if not state["reached_model"]:
-                code, payload = 400, {"error": f"malformed v1 request: {type(e).__name__}: {e}"}
+                code, payload = 400, {"error": _malformed("v1", e)}
             else:
                 log.error("inference failed: %s: %s", type(e).__name__, e, exc_info=e)
                 code, payload = 500, {"error": f"{type(e).__name__} : {e}"}
