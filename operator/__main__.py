@@ -27,6 +27,7 @@ import kopf  # noqa: E402
 from conveyor.operator import handlers  # noqa: E402, F401 - registers the kopf handlers
 from conveyor.operator.controller.leader import LeaseConfig  # noqa: E402
 from conveyor.operator.controller.manager import Config  # noqa: E402
+from conveyor.operator.modeldeployment.route import parse_gateway  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -88,6 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "unset: a canary pauses for a person at its first analysis",
     )
     p.add_argument(
+        "--standard-gateway",
+        default=os.environ.get("CONVEYOR_STANDARD_GATEWAY", "kserve/kserve-ingress-gateway"),
+        help="namespace/name of the Gateway that a Standard-mode ModelDeployment's weighted HTTPRoute "
+        "attaches to (KServe's kserveIngressGateway; default kserve/kserve-ingress-gateway); empty: "
+        "KServe exposes Standard mode itself, every request to the stable predictor",
+    )
+    p.add_argument(
         "--leader-elect",
         action="store_true",
         default=os.environ.get("CONVEYOR_LEADER_ELECT") == "true",
@@ -101,6 +109,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--leader-election-id", default="conveyor-operator", help="name of the Lease")
     p.add_argument("--log-level", default=os.environ.get("CONVEYOR_LOG_LEVEL", "INFO"))
     args = p.parse_args(argv)
+    try:
+        parse_gateway(args.standard_gateway)
+    except ValueError as e:
+        p.error(str(e))
     for ns in args.namespace:
         if not ns or len(ns) > 63:
             p.error(f"--namespace {ns!r} is not a namespace name")
@@ -124,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics_port=args.metrics_port or None,
         default_kserve_mode=args.default_kserve_mode,
         prometheus_url=args.prometheus_url,
+        standard_gateway=args.standard_gateway,
         leader_election=LeaseConfig(
             namespace=args.leader_election_namespace,
             name=args.leader_election_id,

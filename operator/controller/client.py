@@ -94,6 +94,7 @@ PLURALS = {
     ("v1", "Event"): "events",
     ("ray.io/v1", "RayJob"): "rayjobs",
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservices",
+    ("gateway.networking.k8s.io/v1", "HTTPRoute"): "httproutes",
     ("conveyor.dev/v1alpha1", "MLPipeline"): "mlpipelines",
     ("conveyor.dev/v1alpha1", "ModelDeployment"): "modeldeployments",
     ("conveyor.dev/v1alpha1", "BatchPrediction"): "batchpredictions",

@@ -51,6 +51,9 @@ class Config:
     leader_election: LeaseConfig | None = None
     # Prometheus that rollout analysis and drift read (Helm sets CONVEYOR_PROMETHEUS_URL); None: no analysis.
     prometheus_url: str | None = None
+    # The Gateway (`namespace/name`) the operator's weighted Standard-mode HTTPRoutes attach to (Helm:
+    # operator.standardGateway; modeldeployment/route.py); "": KServe exposes Standard mode unsplit.
+    standard_gateway: str = "kserve/kserve-ingress-gateway"
 
 
 def open_registry(uri: str, name: str) -> Any:

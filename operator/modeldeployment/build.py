@@ -24,8 +24,9 @@ Canary in the two KServe deployment modes (checked against the pinned KServe v0.
   KServe v0.20.0 does not split Standard-mode traffic by weight (its source, and the real controller
   in tests/placement/test_kserve.py): `trafficPercent` sizes the canary's replicas, and the Gateway API
   HTTPRoute it writes (`enableGatewayApi`) has the stable predictor's Service as its one backend at
-  every step. A weighted split there needs a route weighting the two predictor Services (not built
-  here; Knative mode splits by `canaryTrafficPercent`).
+  every step. So with `cluster_local=True` the InferenceService is labelled
+  `networking.kserve.io/visibility: cluster-local` (KServe then writes no route) and the operator's own
+  weighted HTTPRoute (route.py) exposes it.
 
 Shadow (`strategy: shadow`), the same in both modes and without a mesh: the candidate is a second
 InferenceService, `<name>-shadow` (`shadow_service_name`), serving the candidate under the model name
@@ -64,6 +65,9 @@ ANNOTATION_CANDIDATE_VERSION = "conveyor.dev/candidate-version"
 KSERVE_DEPLOYMENT_MODE = "serving.kserve.io/deploymentMode"
 KSERVE_AUTOSCALER_CLASS = "serving.kserve.io/autoscalerClass"
 KNATIVE_AUTOSCALER_CLASS = "autoscaling.knative.dev/class"
+# KServe's label that keeps an InferenceService off the gateway (no HTTPRoute, no Ingress).
+KSERVE_VISIBILITY = "networking.kserve.io/visibility"
+CLUSTER_LOCAL = "cluster-local"
 
 MODEL_DIR = "/mnt/models"
 SHADOW_SUFFIX = "-shadow"
@@ -277,11 +281,12 @@ def build_inference_service(
     candidate: tuple[str, str] | None = None,
     weight: int = 0,
     shadow: ShadowTarget | None = None,
+    cluster_local: bool = False,
 ) -> dict[str, Any]:
     """The InferenceService serving `stable` (version, storage URI), with `candidate` at `weight`%.
 
     `candidate=None` serves `stable` alone (mirroring to `shadow` when given). See the module docstring
-    for how each mode splits traffic.
+    for how each mode splits traffic; `cluster_local`: KServe does not expose it (the operator's route does).
     """
     if candidate is not None and candidate[0] == stable[0]:
         candidate = None
@@ -293,6 +298,9 @@ def build_inference_service(
         annotations[ANNOTATION_CANDIDATE_VERSION] = candidate[0]
 
     isvc_spec = _isvc_spec(deployment, spec, scaling, stable, candidate, weight, shadow)
+    labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: meta["name"]}
+    if cluster_local:
+        labels[KSERVE_VISIBILITY] = CLUSTER_LOCAL
     return stamp(
         {
             "apiVersion": "serving.kserve.io/v1beta1",
@@ -300,7 +308,7 @@ def build_inference_service(
             "metadata": {
                 "name": meta["name"],
                 "namespace": meta["namespace"],
-                "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: meta["name"]},
+                "labels": labels,
                 "annotations": annotations,
                 "ownerReferences": [owner_reference(deployment)],
             },
@@ -337,7 +345,10 @@ ANNOTATION_EXPERIMENT = "conveyor.dev/experiment-versions"
 
 
 def build_experiment_service(
-    deployment: dict[str, Any], spec: ModelDeploymentSpec, versions: list[tuple[str, str, int]]
+    deployment: dict[str, Any],
+    spec: ModelDeploymentSpec,
+    versions: list[tuple[str, str, int]],
+    cluster_local: bool = False,
 ) -> dict[str, Any]:
     """An A/B/N split (strategy abn): `versions` (version, storage URI, weight) at fixed weights.
 
@@ -345,7 +356,9 @@ def build_experiment_service(
     `trafficPercent` (the predictor keeps the rest). Knative: two versions only (validate.py), as KServe's
     canary: the second as the latest revision at `canaryTrafficPercent`, the first as the previous one."""
     (v0, u0, _), (v1, u1, w1) = versions[0], versions[1]
-    isvc = build_inference_service(deployment, spec, stable=(v0, u0), candidate=(v1, u1), weight=w1)
+    isvc = build_inference_service(
+        deployment, spec, stable=(v0, u0), candidate=(v1, u1), weight=w1, cluster_local=cluster_local
+    )
     isvc["metadata"]["annotations"][ANNOTATION_EXPERIMENT] = ",".join(f"{v}:{w}" for v, _, w in versions)
     if (spec.rollout.mode or DEFAULT_KSERVE_MODE) != "Knative":
         for version, uri, weight in versions[2:]:

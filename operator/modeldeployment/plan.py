@@ -81,6 +81,15 @@ from conveyor.operator.modeldeployment.rollout import (
     state_from_status,
     state_to_status,
 )
+from conveyor.operator.modeldeployment.route import (
+    NO_ROUTE_MESSAGE,
+    build_route,
+    cluster_local,
+    effective_backends,
+    hostname,
+    owned_by,
+    route_name,
+)
 from conveyor.operator.modeldeployment.validate import validate_deployment, validate_version, with_kserve_mode
 from conveyor.runtime.spec import DEFAULT_KSERVE_MODE, ModelDeploymentSpec
 
@@ -111,6 +120,22 @@ class DeploymentPlan:
     finished: list[str] = field(default_factory=list)  # rollout outcomes (Promoted, RolledBack, Aborted)
     shadow_service: dict[str, Any] | None = None  # the shadow InferenceService to apply (strategy shadow)
     delete_shadow: dict[str, Any] | None = None  # the shadow InferenceService to delete (no shadow any more)
+    route: dict[str, Any] | None = None  # Standard mode: the weighted HTTPRoute to apply (route.py)
+    delete_routes: list[dict[str, Any]] = field(default_factory=list)  # HTTPRoutes no longer wanted
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Standard mode's gateway route, as the handler found it: `gateway` (namespace, name) from
+    --standard-gateway (None: off), `routes` the HTTPRoutes labelled with the deployment (ours and any
+    KServe wrote); None when the cluster serves no HTTPRoute resource (or the mode is Knative)."""
+
+    gateway: tuple[str, str] | None
+    routes: list[dict[str, Any]] | None
+
+    @property
+    def active(self) -> bool:
+        return self.gateway is not None and self.routes is not None
 
 
 def spec_observed(isvc: dict[str, Any]) -> bool:
@@ -215,11 +240,13 @@ def plan_deployment(
     compatibility: Compatibility | None = None,
     shadow_isvc: dict[str, Any] | None = None,
     experiment_reading: ExperimentReading | None = None,
+    routing: Routing | None = None,
 ) -> DeploymentPlan:
     """`analysis`: the one the handler took because status said it was due (None otherwise); likewise
     `drift_reading` (drift.py), recorded in status.drift and the Drifted condition, and
     `experiment_reading` (strategy abn: the figures per version, experiment.py). `shadow_isvc`: the
-    shadow InferenceService as it exists (strategy shadow)."""
+    shadow InferenceService as it exists (strategy shadow). `routing`: Standard mode's gateway route
+    (route.py); None: KServe exposes the InferenceService itself."""
     if spec is not None:  # the handler settles it with the operator's configured default first
         spec = with_kserve_mode(spec, isvc)
     meta = deployment["metadata"]
@@ -242,13 +269,16 @@ def plan_deployment(
             invalid = str(e)
     if spec is None or invalid is not None:
         return _reject(plan, put, isvc, invalid or "invalid spec")
+    standard = (spec.rollout.mode or DEFAULT_KSERVE_MODE) != "Knative"
+    routed = standard and routing is not None and routing.active
     if spec.rollout.strategy == "abn" and spec.rollout.experiment is not None:
         try:
             for v in spec.rollout.experiment.versions:
                 validate_version(v.version)
         except InvalidSpecError as e:
             return _reject(plan, put, isvc, str(e).replace("spec.model.version", "spec.rollout.experiment.versions"))
-        _experiment(plan, deployment, spec, isvc, uri_for, now, experiment_reading, put)
+        _experiment(plan, deployment, spec, isvc, uri_for, now, experiment_reading, put, routed)
+        _route(plan, deployment, isvc, routing if standard else None, _served_versions(plan.status))
         if shadow_isvc is not None:
             plan.delete_shadow = shadow_isvc
         _mirror_url(status, isvc)
@@ -265,8 +295,9 @@ def plan_deployment(
         plan = DeploymentPlan(status=status)
         return _reject(plan, put, isvc, str(e))
     put(c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.")
-    _serve(plan, deployment, spec, isvc, uri_for, state, wanted, shadow_isvc)
-    _set_conditions(plan, put, isvc, resolution, state)
+    _serve(plan, deployment, spec, isvc, uri_for, state, wanted, shadow_isvc, routed)
+    _route(plan, deployment, isvc, routing if standard else None, _served_versions(plan.status))
+    _set_conditions(plan, put, isvc, resolution, state, unrouted=standard and not routed)
     _mirror_url(status, isvc)
     record_drift(status, plan.events, drift_reading, spec, generation=generation)
     return plan
@@ -281,6 +312,7 @@ def _serve(
     state: RolloutState,
     wanted: str | None,
     shadow_isvc: dict[str, Any] | None = None,
+    routed: bool = False,
 ) -> None:
     """The InferenceService the rollout state asks for (applied only when it differs), and the state,
     the wanted version, the observed split and KServe's conditions in status."""
@@ -308,6 +340,7 @@ def _serve(
             candidate=(canary, uri_for(canary)) if canary and not state.shadow else None,
             weight=weight,
             shadow=target,
+            cluster_local=routed,
         )
         if needs_apply(desired, isvc):
             plan.inference_service = desired
@@ -352,6 +385,7 @@ def _experiment(
     now: datetime,
     reading: ExperimentReading | None,
     put: Callable[..., bool],
+    routed: bool = False,
 ) -> None:
     """Strategy abn: serve the versions at their weights (Knative: the first alone until it is the
     previous revision), step the experiment (experiment.py), promote a significant winner."""
@@ -366,7 +400,7 @@ def _experiment(
     same = (current or {}).get("key") == experiment.key_of(exp_spec)
     if same and current and current.get("phase") == experiment.PROMOTED:
         winner = status.get("stableVersion") or first
-        desired = build_inference_service(deployment, spec, stable=(winner, uri_for(winner)))
+        desired = build_inference_service(deployment, spec, stable=(winner, uri_for(winner)), cluster_local=routed)
         _experiment_child(plan, isvc, desired)
         put(c.PROGRESSING, c.FALSE, "ExperimentPromoted", f"{winner} won the experiment and serves all traffic.")
         _experiment_ready(plan, put, isvc, f"Serving {winner}.")
@@ -382,7 +416,7 @@ def _experiment(
         put(c.PROGRESSING, c.TRUE, "ExperimentStarting", f"Rolling out {first} before the split.")
         _experiment_ready(plan, put, isvc, f"Serving {first}.")
         return
-    desired = build_experiment_service(deployment, spec, [(v, uri_for(v), w) for v, w in versions])
+    desired = build_experiment_service(deployment, spec, [(v, uri_for(v), w) for v, w in versions], routed)
     _experiment_child(plan, isvc, desired)
     served = plan.inference_service is None and experiment_served(isvc, mode, versions)
     out = experiment.step(current, exp_spec, duration=parse_duration(exp_spec.duration),
@@ -395,7 +429,9 @@ def _experiment(
     status["traffic"] = [{"version": v, "percent": w, "tag": "experiment"} for v, w in versions]
     if out.promote:
         plan.finished.append("Promoted")
-        plan.inference_service = build_inference_service(deployment, spec, stable=(out.promote, uri_for(out.promote)))
+        plan.inference_service = build_inference_service(
+            deployment, spec, stable=(out.promote, uri_for(out.promote)), cluster_local=routed
+        )
         put(c.PROGRESSING, c.FALSE, "ExperimentPromoted", f"{out.promote} won the experiment and serves all traffic.")
     else:
         phase = out.status["phase"]
@@ -571,6 +607,7 @@ def _set_conditions(
     isvc: dict[str, Any] | None,
     resolution: Resolution | None,
     state: RolloutState,
+    unrouted: bool = False,
 ) -> None:
     ready, ready_reason, ready_message = _isvc_ready(isvc)
     up_to_date = plan.inference_service is None
@@ -587,11 +624,13 @@ def _set_conditions(
             put(c.READY, c.FALSE, "Updating", "Applying the InferenceService spec.")
         else:
             put(c.READY, c.FALSE, ready_reason, ready_message)
-        _set_progressing(put, isvc, state, up_to_date and ready)
+        _set_progressing(put, isvc, state, up_to_date and ready, unrouted)
     _set_degraded(plan, put, isvc, resolution, state)
 
 
-def _set_progressing(put: Callable[..., bool], isvc: dict[str, Any] | None, state: RolloutState, settled: bool) -> None:
+def _set_progressing(
+    put: Callable[..., bool], isvc: dict[str, Any] | None, state: RolloutState, settled: bool, unrouted: bool = False
+) -> None:
     stable, canary, weight = state.stable, state.canary, state.weight
     if state.phase == PAUSED:
         # As a paused Deployment (and an Argo Rollout) reports it: progress is neither made nor failed.
@@ -604,6 +643,8 @@ def _set_progressing(put: Callable[..., bool], isvc: dict[str, Any] | None, stat
         if ingress is not None and ingress.get("status") == c.FALSE:
             message += (" KServe reports IngressReady=False: Standard mode splits traffic only through an ingress "
                         "(Gateway API with enableGatewayApi, or Istio); the step waits until it does.")
+        if unrouted:
+            message += f" {NO_ROUTE_MESSAGE} (set --standard-gateway on a cluster serving the Gateway API)."
         put(c.PROGRESSING, c.TRUE, "CanaryInProgress", message)
     elif not settled:
         put(c.PROGRESSING, c.TRUE, "Reconciling", f"Rolling out {stable}.")
@@ -634,6 +675,47 @@ def _set_degraded(
             f"{state.stable} serves. A newer version, or kubectl conveyor retry, starts a new rollout.")
     else:
         put(c.DEGRADED, c.FALSE, "AsExpected", "No failure reported.")
+
+
+def _served_versions(status: dict[str, Any]) -> list[tuple[str, int]]:
+    """(version, weight) the status says are served, the stable (or first) version first."""
+    stable = status.get("stableVersion")
+    if status.get("rolloutPhase") == "Experiment" and (status.get("experiment") or {}).get("phase") != experiment.PROMOTED:
+        return [(t["version"], int(t["percent"])) for t in status.get("traffic") or []]
+    if not stable:
+        return []
+    canary = status.get("canaryVersion")
+    if canary and not status.get("shadow"):
+        return [(stable, 100 - int(status.get("canaryWeight") or 0)), (canary, int(status.get("canaryWeight") or 0))]
+    return [(stable, 100)]
+
+
+def _route(
+    plan: DeploymentPlan,
+    deployment: dict[str, Any],
+    isvc: dict[str, Any] | None,
+    routing: Routing | None,
+    versions: list[tuple[str, int]],
+) -> None:
+    """Standard mode's weighted HTTPRoute (route.py): applied once KServe reports the host it would have
+    served; KServe's own routes deleted once it has been told not to expose the InferenceService; ours
+    deleted when the feature is off."""
+    if routing is None or routing.routes is None:
+        return
+    name = deployment["metadata"]["name"]
+    ours = next((r for r in routing.routes
+                 if r["metadata"]["name"] == route_name(name) and owned_by(r, "ModelDeployment", name)), None)
+    if routing.gateway is None:
+        if ours is not None:
+            plan.delete_routes.append(ours)
+        return
+    host = hostname(isvc)
+    if host is not None and versions:
+        desired = build_route(deployment, routing.gateway, host, effective_backends(versions, isvc))
+        if needs_apply(desired, ours):
+            plan.route = desired
+    if cluster_local(isvc):
+        plan.delete_routes += [r for r in routing.routes if owned_by(r, "InferenceService", name)]
 
 
 def _mirror_kserve_conditions(status: dict[str, Any], isvc: dict[str, Any] | None) -> None:

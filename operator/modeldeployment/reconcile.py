@@ -7,8 +7,12 @@ observe: the deployment and its InferenceService from the cache; the KServe mode
          When status says a canary's analysis is due (rollout.py), the analysis from Prometheus
          (analysis.py); every monitoring.interval, the stable version's drift reading (drift.py):
          taken here, so that planning stays pure.
-plan:    `plan.plan_deployment` -> the status, the InferenceService to apply (None when unchanged), events.
-act:     apply the InferenceService, write status once, post events, count finished rollouts.
+         In Standard mode, the HTTPRoutes labelled with the deployment (route.py: the operator's weighted
+         route, and any KServe wrote), one LIST; a cluster without the Gateway API answers 404.
+plan:    `plan.plan_deployment` -> the status, the InferenceService (and route) to apply (None when
+         unchanged), events.
+act:     apply the InferenceService and the route, delete routes no longer wanted, write status once,
+         post events, count finished rollouts.
 """
 
 from __future__ import annotations
@@ -24,21 +28,24 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key
+from conveyor.operator.controller.client import NotFound, resource_path
 from conveyor.operator.controller.prometheus import PrometheusError
 from conveyor.operator.controller.status import write_status
 from conveyor.operator.controller.times import parse_time
 from conveyor.operator.controller.validation import parse_spec
 from conveyor.operator.modeldeployment import compat, drift, experiment
 from conveyor.operator.modeldeployment.analysis import Target, analyse
-from conveyor.operator.modeldeployment.build import shadow_service_name
+from conveyor.operator.modeldeployment.build import LABEL_DEPLOYMENT, shadow_service_name
 from conveyor.operator.modeldeployment.plan import (
     DeploymentPlan,
     ExperimentReading,
     Resolution,
+    Routing,
     pending_action,
     plan_deployment,
 )
 from conveyor.operator.modeldeployment.rollout import Analysis, state_from_status
+from conveyor.operator.modeldeployment.route import GATEWAY_API_VERSION, parse_gateway
 from conveyor.operator.modeldeployment.validate import kserve_mode_conflict, with_kserve_mode
 from conveyor.runtime.spec import ModelDeploymentSpec
 
@@ -61,6 +68,7 @@ class DeploymentSnapshot:
     compatibility: compat.Compatibility | None = None
     shadow_isvc: dict[str, Any] | None = None  # strategy shadow: the candidate's own InferenceService
     experiment_reading: ExperimentReading | None = None  # strategy abn: the figures, when a read was due
+    routing: Routing | None = None  # Standard mode: the gateway route's setting and the routes found
 
 
 async def reconcile_deployment(op: Operator, key: Key) -> float | None:
@@ -90,6 +98,7 @@ def _plan(s: DeploymentSnapshot) -> DeploymentPlan:
         s.compatibility,
         s.shadow_isvc,
         s.experiment_reading,
+        s.routing,
     )
 
 
@@ -147,6 +156,9 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
     reading = None
     if spec is not None and invalid is None and spec.rollout.strategy == "abn" and spec.rollout.experiment:
         reading = await _experiment_reading(op, key, obj, spec, now)
+    routing = None
+    if spec is not None and invalid is None and spec.rollout.mode == "Standard":
+        routing = Routing(parse_gateway(op.config.standard_gateway), await _routes(op, key))
     return DeploymentSnapshot(
         key,
         obj,
@@ -161,7 +173,22 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
         compatibility,
         shadow_isvc,
         reading,
+        routing,
     )
+
+
+async def _routes(op: Operator, key: Key) -> list[dict[str, Any]] | None:
+    """The HTTPRoutes labelled with the deployment (KServe copies the InferenceService's labels onto its
+    own); None when the cluster serves no HTTPRoute resource (the Gateway API is not installed)."""
+    namespace, name = key
+    try:
+        return await op.client.list(
+            resource_path(GATEWAY_API_VERSION, "httproutes", namespace),
+            label_selector=f"{LABEL_DEPLOYMENT}={name}",
+            resource="HTTPRoute",
+        )
+    except NotFound:
+        return None
 
 
 async def _experiment_reading(
@@ -301,10 +328,25 @@ async def act(
     if plan.delete_shadow is not None:
         await op.client.delete(plan.delete_shadow)
         applied.setdefault("shadow_isvc", None)
+    if (plan.route is not None or plan.delete_routes) and s.routing is not None and s.routing.routes is not None:
+        gone = {r["metadata"]["name"] for r in plan.delete_routes}
+        for route in plan.delete_routes:
+            await op.client.delete(route)
+        routes = [r for r in s.routing.routes if r["metadata"]["name"] not in gone]
+        if plan.route is not None:
+            live = await op.client.apply(plan.route)
+            routes = [r for r in routes if r["metadata"]["name"] != live["metadata"]["name"]] + [live]
+        applied["routing"] = dataclasses.replace(s.routing, routes=routes)
     if applied:
         ahead = dataclasses.replace(s, deployment={**s.deployment, "status": plan.status}, **applied)
         then = _plan(ahead)
-        if then.inference_service is None and then.shadow_service is None and then.delete_shadow is None:
+        if (
+            then.inference_service is None
+            and then.shadow_service is None
+            and then.delete_shadow is None
+            and then.route is None
+            and not then.delete_routes
+        ):
             events, finished = plan.events + then.events, plan.finished + then.finished
             plan = dataclasses.replace(then, events=events, finished=finished)
             s = dataclasses.replace(
