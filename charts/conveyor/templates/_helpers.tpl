@@ -86,6 +86,11 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
 - apiGroups: ["serving.kserve.io"]
   resources: ["inferenceservices"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+# Standard mode: the weighted HTTPRoute of each ModelDeployment (server-side apply), and the routes KServe
+# wrote before the InferenceService was labelled cluster-local (listed by label, deleted).
+- apiGroups: ["gateway.networking.k8s.io"]
+  resources: ["httproutes"]
+  verbs: ["list", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "patch"]
