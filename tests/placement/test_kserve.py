@@ -2,10 +2,10 @@
 InferenceServices the operator writes: its admission webhooks accept them, and what it creates from them
 at each canary step.
 
-Standard mode: the Deployments, Services and Gateway API HTTPRoutes KServe writes, with kube-controller-
-manager's deployment and replicaset controllers and kwok playing the predictor pods (they never run). No
-gateway controller runs here, so the test plays one: it accepts every HTTPRoute KServe writes (status
-`parents`), which KServe waits for before it reports IngressReady.
+Standard mode: the Deployments and Services KServe writes, with kube-controller-manager's deployment and
+replicaset controllers and kwok playing the predictor pods (they never run), and the operator's weighted
+Gateway API HTTPRoute beside them: the InferenceService is labelled cluster-local, so KServe writes no
+HTTPRoute of its own (and needs no gateway controller to report IngressReady; none runs here).
 
 Knative mode: only Knative Serving's CRDs are installed (its controller does not run), so the test plays
 Knative's status on the Knative Service KServe writes (revisions created, ready, the traffic served as the
@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -44,7 +45,9 @@ SAMPLES = sorted(
 )
 GATEWAY = ("gateway.networking.k8s.io", "v1", "httproutes")
 KNATIVE = ("serving.knative.dev", "v1", "services")
-PLAYED_GATEWAY = "conveyor.dev/test-gateway"  # the gateway controller this test plays
+ROUTE = "fraud-traffic"  # the operator's weighted HTTPRoute (operator/modeldeployment/route.py)
+KSERVE_GATEWAY = {"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": "kserve",
+                  "name": "kserve-ingress-gateway"}  # KServe's default kserveIngressGateway
 NOW = "2026-01-01T00:00:00Z"
 
 ANALYSIS = {
@@ -124,33 +127,6 @@ def _isvc_condition(isvc: dict[str, Any], type_: str) -> str | None:
 # -- the controllers that do not run here, played -------------------------------------------------------
 
 
-def _play_gateway(cluster: Cluster) -> None:
-    """A gateway controller's acceptance of every HTTPRoute KServe wrote (none runs here)."""
-    for name, route in _routes(cluster).items():
-        if (route.get("status") or {}).get("parents"):
-            continue
-        condition = {
-            "status": "True",
-            "lastTransitionTime": NOW,
-            "message": "played by the test",
-            "observedGeneration": route["metadata"]["generation"],
-        }
-        parents = [
-            {
-                "parentRef": ref,
-                "controllerName": PLAYED_GATEWAY,
-                "conditions": [
-                    {**condition, "type": "Accepted", "reason": "Accepted"},
-                    {**condition, "type": "ResolvedRefs", "reason": "ResolvedRefs"},
-                ],
-            }
-            for ref in route["spec"]["parentRefs"]
-        ]
-        cluster.custom.patch_namespaced_custom_object_status(
-            *GATEWAY[:2], cluster.ns, GATEWAY[2], name, {"status": {"parents": parents}}
-        )
-
-
 class KnativePlayer:
     """Knative's status for the Knative Services KServe writes (its controller does not run here): a new
     revision for each new template, ready at once, serving the spec's traffic block as written."""
@@ -207,20 +183,20 @@ def test_standard_canary_steps_on_the_real_kserve(
     placement_cluster: Cluster, analysing_operator: OperatorProcess, registry: str, min_replicas: int
 ) -> None:
     """At each step of a Standard-mode canary (analysed by a real Prometheus, promoted by the operator),
-    what the real KServe v0.20.0 makes of our `spec.canary[]`:
+    what the real KServe v0.20.0 makes of our `spec.canary[]`, and the route the operator adds:
 
     - a Deployment, Service and HPA per version: the canary's HPA pinned at its fixed share of
       minReplicas (min = max = ceil(min x weight / 100)), the stable one's minimum lowered by as many
       (at least 1); kube-controller-manager's HPA controller holds each at its minimum (no metrics
       server runs, so nothing scales on load and the stable Deployment keeps the replicas it had);
     - its status echoes the canary's trafficPercent (`canaryStatuses`), which the operator reads;
-    - the HTTPRoutes (the top-level one and the predictor's) have ONE backend at every step, the stable
-      predictor's Service: KServe v0.20.0 writes no canary backend and no weights, so the gateway sends
-      the canary no traffic at any step, even at 100%; the canary is reachable only through its own
-      Service (`<name>-<version>-predictor`).
-    - promotion (predictor.name becomes the canary's, the canary entry goes) makes the route point at the
-      new predictor and deletes the old predictor's Deployment and Service; KServe leaves the old
-      predictor's HTTPRoute and HPA behind (owned by the InferenceService, so they go with it).
+    - KServe writes no HTTPRoute (its own would have ONE backend, the stable predictor's Service, at
+      every step): the operator labels the InferenceService `networking.kserve.io/visibility:
+      cluster-local`, and KServe still reports its url and IngressReady;
+    - the operator's HTTPRoute `fraud-traffic`, on KServe's gateway for the host of that url, carries the
+      stable predictor's Service at 100-w and the canary's at w at each step, each a Service KServe
+      created; after promotion (predictor.name becomes the canary's, the canary entry goes, KServe
+      deletes the old predictor's Deployment and Service) one backend, the new predictor's, at 100.
 
     Also at minReplicas 1, where the canary is one replica at every step (from 25% to 50% nothing of
     either Deployment changes): the operator still sees each step taken, from KServe's `canaryStatuses`
@@ -235,8 +211,10 @@ def test_standard_canary_steps_on_the_real_kserve(
     )
     cluster.create(MDEP, "fraud", spec)
 
+    def services() -> set[str]:
+        return {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.ns).items}
+
     def settled(version: str) -> dict[str, Any] | None:
-        _play_gateway(cluster)
         status = cluster.status(MDEP, "fraud")
         isvc = cluster.isvc("fraud")
         if (
@@ -247,23 +225,29 @@ def test_standard_canary_steps_on_the_real_kserve(
             and _isvc_condition(isvc, "IngressReady") == "True"
             and _predictor_deployments(cluster, "fraud")
             == {f"fraud-{version}-predictor": (min_replicas,) * 2}
+            and _route_backends(cluster) == {ROUTE: [(f"fraud-{version}-predictor", 100)]}
         ):
             return status
         return None
 
-    wait_for("v1 served through the real KServe", lambda: settled("v1"), timeout=90)
+    try:
+        wait_for("v1 served through the real KServe and the operator's route", lambda: settled("v1"), timeout=90)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_snapshot(cluster)}") from None
     assert _hpas(cluster) == {"fraud-v1-predictor": (min_replicas, MAX_REPLICAS)}
-    assert _route_backends(cluster) == {
-        "fraud": ["fraud-v1-predictor"],
-        "fraud-v1-predictor": ["fraud-v1-predictor"],
-    }
+    route = _routes(cluster)[ROUTE]
+    host = urlsplit(cluster.isvc("fraud")["status"]["url"]).hostname
+    assert route["spec"]["hostnames"] == [host] and route["spec"]["parentRefs"] == [KSERVE_GATEWAY]
+    assert [o["kind"] for o in route["metadata"]["ownerReferences"]] == ["ModelDeployment"]
+    assert "fraud-v1-predictor" in services()
 
     cluster.patch(MDEP, "fraud", {"spec": {"model": {"version": "v2"}}})
     for weight in STANDARD_STEPS:
         canary = math.ceil(min_replicas * weight / 100)
+        split = [("fraud-v1-predictor", 100 - weight), ("fraud-v2-predictor", weight)]
+        split = [b for b in split if b[1] > 0]
 
-        def at_step(weight: int = weight, canary: int = canary) -> dict[str, Any] | None:
-            _play_gateway(cluster)
+        def at_step(weight: int = weight, canary: int = canary, split: list[Any] = split) -> dict[str, Any] | None:
             isvc = cluster.isvc("fraud")
             reported = [
                 (e["name"], e["ready"], e["trafficPercent"])
@@ -275,12 +259,10 @@ def test_standard_canary_steps_on_the_real_kserve(
                 return None  # (KServe's status keeps the last canary for a moment after the promotion)
             if deployments.get("fraud-v2-predictor") != (canary, canary):
                 return None
-            seen = {
-                "deployments": deployments,
-                "hpas": _hpas(cluster),
-                "routes": _route_backends(cluster),
-                "services": {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.ns).items},
-            }
+            routes = _route_backends(cluster)
+            if routes.get(ROUTE) != split:
+                return None  # the operator applies the weights once KServe reports the canary Ready
+            seen = {"deployments": deployments, "hpas": _hpas(cluster), "routes": routes, "services": services()}
             # All read while the spec still asked for this step (it holds `interval` at least).
             return (
                 seen
@@ -290,7 +272,7 @@ def test_standard_canary_steps_on_the_real_kserve(
             )
 
         try:
-            seen = wait_for(f"KServe at the {weight}% step", at_step, timeout=60, interval=0.3)
+            seen = wait_for(f"KServe and the route at the {weight}% step", at_step, timeout=60, interval=0.3)
         except AssertionError as e:
             raise AssertionError(f"{e}\n{_snapshot(cluster)}") from None
         assert seen["hpas"] == {
@@ -298,30 +280,16 @@ def test_standard_canary_steps_on_the_real_kserve(
             "fraud-v2-predictor": (canary, canary),
         }
         assert seen["deployments"]["fraud-v1-predictor"][0] >= max(1, min_replicas - canary)
-        # Every request through the gateway still goes to the stable predictor: one backend, no canary.
-        assert seen["routes"] == {
-            "fraud": ["fraud-v1-predictor"],
-            "fraud-v1-predictor": ["fraud-v1-predictor"],
-        }
+        # The gateway's only route for the model is the operator's, weighting Services KServe created.
+        assert seen["routes"] == {ROUTE: split}
         assert {"fraud-v1-predictor", "fraud-v2-predictor"} <= seen["services"]
 
     status = wait_for("v2 promoted", lambda: settled("v2"), timeout=60)
     assert [a["weight"] for a in status["analyses"]][-len(STANDARD_STEPS) :] == STANDARD_STEPS
-    promoted = {
-        "fraud": ["fraud-v2-predictor"],
-        "fraud-v2-predictor": ["fraud-v2-predictor"],
-        "fraud-v1-predictor": ["fraud-v1-predictor"],  # left behind, its Service deleted:
-    }
-    # (KServe may call the InferenceService Ready on the old route's status a moment before it rewrites it.)
-    wait_until(
-        "the routes of the promoted version",
-        lambda: (_play_gateway(cluster), _route_backends(cluster))[1],
-        lambda r: r == promoted,
-        timeout=30,
-    )
-    services = {s.metadata.name for s in cluster.core.list_namespaced_service(cluster.ns).items}
-    assert "fraud-v1-predictor" not in services and "fraud-v2-predictor" in services
-    assert set(_hpas(cluster)) == {"fraud-v1-predictor", "fraud-v2-predictor"}
+    assert _route_backends(cluster) == {ROUTE: [("fraud-v2-predictor", 100)]}
+    wait_until("the old predictor's Service deleted by KServe", services, lambda s: "fraud-v1-predictor" not in s,
+               timeout=30)
+    assert "fraud-v2-predictor" in services()
 
 
 def _snapshot(cluster: Cluster) -> str:
@@ -339,6 +307,9 @@ def _snapshot(cluster: Cluster) -> str:
             },
             "deployments": _predictor_deployments(cluster, "fraud"),
             "hpas": _hpas(cluster),
+            "routes": _route_backends(cluster),
+            "labels": isvc["metadata"].get("labels"),
+            "url": (isvc.get("status") or {}).get("url"),
             "operator": {
                 k: status.get(k) for k in ("rolloutPhase", "canaryWeight", "analyses", "conditions")
             },
@@ -348,15 +319,9 @@ def _snapshot(cluster: Cluster) -> str:
     )
 
 
-def _route_backends(cluster: Cluster) -> dict[str, list[str]]:
-    """Each HTTPRoute's backends; asserts that KServe sets no weight of its own (the apiserver's default, 1,
-    is what a single-backend rule has)."""
-    out = {}
-    for name, route in _routes(cluster).items():
-        backends = _backends(route)
-        assert all(weight == 1 for _, weight in backends), (name, backends)
-        out[name] = [service for service, _ in backends]
-    return out
+def _route_backends(cluster: Cluster) -> dict[str, list[tuple[str, int | None]]]:
+    """Each HTTPRoute in the namespace (KServe's would be there too) and its backends (Service, weight)."""
+    return {name: _backends(route) for name, route in _routes(cluster).items()}
 
 
 def _hpas(cluster: Cluster) -> dict[str, tuple[int, int]]:
