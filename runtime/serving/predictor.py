@@ -49,6 +49,7 @@ from kserve.errors import InvalidInput
 from conveyor.runtime.package.drift import DriftMonitor
 from conveyor.runtime.package.registry import ModelPackage
 from conveyor.runtime.serving.batching import DynamicBatcher
+from conveyor.runtime.serving.grpc_infer import GrpcCall
 from conveyor.runtime.serving.metrics import FeedbackTracker, ServingMetrics
 from conveyor.runtime.serving.model import ScoringModel
 from conveyor.runtime.serving.served_log import ServedLog, flush_interval_from_env
@@ -126,7 +127,9 @@ class DecodedRequest:
     columns: dict[str, Any]  # the raw feature values (or image statistics) the drift window observes
     rows: int
     request_id: str
-    v2: InferRequest | None  # the V2 request (its requested outputs, binary flag); None for V1
+    # The V2 request (its requested outputs, binary flag): KServe's InferRequest (HTTP) or a GrpcCall
+    # (gRPC ModelInfer, runtime/serving/grpc_infer.py); None for V1.
+    v2: InferRequest | GrpcCall | None
 
 
 @dataclass(frozen=True)
@@ -315,10 +318,11 @@ class PackagePredictor(Model):
         return payload
 
     async def preprocess(
-        self, payload: dict[str, Any] | InferRequest, headers: dict[str, str] | None = None
+        self, payload: dict[str, Any] | InferRequest | GrpcCall, headers: dict[str, str] | None = None
     ) -> DecodedRequest:
         """Decode the V1 body or V2 request into model input; InvalidInput (400) names what is wrong."""
-        payload = super().validate(payload)
+        if not isinstance(payload, GrpcCall):
+            payload = super().validate(payload)
         _mark_reached()
         headers = headers or {}
         if self._decode_pool is None or self._small(payload):
@@ -356,18 +360,20 @@ class PackagePredictor(Model):
         post.observe(time.perf_counter() - t2)
         return response, response_headers
 
-    def _small(self, payload: dict[str, Any] | InferRequest) -> bool:
+    def _small(self, payload: dict[str, Any] | InferRequest | GrpcCall) -> bool:
         """A tabular request of at most SMALL_ROWS rows: decoded on the event loop, where it costs tens of
         microseconds, less than handing it to the decode pool and back (profiled at concurrency 32)."""
         if self.kind == "image":
             return False
-        if isinstance(payload, InferRequest):
+        if isinstance(payload, InferRequest | GrpcCall):
             return all(math.prod(inp.shape) <= SMALL_ROWS for inp in payload.inputs)
         instances = payload.get("instances") if isinstance(payload, Mapping) else None
         return isinstance(instances, list) and len(instances) <= SMALL_ROWS
 
-    def _decode(self, payload: dict[str, Any] | InferRequest, headers: dict[str, str]) -> DecodedRequest:
-        if isinstance(payload, InferRequest):
+    def _decode(
+        self, payload: dict[str, Any] | InferRequest | GrpcCall, headers: dict[str, str]
+    ) -> DecodedRequest:
+        if isinstance(payload, InferRequest | GrpcCall):
             request_id = payload.id or headers.get("x-request-id") or uuid.uuid4().hex
             x, columns, n = self._parse_v2(payload)
             return DecodedRequest(x, columns, n, request_id, payload)
@@ -420,6 +426,10 @@ class PackagePredictor(Model):
         if isinstance(result, dict):  # an explanation (explain), already the response
             return result
         request, out, answers = result.request, result.out, result.answers
+        if isinstance(request.v2, GrpcCall):
+            return request.v2.response(
+                self.name, self.version, request.request_id, self._v2_outputs(out, answers)
+            )
         if request.v2 is not None:
             return self._v2_response(request.v2, request.request_id, out, answers)
         if self.task == "classification":
@@ -452,6 +462,15 @@ class PackagePredictor(Model):
         if self.metrics is not None:
             self.metrics.observe_predictions(answers)
             self.metrics.observe_bins(columns, answers)
+
+    def _v2_outputs(self, out: np.ndarray, answers: list[Any]) -> list[tuple[str, str, np.ndarray]]:
+        """The V2 outputs (name, datatype, array) of a prediction, as get_output_types lists them."""
+        if self.task == "classification":
+            return [
+                ("label", "BYTES", np.array(answers, dtype=np.object_)),
+                ("probabilities", "FP32", out.astype(np.float32, copy=False)),
+            ]
+        return [("value", "FP32", out.astype(np.float32, copy=False))]
 
     def _v2_response(
         self, request: InferRequest, request_id: str, out: np.ndarray, answers: list[Any]
@@ -580,7 +599,7 @@ class PackagePredictor(Model):
 
     # ------------------------------------------------------------ V2 parsing
 
-    def _parse_v2(self, request: InferRequest) -> tuple[np.ndarray, dict[str, Any], int]:
+    def _parse_v2(self, request: InferRequest | GrpcCall) -> tuple[np.ndarray, dict[str, Any], int]:
         if not request.inputs:
             raise InvalidInput('the V2 request has no "inputs"')
         arrays: dict[str, np.ndarray] = {}
@@ -725,7 +744,7 @@ class PackagePredictor(Model):
         return arr
 
     def _images_from_v2(
-        self, request: InferRequest, arrays: dict[str, np.ndarray]
+        self, request: InferRequest | GrpcCall, arrays: dict[str, np.ndarray]
     ) -> tuple[np.ndarray, dict[str, Any], int]:
         t = self.package.transforms  # type: ignore[union-attr]
         if len(arrays) != 1:

@@ -18,7 +18,8 @@ them (KServe's own ``--workers`` spawns copies that re-import the app and lose t
 middleware, and its metrics split per process: kserve/kserve#2979). Metrics stay whole through
 prometheus_client's multiprocess mode (``metrics.exposition``). A worker that dies is restarted; one
 that cannot load the package stops them all (exit 2). gRPC (``--grpc-port``) is KServe's V2 gRPC server
-in every worker on the same port (gRPC binds with SO_REUSEPORT itself).
+in every worker on the same port (gRPC binds with SO_REUSEPORT itself), with ``ModelInfer`` of the
+served model answered without KServe's per-call conversions (``grpc_infer``).
 
 A missing or corrupt package makes the process exit non-zero at start, with the path and the reason.
 """
@@ -562,63 +563,6 @@ def _conveyor_dataplane(models: Any) -> Any:
     return ConveyorDataPlane(model_registry=models)
 
 
-# gRPC status -> the HTTP code it stands for (as grpc-gateway maps them), so requests_total's code label
-# (and the rollout analysis' success rate, code!~"5..") reads the same for both transports.
-GRPC_AS_HTTP = {
-    "OK": 200, "CANCELLED": 499, "UNKNOWN": 500, "INVALID_ARGUMENT": 400, "DEADLINE_EXCEEDED": 504,
-    "NOT_FOUND": 404, "ALREADY_EXISTS": 409, "PERMISSION_DENIED": 403, "RESOURCE_EXHAUSTED": 429,
-    "FAILED_PRECONDITION": 400, "ABORTED": 409, "OUT_OF_RANGE": 400, "UNIMPLEMENTED": 501,
-    "INTERNAL": 500, "UNAVAILABLE": 503, "DATA_LOSS": 500, "UNAUTHENTICATED": 401,
-}  # fmt: skip
-
-
-def grpc_accounting(predictor: Any) -> Any:
-    """A gRPC server interceptor that counts and times ModelInfer calls like the HTTP middleware
-    (``requests_total{protocol="grpc"}``), and marks when a request reached the model."""
-    import grpc
-    from grpc import aio
-
-    from conveyor.runtime.serving.predictor import REQUEST_STATE, request_arrived, request_submitted
-
-    class GrpcAccounting(aio.ServerInterceptor):
-        async def intercept_service(self, continuation: Any, details: Any) -> Any:
-            handler = await continuation(details)
-            if handler is None or not details.method.endswith("/ModelInfer") or handler.unary_unary is None:
-                return handler
-            inner = handler.unary_unary
-
-            async def infer(request: Any, context: Any) -> Any:
-                started = time.perf_counter()
-                state: dict[str, Any] = {"reached_model": False}
-                token = REQUEST_STATE.set(state)
-                # On its way to the batcher, as the HTTP routes count theirs: the batcher waits for it.
-                request_arrived(predictor.batcher, state)
-                status = "UNKNOWN"
-                try:
-                    response = await inner(request, context)
-                    status = "OK"
-                    return response
-                except BaseException:
-                    code = context.code()
-                    status = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-                    raise
-                finally:
-                    request_submitted(predictor.batcher, state)
-                    REQUEST_STATE.reset(token)
-                    if predictor.metrics is not None:
-                        predictor.metrics.observe_request(
-                            "grpc", GRPC_AS_HTTP.get(status, 500), time.perf_counter() - started
-                        )
-
-            return grpc.unary_unary_rpc_method_handler(
-                infer,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-
-    return GrpcAccounting()
-
-
 def model_server_class() -> type:
     import kserve
 
@@ -629,7 +573,7 @@ def model_server_class() -> type:
             super().__init__(**kwargs)
             self.bind_host = bind_host
             self.reuse_port = reuse_port
-            self.grpc_accounting: Any = None  # a GrpcAccounting interceptor, set before start()
+            self.grpc_predictor: Any = None  # whose ModelInfer the lean servicer answers, set before start()
             self.front: Any = None  # an ASGI app in front of KServe's (V1FastPath), set before start()
             self.grpc_log_calls = False  # KServe's LoggingInterceptor: a log line per gRPC call
             self.dataplane = _conveyor_dataplane(self.registered_models)
@@ -646,27 +590,28 @@ def model_server_class() -> type:
                     # SO_REUSEPORT; serve the same app on a shared-port socket instead.
                     self.servers[0].close()
                     self.servers[0] = self._serve_on_shared_port()
-            if self._grpc_server is not None and self.grpc_accounting is not None:
-                self.servers[-1].close()  # KServe's gRPC start(), not yet awaited: ours adds accounting
+            if self._grpc_server is not None and self.grpc_predictor is not None:
+                self.servers[-1].close()  # KServe's gRPC start(), not yet awaited: ours is lean
                 self.servers[-1] = self._serve_grpc()
             super().setup_event_loop()
 
         async def _serve_grpc(self) -> None:
-            """KServe's GRPCServer.start with the accounting interceptor outermost."""
+            """KServe's GRPCServer.start with our servicer (runtime/serving/grpc_infer.py): ModelInfer of the
+            served model answered lean, counted and timed; the other RPCs KServe's."""
             from concurrent import futures
 
             from grpc import aio
             from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
-            from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
-            from kserve.protocol.grpc.servicer import InferenceServicer
+            from kserve.protocol.grpc.interceptors import LoggingInterceptor
+
+            from conveyor.runtime.serving.grpc_infer import inference_servicer, other_rpcs_interceptor
 
             g = self._grpc_server
             server = aio.server(
                 futures.ThreadPoolExecutor(max_workers=self.max_threads),
                 interceptors=(
-                    self.grpc_accounting,
                     *([LoggingInterceptor()] if self.grpc_log_calls else []),
-                    ExceptionToStatusInterceptor(),
+                    other_rpcs_interceptor(),
                 ),
                 options=[
                     ("grpc.max_send_message_length", g._kwargs.get("grpc_max_send_message_length")),
@@ -674,7 +619,7 @@ def model_server_class() -> type:
                 ],
             )
             grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-                InferenceServicer(g._data_plane, g._model_repository_extension), server
+                inference_servicer(g._data_plane, g._model_repository_extension, self.grpc_predictor), server
             )
             server.add_insecure_port(f"[::]:{g._port}")
             g._server = server  # KServe's stop() stops it
@@ -860,7 +805,7 @@ def serve(args: argparse.Namespace, *, reuse_port: bool = False) -> int:
     if V1_FAST_PATH:
         server.front = V1FastPath(app, predictor=predictor, max_body_bytes=args.max_body_bytes, shadow=shadow)
     if args.grpc_port:
-        server.grpc_accounting = grpc_accounting(predictor)
+        server.grpc_predictor = predictor
         server.grpc_log_calls = args.access_log
     if not args.access_log:
         # A log line per request (uvicorn's access log, KServe's timing trace) costs throughput.

@@ -86,6 +86,7 @@ def pinned(args: list[str]) -> list[str]:
 
 
 BATCH_SIZES = (1, 8, 32, 64, 128, 256)
+BATCH_ROWS = 64  # rows per request of the batching client (tabular)
 NAME = "digits"
 
 
@@ -392,25 +393,32 @@ def fraud_workload(package: str) -> dict[str, Any]:
     types = {"amount": ("FP32", np.float32), "merchant": ("BYTES", np.object_), "hour": ("INT64", np.int64),
              "foreign": ("BOOL", np.bool_), "card_age_days": ("INT64", np.int64),
              "distance_km": ("FP32", np.float32), "txn_last_hour": ("INT64", np.int64)}  # fmt: skip
-    grpc_requests = []
-    for r in rows[:64]:
+
+    def tensors_of(chunk: list[dict[str, Any]]) -> list[tuple[str, str, np.ndarray]]:
         tensors = []
         for name in FRAUD_FEATURES:
             datatype, dtype = types[name]
-            v = r[name]
             if datatype == "BYTES":
-                arr = np.array([str(v).encode()], dtype=object)
+                arr = np.array([str(r[name]).encode() for r in chunk], dtype=object)
             else:
-                arr = np.array([np.nan if v is None else v], dtype=dtype)
+                arr = np.array([np.nan if r[name] is None else r[name] for r in chunk], dtype=dtype)
             tensors.append((name, datatype, arr))
-        grpc_requests.append(tensors)
+        return tensors
+
+    chunks = [rows[i : i + BATCH_ROWS] for i in range(0, len(rows), BATCH_ROWS)]
     return {
         "name": "fraud",
         "model": {"architecture": "mlp", "input": "7 features (a transaction)"},
         "request": 'V1 {"instances": [{feature: value}]} over HTTP; V2 one tensor per feature over gRPC; one row',
         "bodies": [json.dumps({"instances": [r]}).encode() for r in rows[:64]],
-        "grpc": grpc_requests,
+        "grpc": [tensors_of([r]) for r in rows[:64]],
         "x": open_package(package).transforms.apply(frame[FRAUD_FEATURES]),
+        # A batching client: BATCH_ROWS rows per request (the same rows), HTTP and gRPC.
+        "batched": {
+            "rows_per_request": BATCH_ROWS,
+            "bodies": [json.dumps({"instances": c}).encode() for c in chunks],
+            "grpc": [tensors_of(c) for c in chunks],
+        },
     }
 
 
@@ -515,6 +523,10 @@ def bench_model(
                 "requests": workload["grpc"],
             }
             systems[f"conveyor_grpc_{procs}proc"] = sweep(grpc_target, seconds, server.url)
+            if procs == 1 and "batched" in workload:
+                result["batching_client"] = batching_client(
+                    workload["batched"], server.url, url, {**grpc_target}, seconds, limit
+                )
     result["systems"] = systems
 
     def at32(system: str) -> float:
@@ -532,6 +544,35 @@ def bench_model(
         "goal_met": at32(best) >= 0.8 * limit and at32(best) > at32("ray_serve_batch"),
     }
     return result
+
+
+def batching_client(
+    batched: dict[str, Any],
+    server_url: str,
+    url: str,
+    grpc_target: dict[str, Any],
+    seconds: float,
+    limit: float,
+) -> dict[str, Any]:
+    """The 1-process conveyor server (same flags) sent ``rows_per_request`` rows per request: rows/s
+    against the in-process limit, for the client that batches itself."""
+    n = batched["rows_per_request"]
+    out: dict[str, Any] = {"rows_per_request": n, "in_process_limit_rows_per_s": limit}
+    for proto, target in (
+        ("http", {"kind": "http", "bodies": batched["bodies"], "url": url}),
+        ("grpc", {**grpc_target, "requests": batched["grpc"]}),
+    ):
+        points = []
+        for c in (1, 8, 32):
+            before = batch_stats(server_url)
+            point = load(target, c, seconds, procs=1 if c < 32 else 2)
+            rows1, passes1 = batch_stats(server_url)
+            point["mean_batch_rows"] = round((rows1 - before[0]) / max(passes1 - before[1], 1), 2)
+            point["rows_per_s"] = round(point["throughput_rps"] * n, 1)
+            point["over_in_process"] = round(point["rows_per_s"] / limit, 4)
+            points.append(point)
+        out[f"conveyor_{proto}_1proc"] = points
+    return out
 
 
 def run_benchmark(
