@@ -123,12 +123,12 @@ class TreesSpec(_Model):
 
 
 class ModelArchitecture(_Model):
-    """`mlp` or `xgboost` for tabular data, a torchvision classification model name (`resnet18`, ...) or
-    `cnn` for images, `custom` with `module` (`package.module:function` building a torch.nn.Module), or
-    `auto`: `cnn` for images, `xgboost` for tables with a rare class, `mlp` for other tables
-    (``training.run.resolve_architecture``)."""
+    """`auto` (the default): `cnn` for images, `xgboost` for tables with a rare class, `mlp` for other
+    tables (``training.run.resolve_architecture``; measured by tests/bench/bench_quality.py); or named:
+    `mlp` or `xgboost` for tabular data, a torchvision classification model name (`resnet18`, ...) or
+    `cnn` for images, `custom` with `module` (`package.module:function` building a torch.nn.Module)."""
 
-    architecture: str = "mlp"
+    architecture: str = "auto"
     # Measured by tests/bench/bench_quality.py: [64, 32] was 1.4 points of accuracy behind SVC on digits.
     hidden_layers: list[int] = Field(default_factory=lambda: [128, 64])
     dropout: float = 0.0
@@ -190,7 +190,9 @@ class PodSettings(_Model):
             priority_class_name=override.priority_class_name or self.priority_class_name,
             labels={**self.labels, **override.labels},
             annotations={**self.annotations, **override.annotations},
-            security_context=override.security_context if override.security_context is not None else self.security_context,
+            security_context=override.security_context
+            if override.security_context is not None
+            else self.security_context,
             container_security_context=(
                 override.container_security_context
                 if override.container_security_context is not None
@@ -329,7 +331,13 @@ class RunConfig(_TrainingSections):
 
     @classmethod
     def for_run(
-        cls, spec: MLPipelineSpec, *, pipeline: str, namespace: str, run: int, deployed: DeployedModel | None = None
+        cls,
+        spec: MLPipelineSpec,
+        *,
+        pipeline: str,
+        namespace: str,
+        run: int,
+        deployed: DeployedModel | None = None,
     ) -> RunConfig:
         sections = {name: getattr(spec, name) for name in _TrainingSections.model_fields}
         return cls(pipeline=pipeline, namespace=namespace, run=run, deployed=deployed, **sections)

@@ -192,10 +192,13 @@ def _run(config: RunConfig, registry: Registry) -> RunResult:
     # so the driver's memory does not grow with the splits' rows.
     tally: evaluate.ClassificationTally | evaluate.RegressionTally
     if prepared.classes is not None:
-        # The decision threshold is chosen on the validation split and shipped in schema.json, so the
-        # test split judges exactly the rule serving applies.
+        # The decision threshold is chosen on the validation split (on every training row's out-of-fold
+        # score when the trees were cross-fitted: facts["decisionThreshold"]) and shipped in schema.json,
+        # so the test split judges exactly the rule serving applies.
         threshold = None
-        if prepared.rows("validation"):
+        if "decisionThreshold" in facts:
+            threshold = facts["decisionThreshold"]
+        elif prepared.rows("validation"):
             val_tally = evaluate.ClassificationTally(prepared.classes)
             for out, y in prepared.score_batches(logits_of, "validation"):
                 val_tally.add(out, y)

@@ -156,7 +156,11 @@ def test_must_beat_deployed_scores_both_versions_on_the_runs_own_split(fraud_run
     for margin in (0.0, abs(candidate - deployed) + 0.01):
         evaluation = EvaluationSpec(metric=metric, threshold=0.0, must_beat_deployed=True, margin=margin)
         outcome = judge_run(
-            registry, evaluation, pipeline=second.pipeline, namespace=second.namespace, run=2,
+            registry,
+            evaluation,
+            pipeline=second.pipeline,
+            namespace=second.namespace,
+            run=2,
             deployed=(v1.version, registry),
         )
         assert outcome.version == v2.version and outcome.result is not None
@@ -165,7 +169,9 @@ def test_must_beat_deployed_scores_both_versions_on_the_runs_own_split(fraud_run
         assert outcome.result.reason == ("Passed" if outcome.result.passed else "DidNotBeatDeployed")
 
     # A deployed package that cannot be read gives an error, which fails the gate (never a pass).
-    broken = evaluate_deployed("v9", f"{config.registry.uri}/fraud/v9", [], label="label", task="classification")
+    broken = evaluate_deployed(
+        "v9", f"{config.registry.uri}/fraud/v9", [], label="label", task="classification"
+    )
     assert "cannot be read" in broken["error"] and "metrics" not in broken
 
 
@@ -197,6 +203,11 @@ def test_xgboost_trains_on_two_workers_and_serves_from_the_same_package_format(
     assert pkg.manifest["modelKind"] == "xgboost" and pkg.manifest["formatVersion"] == FORMAT_VERSION
     assert pkg.lineage["training"]["workers"] == 2 and 1 <= m["bestEpoch"] <= 60
     assert m["rocAuc"] >= 0.75 and 0 < pkg.schema["decisionThreshold"] < 1
+    # A binary task's trees are cross-fitted: five fold boosters (trained by both workers together),
+    # merged into the one model the package holds, the threshold chosen on their out-of-fold scores.
+    cross_fit = pkg.lineage["training"]["crossFitting"]
+    assert cross_fit["folds"] == 5 and all(1 <= r <= 60 for r in cross_fit["bestRounds"])
+    assert pkg.load_model().booster.num_boosted_rounds() == sum(cross_fit["bestRounds"])
     # The held-out metrics are what the package's model and decision rule give on the raw test rows.
     frame, _, test_idx = _held_out(config)
     rows = frame.iloc[test_idx][FRAUD_FEATURES].to_dict("records")
@@ -622,7 +633,9 @@ def test_bad_run_config_fails_naming_the_field(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_feedback_rows_join_the_training_data_under_the_same_contract(ray_cluster: str, tmp_path: Path) -> None:
+def test_feedback_rows_join_the_training_data_under_the_same_contract(
+    ray_cluster: str, tmp_path: Path
+) -> None:
     """data.feedback: the ground truth predictors persisted (inputs and true label) is added to the source's
     rows, typed as the source, and the data contract checks it like any other row."""
     from conveyor.runtime.package.validation import validate_dataset
@@ -632,15 +645,31 @@ def test_feedback_rows_join_the_training_data_under_the_same_contract(ray_cluste
     source = DataSource(uri="builtin://fraud?rows=300&seed=7", format="builtin")
     live = data_mod.fraud_frame(rows=3, seed=11).drop(columns=["label"]).to_dict(orient="records")
     live[2]["amount"] = -5.0  # a producer's bug: the contract must catch it in feedback too
-    Registry(registry, "fraud").append_feedback("v1", [
-        {"id": "r1", "row": i, "inputs": {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()},
-         "prediction": "0", "label": "1"} for i, row in enumerate(live)
-    ])
+    Registry(registry, "fraud").append_feedback(
+        "v1",
+        [
+            {
+                "id": "r1",
+                "row": i,
+                "inputs": {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()},
+                "prediction": "0",
+                "label": "1",
+            }
+            for i, row in enumerate(live)
+        ],
+    )
     ds, added = data_mod.with_feedback(data_mod.load_dataset(source), registry, "fraud", "label")
     frame = ds.to_pandas()
     assert added == 3 and len(frame) == 303
     assert frame["label"].dtype == data_mod.builtin_frame(source.uri)["label"].dtype
-    assert list(frame["label"].iloc[-3:]) == [1, 1, 1] and frame["amount"].iloc[-3] == pytest.approx(live[0]["amount"])
-    spec = DataSpec.model_validate({"source": source.model_dump(), "contract": {"columns": [{"name": "amount", "type": "float", "min": 0}]}})
+    assert list(frame["label"].iloc[-3:]) == [1, 1, 1] and frame["amount"].iloc[-3] == pytest.approx(
+        live[0]["amount"]
+    )
+    spec = DataSpec.model_validate(
+        {
+            "source": source.model_dump(),
+            "contract": {"columns": [{"name": "amount", "type": "float", "min": 0}]},
+        }
+    )
     report = validate_dataset(ds, spec)
     assert [(v.column, v.rule, v.count) for v in report.violations] == [("amount", "min", 1)]

@@ -1,5 +1,6 @@
 """``architecture: auto`` picks the model by the data (training.run.resolve_architecture): trees for a
-table with a rare class, the MLP for other tables, the CNN for images; anything else is kept as given."""
+table with a rare class, the MLP for other tables, the CNN for images; anything else is kept as given. It
+is the default: a pipeline that names no architecture gets it."""
 
 from __future__ import annotations
 
@@ -50,6 +51,27 @@ def test_auto_resolves_by_the_data() -> None:
         == "xgboost"
     )
     assert resolve_architecture("mlp", _prepared("tabular", rare, ["0", "1"])) == "mlp"
+
+
+def test_auto_is_the_default_of_the_spec_and_both_crd_copies() -> None:
+    config = RunConfig.model_validate(
+        {
+            "pipeline": "p",
+            "run": 1,
+            "data": {"source": {"uri": "builtin://fraud"}, "label": "label"},
+            "registry": {"uri": "/tmp/r", "modelName": "m"},
+        }
+    )
+    assert config.training.model.architecture == "auto"
+    root = Path(__file__).resolve().parents[2]
+    for path in (
+        root / "crds" / "mlpipeline.yaml",
+        root / "charts" / "conveyor" / "crds" / "mlpipeline.yaml",
+    ):
+        crd = yaml.safe_load(path.read_text())
+        spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        arch = spec["properties"]["training"]["properties"]["model"]["properties"]["architecture"]
+        assert arch["default"] == "auto", path
 
 
 def test_spec_and_crd_admit_auto() -> None:
