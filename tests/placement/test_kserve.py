@@ -247,42 +247,47 @@ def test_standard_canary_steps_on_the_real_kserve(
         split = [("fraud-v1-predictor", 100 - weight), ("fraud-v2-predictor", weight)]
         split = [b for b in split if b[1] > 0]
 
-        def at_step(weight: int = weight, canary: int = canary, split: list[Any] = split) -> dict[str, Any] | None:
+        hpas = {"fraud-v1-predictor": (max(1, min_replicas - canary), MAX_REPLICAS),
+                "fraud-v2-predictor": (canary, canary)}
+        # Each fact is recorded when a poll sees it while the spec asks for this step (it holds `interval`
+        # at least): one poll need not catch them all at once (a loaded machine's polls take seconds).
+        facts: dict[str, Any] = {}
+
+        def at_step(weight: int = weight, canary: int = canary, split: list[Any] = split,
+                    hpas: dict[str, Any] = hpas, facts: dict[str, Any] = facts) -> dict[str, Any] | None:
             isvc = cluster.isvc("fraud")
-            reported = [
-                (e["name"], e["ready"], e["trafficPercent"])
-                for e in (isvc.get("status") or {}).get("canaryStatuses") or []
-            ]
-            deployments = _predictor_deployments(cluster, "fraud")
-            asked = [c["trafficPercent"] for c in isvc["spec"].get("canary") or []]
-            if asked != [weight] or reported != [("v2", True, weight)]:
-                return None  # (KServe's status keeps the last canary for a moment after the promotion)
-            if deployments.get("fraud-v2-predictor") != (canary, canary):
+            if [c["trafficPercent"] for c in isvc["spec"].get("canary") or []] != [weight]:
                 return None
-            routes = _route_backends(cluster)
-            if routes.get(ROUTE) != split:
-                return None  # the operator applies the weights once KServe reports the canary Ready
-            seen = {"deployments": deployments, "hpas": _hpas(cluster), "routes": routes, "services": services()}
-            # All read while the spec still asked for this step (it holds `interval` at least).
-            return (
-                seen
-                if [c["trafficPercent"] for c in cluster.isvc("fraud")["spec"].get("canary") or []]
-                == [weight]
-                else None
-            )
+            seen: dict[str, Any] = {
+                "reported": [(e["name"], e["ready"], e["trafficPercent"])
+                             for e in (isvc.get("status") or {}).get("canaryStatuses") or []],
+                "route": _route_backends(cluster),  # the operator applies the weights once v2 is Ready
+                "deployments": _predictor_deployments(cluster, "fraud"),
+                "hpas": _hpas(cluster),
+                "services": services(),
+            }
+            if [c["trafficPercent"] for c in cluster.isvc("fraud")["spec"].get("canary") or []] != [weight]:
+                return None  # read after the step had passed
+            expected = {
+                # (KServe's status keeps the last canary for a moment after the promotion)
+                "reported": lambda v: v == [("v2", True, weight)],
+                # The gateway's only route for the model is the operator's, weighting Services KServe created.
+                "route": lambda v: v == {ROUTE: split},
+                "deployments": lambda v: v.get("fraud-v2-predictor") == (canary, canary)
+                and v.get("fraud-v1-predictor", (0, 0))[0] >= max(1, min_replicas - canary),
+                "hpas": lambda v: v == hpas,
+                "services": lambda v: {"fraud-v1-predictor", "fraud-v2-predictor"} <= v,
+            }
+            for fact, value in seen.items():
+                facts[f"last {fact}"] = value
+                if expected[fact](value):
+                    facts[fact] = value
+            return facts if all(fact in facts for fact in expected) else None
 
         try:
-            seen = wait_for(f"KServe and the route at the {weight}% step", at_step, timeout=60, interval=0.3)
+            wait_for(f"KServe and the route at the {weight}% step", at_step, timeout=60, interval=0.3)
         except AssertionError as e:
-            raise AssertionError(f"{e}\n{_snapshot(cluster)}") from None
-        assert seen["hpas"] == {
-            "fraud-v1-predictor": (max(1, min_replicas - canary), MAX_REPLICAS),
-            "fraud-v2-predictor": (canary, canary),
-        }
-        assert seen["deployments"]["fraud-v1-predictor"][0] >= max(1, min_replicas - canary)
-        # The gateway's only route for the model is the operator's, weighting Services KServe created.
-        assert seen["routes"] == {ROUTE: split}
-        assert {"fraud-v1-predictor", "fraud-v2-predictor"} <= seen["services"]
+            raise AssertionError(f"{e}\nseen at this step: {facts}\n{_snapshot(cluster)}") from None
 
     status = wait_for("v2 promoted", lambda: settled("v2"), timeout=60)
     assert [a["weight"] for a in status["analyses"]][-len(STANDARD_STEPS) :] == STANDARD_STEPS
