@@ -46,6 +46,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from conveyor.runtime.package import profile as profiles
 from conveyor.runtime.package.drift import PREDICTION, DriftMonitor, bin_counts, bin_labels, references
 from conveyor.runtime.package.features import is_null
 
@@ -354,6 +355,13 @@ class ServingMetrics:
                 x = np.nan if is_null(v) else float(v)
                 if x == x:  # nulls are not counted (NaN != NaN)
                     children[str(int(np.searchsorted(edges, x, side="right")))].inc()
+                continue
+            if edges is not None:  # numeric: the cached edges, not bin_counts' per-call arrays
+                arr = profiles._as_float(values)
+                idx = np.searchsorted(edges, arr[~np.isnan(arr)], side="right")
+                counts = np.bincount(idx, minlength=len(edges) + 1)
+                for i in np.flatnonzero(counts).tolist():
+                    children[str(i)].inc(int(counts[i]))
                 continue
             for label, n in bin_counts(entry, values).items():
                 children[label].inc(n)
