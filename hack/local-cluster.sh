@@ -21,6 +21,7 @@ KUBE_VERSION=v1.36.3
 ETCD_VERSION=v3.6.16
 KUBERAY_VERSION=v1.6.0 # v1.7.x is not served by this machine's Go module proxy (403); see README
 KSERVE_VERSION=v0.20.0 # matches the kserve Python package pinned in pyproject.toml
+GATEWAY_API_VERSION=v1.5.1 # what KServe v0.20.0's module requires (hack/tools/kserve/go.mod)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/conveyor
@@ -60,18 +61,22 @@ build_etcd() {
   chmod 755 "$tmp"; rm -rf "$ETCD_BIN"; mv "$tmp" "$ETCD_BIN"
 }
 
-# KubeRay and KServe publish their CRDs inside their Go modules; take them from there at the pinned
-# versions instead of copying them into this repository.
+# KubeRay, KServe and the Gateway API publish their CRDs inside their Go modules; take them from there at
+# the pinned versions instead of copying them into this repository. Of the Gateway API only HTTPRoutes:
+# the operator writes one per Standard-mode ModelDeployment, and the local router reads its weights.
 fetch_crds() {
-  [[ -f $CRD_CACHE/.complete ]] && return
-  log "fetching KubeRay $KUBERAY_VERSION and KServe $KSERVE_VERSION CRDs from their Go modules"
-  local ray kserve tmp
+  # (a cache from before the Gateway API's CRD was fetched is fetched again)
+  [[ -f $CRD_CACHE/.complete && -f $CRD_CACHE/gateway.networking.k8s.io_httproutes.yaml ]] && return
+  log "fetching KubeRay $KUBERAY_VERSION, KServe $KSERVE_VERSION and Gateway API $GATEWAY_API_VERSION CRDs from their Go modules"
+  local ray kserve gw tmp
   ray=$(go mod download -json "github.com/ray-project/kuberay/ray-operator@$KUBERAY_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
   kserve=$(go mod download -json "github.com/kserve/kserve@$KSERVE_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
-  [[ -d $ray && -d $kserve ]] || die "could not download the KubeRay/KServe modules"
+  gw=$(go mod download -json "sigs.k8s.io/gateway-api@$GATEWAY_API_VERSION" | sed -n 's/.*"Dir": "\(.*\)".*/\1/p')
+  [[ -d $ray && -d $kserve && -d $gw ]] || die "could not download the KubeRay/KServe/Gateway API modules"
   tmp=$(mktemp -d "$CACHE/.crds.XXXXXX")
   cp "$ray/config/crd/bases/ray.io_rayjobs.yaml" "$ray/config/crd/bases/ray.io_rayclusters.yaml" "$tmp/"
   cp "$kserve/config/crd/full/serving.kserve.io_inferenceservices.yaml" "$tmp/"
+  cp "$gw/config/crd/standard/gateway.networking.k8s.io_httproutes.yaml" "$tmp/"
   chmod 755 "$tmp"; chmod 644 "$tmp"/*.yaml; touch "$tmp/.complete"
   rm -rf "$CRD_CACHE"; mv "$tmp" "$CRD_CACHE"
 }
@@ -163,7 +168,7 @@ install_crds() {
   "$kubectl" --kubeconfig "$KUBECONFIG_PATH" apply --server-side --force-conflicts --field-manager=conveyor-local-cluster \
     -f "$CRD_CACHE" -f "$ROOT/crds" >/dev/null
   "$kubectl" --kubeconfig "$KUBECONFIG_PATH" wait --for condition=established --timeout=60s \
-    crd/rayjobs.ray.io crd/rayclusters.ray.io crd/inferenceservices.serving.kserve.io \
+    crd/rayjobs.ray.io crd/rayclusters.ray.io crd/inferenceservices.serving.kserve.io crd/httproutes.gateway.networking.k8s.io \
     crd/mlpipelines.conveyor.dev crd/modeldeployments.conveyor.dev crd/batchpredictions.conveyor.dev >/dev/null
 }
 

@@ -77,6 +77,13 @@ def test_a_good_version_is_promoted_through_every_step(stack: Stack, mode: str) 
     if mode == "Standard":
         assert not isvc["spec"].get("canary")
         assert isvc["spec"]["predictor"]["name"].endswith("v2") or "v2" in isvc["spec"]["predictor"]["name"]
+        # The split callers saw came from the operator's HTTPRoute (the local router plays the gateway, and
+        # without a route sends everything to the stable predictor, as KServe's own route does); after the
+        # promotion it has the one backend.
+        route = stack.cluster.custom.get_namespaced_custom_object(
+            "gateway.networking.k8s.io", "v1", stack.cluster.ns, "httproutes", f"{NAME}-traffic")
+        assert [(b["name"], b["weight"]) for b in route["spec"]["rules"][0]["backendRefs"]] == [
+            (f"{NAME}-v2-predictor", 100)]
     status = stack.status()
     passed = [a for a in status["analyses"] if a["verdict"] == "Passed" and a["version"] == "v2"]
     assert len(passed) >= 2, status["analyses"]  # one per step

@@ -226,3 +226,20 @@ def test_abn_versions_each_at_their_weight() -> None:
         ("fraud-v2-predictor", 30),
         ("fraud-v3-predictor", 20),
     ]
+
+
+def test_the_local_gateway_reads_the_weights_the_operator_writes() -> None:
+    """hack/devstack's router plays the gateway in Standard mode from the route build_route writes."""
+    from conveyor_devstack.router import route_weights
+
+    services = {"fraud-v1-predictor": "v1", "fraud-v2-predictor": "v2"}
+    route = build_route(md(), GATEWAY, "", [("v1", 75), ("v2", 25)])
+    route["metadata"]["creationTimestamp"] = "2026-01-05T12:00:01Z"
+    assert "hostnames" not in route["spec"]  # the local router's url is an IP: no Gateway API hostname
+    assert route_weights([route], services) == {"v1": 75, "v2": 25}
+    assert (
+        route_weights([route], {"fraud-v2-predictor": "v2"}) is None
+    )  # names a Service not served: not ours
+    older = build_route(md(), GATEWAY, "", [("v1", 100)])
+    older["metadata"].update(name="kserves", creationTimestamp="2026-01-05T12:00:00Z")
+    assert route_weights([route, older], services) == {"v1": 100}  # the Gateway API: the oldest route wins

@@ -18,8 +18,10 @@ It is a FAKE of those two controllers, and only of them; what it runs is real:
   reports it (`url`, `Ready` and `PredictorReady` conditions, `components.predictor.traffic`, and in
   Standard mode `canaryStatuses`). Versions no InferenceService names any more are stopped;
 - the InferenceService's `url` is its traffic router (`conveyor_devstack.router`, one fixed port per
-  InferenceService), which sends each request to the stable or the canary predictor by the live weights
-  of the spec (Knative `canaryTrafficPercent`, Standard `canary[].trafficPercent`), ready ones only;
+  InferenceService), which sends each request to the stable or the canary predictor, ready ones only, as
+  the cluster would: Knative mode by the spec's `canaryTrafficPercent`; Standard mode as a Gateway API
+  gateway by the weights of the HTTPRoute naming its predictor Services (the operator's), else as KServe
+  v0.20.0's own route, all to the stable predictor;
 - with `--prometheus-targets DIR` (hack/prometheus.sh's file_sd directory) every Ready predictor is
   listed there for the local Prometheus to scrape, labelled `namespace` and `inferenceservice` (its own
   series carry `model_name` and `model_version`); with `--faults FILE` predictors start through
@@ -52,12 +54,13 @@ from typing import Any
 from conveyor_devstack import faults
 from conveyor_devstack.podenv import container_env
 from conveyor_devstack.prometheus import remove_targets, write_targets
-from conveyor_devstack.router import Backend, RouterHost
+from conveyor_devstack.router import Backend, RouterHost, route_weights
 
 log = logging.getLogger("conveyor.local-executor")
 
 RAY = ("ray.io", "v1", "rayjobs")
 KSERVE = ("serving.kserve.io", "v1beta1", "inferenceservices")
+GATEWAY = ("gateway.networking.k8s.io", "v1", "httproutes")
 FIELD_MANAGER = "conveyor-local-executor"
 # Why a run failed, as the training runtime prints it last; the rest of stderr stays in the log file.
 MESSAGE_TAIL = 1500
@@ -320,7 +323,33 @@ class Executor:
             return {v: p for v, _, p in versions}
         return {v: (100 if i == 0 else 0) for i, v in enumerate(ready)}
 
-    def _serve(self, isvc: dict[str, Any]) -> dict[str, Any]:
+    def _routes(self) -> dict[str, list[dict[str, Any]]]:
+        """The HTTPRoutes by namespace; none where the cluster serves no Gateway API."""
+        try:
+            items = self._list(*GATEWAY)
+        except Exception as e:  # noqa: BLE001 - kubernetes' ApiException: 404 when the CRD is not installed
+            if getattr(e, "status", None) == 404:
+                return {}
+            raise
+        out: dict[str, list[dict[str, Any]]] = {}
+        for route in items:
+            out.setdefault(route["metadata"]["namespace"], []).append(route)
+        return out
+
+    @staticmethod
+    def _gateway_split(isvc: dict[str, Any], versions: list[tuple[str, str, int]],
+                       routes: list[dict[str, Any]]) -> dict[str, int] | None:
+        """Standard mode: what the gateway sends each version (see the module docstring); None in Knative mode."""
+        mode = (isvc["metadata"].get("annotations") or {}).get("serving.kserve.io/deploymentMode")
+        if mode not in ("Standard", "RawDeployment"):
+            return None
+        spec, name = isvc["spec"], isvc["metadata"]["name"]
+        predictors = [spec["predictor"], *(c.get("predictor") or {} for c in spec.get("canary") or [])]
+        services = {f"{name}-{p['name']}-predictor": v for p, (v, _, _) in zip(predictors, versions, strict=True)
+                    if p.get("name")}
+        return route_weights(routes, services) or {versions[0][0]: 100}
+
+    def _serve(self, isvc: dict[str, Any], routes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """Start the predictors of every version, route to the ready ones; the status KServe would write."""
         meta = isvc["metadata"]
         versions = self._versions(isvc)
@@ -334,11 +363,13 @@ class Executor:
             elif self._ready(key, predictor):
                 ready[version] = predictor.port
         weights = self._effective(versions, ready)
+        gateway = self._gateway_split(isvc, versions, routes or [])
+        sent = weights if gateway is None else {v: gateway.get(v, 0) for v in ready}
         router = self.routers.ensure((meta["namespace"], meta["name"]), meta["name"])
         if ready or not self.serving.get((meta["namespace"], meta["name"])):
             self.serving[(meta["namespace"], meta["name"])] = set(ready)
             self.routers.set_backends((meta["namespace"], meta["name"]),
-                                      [Backend(v, f"http://127.0.0.1:{port}", weights[v]) for v, port in ready.items()])
+                                      [Backend(v, f"http://127.0.0.1:{port}", sent[v]) for v, port in ready.items()])
         latest = versions[-1][0]
         traffic = [{"revisionName": f"{meta['name']}-predictor-{v}", "tag": v, "percent": weights[v],
                     "latestRevision": v == latest, "url": f"http://127.0.0.1:{port}"} for v, port in ready.items()]
@@ -368,11 +399,12 @@ class Executor:
     def sync_inference_services(self) -> None:
         wanted: set[tuple[str, str, str]] = set()
         services: set[tuple[str, str]] = set()
+        routes = self._routes()
         for isvc in self._list(*KSERVE):
             meta = isvc["metadata"]
             services.add((meta["namespace"], meta["name"]))
             wanted.update((meta["namespace"], meta["name"], v) for v, _, _ in self._versions(isvc))
-            status = self._serve(isvc)
+            status = self._serve(isvc, routes.get(meta["namespace"], []))
             old = isvc.get("status") or {}
             if _comparable(old) != _comparable(status):
                 self._patch_status(KSERVE, isvc, status)

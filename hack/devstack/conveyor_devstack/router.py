@@ -1,9 +1,12 @@
 """The local traffic router: the ingress and Knative's activator of one machine, for the local executor.
 
 One ``Router`` per InferenceService listens on a fixed loopback port for the InferenceService's life
-(its ``status.url``) and sends each request to one of the predictors of its versions by the live weights
-(what the executor reads from the spec: Knative's ``canaryTrafficPercent``, Standard mode's
-``canary[].trafficPercent``). Both backends are KServe's real model server.
+(its ``status.url``) and sends each request to one of the predictors of its versions by the live weights.
+Knative mode: what Knative would split, the spec's ``canaryTrafficPercent``. Standard mode: what a
+Gateway API gateway would do, the weights of the HTTPRoute whose backendRefs are the InferenceService's
+predictor Services (``route_weights``; the operator writes it, modeldeployment/route.py); without one,
+what KServe v0.20.0's own route does, every request to the stable predictor (``canary[].trafficPercent``
+only sizes the canary there). The backends are KServe's real model server.
 
 The split is a smooth weighted round robin (nginx's), not a coin toss: over any 100 requests a 20/80
 split sends exactly 20 to the canary, so a test sees the weight it set rather than a sample of it. A
@@ -40,6 +43,23 @@ class Backend:
     version: str
     url: str  # http://127.0.0.1:PORT
     weight: int  # percent
+
+
+def route_weights(routes: Sequence[dict[str, Any]], services: dict[str, str]) -> dict[str, int] | None:
+    """What a gateway sends where, per version, from the HTTPRoutes of a namespace: the oldest route (the
+    Gateway API's precedence between routes) whose backendRefs name only Services in `services` (Service
+    name -> version), each backend at its weight (1 when unset, as the Gateway API defaults it); None when
+    no route names them. Rules are not told apart: the operator's route has one."""
+    ordered = sorted(routes, key=lambda r: (r["metadata"].get("creationTimestamp") or "", r["metadata"]["name"]))
+    for route in ordered:
+        refs = [ref for rule in (route.get("spec") or {}).get("rules") or [] for ref in rule.get("backendRefs") or []]
+        if refs and all(ref.get("name") in services and ref.get("kind", "Service") == "Service" for ref in refs):
+            weights: dict[str, int] = {}
+            for ref in refs:
+                version = services[ref["name"]]
+                weights[version] = weights.get(version, 0) + int(ref.get("weight", 1))
+            return weights
+    return None
 
 
 class WeightedChoice:
