@@ -1,9 +1,11 @@
-"""Shared by the training tests and benchmark: a local Ray capped for this shared machine, waiting."""
+"""Shared by the training tests and benchmark: a local Ray capped for this shared machine, waiting; and
+stopping a Ray head (conveyor_devstack.rayhead) that the test process started."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 
@@ -29,3 +31,30 @@ def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interva
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def stop_ray_head(state: Path, timeout: float = 20) -> None:
+    """``conveyor_devstack.rayhead.down`` for a head that this process started with ``rayhead.up``: its
+    ``ray start`` process is this process's child, and a child that exited stays a zombie (still in its
+    process group) until it is reaped, so ``down`` would wait out its whole SIGTERM grace (20 s) and
+    then its SIGKILL one (5 s) for nothing. Reaping it first lets ``down`` find the group gone."""
+    import os
+    import signal
+
+    from conveyor_devstack import rayhead
+
+    pid_file = state / "rayhead.pid"
+    if pid_file.exists():
+        pid = int(pid_file.read_text())
+        try:
+            os.killpg(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while os.waitpid(pid, os.WNOHANG) == (0, 0):
+                if time.monotonic() > deadline:
+                    os.killpg(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    break
+                time.sleep(0.1)
+        except (ProcessLookupError, ChildProcessError):
+            pass  # gone already, or not this process's child: down() waits for it as before
+    rayhead.down(state)

@@ -4,7 +4,7 @@ kube-apiserver), with its exit status and the objects' final states checked: v2 
 step, v3 rejected with its failing check recorded, Drifted=True with a Drift-triggered run, v4 in the
 canary (or past it), v2 better than v1 on the gate metric, the BatchPrediction's run scored with the
 promoted version (its rejects named), and the report written with every plot. The RayJobs join one Ray
-cluster (conveyor_devstack.rayhead), as make demo's do."""
+cluster (conveyor_devstack.rayhead, the e2e session's: tests/e2e/conftest.py), as make demo's do."""
 
 from __future__ import annotations
 
@@ -23,28 +23,48 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 @pytest.fixture
-def stack(kubeconfig: str, kube_api: Any, namespace: str, prometheus: Any, tmp_path: Path,
-          monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
-    from conveyor_devstack import rayhead
-
+def stack(
+    kubeconfig: str, kube_api: Any, namespace: str, prometheus: Any, ray_head: str, tmp_path: Path
+) -> Iterator[Stack]:
     (tmp_path / "registry").mkdir()
-    monkeypatch.setenv("RAY_ADDRESS", rayhead.up(tmp_path / "ray"))  # the executor's jobs join it
-    try:
-        with rollout_stack(kubeconfig, kube_api, namespace, prometheus, f"file://{tmp_path / 'registry'}", tmp_path) as s:
-            yield s
-    finally:
-        rayhead.down(tmp_path / "ray")
+    # The executor's jobs join the session's Ray head (ray_head sets RAY_ADDRESS), as make demo's join its own.
+    with rollout_stack(
+        kubeconfig, kube_api, namespace, prometheus, f"file://{tmp_path / 'registry'}", tmp_path
+    ) as s:
+        yield s
 
 
 @pytest.mark.timeout(1260)
 def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path: Path) -> None:
     report = tmp_path / "report.html"
     done = subprocess.run(
-        [sys.executable, "-m", "conveyor_devstack.demo", "--kubeconfig", kubeconfig, "--namespace", stack.cluster.ns,
-         "--registry", stack.registry, "--faults", str(stack.faults_file), "--prometheus-url", stack.prometheus.url,
-         "--report", str(report), "--logs", str(tmp_path)],
-        capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}\n--- operator\n{stack.operator.logs()[-3000:]}"
+        [
+            sys.executable,
+            "-m",
+            "conveyor_devstack.demo",
+            "--kubeconfig",
+            kubeconfig,
+            "--namespace",
+            stack.cluster.ns,
+            "--registry",
+            stack.registry,
+            "--faults",
+            str(stack.faults_file),
+            "--prometheus-url",
+            stack.prometheus.url,
+            "--report",
+            str(report),
+            "--logs",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert done.returncode == 0, (
+        f"{done.stdout[-4000:]}\n{done.stderr[-4000:]}\n--- operator\n{stack.operator.logs()[-3000:]}"
+    )
     print(done.stdout)
 
     out = done.stdout
@@ -55,7 +75,9 @@ def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path:
     assert any(r == "Promoted" and "v2" in m for _, r, m in stack.cluster.events(NAME))
     rejected = next(r for r in status["rejectedVersions"] if r["version"] == "v3")
     assert rejected["check"] and rejected["value"] is not None and rejected["value"] < 0.9, rejected
-    assert "canary v3 takes 20%" in out and "canary v3 takes 50%" not in out, out  # rolled back at its first step
+    assert "canary v3 takes 20%" in out and "canary v3 takes 50%" not in out, (
+        out
+    )  # rolled back at its first step
     # Drifted went True naming a shifted input (v4, trained since, may have settled it again).
     lines = out.splitlines()
     shift = next(i for i, line in enumerate(lines) if "the traffic shifts" in line)
@@ -72,7 +94,9 @@ def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path:
     assert stack.cluster.get(MDEP, NAME)
 
     # v2, on the full data, beats v1 (a sample) on the gate metric.
-    by_version = {r.get("modelVersion"): r["metrics"]["rocAuc"] for r in runs if r.get("metrics", {}).get("rocAuc")}
+    by_version = {
+        r.get("modelVersion"): r["metrics"]["rocAuc"] for r in runs if r.get("metrics", {}).get("rocAuc")
+    }
     assert by_version["v2"] > by_version["v1"], by_version
     assert "v2 is better: rocAuc" in out, out
     # 5. the batch: scored with the promoted version, the three bad rows rejected with the reason.

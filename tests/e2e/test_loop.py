@@ -19,8 +19,15 @@ import pytest
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-ROW = {"amount": 24.5, "merchant": "grocery", "hour": 14, "foreign": False, "card_age_days": 900,
-       "distance_km": 2.1, "txn_last_hour": 0}
+ROW = {
+    "amount": 24.5,
+    "merchant": "grocery",
+    "hour": 14,
+    "foreign": False,
+    "card_age_days": 900,
+    "distance_km": 2.1,
+    "txn_last_hour": 0,
+}
 
 
 def _get(kubectl, namespace: str, resource: str) -> dict:
@@ -49,14 +56,36 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 
 @pytest.fixture
-def loop(kubeconfig: str, namespace: str, tmp_path: Path) -> Iterator[tuple[str, Path, list[Path]]]:
-    """The operator and the local executor watching `namespace`, with logs under tmp_path."""
+def loop(
+    kubeconfig: str, namespace: str, ray_head: str, tmp_path: Path
+) -> Iterator[tuple[str, Path, list[Path]]]:
+    """The operator and the local executor watching `namespace`, with logs under tmp_path; the RayJobs
+    join the session's Ray head (RAY_ADDRESS, set by ray_head), as a RayJob joins its KubeRay cluster."""
     env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1"}
     logs = [tmp_path / "operator.log", tmp_path / "executor.log"]
     commands = [
-        [sys.executable, "-m", "conveyor.operator", "--namespace", namespace, "--metrics-port", "0", "--liveness-port", "0"],
-        [sys.executable, "-m", "conveyor_devstack.executor", "--kubeconfig", kubeconfig,
-         "--namespace", namespace, "--state-dir", str(tmp_path / "executor")],
+        [
+            sys.executable,
+            "-m",
+            "conveyor.operator",
+            "--namespace",
+            namespace,
+            "--metrics-port",
+            "0",
+            "--liveness-port",
+            "0",
+        ],
+        [
+            sys.executable,
+            "-m",
+            "conveyor_devstack.executor",
+            "--kubeconfig",
+            kubeconfig,
+            "--namespace",
+            namespace,
+            "--state-dir",
+            str(tmp_path / "executor"),
+        ],
     ]
     procs = [
         subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
@@ -81,8 +110,13 @@ def test_pipeline_trains_gates_registers_and_serves(loop, kubectl) -> None:
     kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=manifests)
 
     pipeline = _wait_for(
-        "the pipeline's first run to succeed", 600,
-        lambda: (p := _get(kubectl, namespace, "mlpipeline/fraud")).get("status", {}).get("phase") in ("Succeeded", "Failed") and p,
+        "the pipeline's first run to succeed",
+        600,
+        lambda: (
+            (p := _get(kubectl, namespace, "mlpipeline/fraud")).get("status", {}).get("phase")
+            in ("Succeeded", "Failed")
+            and p
+        ),
         logs,
     )
     status = pipeline["status"]
@@ -104,16 +138,24 @@ def test_pipeline_trains_gates_registers_and_serves(loop, kubectl) -> None:
     assert json.loads((package / "lineage.json").read_text())["pipeline"] == "fraud"
 
     deployment = _wait_for(
-        "the deployment to be Ready", 300,
-        lambda: (d := _get(kubectl, namespace, "modeldeployment/fraud")) and any(
-            c["type"] == "Ready" and c["status"] == "True" for c in d.get("status", {}).get("conditions", [])
-        ) and d,
+        "the deployment to be Ready",
+        300,
+        lambda: (
+            (d := _get(kubectl, namespace, "modeldeployment/fraud"))
+            and any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in d.get("status", {}).get("conditions", [])
+            )
+            and d
+        ),
         logs,
     )
     assert deployment["status"]["stableVersion"] == "v1"
     url = deployment["status"]["url"]
 
-    code, answer = _post(f"{url}/v1/models/fraud:predict", {"instances": [ROW, {**ROW, "amount": 3100.0, "foreign": True}]})
+    code, answer = _post(
+        f"{url}/v1/models/fraud:predict", {"instances": [ROW, {**ROW, "amount": 3100.0, "foreign": True}]}
+    )
     assert code == 200, answer
     assert answer["model_version"] == "v1" and len(answer["predictions"]) == 2
     probabilities = answer["predictions"][0]["probabilities"]

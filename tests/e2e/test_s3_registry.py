@@ -2,8 +2,9 @@
 version to s3://, the operator gates it and the predictor serves it, and the credentials reach the
 training and serving processes the way a cluster delivers them: a Secret on the apiserver that the
 pipeline's and the deployment's pod settings name in envFrom (the local executor resolves it as a
-kubelet would; its own environment holds no AWS credentials). An operator that cannot read the
-registry says so in Accepted=False, naming the field."""
+kubelet would; its own environment holds no AWS credentials). The runs join one Ray cluster of the
+module's (``ray_address``), whose processes hold the Secret's values as the RayJob's worker pods would.
+An operator that cannot read the registry says so in Accepted=False, naming the field."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from _training_support import stop_ray_head
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -25,8 +27,15 @@ ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "models"
 REGISTRY = f"s3://{BUCKET}/registry"
 SECRET = "registry-credentials"
-ROW = {"amount": 24.5, "merchant": "grocery", "hour": 14, "foreign": False, "card_age_days": 900,
-       "distance_km": 2.1, "txn_last_hour": 0}
+ROW = {
+    "amount": 24.5,
+    "merchant": "grocery",
+    "hour": 14,
+    "foreign": False,
+    "card_age_days": 900,
+    "distance_km": 2.1,
+    "txn_last_hour": 0,
+}
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +56,35 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def ray_address(s3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Ray cluster the module's RayJobs join (RAY_ADDRESS), as a RayJob joins the cluster KubeRay brought
+    up for it, instead of each run starting and stopping a Ray of its own (tens of seconds each way on
+    two busy cores). Its processes hold what the Secret holds, as the RayJob's worker pods would from
+    their envFrom: Ray Train's workers write the checkpoints to s3://. The entrypoint, which registers
+    the package, still gets the credentials only from the Secret, through the executor."""
+    from conveyor_devstack import rayhead
+
+    state = tmp_path_factory.mktemp("ray-head")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in s3.env().items():
+            mp.setenv(k, v)
+        address = rayhead.up(state)
+    try:
+        yield address
+    finally:
+        stop_ray_head(state)
+
+
 def _without_aws(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if not k.startswith("AWS_")}
 
 
 def _start(cmds: list[tuple[list[str], dict[str, str], Path]], cwd: Path) -> list[subprocess.Popen[bytes]]:
-    return [subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT) for cmd, env, log in cmds]
+    return [
+        subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        for cmd, env, log in cmds
+    ]
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
@@ -66,7 +98,17 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _operator_cmd(namespace: str) -> list[str]:
-    return [sys.executable, "-m", "conveyor.operator", "--namespace", namespace, "--metrics-port", "0", "--liveness-port", "0"]
+    return [
+        sys.executable,
+        "-m",
+        "conveyor.operator",
+        "--namespace",
+        namespace,
+        "--metrics-port",
+        "0",
+        "--liveness-port",
+        "0",
+    ]
 
 
 def _get(kubectl, namespace: str, resource: str) -> dict:
@@ -86,34 +128,56 @@ def _wait_for(what: str, timeout: float, probe: Callable[[], object], logs: list
 
 
 def _secret(kubectl, namespace: str, values: dict[str, str]) -> None:
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": SECRET}, "type": "Opaque", "stringData": values}
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": SECRET},
+        "type": "Opaque",
+        "stringData": values,
+    }
     kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=json.dumps(secret))
 
 
 def _manifests() -> str:
     pod = {"envFrom": [{"secretRef": {"name": SECRET}}]}
     pipeline = {
-        "apiVersion": "conveyor.dev/v1alpha1", "kind": "MLPipeline", "metadata": {"name": "fraud"},
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "MLPipeline",
+        "metadata": {"name": "fraud"},
         "spec": {
             "data": {"source": {"uri": "builtin://fraud?rows=4000&seed=3", "format": "builtin"}},
-            "features": {"transforms": [
-                {"type": "impute", "columns": ["distance_km"], "strategy": "median"},
-                {"type": "clip", "columns": ["amount"], "min": 0, "max": 20000},
-                {"type": "standardize", "columns": ["amount", "distance_km", "card_age_days", "txn_last_hour"]},
-                {"type": "oneHot", "columns": ["merchant"]}]},
+            "features": {
+                "transforms": [
+                    {"type": "impute", "columns": ["distance_km"], "strategy": "median"},
+                    {"type": "clip", "columns": ["amount"], "min": 0, "max": 20000},
+                    {
+                        "type": "standardize",
+                        "columns": ["amount", "distance_km", "card_age_days", "txn_last_hour"],
+                    },
+                    {"type": "oneHot", "columns": ["merchant"]},
+                ]
+            },
             # Tiny and one epoch: small batches and a brisk learning rate make that epoch count.
-            "training": {"model": {"architecture": "mlp", "hiddenLayers": [16]},
-                         "hyperparameters": {"epochs": 1, "batchSize": 32, "learningRate": 0.01, "seed": 1},
-                         "numWorkers": 1, "pod": pod},
+            "training": {
+                "model": {"architecture": "mlp", "hiddenLayers": [16]},
+                "hyperparameters": {"epochs": 1, "batchSize": 32, "learningRate": 0.01, "seed": 1},
+                "numWorkers": 1,
+                "pod": pod,
+            },
             "evaluation": {"metric": "rocAuc", "threshold": 0.5},
             "registry": {"uri": REGISTRY, "modelName": "fraud"},
             "deploy": {"modelDeployment": "fraud"},
         },
     }
     deployment = {
-        "apiVersion": "conveyor.dev/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": "fraud"},
-        "spec": {"model": {"registryUri": REGISTRY, "name": "fraud", "version": "latest", "pipeline": "fraud"},
-                 "predictor": {"protocol": "v1", "pod": pod}, "autoscaling": {"minReplicas": 1, "maxReplicas": 1}},
+        "apiVersion": "conveyor.dev/v1alpha1",
+        "kind": "ModelDeployment",
+        "metadata": {"name": "fraud"},
+        "spec": {
+            "model": {"registryUri": REGISTRY, "name": "fraud", "version": "latest", "pipeline": "fraud"},
+            "predictor": {"protocol": "v1", "pod": pod},
+            "autoscaling": {"minReplicas": 1, "maxReplicas": 1},
+        },
     }
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": [pipeline, deployment]})
 
@@ -127,22 +191,50 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read() or b"{}")
 
 
-def test_trains_to_s3_gates_and_serves_with_credentials_from_a_secret(s3, kubeconfig, kubectl, namespace, tmp_path) -> None:
+def test_trains_to_s3_gates_and_serves_with_credentials_from_a_secret(
+    s3, ray_address, kubeconfig, kubectl, namespace, tmp_path
+) -> None:
     _secret(kubectl, namespace, s3.env())
-    base = {**_without_aws(dict(os.environ)), "KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1"}
+    base = {
+        **_without_aws(dict(os.environ)),
+        "KUBECONFIG": kubeconfig,
+        "PYTHONUNBUFFERED": "1",
+        "RAY_ADDRESS": ray_address,
+    }
     logs = [tmp_path / "operator.log", tmp_path / "executor.log"]
-    procs = _start([
-        # The operator reads the registry with what the chart's envFrom would give it.
-        (_operator_cmd(namespace), {**base, **s3.env()}, logs[0]),
-        # The executor has no credentials: training and serving get them only from the Secret.
-        ([sys.executable, "-m", "conveyor_devstack.executor", "--kubeconfig", kubeconfig, "--namespace", namespace,
-          "--state-dir", str(tmp_path / "executor")], base, logs[1]),
-    ], tmp_path)
+    procs = _start(
+        [
+            # The operator reads the registry with what the chart's envFrom would give it.
+            (_operator_cmd(namespace), {**base, **s3.env()}, logs[0]),
+            # The executor has no credentials: training and serving get them only from the Secret.
+            (
+                [
+                    sys.executable,
+                    "-m",
+                    "conveyor_devstack.executor",
+                    "--kubeconfig",
+                    kubeconfig,
+                    "--namespace",
+                    namespace,
+                    "--state-dir",
+                    str(tmp_path / "executor"),
+                ],
+                base,
+                logs[1],
+            ),
+        ],
+        tmp_path,
+    )
     try:
         kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=_manifests())
         pipeline = _wait_for(
-            "the run to finish", 420,
-            lambda: (p := _get(kubectl, namespace, "mlpipeline/fraud")).get("status", {}).get("phase") in ("Succeeded", "Failed") and p,
+            "the run to finish",
+            420,
+            lambda: (
+                (p := _get(kubectl, namespace, "mlpipeline/fraud")).get("status", {}).get("phase")
+                in ("Succeeded", "Failed")
+                and p
+            ),
             logs,
         )
         assert pipeline["status"]["phase"] == "Succeeded", json.dumps(pipeline["status"], indent=1)
@@ -155,16 +247,26 @@ def test_trains_to_s3_gates_and_serves_with_credentials_from_a_secret(s3, kubeco
         import s3fs
 
         env = s3.env()
-        fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
-                               endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
+        fs = s3fs.S3FileSystem(
+            key=env["AWS_ACCESS_KEY_ID"],
+            secret=env["AWS_SECRET_ACCESS_KEY"],
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            skip_instance_cache=True,
+        )
         manifest = json.loads(fs.cat_file(f"{BUCKET}/registry/fraud/v1/package.json"))
         assert manifest["version"] == "v1"
 
         deployment = _wait_for(
-            "the deployment to be Ready", 240,
-            lambda: (d := _get(kubectl, namespace, "modeldeployment/fraud")) and any(
-                c["type"] == "Ready" and c["status"] == "True" for c in d.get("status", {}).get("conditions", [])
-            ) and d,
+            "the deployment to be Ready",
+            240,
+            lambda: (
+                (d := _get(kubectl, namespace, "modeldeployment/fraud"))
+                and any(
+                    c["type"] == "Ready" and c["status"] == "True"
+                    for c in d.get("status", {}).get("conditions", [])
+                )
+                and d
+            ),
             logs,
         )
         isvc = _get(kubectl, namespace, "inferenceservice/fraud")
@@ -177,10 +279,21 @@ def test_trains_to_s3_gates_and_serves_with_credentials_from_a_secret(s3, kubeco
         _stop(procs)
 
 
-def test_an_operator_that_cannot_read_the_registry_says_so(s3, kubeconfig, kubectl, namespace, tmp_path) -> None:
+def test_an_operator_that_cannot_read_the_registry_says_so(
+    s3, kubeconfig, kubectl, namespace, tmp_path
+) -> None:
     env = {**s3.env(), "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
     log = tmp_path / "operator.log"
-    procs = _start([(_operator_cmd(namespace), {**_without_aws(dict(os.environ)), **env, "KUBECONFIG": kubeconfig}, log)], tmp_path)
+    procs = _start(
+        [
+            (
+                _operator_cmd(namespace),
+                {**_without_aws(dict(os.environ)), **env, "KUBECONFIG": kubeconfig},
+                log,
+            )
+        ],
+        tmp_path,
+    )
     try:
         kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=_manifests())
 
@@ -188,7 +301,10 @@ def test_an_operator_that_cannot_read_the_registry_says_so(s3, kubeconfig, kubec
             conds = _get(kubectl, namespace, f"{kind}/fraud").get("status", {}).get("conditions", [])
             return next((c for c in conds if c["type"] == "Accepted" and c["status"] == "False"), None)
 
-        for kind, field in (("mlpipeline", "spec.registry.uri"), ("modeldeployment", "spec.model.registryUri")):
+        for kind, field in (
+            ("mlpipeline", "spec.registry.uri"),
+            ("modeldeployment", "spec.model.registryUri"),
+        ):
             cond = _wait_for(f"{kind} Accepted=False", 60, lambda kind=kind: accepted_false(kind), [log])
             assert field in cond["message"] and REGISTRY in cond["message"], cond
             # The reason as S3 gave it: the signature (made with the wrong secret) does not match.
@@ -200,7 +316,9 @@ def test_an_operator_that_cannot_read_the_registry_says_so(s3, kubeconfig, kubec
         _stop(procs)
 
 
-def test_the_gpu_sample_registers_into_its_s3_registry(s3, kubeconfig, kubectl, namespace, tmp_path) -> None:
+def test_the_gpu_sample_registers_into_its_s3_registry(
+    s3, ray_address, kubeconfig, kubectl, namespace, tmp_path
+) -> None:
     """manifests/samples/mlpipeline-fraud-gpu.yaml as written (its s3://ml-models/conveyor registry, its
     pod settings' Secret), less what needs a GPU node pool here: CPU workers, one short epoch."""
     import yaml
@@ -210,23 +328,52 @@ def test_the_gpu_sample_registers_into_its_s3_registry(s3, kubeconfig, kubectl, 
     bucket = registry.removeprefix("s3://").split("/", 1)[0]
     s3.create_bucket(bucket)
     training = sample["spec"]["training"]
-    training.update({"useGpu": False, "numWorkers": 1, "hyperparameters": {**training["hyperparameters"], "epochs": 1}})
+    training.update(
+        {"useGpu": False, "numWorkers": 1, "hyperparameters": {**training["hyperparameters"], "epochs": 1}}
+    )
     training["workerGroups"] = [{"name": "cpu", "replicas": 1, "cpu": "1", "memory": "2Gi", "gpus": 0}]
     sample["spec"]["data"]["source"]["uri"] = "builtin://fraud?rows=20000&seed=7"
     _secret(kubectl, namespace, s3.env())
-    base = {**_without_aws(dict(os.environ)), "KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1"}
+    base = {
+        **_without_aws(dict(os.environ)),
+        "KUBECONFIG": kubeconfig,
+        "PYTHONUNBUFFERED": "1",
+        "RAY_ADDRESS": ray_address,
+    }
     logs = [tmp_path / "operator.log", tmp_path / "executor.log"]
-    procs = _start([
-        (_operator_cmd(namespace), {**base, **s3.env()}, logs[0]),
-        ([sys.executable, "-m", "conveyor_devstack.executor", "--kubeconfig", kubeconfig, "--namespace", namespace,
-          "--state-dir", str(tmp_path / "executor")], base, logs[1]),
-    ], tmp_path)
+    procs = _start(
+        [
+            (_operator_cmd(namespace), {**base, **s3.env()}, logs[0]),
+            (
+                [
+                    sys.executable,
+                    "-m",
+                    "conveyor_devstack.executor",
+                    "--kubeconfig",
+                    kubeconfig,
+                    "--namespace",
+                    namespace,
+                    "--state-dir",
+                    str(tmp_path / "executor"),
+                ],
+                base,
+                logs[1],
+            ),
+        ],
+        tmp_path,
+    )
     try:
         kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=json.dumps(sample))
         pipeline = _wait_for(
-            "the sample's run to finish", 420,
-            lambda: (p := _get(kubectl, namespace, f"mlpipeline/{sample['metadata']['name']}")).get("status", {}).get("phase")
-            in ("Succeeded", "Failed") and p,
+            "the sample's run to finish",
+            420,
+            lambda: (
+                (p := _get(kubectl, namespace, f"mlpipeline/{sample['metadata']['name']}"))
+                .get("status", {})
+                .get("phase")
+                in ("Succeeded", "Failed")
+                and p
+            ),
             logs,
         )
         run = pipeline["status"]["runs"][-1]
@@ -237,8 +384,15 @@ def test_the_gpu_sample_registers_into_its_s3_registry(s3, kubeconfig, kubectl, 
         env = s3.env()
         import s3fs
 
-        fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
-                               endpoint_url=env["AWS_ENDPOINT_URL"], skip_instance_cache=True)
-        assert json.loads(fs.cat_file(f"{registry.removeprefix('s3://')}/fraud/v1/package.json"))["version"] == "v1"
+        fs = s3fs.S3FileSystem(
+            key=env["AWS_ACCESS_KEY_ID"],
+            secret=env["AWS_SECRET_ACCESS_KEY"],
+            endpoint_url=env["AWS_ENDPOINT_URL"],
+            skip_instance_cache=True,
+        )
+        assert (
+            json.loads(fs.cat_file(f"{registry.removeprefix('s3://')}/fraud/v1/package.json"))["version"]
+            == "v1"
+        )
     finally:
         _stop(procs)
