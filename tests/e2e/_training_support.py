@@ -3,6 +3,7 @@ stopping a Ray head (conveyor_devstack.rayhead) that the test process started.""
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,3 +59,15 @@ def stop_ray_head(state: Path, timeout: float = 20) -> None:
         except (ProcessLookupError, ChildProcessError):
             pass  # gone already, or not this process's child: down() waits for it as before
     rayhead.down(state)
+
+
+def operator_command(namespace: str) -> list[str]:
+    """The operator watching `namespace`, its metrics and liveness on free ports."""
+    return [sys.executable, "-m", "conveyor.operator", "--namespace", namespace,
+            "--metrics-port", "0", "--liveness-port", "0"]  # fmt: skip
+
+
+def executor_command(kubeconfig: str, namespace: str, state_dir: Path) -> list[str]:
+    """The local executor (the stand-in for KubeRay's and KServe's controllers) watching `namespace`."""
+    return [sys.executable, "-m", "conveyor_devstack.executor", "--kubeconfig", kubeconfig,
+            "--namespace", namespace, "--state-dir", str(state_dir)]  # fmt: skip

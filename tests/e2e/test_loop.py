@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -15,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from _training_support import executor_command, operator_command
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -63,30 +63,7 @@ def loop(
     join the session's Ray head (RAY_ADDRESS, set by ray_head), as a RayJob joins its KubeRay cluster."""
     env = {**os.environ, "KUBECONFIG": kubeconfig, "PYTHONUNBUFFERED": "1"}
     logs = [tmp_path / "operator.log", tmp_path / "executor.log"]
-    commands = [
-        [
-            sys.executable,
-            "-m",
-            "conveyor.operator",
-            "--namespace",
-            namespace,
-            "--metrics-port",
-            "0",
-            "--liveness-port",
-            "0",
-        ],
-        [
-            sys.executable,
-            "-m",
-            "conveyor_devstack.executor",
-            "--kubeconfig",
-            kubeconfig,
-            "--namespace",
-            namespace,
-            "--state-dir",
-            str(tmp_path / "executor"),
-        ],
-    ]
+    commands = [operator_command(namespace), executor_command(kubeconfig, namespace, tmp_path / "executor")]
     procs = [
         subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
         for cmd, log in zip(commands, logs, strict=True)

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _training_support import stop_ray_head
+from _training_support import executor_command, operator_command, stop_ray_head
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -95,20 +95,6 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(timeout=30)
         except subprocess.TimeoutExpired:
             p.kill()
-
-
-def _operator_cmd(namespace: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "conveyor.operator",
-        "--namespace",
-        namespace,
-        "--metrics-port",
-        "0",
-        "--liveness-port",
-        "0",
-    ]
 
 
 def _get(kubectl, namespace: str, resource: str) -> dict:
@@ -205,23 +191,9 @@ def test_trains_to_s3_gates_and_serves_with_credentials_from_a_secret(
     procs = _start(
         [
             # The operator reads the registry with what the chart's envFrom would give it.
-            (_operator_cmd(namespace), {**base, **s3.env()}, logs[0]),
+            (operator_command(namespace), {**base, **s3.env()}, logs[0]),
             # The executor has no credentials: training and serving get them only from the Secret.
-            (
-                [
-                    sys.executable,
-                    "-m",
-                    "conveyor_devstack.executor",
-                    "--kubeconfig",
-                    kubeconfig,
-                    "--namespace",
-                    namespace,
-                    "--state-dir",
-                    str(tmp_path / "executor"),
-                ],
-                base,
-                logs[1],
-            ),
+            (executor_command(kubeconfig, namespace, tmp_path / "executor"), base, logs[1]),
         ],
         tmp_path,
     )
@@ -287,7 +259,7 @@ def test_an_operator_that_cannot_read_the_registry_says_so(
     procs = _start(
         [
             (
-                _operator_cmd(namespace),
+                operator_command(namespace),
                 {**_without_aws(dict(os.environ)), **env, "KUBECONFIG": kubeconfig},
                 log,
             )
@@ -343,22 +315,8 @@ def test_the_gpu_sample_registers_into_its_s3_registry(
     logs = [tmp_path / "operator.log", tmp_path / "executor.log"]
     procs = _start(
         [
-            (_operator_cmd(namespace), {**base, **s3.env()}, logs[0]),
-            (
-                [
-                    sys.executable,
-                    "-m",
-                    "conveyor_devstack.executor",
-                    "--kubeconfig",
-                    kubeconfig,
-                    "--namespace",
-                    namespace,
-                    "--state-dir",
-                    str(tmp_path / "executor"),
-                ],
-                base,
-                logs[1],
-            ),
+            (operator_command(namespace), {**base, **s3.env()}, logs[0]),
+            (executor_command(kubeconfig, namespace, tmp_path / "executor"), base, logs[1]),
         ],
         tmp_path,
     )
