@@ -3,6 +3,7 @@ stopping a Ray head (conveyor_devstack.rayhead) that the test process started.""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +33,37 @@ def wait_for(condition: Callable[[], Any], *, timeout: float, what: str, interva
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+def wait_with_logs(what: str, timeout: float, probe: Callable[[], Any], logs: list[Path]) -> Any:
+    """``wait_for`` polling every second, whose failure carries the tails of ``logs`` (the operator's and
+    the executor's), so a timed-out end-to-end test says what its processes did."""
+    try:
+        return wait_for(probe, timeout=timeout, what=what, interval=1)
+    except AssertionError as e:
+        tails = "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists()
+        )
+        raise AssertionError(f"{e}\n{tails}") from None
+
+
+def get_object(kubectl: Callable[..., Any], namespace: str, resource: str) -> dict[str, Any]:
+    """``kubectl get`` of one object as a dict; {} while it does not exist."""
+    proc = kubectl("get", resource, "-n", namespace, "-o", "json", check=False)
+    return json.loads(proc.stdout) if proc.returncode == 0 else {}
+
+
+def wait_ready(
+    kubectl: Callable[..., Any], namespace: str, resource: str, timeout: float, logs: list[Path]
+) -> dict:
+    """The object once its status has condition Ready=True."""
+
+    def ready() -> dict[str, Any] | None:
+        obj = get_object(kubectl, namespace, resource)
+        conditions = obj.get("status", {}).get("conditions", [])
+        return obj if any(c["type"] == "Ready" and c["status"] == "True" for c in conditions) else None
+
+    return wait_with_logs(f"{resource} to be Ready", timeout, ready, logs)
 
 
 def stop_ray_head(state: Path, timeout: float = 20) -> None:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _training_support import executor_command, operator_command
+from _training_support import executor_command, get_object, operator_command, wait_ready, wait_with_logs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -28,22 +27,6 @@ ROW = {
     "distance_km": 2.1,
     "txn_last_hour": 0,
 }
-
-
-def _get(kubectl, namespace: str, resource: str) -> dict:
-    proc = kubectl("get", resource, "-n", namespace, "-o", "json", check=False)
-    return json.loads(proc.stdout) if proc.returncode == 0 else {}
-
-
-def _wait_for(what: str, timeout: float, probe, logs: list[Path]):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(1)
-    tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists())
-    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{tails}")
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -86,11 +69,11 @@ def test_pipeline_trains_gates_registers_and_serves(loop, kubectl) -> None:
     manifests = (ROOT / "hack" / "demo" / "fraud.yaml").read_text().replace("REGISTRY", f"file://{registry}")
     kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=manifests)
 
-    pipeline = _wait_for(
+    pipeline = wait_with_logs(
         "the pipeline's first run to succeed",
         600,
         lambda: (
-            (p := _get(kubectl, namespace, "mlpipeline/fraud")).get("status", {}).get("phase")
+            (p := get_object(kubectl, namespace, "mlpipeline/fraud")).get("status", {}).get("phase")
             in ("Succeeded", "Failed")
             and p
         ),
@@ -105,7 +88,7 @@ def test_pipeline_trains_gates_registers_and_serves(loop, kubectl) -> None:
     conditions = {c["type"]: c["status"] for c in status["conditions"]}
     assert conditions["Succeeded"] == "True"
 
-    rayjob = _get(kubectl, namespace, f"rayjob/{run['rayJob']}")
+    rayjob = get_object(kubectl, namespace, f"rayjob/{run['rayJob']}")
     assert rayjob["metadata"]["ownerReferences"][0]["name"] == "fraud"
     assert "conveyor.runtime.train" in rayjob["spec"]["entrypoint"]
 
@@ -114,19 +97,7 @@ def test_pipeline_trains_gates_registers_and_serves(loop, kubectl) -> None:
     assert manifest["version"] == "v1"
     assert json.loads((package / "lineage.json").read_text())["pipeline"] == "fraud"
 
-    deployment = _wait_for(
-        "the deployment to be Ready",
-        300,
-        lambda: (
-            (d := _get(kubectl, namespace, "modeldeployment/fraud"))
-            and any(
-                c["type"] == "Ready" and c["status"] == "True"
-                for c in d.get("status", {}).get("conditions", [])
-            )
-            and d
-        ),
-        logs,
-    )
+    deployment = wait_ready(kubectl, namespace, "modeldeployment/fraud", 300, logs)
     assert deployment["status"]["stableVersion"] == "v1"
     url = deployment["status"]["url"]
 

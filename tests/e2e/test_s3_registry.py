@@ -12,14 +12,20 @@ import json
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _training_support import executor_command, operator_command, stop_ray_head
+from _training_support import (
+    executor_command,
+    get_object,
+    operator_command,
+    stop_ray_head,
+    wait_ready,
+    wait_with_logs,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -95,22 +101,6 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             p.wait(timeout=30)
         except subprocess.TimeoutExpired:
             p.kill()
-
-
-def _get(kubectl, namespace: str, resource: str) -> dict:
-    proc = kubectl("get", resource, "-n", namespace, "-o", "json", check=False)
-    return json.loads(proc.stdout) if proc.returncode == 0 else {}
-
-
-def _wait_for(what: str, timeout: float, probe: Callable[[], object], logs: list[Path]) -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(1)
-    tails = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in logs if p.exists())
-    pytest.fail(f"timed out after {timeout}s waiting for {what}\n{tails}")
 
 
 def _secret(kubectl, namespace: str, values: dict[str, str]) -> None:
@@ -199,11 +189,11 @@ def test_trains_to_s3_gates_and_serves_with_credentials_from_a_secret(
     )
     try:
         kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=_manifests())
-        pipeline = _wait_for(
+        pipeline = wait_with_logs(
             "the run to finish",
             420,
             lambda: (
-                (p := _get(kubectl, namespace, "mlpipeline/fraud")).get("status", {}).get("phase")
+                (p := get_object(kubectl, namespace, "mlpipeline/fraud")).get("status", {}).get("phase")
                 in ("Succeeded", "Failed")
                 and p
             ),
@@ -211,7 +201,7 @@ def test_trains_to_s3_gates_and_serves_with_credentials_from_a_secret(
         )
         assert pipeline["status"]["phase"] == "Succeeded", json.dumps(pipeline["status"], indent=1)
         assert pipeline["status"]["latestVersion"] == "v1"
-        rayjob = _get(kubectl, namespace, f"rayjob/{pipeline['status']['runs'][-1]['rayJob']}")
+        rayjob = get_object(kubectl, namespace, f"rayjob/{pipeline['status']['runs'][-1]['rayJob']}")
         head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
         assert head["envFrom"] == [{"secretRef": {"name": SECRET}}]
 
@@ -228,20 +218,8 @@ def test_trains_to_s3_gates_and_serves_with_credentials_from_a_secret(
         manifest = json.loads(fs.cat_file(f"{BUCKET}/registry/fraud/v1/package.json"))
         assert manifest["version"] == "v1"
 
-        deployment = _wait_for(
-            "the deployment to be Ready",
-            240,
-            lambda: (
-                (d := _get(kubectl, namespace, "modeldeployment/fraud"))
-                and any(
-                    c["type"] == "Ready" and c["status"] == "True"
-                    for c in d.get("status", {}).get("conditions", [])
-                )
-                and d
-            ),
-            logs,
-        )
-        isvc = _get(kubectl, namespace, "inferenceservice/fraud")
+        deployment = wait_ready(kubectl, namespace, "modeldeployment/fraud", 240, logs)
+        isvc = get_object(kubectl, namespace, "inferenceservice/fraud")
         assert isvc["spec"]["predictor"]["containers"][0]["envFrom"] == [{"secretRef": {"name": SECRET}}]
         assert isvc["spec"]["predictor"]["containers"][0]["env"][0]["value"] == f"{REGISTRY}/fraud/v1"
         code, answer = _post(f"{deployment['status']['url']}/v1/models/fraud:predict", {"instances": [ROW]})
@@ -270,19 +248,19 @@ def test_an_operator_that_cannot_read_the_registry_says_so(
         kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=_manifests())
 
         def accepted_false(kind: str) -> dict | None:
-            conds = _get(kubectl, namespace, f"{kind}/fraud").get("status", {}).get("conditions", [])
+            conds = get_object(kubectl, namespace, f"{kind}/fraud").get("status", {}).get("conditions", [])
             return next((c for c in conds if c["type"] == "Accepted" and c["status"] == "False"), None)
 
         for kind, field in (
             ("mlpipeline", "spec.registry.uri"),
             ("modeldeployment", "spec.model.registryUri"),
         ):
-            cond = _wait_for(f"{kind} Accepted=False", 60, lambda kind=kind: accepted_false(kind), [log])
+            cond = wait_with_logs(f"{kind} Accepted=False", 60, lambda kind=kind: accepted_false(kind), [log])
             assert field in cond["message"] and REGISTRY in cond["message"], cond
             # The reason as S3 gave it: the signature (made with the wrong secret) does not match.
             assert "PermissionError" in cond["message"] and "signature" in cond["message"], cond
         # No run was started, and the operator is still up (no crash loop).
-        assert not _get(kubectl, namespace, "rayjobs").get("items")
+        assert not get_object(kubectl, namespace, "rayjobs").get("items")
         assert procs[0].poll() is None, log.read_text()[-3000:]
     finally:
         _stop(procs)
@@ -322,11 +300,11 @@ def test_the_gpu_sample_registers_into_its_s3_registry(
     )
     try:
         kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=json.dumps(sample))
-        pipeline = _wait_for(
+        pipeline = wait_with_logs(
             "the sample's run to finish",
             420,
             lambda: (
-                (p := _get(kubectl, namespace, f"mlpipeline/{sample['metadata']['name']}"))
+                (p := get_object(kubectl, namespace, f"mlpipeline/{sample['metadata']['name']}"))
                 .get("status", {})
                 .get("phase")
                 in ("Succeeded", "Failed")
