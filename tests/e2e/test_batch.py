@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from _serving_support import ServerProcess, post_json, rows_of
-from test_loop import _get, _wait_for, loop  # noqa: F401 - the operator and executor fixture
+from _training_support import get_object, wait_with_logs
+from test_loop import loop  # noqa: F401 - the operator and executor fixture
 
 from conveyor.runtime.training.data import fraud_frame
 
@@ -49,7 +50,7 @@ def batch(registry: str, input_path: Path, output: Path) -> dict[str, Any]:
 
 def run_done(kubectl, namespace: str, n: int):
     def probe():
-        bp = _get(kubectl, namespace, "batchprediction/scores")
+        bp = get_object(kubectl, namespace, "batchprediction/scores")
         runs = bp.get("status", {}).get("runs") or []
         run = next((r for r in runs if r["run"] == n), None)
         return run if run and run["outcome"] in ("Succeeded", "Failed") else None
@@ -72,12 +73,12 @@ def test_batch_scores_like_the_predictor_rejects_bad_rows_and_reruns_safely(loop
     output = tmp_path / "scores"
     kubectl("apply", "--server-side", "-n", namespace, "-f", "-", input=json.dumps(batch(registry, tmp_path / "input.parquet", output)))
 
-    run = _wait_for("batch run 1 to end", 600, run_done(kubectl, namespace, 1), logs)
+    run = wait_with_logs("batch run 1 to end", 600, run_done(kubectl, namespace, 1), logs)
     assert run["outcome"] == "Succeeded", json.dumps(run, indent=1)
     assert (run["rowsScored"], run["rowsRejected"], run["modelVersion"]) == (len(frame) - 1, 1, "v1")
     assert run["output"] == f"file://{output}/run-1" and run["durationSeconds"] > 0
     assert run["drift"]["method"] == "psi" and run["drift"]["features"]
-    rayjob = _get(kubectl, namespace, f"rayjob/{run['rayJob']}")
+    rayjob = get_object(kubectl, namespace, f"rayjob/{run['rayJob']}")
     assert "conveyor.runtime.batch" in rayjob["spec"]["entrypoint"]
     assert (output / "run-1" / "_SUCCESS").exists() and not list((output / "_staging").iterdir())
 
@@ -103,11 +104,11 @@ def test_batch_scores_like_the_predictor_rejects_bad_rows_and_reruns_safely(loop
     # A re-run writes run-2 and leaves run-1 as it was.
     before = folder_digest(output / "run-1")
     kubectl("annotate", "-n", namespace, "batchprediction/scores", "conveyor.dev/rerun=again", "--overwrite")
-    run2 = _wait_for("batch run 2 to end", 600, run_done(kubectl, namespace, 2), logs)
+    run2 = wait_with_logs("batch run 2 to end", 600, run_done(kubectl, namespace, 2), logs)
     assert run2["outcome"] == "Succeeded" and run2["trigger"] == "Rerun", json.dumps(run2, indent=1)
     assert (output / "run-2" / "_SUCCESS").exists()
     assert folder_digest(output / "run-1") == before
     again = pd.read_parquet(output / "run-2" / "predictions").set_index("txn_id").sort_index()
     assert again["prediction"].tolist() == predictions["prediction"].tolist()
-    status = _get(kubectl, namespace, "batchprediction/scores")["status"]
+    status = get_object(kubectl, namespace, "batchprediction/scores")["status"]
     assert status["lastOutput"] == f"file://{output}/run-2" and status["phase"] == "Succeeded"
