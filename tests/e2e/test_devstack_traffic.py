@@ -1,6 +1,7 @@
 """The local stack's traffic parts without a control plane: two real predictors (KServe's model server,
-started through the planted-faults wrapper), the local router splitting by weight, the real Prometheus
-scraping both through file_sd, and the bounded load generator seeing what callers see."""
+started through the planted-faults wrapper, HTTP and gRPC), the local router splitting by weight, the real
+Prometheus scraping both through file_sd, the bounded load generator seeing what callers see, and real
+gRPC ModelInfer calls (KServe's own V2 stubs) meeting the same planted faults."""
 
 from __future__ import annotations
 
@@ -9,19 +10,30 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
-from _serving_support import free_port, http
+from _serving_support import Metrics, free_port, http
 from _traffic import Load
 from conveyor_devstack import faults
 from conveyor_devstack.router import Backend, RouterHost
 
 pytestmark = [pytest.mark.slow]
 
-ROW = {"amount": 24.5, "merchant": "grocery", "hour": 14, "foreign": False, "card_age_days": 900,
-       "distance_km": 2.1, "txn_last_hour": 0}
+ROW = {
+    "amount": 24.5,
+    "merchant": "grocery",
+    "hour": 14,
+    "foreign": False,
+    "card_age_days": 900,
+    "distance_km": 2.1,
+    "txn_last_hour": 0,
+}
 NAME = "fraud"
+V2_TYPES = {"amount": "FP32", "merchant": "BYTES", "hour": "INT64", "foreign": "BOOL", "card_age_days": "INT64",
+            "distance_km": "FP32", "txn_last_hour": "INT64"}  # fmt: skip
 
 
 def _ready(port: int) -> bool:
@@ -31,29 +43,95 @@ def _ready(port: int) -> bool:
         return False
 
 
+def _grpc_calls(port: int, n: int) -> list[tuple[grpc.StatusCode, str, float]]:
+    """``n`` ModelInfer calls of one row (10 at a time) to a predictor's gRPC port, as (status, details,
+    seconds) each; KServe's V2 stubs (tritonclient.grpc cannot share this process with KServe's protobufs)."""
+    from kserve.constants.constants import GRPC_CONTENT_DATATYPE_MAPPINGS
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name=NAME)
+    for feature, value in ROW.items():
+        tensor = request.inputs.add(name=feature, datatype=V2_TYPES[feature], shape=[1])
+        field = getattr(tensor.contents, GRPC_CONTENT_DATATYPE_MAPPINGS[V2_TYPES[feature]])
+        field.append(value.encode() if isinstance(value, str) else value)
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+
+        def call(_: int) -> tuple[grpc.StatusCode, str, float]:
+            started = time.perf_counter()
+            try:
+                answer = stub.ModelInfer(request, timeout=30, wait_for_ready=True)
+                status, details = grpc.StatusCode.OK, answer.model_version
+            except grpc.RpcError as e:
+                status, details = e.code(), e.details() or ""
+            return status, details, time.perf_counter() - started
+
+        with ThreadPoolExecutor(10) as pool:
+            return list(pool.map(call, range(n)))
+
+
+def _grpc_healthy(port: int) -> bool:
+    """Readiness and metadata RPCs answer as a healthy predictor's."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        return (
+            stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready
+            and stub.ModelReady(pb.ModelReadyRequest(name=NAME), timeout=10).ready
+            and stub.ModelMetadata(pb.ModelMetadataRequest(name=NAME), timeout=10).name == NAME
+        )
+
+
 @pytest.fixture
-def predictors(fraud_versions: tuple[str, list[str]], tmp_path: Path) -> Iterator[tuple[dict[str, int], Path]]:
-    """Both versions served through conveyor_devstack.faults, with a faults file; {version: port}."""
+def predictors(
+    fraud_versions: tuple[str, list[str]], tmp_path: Path
+) -> Iterator[tuple[dict[str, int], dict[str, int], Path]]:
+    """Both versions served through conveyor_devstack.faults, with a faults file; ({version: HTTP port},
+    {version: gRPC port}, faults file)."""
     faults_file = tmp_path / "faults.json"
-    ports, procs = {}, []
+    ports, grpc_ports, procs = {}, {}, []
     for uri in fraud_versions[1]:
         version = uri.rsplit("/", 1)[-1]
-        ports[version] = free_port()
-        env = {faults.ENV_FILE: str(faults_file), faults.ENV_KEY: faults.fault_key("ns", NAME, version),
-               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "conveyor_devstack.faults", "--model-dir", uri, "--name", NAME,
-             "--http-port", str(ports[version]), "--host", "127.0.0.1"],
-            env={**os.environ, **env}, stdout=(tmp_path / f"{version}.log").open("wb"),
-            stderr=subprocess.STDOUT,
-        ))
+        ports[version], grpc_ports[version] = free_port(), free_port()
+        env = {
+            faults.ENV_FILE: str(faults_file),
+            faults.ENV_KEY: faults.fault_key("ns", NAME, version),
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "conveyor_devstack.faults",
+                    "--model-dir",
+                    uri,
+                    "--name",
+                    NAME,
+                    "--http-port",
+                    str(ports[version]),
+                    "--grpc-port",
+                    str(grpc_ports[version]),
+                    "--host",
+                    "127.0.0.1",
+                ],
+                env={**os.environ, **env},
+                stdout=(tmp_path / f"{version}.log").open("wb"),
+                stderr=subprocess.STDOUT,
+            )
+        )
     try:
         deadline = time.monotonic() + 120
         for version, port in ports.items():
             while not _ready(port):
                 assert time.monotonic() < deadline, (tmp_path / f"{version}.log").read_text()[-3000:]
                 time.sleep(0.3)
-        yield ports, faults_file
+        yield ports, grpc_ports, faults_file
     finally:
         for p in procs:
             p.terminate()
@@ -62,15 +140,20 @@ def predictors(fraud_versions: tuple[str, list[str]], tmp_path: Path) -> Iterato
 
 
 def test_router_splits_by_weight_and_planted_faults_reach_prometheus(predictors, prometheus) -> None:
-    ports, faults_file = predictors
+    ports, grpc_ports, faults_file = predictors
     for version, port in ports.items():
         prometheus.add_target(f"predictor-{version}", f"127.0.0.1:{port}", {"namespace": "ns"})
     host = RouterHost()
     try:
         router = host.ensure(("ns", NAME), NAME)
         url = f"{router.url}/v1/models/{NAME}:predict"
-        host.set_backends(("ns", NAME), [Backend("v1", f"http://127.0.0.1:{ports['v1']}", 80),
-                                          Backend("v2", f"http://127.0.0.1:{ports['v2']}", 20)])
+        host.set_backends(
+            ("ns", NAME),
+            [
+                Backend("v1", f"http://127.0.0.1:{ports['v1']}", 80),
+                Backend("v2", f"http://127.0.0.1:{ports['v2']}", 20),
+            ],
+        )
         load = Load(url, {"instances": [ROW]}, rate=25, duration=4).start().wait()
         seen = load.by_version()
         assert sum(seen["v2"].values()) == pytest.approx(20, abs=1), seen  # exactly 20 of each 100
@@ -87,18 +170,43 @@ def test_router_splits_by_weight_and_planted_faults_reach_prometheus(predictors,
         slow = [a.latency for a in load.snapshot() if a.version == "v2"]
         assert min(slow) >= 0.15
 
-        # What the predictor's own metrics say, through Prometheus: the 5xx and the delay are counted.
+        # gRPC ModelInfer meets the same fault: UNAVAILABLE with the planted message, after the delay, from v2
+        # alone; readiness and metadata RPCs stay healthy, as with a model that regressed.
+        calls = _grpc_calls(grpc_ports["v2"], 20)
+        failed = [c for c in calls if c[0] != grpc.StatusCode.OK]
+        assert 3 <= len(failed) <= 17, calls
+        assert all(c[0] == grpc.StatusCode.UNAVAILABLE and "planted fault" in c[1] for c in failed), failed
+        assert min(c[2] for c in calls) >= 0.15, calls
+        assert all(c[0] == grpc.StatusCode.OK for c in _grpc_calls(grpc_ports["v1"], 10))
+        assert _grpc_healthy(grpc_ports["v2"])
+        # ... counted by the predictor's own metrics as a server error (503, what UNAVAILABLE stands for),
+        # its latency including the delay: no gRPC answer of v2 under 0.1 s.
+        scrape = Metrics.scrape(f"http://127.0.0.1:{ports['v2']}")
+        grpc_total = {"protocol": "grpc", "model_version": "v2"}
+        assert scrape.value(
+            "conveyor_requests_total", code="503", outcome="server_error", **grpc_total
+        ) == len(failed)
+        assert scrape.value("conveyor_requests_total", code="200", **grpc_total) == 20 - len(failed)
+        assert scrape.value("conveyor_request_duration_seconds_count", **grpc_total) == 20
+        assert scrape.value("conveyor_request_duration_seconds_bucket", le="0.1", **grpc_total) == 0
+
+        # What the predictor's own metrics say, through Prometheus: the 5xx and the delay are counted, for
+        # HTTP (the router's V1 traffic) and for gRPC alike.
         for port in ports.values():
             prometheus.wait_for_target(f"127.0.0.1:{port}", timeout=30)
-        errors = 'sum(conveyor_requests_total{namespace="ns", model_version="v2", code="503"})'
-        deadline = time.monotonic() + 15
-        while (prometheus.value(errors) or 0) < seen["v2"][503]:
-            assert time.monotonic() < deadline, prometheus.value(errors)
-            time.sleep(0.5)
-        assert prometheus.value(errors) == seen["v2"][503]
-        assert prometheus.value(
-            'sum(conveyor_requests_total{namespace="ns", model_version="v1", outcome="server_error"})'
-        ) is None
+        errors = 'sum(conveyor_requests_total{namespace="ns", model_version="v2", protocol="%s", code="503"})'
+        for protocol, count in (("v1", seen["v2"][503]), ("grpc", len(failed))):
+            deadline = time.monotonic() + 15
+            while (prometheus.value(errors % protocol) or 0) < count:
+                assert time.monotonic() < deadline, (protocol, prometheus.value(errors % protocol))
+                time.sleep(0.5)
+            assert prometheus.value(errors % protocol) == count, protocol
+        assert (
+            prometheus.value(
+                'sum(conveyor_requests_total{namespace="ns", model_version="v1", outcome="server_error"})'
+            )
+            is None
+        )
         # v2's histogram holds its 20 fast answers from before the fault and 20 slow ones: the median sits on
         # the boundary between them, the 90th percentile among the slow ones.
         p90 = prometheus.value(
@@ -107,9 +215,19 @@ def test_router_splits_by_weight_and_planted_faults_reach_prometheus(predictors,
         assert p90 is not None and p90 >= 0.1
 
         # Weights follow the spec at once: all traffic back to v1.
-        host.set_backends(("ns", NAME), [Backend("v1", f"http://127.0.0.1:{ports['v1']}", 100),
-                                          Backend("v2", f"http://127.0.0.1:{ports['v2']}", 0)])
+        host.set_backends(
+            ("ns", NAME),
+            [
+                Backend("v1", f"http://127.0.0.1:{ports['v1']}", 100),
+                Backend("v2", f"http://127.0.0.1:{ports['v2']}", 0),
+            ],
+        )
         load = Load(url, {"instances": [ROW]}, rate=25, duration=2).start().wait()
         assert set(load.by_version()) == {"v1"} and not load.failures()
+
+        # The fault lifted, v2 answers every gRPC call again (half of 10 failing would fail 10 with p=1/1024).
+        faults.plant(faults_file, faults.fault_key("ns", NAME, "v2"))
+        calls = _grpc_calls(grpc_ports["v2"], 10)
+        assert all(c[0] == grpc.StatusCode.OK and c[1] == "v2" for c in calls), calls
     finally:
         host.shutdown()

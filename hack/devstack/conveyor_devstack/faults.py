@@ -1,4 +1,4 @@
-"""Planted faults for tests and the demo: a predictor that answers 5xx for a share of requests, or slowly.
+"""Planted faults for tests and the demo: a predictor that fails a share of requests, or answers slowly.
 
 A development-only mechanism, never in ``conveyor.runtime``. The local executor starts every predictor
 through this module when it is given a faults file (``--faults FILE``)::
@@ -9,9 +9,13 @@ through this module when it is given a faults file (``--faults FILE``)::
 (``conveyor.runtime.serving.server.main``, KServe's model server) with one extra ASGI middleware placed
 INSIDE the serving middleware, so the predictor's own metrics (``conveyor_requests_total`` by code,
 ``conveyor_request_duration_seconds``), the ones Prometheus scrapes, count the planted 5xx and include the
-planted delay, exactly as they would a real regression. The file is read again whenever it changes, so a
-fault can be planted or lifted while the predictor runs; only inference routes are affected (readiness,
-metadata and /metrics stay healthy, as with a model that regressed).
+planted delay, exactly as they would a real regression. gRPC ``ModelInfer`` calls (``--grpc-port``) get the
+same fault: the lean servicer (``conveyor.runtime.serving.grpc_infer``) is handed the predictor behind
+``FaultyPredictor``, which it calls inside its own accounting, so a planted failure is an UNAVAILABLE
+status that ``conveyor_requests_total{protocol="grpc"}`` counts as code 503 (as the HTTP routes count
+theirs) and the planted delay is in ``conveyor_request_duration_seconds``. The file is read again whenever
+it changes, so a fault can be planted or lifted while the predictor runs; only inference is affected
+(readiness, metadata, the other RPCs and /metrics stay healthy, as with a model that regressed).
 """
 
 from __future__ import annotations
@@ -76,6 +80,15 @@ class _FaultsFile:
             self._stamp = stamp
         return self.fault
 
+    def draw(self) -> tuple[float, bool]:
+        """For one request: the planted delay in seconds, and whether it fails."""
+        fault = self.current()
+        delay = float(fault.get("delayMs") or 0) / 1000
+        return max(delay, 0.0), random.random() < float(fault.get("errorRate") or 0)
+
+    def message(self) -> str:
+        return f"planted fault ({self.key}): the predictor failed"
+
 
 class FaultMiddleware:
     """Delays, then fails a share of, the inference requests of this predictor (see the module doc)."""
@@ -88,21 +101,65 @@ class FaultMiddleware:
         if scope["type"] != "http" or not INFERENCE_PATH.match(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        fault = self.faults.current()
-        delay = float(fault.get("delayMs") or 0)
-        if delay > 0:
-            await asyncio.sleep(delay / 1000)
-        if random.random() < float(fault.get("errorRate") or 0):
+        delay, fail = self.faults.draw()
+        if delay:
+            await asyncio.sleep(delay)
+        if fail:
             # Drain the body, as a server that failed while handling it would have read it.
             while (await receive()).get("more_body"):
                 pass
-            body = json.dumps({"error": f"planted fault ({self.faults.key}): the predictor failed"}).encode()
-            await send({"type": "http.response.start", "status": 503,
-                        "headers": [(b"content-type", b"application/json"),
-                                    (b"content-length", str(len(body)).encode())]})
+            body = json.dumps({"error": self.faults.message()}).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 503,
+                    "headers": [
+                        (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return
         await self.app(scope, receive, send)
+
+
+class FaultyPredictor:
+    """The predictor as the lean gRPC servicer sees it: each call (a ModelInfer of the served model, inside
+    the servicer's accounting) waits the planted delay, then fails with UNAVAILABLE for the planted share;
+    every attribute (name, ready, batcher, metrics) is the predictor's own."""
+
+    def __init__(self, predictor: Any, faults: _FaultsFile) -> None:
+        self._predictor = predictor
+        self._faults = faults
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._predictor, name)
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # KServe's exception-to-status mapping aborts with a GrpcException's own status and details.
+        from grpc_interceptor.exceptions import Unavailable
+
+        delay, fail = self._faults.draw()
+        if delay:
+            await asyncio.sleep(delay)
+        if fail:
+            raise Unavailable(self._faults.message())
+        return await self._predictor(*args, **kwargs)
+
+
+def _plant_in_grpc(faults_file: Path, key: str) -> None:
+    """Hand the lean gRPC servicer the predictor behind FaultyPredictor. The model server builds that
+    servicer when its gRPC server starts (``ConveyorModelServer._serve_grpc`` imports ``inference_servicer``
+    from ``grpc_infer`` then), in every worker this process forks."""
+    from conveyor.runtime.serving import grpc_infer
+
+    lean = grpc_infer.inference_servicer
+
+    def servicer(data_plane: Any, repository: Any, predictor: Any) -> Any:
+        return lean(data_plane, repository, FaultyPredictor(predictor, _FaultsFile(faults_file, key)))
+
+    grpc_infer.inference_servicer = servicer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         app.add_middleware(FaultMiddleware, faults_file=Path(path), key=key)
         # The V1 fast path answers in front of KServe's app, where this middleware would never see it.
         server.V1_FAST_PATH = False
+        _plant_in_grpc(Path(path), key)
     return server.main(argv)
 
 
