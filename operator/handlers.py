@@ -1,7 +1,7 @@
 """kopf wiring, thin: watch events fill the caches and queue keys; the reconcilers do the rest.
 
-kopf watches MLPipelines, ModelDeployments, BatchPredictions and the children we label (RayJobs, InferenceServices)
-with `on.event` handlers only: nothing kopf-specific is written to our objects (no finalizers, no
+kopf watches MLPipelines, ModelDeployments, BatchPredictions and the children we label (RayJobs, InferenceServices,
+and, where the API serves the Gateway API, Standard mode's HTTPRoutes) with `on.event` handlers only: nothing kopf-specific is written to our objects (no finalizers, no
 progress annotations). Each event updates the kind's cache and queues the owning object's key.
 
 The package (operator/, imported as conveyor.operator; a namespace portion with no __init__.py, so it
@@ -32,12 +32,13 @@ from conveyor.operator.batchprediction.build import LABEL_BATCH
 from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import ObjectCache
 from conveyor.operator.controller.children import FIELD_MANAGER, LABEL_MANAGED_BY, MANAGED_BY
-from conveyor.operator.controller.client import ApiClient, connection_info
+from conveyor.operator.controller.client import ApiClient, ApiError, connection_info
 from conveyor.operator.controller.leader import LeaderElector
 from conveyor.operator.controller.manager import Config, Operator
 from conveyor.operator.controller.workqueue import WorkQueue
 from conveyor.operator.mlpipeline.build import LABEL_PIPELINE
 from conveyor.operator.modeldeployment.build import LABEL_DEPLOYMENT
+from conveyor.operator.modeldeployment.route import GATEWAY_API_VERSION, GATEWAY_GROUP
 
 log = logging.getLogger("conveyor.operator")
 
@@ -70,6 +71,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     if config.metrics_port:
         metrics.serve(config.metrics_port)
     op = _op(memo)
+    await _watch_routes_if_served(op, settings)
     if config.leader_election is None:
         metrics.LEADER.set(1)
         op.start()
@@ -77,6 +79,38 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
         memo.conveyor_elector = LeaderElector(op.client, config.leader_election, on_started=op.start, on_stopped=_step_down(op))
         memo.conveyor_election = asyncio.create_task(memo.conveyor_elector.run(), name="leader-election")
     log.info("conveyor operator started (field manager %s)", FIELD_MANAGER)
+
+
+async def _watch_routes_if_served(op: Operator, settings: kopf.OperatorSettings) -> None:
+    """Watch HTTPRoutes (into op.routes) when the API serves `gateway.networking.k8s.io/v1` httproutes
+    (discovery, before kopf starts its watches); else leave op.gateway_api False: the reconcile then finds no
+    Gateway API and leaves Standard-mode routing to KServe (route.py). Only routes labelled with a
+    ModelDeployment are listed and watched (a label selector the apiserver applies): the operator's own and
+    those KServe copied the InferenceService's labels onto."""
+    try:
+        found = await op.client.get(f"/apis/{GATEWAY_API_VERSION}", resource="APIResourceList")
+    except ApiError as e:
+        log.warning("Gateway API discovery failed (%s): Standard-mode routing is left to KServe", e)
+        found = None
+    op.gateway_api = any(r.get("name") == "httproutes" for r in (found or {}).get("resources") or [])
+    if not op.gateway_api:
+        log.info("the API serves no %s httproutes: Standard-mode routing is left to KServe", GATEWAY_API_VERSION)
+        return
+    settings.watching.label_selectors[GATEWAY_GROUP, "httproutes"] = LABEL_DEPLOYMENT
+    global _routes_watched
+    if not _routes_watched:  # one handler per process, however often the startup runs
+        kopf.on.event(GATEWAY_GROUP, GATEWAY_API_VERSION.split("/")[1], "httproutes")(on_route)
+        _routes_watched = True
+
+
+_routes_watched = False
+
+
+async def on_route(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
+    """An HTTPRoute of a ModelDeployment changed or went (someone edited or deleted `<name>-traffic`, or
+    KServe wrote one): cache it and reconcile the deployment, which restores its route."""
+    op = _op(memo)
+    _enqueue_owner(op.routes, event, LABEL_DEPLOYMENT, op.deployment_queue)
 
 
 def _step_down(op: Operator) -> Any:

@@ -1,9 +1,9 @@
 """The operator: what both kinds' reconcilers share, built once at startup and kept in kopf's memo.
 
-It holds the API client, one `ObjectCache` per watched kind, one `WorkQueue` per reconciled kind, the
-registry handles and the event poster. Each kind's reconcile lives in its own package
-(`mlpipeline/reconcile.py`, `modeldeployment/reconcile.py`) as observe -> plan -> act over this object;
-the kopf handlers (handlers.py) only feed the caches and the queues.
+It holds the API client, one `ObjectCache` per watched kind (HTTPRoutes only where the API serves them),
+one `WorkQueue` per reconciled kind, the registry handles and the event poster. Each kind's reconcile
+lives in its own package (`mlpipeline/reconcile.py`, `modeldeployment/reconcile.py`) as observe -> plan ->
+act over this object; the kopf handlers (handlers.py) only feed the caches and the queues.
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ class Operator:
     # Of a RayJob the reconcilers read metadata, status and spec.suspend only (runs.py, blockers.py).
     rayjobs: ObjectCache = field(default_factory=lambda: ObjectCache(project=keep_spec_fields("suspend")))
     isvcs: ObjectCache = field(default_factory=ObjectCache)
+    # Standard mode's HTTPRoutes labelled with a ModelDeployment (the operator's and any KServe wrote),
+    # watched only where the API serves them: `gateway_api` says so (discovery at startup, handlers.py).
+    routes: ObjectCache = field(default_factory=ObjectCache)
+    gateway_api: bool = False
     batches: ObjectCache = field(default_factory=ObjectCache)
     # Committed registry versions never change: a positive lookup is cached for good.
     known_versions: set[tuple[str, str, str]] = field(default_factory=set)

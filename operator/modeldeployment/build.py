@@ -30,7 +30,8 @@ Canary in the two KServe deployment modes (checked against the pinned KServe v0.
 
 Shadow (`strategy: shadow`), the same in both modes and without a mesh: the candidate is a second
 InferenceService, `<name>-shadow` (`shadow_service_name`), serving the candidate under the model name
-`<name>-shadow` with no traffic of its own; the stable predictor's container gets `CONVEYOR_SHADOW_*`
+`<name>-shadow` with no traffic of its own (in Standard mode labelled cluster-local: KServe writes no
+HTTPRoute or Ingress for it, and reports its cluster address, `status.address.url`); the stable predictor's container gets `CONVEYOR_SHADOW_*`
 env (`ShadowTarget`: the shadow's address as KServe reports it, its model name and version, the share
 and timeout) and mirrors that share of its requests there (runtime/serving/shadow.py). Changing the env
 rolls the stable predictor's pods (Knative: a new revision of the same version, which takes the
@@ -317,13 +318,19 @@ def build_inference_service(
     )
 
 
-def build_shadow_service(deployment: dict[str, Any], spec: ModelDeploymentSpec, candidate: tuple[str, str]) -> dict[str, Any]:
+def build_shadow_service(
+    deployment: dict[str, Any], spec: ModelDeploymentSpec, candidate: tuple[str, str], *, cluster_local: bool = False
+) -> dict[str, Any]:
     """The shadow InferenceService: `candidate` (version, storage URI) alone, under the model name
-    `<name>-shadow`, receiving only what the stable predictor mirrors (see the module docstring)."""
+    `<name>-shadow`, receiving only what the stable predictor mirrors (see the module docstring);
+    `cluster_local`: KServe exposes it on no gateway (it takes no traffic of its own)."""
     meta = deployment["metadata"]
     name = shadow_service_name(meta["name"])
     mode = spec.rollout.mode or DEFAULT_KSERVE_MODE
     scaling, class_annotations = _autoscaling(spec)
+    labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: meta["name"]}
+    if cluster_local:
+        labels[KSERVE_VISIBILITY] = CLUSTER_LOCAL
     return stamp(
         {
             "apiVersion": "serving.kserve.io/v1beta1",
@@ -331,7 +338,7 @@ def build_shadow_service(deployment: dict[str, Any], spec: ModelDeploymentSpec, 
             "metadata": {
                 "name": name,
                 "namespace": meta["namespace"],
-                "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_DEPLOYMENT: meta["name"]},
+                "labels": labels,
                 "annotations": {KSERVE_DEPLOYMENT_MODE: mode, **class_annotations,
                                 ANNOTATION_STABLE_VERSION: candidate[0], ANNOTATION_SHADOW_OF: meta["name"]},
                 "ownerReferences": [owner_reference(deployment)],

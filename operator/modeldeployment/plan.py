@@ -84,6 +84,7 @@ from conveyor.operator.modeldeployment.rollout import (
 from conveyor.operator.modeldeployment.route import (
     NO_ROUTE_MESSAGE,
     build_route,
+    carried_traffic,
     cluster_local,
     effective_backends,
     hostname,
@@ -279,6 +280,8 @@ def plan_deployment(
             return _reject(plan, put, isvc, str(e).replace("spec.model.version", "spec.rollout.experiment.versions"))
         _experiment(plan, deployment, spec, isvc, uri_for, now, experiment_reading, put, routed)
         _route(plan, deployment, isvc, routing if standard else None, _served_versions(plan.status))
+        if routed:
+            _traffic_from_route(plan.status, deployment, routing)
         if shadow_isvc is not None:
             plan.delete_shadow = shadow_isvc
         _mirror_url(status, isvc)
@@ -296,7 +299,9 @@ def plan_deployment(
         return _reject(plan, put, isvc, str(e))
     put(c.ACCEPTED, c.TRUE, "Valid", "The spec is valid.")
     _serve(plan, deployment, spec, isvc, uri_for, state, wanted, shadow_isvc, routed)
-    _route(plan, deployment, isvc, routing if standard else None, _served_versions(plan.status))
+    _route(plan, deployment, isvc, routing if standard else None, _served_versions(plan.status), shadow_isvc)
+    if routed:
+        _traffic_from_route(plan.status, deployment, routing)
     _set_conditions(plan, put, isvc, resolution, state, unrouted=standard and not routed)
     _mirror_url(status, isvc)
     record_drift(status, plan.events, drift_reading, spec, generation=generation)
@@ -320,7 +325,8 @@ def _serve(
     stable, canary, weight = state.stable, state.canary, state.weight
     target = None
     if state.shadow and canary:
-        shadow = build_shadow_service(deployment, spec, (canary, uri_for(canary)))
+        shadow = build_shadow_service(deployment, spec, (canary, uri_for(canary)),
+                                      cluster_local=(spec.rollout.mode or DEFAULT_KSERVE_MODE) != "Knative")
         if needs_apply(shadow, shadow_isvc):
             plan.shadow_service = shadow
         if (url := shadow_url(shadow_isvc, canary)) is not None:
@@ -690,21 +696,34 @@ def _served_versions(status: dict[str, Any]) -> list[tuple[str, int]]:
     return [(stable, 100)]
 
 
+def _our_route(deployment: dict[str, Any], routing: Routing) -> dict[str, Any] | None:
+    name = deployment["metadata"]["name"]
+    return next((r for r in routing.routes or []
+                 if r["metadata"]["name"] == route_name(name) and owned_by(r, "ModelDeployment", name)), None)
+
+
+def _traffic_from_route(status: dict[str, Any], deployment: dict[str, Any], routing: Routing) -> None:
+    """status.traffic as the operator's route carries it (what the gateway serves; nothing before the route
+    exists), each version tagged as the rollout or experiment names it."""
+    tags = {t["version"]: t.get("tag", "") for t in status.get("traffic") or []}
+    status["traffic"] = carried_traffic(_our_route(deployment, routing), deployment["metadata"]["name"], tags)
+
+
 def _route(
     plan: DeploymentPlan,
     deployment: dict[str, Any],
     isvc: dict[str, Any] | None,
     routing: Routing | None,
     versions: list[tuple[str, int]],
+    shadow_isvc: dict[str, Any] | None = None,
 ) -> None:
     """Standard mode's weighted HTTPRoute (route.py): applied once KServe reports the host it would have
-    served; KServe's own routes deleted once it has been told not to expose the InferenceService; ours
-    deleted when the feature is off."""
+    served; KServe's own routes (of the InferenceService, or of the shadow's) deleted once it has been told
+    not to expose it; ours deleted when the feature is off."""
     if routing is None or routing.routes is None:
         return
     name = deployment["metadata"]["name"]
-    ours = next((r for r in routing.routes
-                 if r["metadata"]["name"] == route_name(name) and owned_by(r, "ModelDeployment", name)), None)
+    ours = _our_route(deployment, routing)
     if routing.gateway is None:
         if ours is not None:
             plan.delete_routes.append(ours)
@@ -716,6 +735,9 @@ def _route(
             plan.route = desired
     if cluster_local(isvc):
         plan.delete_routes += [r for r in routing.routes if owned_by(r, "InferenceService", name)]
+    if shadow_isvc is not None and cluster_local(shadow_isvc):
+        shadow = shadow_isvc["metadata"]["name"]
+        plan.delete_routes += [r for r in routing.routes if owned_by(r, "InferenceService", shadow)]
 
 
 def _mirror_kserve_conditions(status: dict[str, Any], isvc: dict[str, Any] | None) -> None:

@@ -8,7 +8,8 @@ observe: the deployment and its InferenceService from the cache; the KServe mode
          (analysis.py); every monitoring.interval, the stable version's drift reading (drift.py):
          taken here, so that planning stays pure.
          In Standard mode, the HTTPRoutes labelled with the deployment (route.py: the operator's weighted
-         route, and any KServe wrote), one LIST; a cluster without the Gateway API answers 404.
+         route, and any KServe wrote) from their watch-fed cache; none where the API serves no Gateway
+         API (discovered at startup, handlers.py).
 plan:    `plan.plan_deployment` -> the status, the InferenceService (and route) to apply (None when
          unchanged), events.
 act:     apply the InferenceService and the route, delete routes no longer wanted, write status once,
@@ -28,7 +29,6 @@ from typing import TYPE_CHECKING, Any
 
 from conveyor.operator.controller import metrics
 from conveyor.operator.controller.cache import Key
-from conveyor.operator.controller.client import NotFound, resource_path
 from conveyor.operator.controller.prometheus import PrometheusError
 from conveyor.operator.controller.status import write_status
 from conveyor.operator.controller.times import parse_time
@@ -45,7 +45,7 @@ from conveyor.operator.modeldeployment.plan import (
     plan_deployment,
 )
 from conveyor.operator.modeldeployment.rollout import Analysis, state_from_status
-from conveyor.operator.modeldeployment.route import GATEWAY_API_VERSION, parse_gateway
+from conveyor.operator.modeldeployment.route import parse_gateway
 from conveyor.operator.modeldeployment.validate import kserve_mode_conflict, with_kserve_mode
 from conveyor.runtime.spec import ModelDeploymentSpec
 
@@ -158,7 +158,7 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
         reading = await _experiment_reading(op, key, obj, spec, now)
     routing = None
     if spec is not None and invalid is None and spec.rollout.mode == "Standard":
-        routing = Routing(parse_gateway(op.config.standard_gateway), await _routes(op, key))
+        routing = Routing(parse_gateway(op.config.standard_gateway), _routes(op, key))
     return DeploymentSnapshot(
         key,
         obj,
@@ -177,18 +177,14 @@ async def observe(op: Operator, key: Key) -> DeploymentSnapshot | None:
     )
 
 
-async def _routes(op: Operator, key: Key) -> list[dict[str, Any]] | None:
+def _routes(op: Operator, key: Key) -> list[dict[str, Any]] | None:
     """The HTTPRoutes labelled with the deployment (KServe copies the InferenceService's labels onto its
-    own); None when the cluster serves no HTTPRoute resource (the Gateway API is not installed)."""
-    namespace, name = key
-    try:
-        return await op.client.list(
-            resource_path(GATEWAY_API_VERSION, "httproutes", namespace),
-            label_selector=f"{LABEL_DEPLOYMENT}={name}",
-            resource="HTTPRoute",
-        )
-    except NotFound:
+    own), as the watch last delivered them; None when the API serves no HTTPRoute resource (the Gateway API
+    is not installed)."""
+    if not op.gateway_api:
         return None
+    namespace, name = key
+    return op.routes.in_namespace(namespace, label=LABEL_DEPLOYMENT, value=name)
 
 
 async def _experiment_reading(
@@ -332,9 +328,11 @@ async def act(
         gone = {r["metadata"]["name"] for r in plan.delete_routes}
         for route in plan.delete_routes:
             await op.client.delete(route)
+            op.routes.observe({"type": "DELETED", "object": route})
         routes = [r for r in s.routing.routes if r["metadata"]["name"] not in gone]
         if plan.route is not None:
             live = await op.client.apply(plan.route)
+            op.routes.remember(live)
             routes = [r for r in routes if r["metadata"]["name"] != live["metadata"]["name"]] + [live]
         applied["routing"] = dataclasses.replace(s.routing, routes=routes)
     if applied:

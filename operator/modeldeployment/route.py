@@ -19,6 +19,13 @@ predictor's Service, at every step: nothing splits the traffic. So in Standard m
 - deletes the routes KServe wrote for this InferenceService before it was labelled (KServe does not
   remove them itself), once the label is live, so no older route competes for the same host.
 
+status.traffic reports what this route carries (`carried_traffic`: the versions and weights of its
+backends as the API last showed it), since that is what the gateway serves; before the route exists,
+nothing. A shadow's InferenceService (`<name>-shadow`) is labelled cluster-local too, so KServe exposes
+it nowhere; the stable predictor mirrors to the cluster address KServe reports for it
+(`status.address.url`, the predictor Service's `<svc>.<namespace>.svc.cluster.local`), and routes KServe
+wrote for it before are deleted like the main one's.
+
 After promotion or rollback the route has the one stable backend at 100. An empty `--standard-gateway`
 turns all of this off (KServe exposes the InferenceService itself, unsplit); so does a cluster that does
 not serve the Gateway API (no HTTPRoute resource: KServe then uses an Ingress, which the label would
@@ -175,6 +182,24 @@ def backends_of(route: dict[str, Any] | None) -> list[tuple[str, int]]:
     for rule in ((route or {}).get("spec") or {}).get("rules") or []:
         for ref in rule.get("backendRefs") or []:
             out.append((ref.get("name", ""), int(ref.get("weight", 1))))
+    return out
+
+
+def carried_traffic(
+    route: dict[str, Any] | None, isvc_name: str, tags: dict[str, str]
+) -> list[dict[str, Any]]:
+    """What a route sends where, per backend: the version whose predictor Service it names (`tags`: version
+    -> tag, the versions the deployment serves), its share in percent of the route's total weight (a
+    weight is relative in the Gateway API), the Service as `revision`. A Service of no version in `tags`
+    is reported by its name, tag "unknown"."""
+    services = {predictor_service(isvc_name, v): (v, tag) for v, tag in tags.items()}
+    backends = backends_of(route)
+    total = sum(w for _, w in backends)
+    out = []
+    for service, weight in backends:
+        version, tag = services.get(service, (service, "unknown"))
+        percent = round(100 * weight / total) if total > 0 else 0
+        out.append({"version": version, "percent": percent, "revision": service, "tag": tag})
     return out
 
 

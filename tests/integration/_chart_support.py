@@ -162,9 +162,11 @@ OPERATOR_NAMESPACED_GRANTS: set[tuple[str, str, str]] = {
     ("serving.kserve.io", "inferenceservices", "create"),
     ("serving.kserve.io", "inferenceservices", "patch"),
     ("serving.kserve.io", "inferenceservices", "delete"),  # a shadow's own InferenceService, when it ends
-    # Standard mode's weighted route (modeldeployment/route.py): listed by label, server-side applied
-    # (create and patch), deleted when off, and KServe's earlier routes deleted.
+    # Standard mode's weighted route (modeldeployment/route.py): listed and watched by label (kopf, where
+    # the API serves the Gateway API), server-side applied (create and patch), deleted when off, and
+    # KServe's earlier routes deleted.
     ("gateway.networking.k8s.io", "httproutes", "list"),
+    ("gateway.networking.k8s.io", "httproutes", "watch"),
     ("gateway.networking.k8s.io", "httproutes", "create"),
     ("gateway.networking.k8s.io", "httproutes", "patch"),
     ("gateway.networking.k8s.io", "httproutes", "delete"),

@@ -130,14 +130,19 @@ def test_canary_standard_uses_spec_canary(cluster: Cluster, operator: OperatorPr
     cluster.kserve_sets(
         "fraud",
         {
+            "url": "http://fraud.ns.example.com",
             "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
             "canaryStatuses": [{"name": "v2", "trafficPercent": 25, "ready": True}],
         },
     )
+    # The split the gateway serves: the operator's route (route.py), each version's predictor Service.
     traffic = wait_until(
         "observed split", lambda: cluster.status(MDEP, "fraud")["traffic"], lambda t: any(x.get("revision") for x in t)
     )
-    assert {(t["version"], t["percent"]) for t in traffic} == {("v1", 75), ("v2", 25)}
+    assert {(t["version"], t["percent"], t["revision"]) for t in traffic} == {
+        ("v1", 75, "fraud-v1-predictor"),
+        ("v2", 25, "fraud-v2-predictor"),
+    }
 
 
 def test_immediate_strategy_and_missing_version(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:

@@ -243,3 +243,127 @@ def test_the_local_gateway_reads_the_weights_the_operator_writes() -> None:
     older = build_route(md(), GATEWAY, "", [("v1", 100)])
     older["metadata"].update(name="kserves", creationTimestamp="2026-01-05T12:00:00Z")
     assert route_weights([route, older], services) == {"v1": 100}  # the Gateway API: the oldest route wins
+
+
+def test_status_traffic_is_what_the_operators_route_carries() -> None:
+    """status.traffic reports the gateway's split (the route's backends), not KServe's canaryStatuses echo."""
+    p1 = plan(md(), "v1", None, Routing(GATEWAY, []))
+    isvc = kserve_status(p1)
+    p1b = plan(md(p1.status), "v1", isvc, Routing(GATEWAY, []))
+    assert p1b.status["traffic"] == []  # no route yet: the gateway serves nothing of it
+    route_v1 = p1b.route
+    assert route_v1 is not None
+    routing = Routing(GATEWAY, [route_v1])
+    p1c = plan(md(p1b.status), "v1", isvc, routing)
+    assert p1c.status["traffic"] == [
+        {"version": "v1", "percent": 100, "revision": "fraud-v1-predictor", "tag": "stable"}
+    ]
+
+    # KServe reports the canary at 25% but not Ready: the route (and so the gateway) still sends all to v1.
+    p2 = plan(md(p1c.status), "v2", isvc, routing)
+    starting = kserve_status(p2, canary_ready=False)
+    p3 = plan(md(p2.status), "v2", starting, routing)
+    assert p3.route is None and p3.status["canaryWeight"] == 25
+    assert [(t["version"], t["percent"]) for t in p3.status["traffic"]] == [("v1", 100)]
+
+    # Someone weights the route by hand (1:3): reported as the gateway splits it, versions named by Service.
+    edited = copy.deepcopy(route_v1)
+    edited["spec"]["rules"][0]["backendRefs"] = [
+        {**route_v1["spec"]["rules"][0]["backendRefs"][0], "weight": 1},
+        {"name": "fraud-v2-predictor", "port": 80, "weight": 3},
+        {"name": "other-predictor", "port": 80, "weight": 0},
+    ]
+    p4 = plan(md(p3.status), "v2", kserve_status(p2), Routing(GATEWAY, [edited]))
+    assert [(t["version"], t["percent"], t["tag"]) for t in p4.status["traffic"]] == [
+        ("v1", 25, "stable"),
+        ("v2", 75, "canary"),
+        ("other-predictor", 0, "unknown"),
+    ]
+    assert p4.route is not None  # and the operator puts its weights back
+    assert backends_of(p4.route) == [("fraud-v1-predictor", 75), ("fraud-v2-predictor", 25)]
+
+    # Without the operator's route (off, or no Gateway API) the status keeps KServe's report.
+    off = plan(md(p1c.status), "v1", isvc, Routing(GATEWAY, None))
+    assert [(t["version"], t["percent"]) for t in off.status["traffic"]] == [("v1", 100)]
+
+
+SHADOW_SPEC = {
+    **SPEC,
+    "rollout": {"mode": "Standard", "strategy": "shadow", "shadow": {"percent": 100}, "steps": [50, 100]},
+}
+
+
+def shadow_status(p: DeploymentPlan, address: str) -> dict[str, Any]:
+    """The plan's shadow InferenceService as KServe v0.20.0 reports a cluster-local one: Ready, its
+    external url from the domain template and its cluster address."""
+    assert p.shadow_service is not None
+    shadow = copy.deepcopy(p.shadow_service)
+    shadow["metadata"]["generation"] = 1
+    shadow["status"] = {
+        "url": "http://fraud-shadow-ml.example.com",
+        "address": {"url": address},
+        "observedGeneration": 1,
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }
+    return shadow
+
+
+@pytest.mark.parametrize("routing", [Routing(GATEWAY, []), Routing(None, []), Routing(GATEWAY, None)])
+def test_the_shadow_is_cluster_local_and_mirrored_to_its_cluster_address(routing: Routing) -> None:
+    """Standard mode: KServe exposes the shadow nowhere (the label), whatever the gateway route's setting;
+    the stable predictor mirrors to the cluster address KServe reports for it."""
+    spec = SHADOW_SPEC
+    p1 = plan(md(spec=spec), "v1", None, routing)
+    isvc = kserve_status(p1)
+    p2 = plan(md(p1.status, spec), "v2", isvc, routing)
+    assert p2.status.get("shadow", {}).get("version") == "v2"
+    assert p2.shadow_service is not None
+    assert p2.shadow_service["metadata"]["labels"][VISIBILITY] == "cluster-local"
+    address = "http://fraud-shadow-v2-predictor.ml.svc.cluster.local"
+    shadow = shadow_status(p2, address)
+    obj = md(p2.status, spec)
+    p3 = plan_deployment(
+        obj,
+        ModelDeploymentSpec.model_validate(spec),
+        None,
+        Resolution("v2", "pinned"),
+        isvc,
+        lambda v: f"file:///r/fraud/{v}",
+        NOW,
+        shadow_isvc=shadow,
+        routing=routing,
+    )
+    assert p3.shadow_service is None  # unchanged
+    assert p3.inference_service is not None
+    env = {e["name"]: e["value"] for e in p3.inference_service["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["CONVEYOR_SHADOW_URL"] == address
+
+
+def test_kserves_routes_for_the_shadow_are_deleted_once_it_is_cluster_local() -> None:
+    spec = SHADOW_SPEC
+    routing = Routing(GATEWAY, [])
+    p1 = plan(md(spec=spec), "v1", None, routing)
+    isvc = kserve_status(p1)
+    p2 = plan(md(p1.status, spec), "v2", isvc, routing)
+    shadow = shadow_status(p2, "http://fraud-shadow-v2-predictor.ml.svc.cluster.local")
+    theirs = kserve_route("fraud-shadow")
+    theirs["metadata"]["ownerReferences"][0]["name"] = "fraud-shadow"
+    s = ModelDeploymentSpec.model_validate(spec)
+
+    def with_shadow(sh: dict[str, Any]) -> DeploymentPlan:
+        return plan_deployment(
+            md(p2.status, spec),
+            s,
+            None,
+            Resolution("v2", "pinned"),
+            isvc,
+            lambda v: f"file:///r/fraud/{v}",
+            NOW,
+            shadow_isvc=sh,
+            routing=Routing(GATEWAY, [theirs]),
+        )
+
+    exposed = copy.deepcopy(shadow)
+    del exposed["metadata"]["labels"][VISIBILITY]
+    assert "fraud-shadow" not in [r["metadata"]["name"] for r in with_shadow(exposed).delete_routes]
+    assert "fraud-shadow" in [r["metadata"]["name"] for r in with_shadow(shadow).delete_routes]

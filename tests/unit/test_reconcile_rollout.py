@@ -62,6 +62,8 @@ class Harness:
         isvc = self.api.find("InferenceService", NS, "fraud")
         if isvc is not None:
             self.op.isvcs.remember(isvc)
+        for route in self.api.kinds("HTTPRoute"):  # what the HTTPRoute watch would have delivered
+            self.op.routes.remember(route)
         self.api.writes.clear()
         await reconcile_deployment(self.op, KEY)
         return list(self.api.writes)
@@ -123,6 +125,7 @@ def run(rollout: dict[str, Any], scenario: Callable[[Harness], Awaitable[None]],
         api = FakeApi()
         prom = ScriptedPrometheus()
         op = Operator(client=api, clock=lambda: clock[0], prometheus=prom)  # type: ignore[arg-type]
+        op.gateway_api = True  # the fake API serves HTTPRoutes (discovery, handlers.py)
         body = {"model": {"registryUri": registry, "name": "fraud", "version": "v1"},
                 "rollout": {"interval": "1m", **rollout}, **spec}
         api.put({"apiVersion": "conveyor.dev/v1alpha1", "kind": "ModelDeployment",

@@ -87,10 +87,11 @@ nothing else (no Secrets, no Pods, no deletes of users' objects).
   resources: ["inferenceservices"]
   verbs: ["list", "watch", "create", "patch", "delete"]
 # Standard mode: the weighted HTTPRoute of each ModelDeployment (server-side apply), and the routes KServe
-# wrote before the InferenceService was labelled cluster-local (listed by label, deleted).
+# wrote before the InferenceService was labelled cluster-local (deleted); all watched by label, so an
+# edited or deleted route is restored at once.
 - apiGroups: ["gateway.networking.k8s.io"]
   resources: ["httproutes"]
-  verbs: ["list", "create", "patch", "delete"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["create", "patch"]
