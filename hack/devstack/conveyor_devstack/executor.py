@@ -16,12 +16,14 @@ It is a FAKE of those two controllers, and only of them; what it runs is real:
   predictors name (`STORAGE_URI` of the predictor and of `canary[]`), KServe's real model server
   (`python -m conveyor.runtime.serve`) on a free 127.0.0.1 port, and its `status` is patched as KServe
   reports it (`url`, `Ready` and `PredictorReady` conditions, `components.predictor.traffic`, and in
-  Standard mode `canaryStatuses`). Versions no InferenceService names any more are stopped;
+  Standard mode `canaryStatuses`); a predictor container with a port named `h2c` (grpc-v2) also serves
+  gRPC (`--grpc-port`), and `components.predictor.grpcUrl` is the router's gRPC port. Versions no
+  InferenceService names any more are stopped;
 - the InferenceService's `url` is its traffic router (`conveyor_devstack.router`, one fixed port per
   InferenceService), which sends each request to the stable or the canary predictor, ready ones only, as
   the cluster would: Knative mode by the spec's `canaryTrafficPercent`; Standard mode as a Gateway API
   gateway by the weights of the HTTPRoute naming its predictor Services (the operator's), else as KServe
-  v0.20.0's own route, all to the stable predictor;
+  v0.20.0's own route, all to the stable predictor; gRPC calls likewise, on the router's gRPC port;
 - with `--prometheus-targets DIR` (hack/prometheus.sh's file_sd directory) every Ready predictor is
   listed there for the local Prometheus to scrape, labelled `namespace` and `inferenceservice` (its own
   series carry `model_name` and `model_version`); with `--faults FILE` predictors start through
@@ -90,7 +92,10 @@ class PredictorProcess:
     log_path: Path
     ready: bool = False
     scraped: bool = False
-    env_digest: str = ""  # the container env it started with: a change rolls it (a new pod, as a kubelet would)
+    env_digest: str = (
+        ""  # the container env it started with: a change rolls it (a new pod, as a kubelet would)
+    )
+    grpc_port: int | None = None  # its gRPC port, when the container serves gRPC (an h2c port)
 
 
 @dataclass
@@ -131,7 +136,9 @@ class Executor:
         volumes = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"].get("volumes", [])
         for volume in volumes:
             if "configMap" in volume:
-                cm = self.core.read_namespaced_config_map(volume["configMap"]["name"], rayjob["metadata"]["namespace"])
+                cm = self.core.read_namespaced_config_map(
+                    volume["configMap"]["name"], rayjob["metadata"]["namespace"]
+                )
                 for value in (cm.data or {}).values():
                     return value
         raise ValueError("the RayJob mounts no ConfigMap holding run.json")
@@ -146,10 +153,17 @@ class Executor:
                 self._start_training(rayjob)
             elif status.get("jobDeploymentStatus") in ("Initializing", "Running"):
                 # Started by an executor that is gone: its process is lost, as a Ray head's would be.
-                self._patch_status(RAY, rayjob, {
-                    "jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "endTime": _now(),
-                    "reason": "AppFailed", "message": "the local executor restarted while this job ran",
-                })
+                self._patch_status(
+                    RAY,
+                    rayjob,
+                    {
+                        "jobStatus": "FAILED",
+                        "jobDeploymentStatus": "Failed",
+                        "endTime": _now(),
+                        "reason": "AppFailed",
+                        "message": "the local executor restarted while this job ran",
+                    },
+                )
 
     def _start_training(self, rayjob: dict[str, Any]) -> None:
         meta = rayjob["metadata"]
@@ -163,34 +177,68 @@ class Executor:
                 # The run's ConfigMap is owned by the RayJob, so it is written just after it: a kubelet keeps
                 # the head pod in ContainerCreating until the volume's ConfigMap exists; so do we (next sync).
                 return
-            self._patch_status(RAY, rayjob, {
-                "jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "startTime": _now(), "endTime": _now(),
-                "reason": "SubmissionFailed", "message": str(exc),
-            })
+            self._patch_status(
+                RAY,
+                rayjob,
+                {
+                    "jobStatus": "FAILED",
+                    "jobDeploymentStatus": "Failed",
+                    "startTime": _now(),
+                    "endTime": _now(),
+                    "reason": "SubmissionFailed",
+                    "message": str(exc),
+                },
+            )
             return
         log_path = workdir / "job.log"
         head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
         try:  # the entrypoint runs on the head: its container's env and envFrom, resolved as a kubelet would
             pod_env = container_env(self.core, head, meta["namespace"], f"{meta['name']}-head")
         except Exception as exc:  # noqa: BLE001 - a pod that cannot start fails the job's start
-            self._patch_status(RAY, rayjob, {
-                "jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "startTime": _now(), "endTime": _now(),
-                "reason": "SubmissionFailed", "message": f"head pod: {exc}",
-            })
+            self._patch_status(
+                RAY,
+                rayjob,
+                {
+                    "jobStatus": "FAILED",
+                    "jobDeploymentStatus": "Failed",
+                    "startTime": _now(),
+                    "endTime": _now(),
+                    "reason": "SubmissionFailed",
+                    "message": f"head pod: {exc}",
+                },
+            )
             return
         # cwd is the job's own folder, as in a Ray head pod: never the repository root.
         proc = subprocess.Popen(
-            [self.python, "-m", module, "--config", str(workdir / "run.json"),
-             *_entrypoint_flags(rayjob["spec"].get("entrypoint", ""))],
-            cwd=workdir, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, **pod_env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            [
+                self.python,
+                "-m",
+                module,
+                "--config",
+                str(workdir / "run.json"),
+                *_entrypoint_flags(rayjob["spec"].get("entrypoint", "")),
+            ],
+            cwd=workdir,
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **pod_env, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
         )
         self.trainings[meta["uid"]] = TrainingProcess(proc, log_path)
-        log.info("started RayJob %s/%s as pid %d (log %s)", meta["namespace"], meta["name"], proc.pid, log_path)
-        self._patch_status(RAY, rayjob, {
-            "jobDeploymentStatus": "Running", "jobStatus": "RUNNING", "startTime": _now(),
-            "jobId": f"{meta['name']}-local", "rayClusterName": f"{meta['name']}-local",
-        })
+        log.info(
+            "started RayJob %s/%s as pid %d (log %s)", meta["namespace"], meta["name"], proc.pid, log_path
+        )
+        self._patch_status(
+            RAY,
+            rayjob,
+            {
+                "jobDeploymentStatus": "Running",
+                "jobStatus": "RUNNING",
+                "startTime": _now(),
+                "jobId": f"{meta['name']}-local",
+                "rayClusterName": f"{meta['name']}-local",
+            },
+        )
 
     def _follow_training(self, rayjob: dict[str, Any], training: TrainingProcess) -> None:
         code = training.proc.poll()
@@ -199,12 +247,22 @@ class Executor:
         meta = rayjob["metadata"]
         del self.trainings[meta["uid"]]
         if code == 0:
-            status = {"jobStatus": "SUCCEEDED", "jobDeploymentStatus": "Complete", "endTime": _now(),
-                      "succeeded": 1}
+            status = {
+                "jobStatus": "SUCCEEDED",
+                "jobDeploymentStatus": "Complete",
+                "endTime": _now(),
+                "succeeded": 1,
+            }
         else:
             tail = training.log_path.read_text(errors="replace")[-MESSAGE_TAIL:]
-            status = {"jobStatus": "FAILED", "jobDeploymentStatus": "Failed", "endTime": _now(), "failed": 1,
-                      "reason": "AppFailed", "message": f"exit code {code}: {tail.strip()}"}
+            status = {
+                "jobStatus": "FAILED",
+                "jobDeploymentStatus": "Failed",
+                "endTime": _now(),
+                "failed": 1,
+                "reason": "AppFailed",
+                "message": f"exit code {code}: {tail.strip()}",
+            }
         log.info("RayJob %s/%s finished: %s", meta["namespace"], meta["name"], status["jobStatus"])
         self._patch_status(RAY, rayjob, status)
 
@@ -215,7 +273,11 @@ class Executor:
         """(version, storage URI, traffic percent) of each predictor the InferenceService names."""
 
         def of(predictor: dict[str, Any]) -> tuple[str, str]:
-            env = {e["name"]: e.get("value", "") for c in predictor.get("containers", []) for e in c.get("env", [])}
+            env = {
+                e["name"]: e.get("value", "")
+                for c in predictor.get("containers", [])
+                for e in c.get("env", [])
+            }
             uri = env.get("STORAGE_URI") or (predictor.get("model") or {}).get("storageUri", "")
             return env.get("CONVEYOR_MODEL_VERSION") or uri.rstrip("/").rsplit("/", 1)[-1], uri
 
@@ -264,7 +326,7 @@ class Executor:
                 self._ready(key, self.predictors[key])
                 log.info("rolled predictor %s/%s %s to its new env", *key)
             return self.predictors[key]
-        self.predictors[key] = self._start_predictor(meta, key, version, uri, env, digest)
+        self.predictors[key] = self._start_predictor(meta, key, version, uri, env, digest, container)
         return self.predictors[key]
 
     @staticmethod
@@ -274,13 +336,28 @@ class Executor:
         spec = isvc["spec"]
         for predictor in [spec["predictor"], *(c.get("predictor") or {} for c in spec.get("canary") or [])]:
             for c in predictor.get("containers") or []:
-                if any(e.get("name") == "CONVEYOR_MODEL_VERSION" and e.get("value") == version for e in c.get("env", [])):
+                if any(
+                    e.get("name") == "CONVEYOR_MODEL_VERSION" and e.get("value") == version
+                    for e in c.get("env", [])
+                ):
                     return c
         return None
 
-    def _start_predictor(self, meta: dict[str, Any], key: tuple[str, str, str], version: str, uri: str,
-                         env: dict[str, str], digest: str) -> PredictorProcess:
+    def _start_predictor(
+        self,
+        meta: dict[str, Any],
+        key: tuple[str, str, str],
+        version: str,
+        uri: str,
+        env: dict[str, str],
+        digest: str,
+        container: dict[str, Any],
+    ) -> PredictorProcess:
         port = _free_port()
+        # A port named h2c is the one KServe and Knative speak HTTP/2 (gRPC) to (the operator's grpc-v2).
+        grpc_port = (
+            _free_port() if any(p.get("name") == "h2c" for p in container.get("ports") or []) else None
+        )
         log_path = self.state_dir / "predictors" / f"{meta['namespace']}-{meta['name']}-{version}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         module = "conveyor.runtime.serve"
@@ -288,13 +365,28 @@ class Executor:
             module = "conveyor_devstack.faults"
             env |= {faults.ENV_FILE: str(self.faults), faults.ENV_KEY: faults.fault_key(*key)}
         proc = subprocess.Popen(
-            [self.python, "-m", module, "--model-dir", uri, "--name", meta["name"],
-             "--http-port", str(port), "--host", "127.0.0.1"],
-            cwd=log_path.parent, stdout=log_path.open("wb"), stderr=subprocess.STDOUT,
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+            [
+                self.python,
+                "-m",
+                module,
+                "--model-dir",
+                uri,
+                "--name",
+                meta["name"],
+                "--http-port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                *(["--grpc-port", str(grpc_port)] if grpc_port else []),
+            ],
+            cwd=log_path.parent,
+            stdout=log_path.open("wb"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
         )
         log.info("serving %s/%s %s on 127.0.0.1:%d (pid %d, log %s)", *key, port, proc.pid, log_path)
-        return PredictorProcess(proc, port, log_path, env_digest=digest)
+        return PredictorProcess(proc, port, log_path, env_digest=digest, grpc_port=grpc_port)
 
     def _ready(self, key: tuple[str, str, str], predictor: PredictorProcess, scrape: bool = True) -> bool:
         if predictor.ready and not scrape:
@@ -302,7 +394,9 @@ class Executor:
         if predictor.ready and predictor.scraped:
             return True
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{predictor.port}/v2/models/{key[1]}/ready", timeout=1) as r:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{predictor.port}/v2/models/{key[1]}/ready", timeout=1
+            ) as r:
                 predictor.ready = r.status == 200
         except OSError:
             predictor.ready = False
@@ -310,8 +404,12 @@ class Executor:
             predictor.scraped = True
         if predictor.ready and scrape and self.targets_dir is not None:
             # Scraped from Ready on, as a pod joins its ServiceMonitor/PodMonitor once it runs.
-            write_targets(self.targets_dir, _target_name(key), [f"127.0.0.1:{predictor.port}"],
-                          {"namespace": key[0], "inferenceservice": key[1], "component": "predictor"})
+            write_targets(
+                self.targets_dir,
+                _target_name(key),
+                [f"127.0.0.1:{predictor.port}"],
+                {"namespace": key[0], "inferenceservice": key[1], "component": "predictor"},
+            )
         return predictor.ready
 
     @staticmethod
@@ -337,16 +435,20 @@ class Executor:
         return out
 
     @staticmethod
-    def _gateway_split(isvc: dict[str, Any], versions: list[tuple[str, str, int]],
-                       routes: list[dict[str, Any]]) -> dict[str, int] | None:
+    def _gateway_split(
+        isvc: dict[str, Any], versions: list[tuple[str, str, int]], routes: list[dict[str, Any]]
+    ) -> dict[str, int] | None:
         """Standard mode: what the gateway sends each version (see the module docstring); None in Knative mode."""
         mode = (isvc["metadata"].get("annotations") or {}).get("serving.kserve.io/deploymentMode")
         if mode not in ("Standard", "RawDeployment"):
             return None
         spec, name = isvc["spec"], isvc["metadata"]["name"]
         predictors = [spec["predictor"], *(c.get("predictor") or {} for c in spec.get("canary") or [])]
-        services = {f"{name}-{p['name']}-predictor": v for p, (v, _, _) in zip(predictors, versions, strict=True)
-                    if p.get("name")}
+        services = {
+            f"{name}-{p['name']}-predictor": v
+            for p, (v, _, _) in zip(predictors, versions, strict=True)
+            if p.get("name")
+        }
         return route_weights(routes, services) or {versions[0][0]: 100}
 
     def _serve(self, isvc: dict[str, Any], routes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -354,6 +456,7 @@ class Executor:
         meta = isvc["metadata"]
         versions = self._versions(isvc)
         ready: dict[str, int] = {}  # version -> port, Ready ones in spec order
+        grpc_ports: dict[str, int] = {}  # version -> gRPC port, of the Ready ones that serve gRPC
         failure = None
         for version, uri, _ in versions:
             key = (meta["namespace"], meta["name"], version)
@@ -362,36 +465,72 @@ class Executor:
                 failure = predictor.log_path.read_text(errors="replace")[-MESSAGE_TAIL:].strip()
             elif self._ready(key, predictor):
                 ready[version] = predictor.port
+                if predictor.grpc_port:
+                    grpc_ports[version] = predictor.grpc_port
         weights = self._effective(versions, ready)
         gateway = self._gateway_split(isvc, versions, routes or [])
         sent = weights if gateway is None else {v: gateway.get(v, 0) for v in ready}
         router = self.routers.ensure((meta["namespace"], meta["name"]), meta["name"])
         if ready or not self.serving.get((meta["namespace"], meta["name"])):
             self.serving[(meta["namespace"], meta["name"])] = set(ready)
-            self.routers.set_backends((meta["namespace"], meta["name"]),
-                                      [Backend(v, f"http://127.0.0.1:{port}", sent[v]) for v, port in ready.items()])
+            self.routers.set_backends(
+                (meta["namespace"], meta["name"]),
+                [
+                    Backend(
+                        v,
+                        f"http://127.0.0.1:{port}",
+                        sent[v],
+                        f"127.0.0.1:{grpc_ports[v]}" if v in grpc_ports else None,
+                    )
+                    for v, port in ready.items()
+                ],
+            )
         latest = versions[-1][0]
-        traffic = [{"revisionName": f"{meta['name']}-predictor-{v}", "tag": v, "percent": weights[v],
-                    "latestRevision": v == latest, "url": f"http://127.0.0.1:{port}"} for v, port in ready.items()]
+        traffic = [
+            {
+                "revisionName": f"{meta['name']}-predictor-{v}",
+                "tag": v,
+                "percent": weights[v],
+                "latestRevision": v == latest,
+                "url": f"http://127.0.0.1:{port}",
+            }
+            for v, port in ready.items()
+        ]
         all_ready = len(ready) == len(versions)
         reason = None if all_ready else ("PredictorFailed" if failure else "PredictorNotReady")
         conditions = [
-            {"type": t, "status": "True" if all_ready else "False", "lastTransitionTime": _now(),
-             **({"reason": reason, "message": failure or "the model server is loading"} if reason else {})}
+            {
+                "type": t,
+                "status": "True" if all_ready else "False",
+                "lastTransitionTime": _now(),
+                **({"reason": reason, "message": failure or "the model server is loading"} if reason else {}),
+            }
             for t in ("PredictorReady", "IngressReady", "Ready")
         ]
         predictor_status: dict[str, Any] = {
-            "traffic": traffic, "url": router.url,
-            "latestReadyRevision": traffic[-1]["revisionName"] if traffic else None}
-        status: dict[str, Any] = {"url": router.url, "address": {"url": router.url},
-                                  "observedGeneration": meta.get("generation"), "conditions": conditions,
-                                  "components": {"predictor": predictor_status}}
+            "traffic": traffic,
+            "url": router.url,
+            "latestReadyRevision": traffic[-1]["revisionName"] if traffic else None,
+        }
+        if router.grpc_url:  # KServe's gRPC address of the predictor: the router's gRPC port here
+            predictor_status["grpcUrl"] = router.grpc_url
+        status: dict[str, Any] = {
+            "url": router.url,
+            "address": {"url": router.url},
+            "observedGeneration": meta.get("generation"),
+            "conditions": conditions,
+            "components": {"predictor": predictor_status},
+        }
         canaries = isvc["spec"].get("canary") or []
         if canaries:  # Standard mode, as KServe v0.20 reports its canary entries
             status["canaryStatuses"] = [
-                {"name": c["predictor"].get("name") or f"{meta['name']}-canary", "ready": v in ready,
-                 "trafficPercent": weights.get(v, 0)}
-                for c, (v, _, _) in zip(canaries, versions[1:], strict=True)]
+                {
+                    "name": c["predictor"].get("name") or f"{meta['name']}-canary",
+                    "ready": v in ready,
+                    "trafficPercent": weights.get(v, 0),
+                }
+                for c, (v, _, _) in zip(canaries, versions[1:], strict=True)
+            ]
         elif len(versions) == 1 and all_ready:
             predictor_status["latestRolledoutRevision"] = traffic[0]["revisionName"]
         return status
@@ -462,7 +601,9 @@ def _entrypoint_module(entrypoint: str) -> str:
     args = shlex.split(entrypoint)
     module = args[args.index("-m") + 1] if "-m" in args[:-1] else ""
     if module not in RUNTIME_ENTRYPOINTS:
-        raise ValueError(f"entrypoint {entrypoint!r}: the local executor runs {sorted(RUNTIME_ENTRYPOINTS)} only")
+        raise ValueError(
+            f"entrypoint {entrypoint!r}: the local executor runs {sorted(RUNTIME_ENTRYPOINTS)} only"
+        )
     return module
 
 
@@ -485,15 +626,25 @@ def _comparable(status: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conveyor_devstack.executor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m conveyor_devstack.executor", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--kubeconfig", required=True)
     parser.add_argument("--namespace", default=None, help="only this namespace (default: all)")
-    parser.add_argument("--state-dir", default=None, help="job folders and logs (default: a temporary folder)")
-    parser.add_argument("--prometheus-targets", default=os.environ.get("CONVEYOR_PROMETHEUS_TARGETS"),
-                        help="file_sd directory of the local Prometheus: one targets file per running predictor "
-                             "(default $CONVEYOR_PROMETHEUS_TARGETS, as hack/prometheus.sh env exports)")
-    parser.add_argument("--faults", default=None,
-                        help="planted-faults JSON file (see conveyor_devstack.faults); re-read when it changes")
+    parser.add_argument(
+        "--state-dir", default=None, help="job folders and logs (default: a temporary folder)"
+    )
+    parser.add_argument(
+        "--prometheus-targets",
+        default=os.environ.get("CONVEYOR_PROMETHEUS_TARGETS"),
+        help="file_sd directory of the local Prometheus: one targets file per running predictor "
+        "(default $CONVEYOR_PROMETHEUS_TARGETS, as hack/prometheus.sh env exports)",
+    )
+    parser.add_argument(
+        "--faults",
+        default=None,
+        help="planted-faults JSON file (see conveyor_devstack.faults); re-read when it changes",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
 
@@ -501,12 +652,20 @@ def main(argv: list[str] | None = None) -> int:
 
     api = config.new_client_from_config(config_file=args.kubeconfig)
     state = Path(args.state_dir or tempfile.mkdtemp(prefix="conveyor-local-executor-"))
-    executor = Executor(client.CustomObjectsApi(api), client.CoreV1Api(api), state, args.namespace,
-                        targets_dir=Path(args.prometheus_targets) if args.prometheus_targets else None,
-                        faults=Path(args.faults) if args.faults else None)
+    executor = Executor(
+        client.CustomObjectsApi(api),
+        client.CoreV1Api(api),
+        state,
+        args.namespace,
+        targets_dir=Path(args.prometheus_targets) if args.prometheus_targets else None,
+        faults=Path(args.faults) if args.faults else None,
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    log.info("local executor (a stand-in for the KubeRay and KServe controllers) watching %s; state in %s",
-             args.namespace or "all namespaces", state)
+    log.info(
+        "local executor (a stand-in for the KubeRay and KServe controllers) watching %s; state in %s",
+        args.namespace or "all namespaces",
+        state,
+    )
     try:
         executor.run_forever()
     finally:
