@@ -1,5 +1,6 @@
-"""Fixtures of the e2e tier shared by several files: one Ray cluster that the RayJobs join, and real model
-packages of two versions."""
+"""Fixtures of the e2e tier shared by several files: one Ray cluster that the RayJobs join, real fraud model
+packages of two versions, and one real digits (image) package that the serving and the training tests
+both inspect."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from _rollout_support import republish
 from _serving_support import fraud_config, train_package
-from _training_support import stop_ray_head
+from _training_support import start_local_ray, stop_ray_head
 
 
 class RayHead:
@@ -93,3 +94,19 @@ def fraud_versions(
     v2 = republish(Path(v1), f"file://{registry}", "fraud")
     assert v2 == "v2", v2
     return f"file://{registry}", [v1, str(registry / "fraud" / v2)]
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, object]:
+    """(RunConfig, ModelPackage) of the sample digits run (``quick_config("digits")``: 8x8 images, a small
+    CNN, ten epochs, gated on accuracy 0.9, pixels declared 0..16), trained once in this process on a
+    local Ray (2 CPUs) for the session: test_training checks what it learned, test_serving serves it
+    (an image model over V1 base64 and V2 bytes, its drift and saliency maps). Training a second digits
+    package for the serving tests cost ~50 s of a two-core machine."""
+    from conveyor.runtime.package.registry import open_package
+    from conveyor.runtime.training.run import train_and_register
+    from conveyor.runtime.training.samples import quick_config
+
+    start_local_ray(num_cpus=2)
+    config = quick_config("digits", str(tmp_path_factory.mktemp("digits-registry")))
+    return config, open_package(train_and_register(config))

@@ -10,6 +10,7 @@ import http.client as httpclient
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,13 +25,10 @@ from _serving_support import (
     ROOT,
     Metrics,
     ServerProcess,
-    digits_config,
-    fraud_config,
     free_port,
     http,
     post_json,
     rows_of,
-    train_package,
 )
 
 pytestmark = pytest.mark.slow
@@ -51,13 +49,20 @@ def registry_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def fraud_package(registry_dir: Path) -> str:
-    return train_package(fraud_config(str(registry_dir)), registry_dir.parent / "train-fraud")
+def fraud_package(registry_dir: Path, fraud_versions: tuple[str, list[str]]) -> str:
+    """The session's fraud v1 (tests/e2e/conftest.py: a real training run on transactions from the same
+    generator, with this file's transforms), copied into a registry of this file's own: the feedback and
+    served-request logs these tests write stay out of the rollout tests' registry."""
+    package = registry_dir / FRAUD / "v1"
+    if not package.exists():
+        shutil.copytree(Path(fraud_versions[1][0].removeprefix("file://")), package)
+    return str(package)
 
 
 @pytest.fixture(scope="session")
-def digits_package(registry_dir: Path) -> str:
-    return train_package(digits_config(str(registry_dir)), registry_dir.parent / "train-digits")
+def digits_package(digits_run: tuple[Any, Any]) -> str:
+    """The session's sample digits package (tests/e2e/conftest.py), which test_training checks too."""
+    return str(digits_run[1].uri)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +185,9 @@ def test_v2_with_kserve_client_matches_v1_and_carries_id_and_version(
     assert labels == [p["label"] for p in v1["predictions"]]
 
 
-def test_v2_metadata_and_inference_with_tritonclient(fraud_server: ServerProcess, fraud_package: str, live_frame: Any) -> None:
+def test_v2_metadata_and_inference_with_tritonclient(
+    fraud_server: ServerProcess, fraud_package: str, live_frame: Any
+) -> None:
     import tritonclient.http as triton
 
     client = triton.InferenceServerClient(url=f"127.0.0.1:{fraud_server.port}")
@@ -322,7 +329,9 @@ def wait_for_processes(server: ServerProcess, n: int, timeout: float = 300) -> M
         m = Metrics.scrape(server.url)
         if m.value("conveyor_server_processes", model_name=FRAUD) == n:
             return m
-        assert time.monotonic() < deadline, f"{n} server processes not up after {timeout}s:\n{server.log_tail()}"
+        assert time.monotonic() < deadline, (
+            f"{n} server processes not up after {timeout}s:\n{server.log_tail()}"
+        )
         time.sleep(0.3)
 
 
@@ -332,7 +341,9 @@ def worker_pids(server: ServerProcess) -> list[int]:
     return [int(p) for p in text.split()]
 
 
-def test_three_processes_report_every_request_in_one_scrape(fraud_workers: ServerProcess, live_frame: Any) -> None:
+def test_three_processes_report_every_request_in_one_scrape(
+    fraud_workers: ServerProcess, live_frame: Any
+) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     labels = {"model_name": FRAUD, "model_version": "v1"}
@@ -359,7 +370,9 @@ def test_three_processes_report_every_request_in_one_scrape(fraud_workers: Serve
     assert window is not None and window < after.value("conveyor_drift_bin_total", **labels, feature="amount")
 
 
-def test_a_killed_worker_is_replaced_and_no_count_goes_back(fraud_workers: ServerProcess, live_frame: Any) -> None:
+def test_a_killed_worker_is_replaced_and_no_count_goes_back(
+    fraud_workers: ServerProcess, live_frame: Any
+) -> None:
     labels = {"model_name": FRAUD, "model_version": "v1"}
     url = f"{fraud_workers.url}/v1/models/{FRAUD}:predict"
     for r in rows_of(live_frame.iloc[300:320]):
@@ -370,9 +383,13 @@ def test_a_killed_worker_is_replaced_and_no_count_goes_back(fraud_workers: Serve
     os.kill(pids[0], signal.SIGKILL)
     deadline = time.monotonic() + 30
     while pids[0] in worker_pids(fraud_workers) or len(worker_pids(fraud_workers)) != 3:
-        assert time.monotonic() < deadline, f"no replacement for the killed worker:\n{fraud_workers.log_tail()}"
+        assert time.monotonic() < deadline, (
+            f"no replacement for the killed worker:\n{fraud_workers.log_tail()}"
+        )
         time.sleep(0.2)
-    after = wait_for_processes(fraud_workers, 3)  # the replacement loaded the model (the dead one's gauge is gone)
+    after = wait_for_processes(
+        fraud_workers, 3
+    )  # the replacement loaded the model (the dead one's gauge is gone)
     for name in ("conveyor_requests_total", "conveyor_batch_size_sum"):
         assert after.value(name, **labels) == before.value(name, **labels), name
     assert post_json(url, {"instances": rows_of(live_frame.iloc[:1])})[0] == 200
@@ -384,7 +401,9 @@ def test_grpc_v2_with_tritonclient_and_invalid_argument_naming_the_input(
     frame = live_frame.iloc[400:408]
     types = {"amount": "FP32", "merchant": "BYTES", "hour": "INT64", "foreign": "BOOL",
              "card_age_days": "INT64", "distance_km": "FP32", "txn_last_hour": "INT64"}  # fmt: skip
-    inputs = [{"name": f, "datatype": types[f], "data": [r[f] for r in rows_of(frame)]} for f in FRAUD_FEATURES]
+    inputs = [
+        {"name": f, "datatype": types[f], "data": [r[f] for r in rows_of(frame)]} for f in FRAUD_FEATURES
+    ]
 
     def grpc_infer(tensors: list[dict[str, Any]]) -> dict[str, Any]:
         proc = subprocess.run(
@@ -398,13 +417,17 @@ def test_grpc_v2_with_tritonclient_and_invalid_argument_naming_the_input(
     before = Metrics.scrape(fraud_workers.url)
     answer = grpc_infer(inputs)
     assert answer["ready"] and answer["model_version"] == "v1"
-    assert answer["label"] == expected_labels(fraud_package, in_process_probabilities(fraud_package, frame[FRAUD_FEATURES]))
+    assert answer["label"] == expected_labels(
+        fraud_package, in_process_probabilities(fraud_package, frame[FRAUD_FEATURES])
+    )
     bad = grpc_infer([t for t in inputs if t["name"] != "amount"])["error"]
     assert bad["status"] == "StatusCode.INVALID_ARGUMENT" and "amount" in bad["message"], bad
     after = Metrics.scrape(fraud_workers.url)  # counted like HTTP, the status as the HTTP code it stands for
     for code, outcome in (("200", "success"), ("400", "client_error")):
         lab = {"model_name": FRAUD, "protocol": "grpc", "code": code, "outcome": outcome}
-        grew = after.value("conveyor_requests_total", **lab) - (before.value("conveyor_requests_total", **lab) or 0)
+        grew = after.value("conveyor_requests_total", **lab) - (
+            before.value("conveyor_requests_total", **lab) or 0
+        )
         assert grew == 1, (code, grew)
 
 
@@ -479,7 +502,9 @@ def test_feedback_moves_the_online_accuracy_gauge(fraud_server: ServerProcess, l
     assert m.value("conveyor_online_accuracy", **labels) == 0.5
 
 
-def test_feedback_is_persisted_and_survives_a_restart(fraud_package: str, live_frame: Any, tmp_path: Path) -> None:
+def test_feedback_is_persisted_and_survives_a_restart(
+    fraud_package: str, live_frame: Any, tmp_path: Path
+) -> None:
     """Ground truth goes to the version's feedback dataset in registry storage: a new process finds it,
     with the inputs and the prediction beside each label."""
     from conveyor.runtime.package.registry import Registry
@@ -492,7 +517,9 @@ def test_feedback_is_persisted_and_survives_a_restart(fraud_package: str, live_f
         status, body = post_json(f"{server.url}/v1/models/{FRAUD}:predict", {"instances": rows_of(frame)})
         assert status == 200
         rid, predicted = body["id"], [p["label"] for p in body["predictions"]]
-        status, body = post_json(f"{server.url}/v1/models/{FRAUD}/feedback", {"id": rid, "labels": ["1", "0", "1"]})
+        status, body = post_json(
+            f"{server.url}/v1/models/{FRAUD}/feedback", {"id": rid, "labels": ["1", "0", "1"]}
+        )
         assert status == 200, body
     with ServerProcess(fraud_package, FRAUD, tmp_path) as server:  # a new replica: the dataset is still there
         rows = [r for r in store.read_feedback(["v1"]) if r["id"] == rid]
@@ -502,13 +529,21 @@ def test_feedback_is_persisted_and_survives_a_restart(fraud_package: str, live_f
         assert rows[0]["inputs"]["merchant"] == frame.iloc[0]["merchant"]
         # It never served that id itself, but the first process's served-request log (flushed on its
         # shutdown) holds it: more ground truth for it is accepted here, with the served prediction.
-        status, body = post_json(f"{server.url}/v1/models/{FRAUD}/feedback", {"id": rid, "labels": ["0", "0", "0"]})
+        status, body = post_json(
+            f"{server.url}/v1/models/{FRAUD}/feedback", {"id": rid, "labels": ["0", "0", "0"]}
+        )
         assert status == 200, body
         rows = [r for r in store.read_feedback(["v1"]) if r["id"] == rid]
-        assert [r["label"] for r in rows] == ["1", "0", "1", "0", "0", "0"] and [r["prediction"] for r in rows[3:]] == predicted
+        assert [r["label"] for r in rows] == ["1", "0", "1", "0", "0", "0"] and [
+            r["prediction"] for r in rows[3:]
+        ] == predicted
         # An id nobody served: a 4xx naming it, and when a very recent one might still be in a buffer.
-        status, body = post_json(f"{server.url}/v1/models/{FRAUD}/feedback", {"id": "nobody-served-this", "label": "1"})
-        assert status == 400 and "nobody-served-this" in json.dumps(body) and "flushed" in json.dumps(body), body
+        status, body = post_json(
+            f"{server.url}/v1/models/{FRAUD}/feedback", {"id": "nobody-served-this", "label": "1"}
+        )
+        assert status == 400 and "nobody-served-this" in json.dumps(body) and "flushed" in json.dumps(body), (
+            body
+        )
 
 
 # ---------------------------------------------------------------- bad input
@@ -586,10 +621,17 @@ BAD_PAYLOADS: list[tuple[str, str, Any, dict[str, str], int, list[str]]] = [
 ]  # fmt: skip
 
 
-def test_an_unknown_field_is_ignored_and_counted_and_an_imputed_one_may_be_left_out(fraud_server: ServerProcess) -> None:
+def test_an_unknown_field_is_ignored_and_counted_and_an_imputed_one_may_be_left_out(
+    fraud_server: ServerProcess,
+) -> None:
     """An upstream producer adding a field breaks nothing; a field the fitted transforms impute is optional."""
     row = _with(colour="red")
-    got, raw, _ = http("POST", fraud_server.url + V1, json.dumps({"instances": [row, _with(distance_km=_DROP)]}).encode(), JSON)
+    got, raw, _ = http(
+        "POST",
+        fraud_server.url + V1,
+        json.dumps({"instances": [row, _with(distance_km=_DROP)]}).encode(),
+        JSON,
+    )
     assert got == 200, raw
     assert len(json.loads(raw)["predictions"]) == 2
     v2 = _v2_json()
@@ -599,8 +641,11 @@ def test_an_unknown_field_is_ignored_and_counted_and_an_imputed_one_may_be_left_
     got, raw, _ = http("POST", fraud_server.url + V2, json.dumps(_v2_json(drop="distance_km")).encode(), JSON)
     assert got == 200, raw
     _, text, _ = http("GET", fraud_server.url + "/metrics")
-    counted = [line for line in text.decode().splitlines()
-               if line.startswith("conveyor_ignored_inputs_total{") and 'field="colour"' in line]
+    counted = [
+        line
+        for line in text.decode().splitlines()
+        if line.startswith("conveyor_ignored_inputs_total{") and 'field="colour"' in line
+    ]
     assert counted and float(counted[0].rsplit(" ", 1)[1]) >= 2, counted
 
 
@@ -783,7 +828,9 @@ def _serve(model_dir: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_explain_attributes_each_answer_to_the_input_features(fraud_server: ServerProcess, live_frame: Any) -> None:
+def test_explain_attributes_each_answer_to_the_input_features(
+    fraud_server: ServerProcess, live_frame: Any
+) -> None:
     rows = rows_of(live_frame.head(5))
     status, explained = post_json(f"{fraud_server.url}/v1/models/{FRAUD}:explain", {"instances": rows})
     assert status == 200, explained
@@ -822,8 +869,6 @@ def test_a_missing_or_corrupt_package_fails_at_start_naming_path_and_reason(
     proc = _serve(str(missing))
     assert proc.returncode == 2
     assert str(missing) in proc.stderr and "package.json" in proc.stderr
-
-    import shutil
 
     corrupt = tmp_path / "reg2" / "fraud" / "v1"
     shutil.copytree(fraud_package, corrupt)

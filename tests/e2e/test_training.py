@@ -44,10 +44,7 @@ def fraud_run(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> tup
     return config, open_package(train_and_register(config))
 
 
-@pytest.fixture(scope="session")
-def digits_run(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[RunConfig, object]:
-    config = quick_config("digits", str(tmp_path_factory.mktemp("registry")))
-    return config, open_package(train_and_register(config))
+# digits_run (the sample digits run, shared with test_serving): tests/e2e/conftest.py
 
 
 def _held_out(config: RunConfig):
