@@ -297,6 +297,55 @@ def test_standard_canary_steps_on_the_real_kserve(
     assert "fraud-v2-predictor" in services()
 
 
+def test_standard_shadow_is_cluster_local_and_mirrored_to_kserves_address(
+    placement_cluster: Cluster, placement_operator: OperatorProcess, registry: str
+) -> None:
+    """A Standard-mode shadow on the real KServe v0.20.0: the operator labels the `fraud-shadow`
+    InferenceService cluster-local, so KServe writes no HTTPRoute for it (nothing exposes the shadow; the
+    only route is the operator's, v1 at 100) and reports its cluster address (`status.address.url`, the
+    shadow predictor Service's in-cluster name); the stable predictor's CONVEYOR_SHADOW_URL is that address."""
+    cluster = placement_cluster
+    spec = deployment_spec(
+        registry,
+        "v1",
+        predictor={"resources": {"requests": {"cpu": "100m", "memory": "128Mi"}}},
+        autoscaling={"minReplicas": 1, "maxReplicas": 2, "metric": "cpu", "target": 70},
+        # No Prometheus in this test: the analysis is an hour away; what is checked is the mirror's wiring.
+        rollout={"mode": "Standard", "strategy": "shadow", "shadow": {"percent": 100}, "steps": [50, 100],
+                 "interval": "1h"},
+    )
+    cluster.create(MDEP, "fraud", spec)
+    wait_for(
+        "v1 served through the operator's route",
+        lambda: _route_backends(cluster) == {ROUTE: [("fraud-v1-predictor", 100)]}
+        and _isvc_condition(cluster.isvc("fraud"), "Ready") == "True",
+        timeout=90,
+    )
+    cluster.patch(MDEP, "fraud", {"spec": {"model": {"version": "v2"}}})
+
+    def mirrored() -> tuple[dict[str, Any], str] | None:
+        shadow = cluster.isvc("fraud-shadow")
+        address = ((shadow.get("status") or {}).get("address") or {}).get("url")
+        predictor = cluster.isvc("fraud")["spec"]["predictor"]
+        env = {e["name"]: e.get("value") for e in predictor["containers"][0].get("env") or []}
+        if address and _isvc_condition(shadow, "Ready") == "True" and env.get("CONVEYOR_SHADOW_URL") == address:
+            return shadow, address
+        return None
+
+    try:
+        shadow, address = wait_for("the stable predictor mirroring to the shadow's address", mirrored, timeout=90)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{_snapshot(cluster)}") from None
+    assert shadow["metadata"]["labels"]["networking.kserve.io/visibility"] == "cluster-local"
+    assert address == f"http://fraud-shadow-v2-predictor.{cluster.ns}.svc.cluster.local"
+    assert _isvc_condition(shadow, "IngressReady") == "True"  # KServe's ingress reconciler has run on it
+    assert _route_backends(cluster) == {ROUTE: [("fraud-v1-predictor", 100)]}  # no route for the shadow
+    status = wait_until(
+        "the operator's status", lambda: cluster.status(MDEP, "fraud"), lambda s: (s.get("shadow") or {}).get("mirroring")
+    )
+    assert [(t["version"], t["percent"]) for t in status["traffic"]] == [("v1", 100)]
+
+
 def _snapshot(cluster: Cluster) -> str:
     """What KServe and the operator show, for a failure's message."""
     isvc = cluster.isvc("fraud")
