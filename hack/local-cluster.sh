@@ -211,21 +211,32 @@ start_apiserver() { # on the port recorded in $STATE/ports, against the recorded
   wait_for "kube-apiserver /readyz" 120 apiserver_ready || { tail -30 "$STATE/logs/kube-apiserver.log" >&2; exit 1; }
 }
 
-stop_component() { # name, signal: stop it if it is ours and still runs
-  local pid
-  if running "$1"; then
-    pid=$(pid_of "$1")
-    kill "-$2" "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    log "stopped $1 (pid $pid)"
-  fi
+stop_components() { # signal, names...: signal those that are ours and still run all at once, give them
+  # 5 s together (one after the other, each one's grace added up), then SIGKILL what is left
+  local sig=$1 c pid alive pids=() stopped=()
+  shift
+  for c in "$@"; do
+    if running "$c"; then
+      pid=$(pid_of "$c")
+      kill "-$sig" "$pid" 2>/dev/null || true
+      pids+=("$pid"); stopped+=("$c (pid $pid)")
+    fi
+  done
+  ((${#pids[@]})) || return 0
+  for _ in $(seq 1 50); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  log "stopped ${stopped[*]}"
 }
 
 cmd_restart() {
   running kube-apiserver || die "nothing to restart: run '$0 up' first"
-  stop_component kube-apiserver KILL
-  stop_component etcd KILL
+  stop_components KILL kube-apiserver
+  stop_components KILL etcd
   start_etcd
   start_apiserver
   log "restarted etcd and kube-apiserver at https://127.0.0.1:$(cat "$STATE/ports/apiserver")"
@@ -282,13 +293,12 @@ EOF
 }
 
 cmd_down() {
-  local stopped=0
-  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
-    if running "${COMPONENTS[i]}"; then
-      stop_component "${COMPONENTS[i]}" TERM; stopped=1
-    fi
-  done
-  ((stopped)) || log "nothing was running"
+  local c any=0
+  for c in "${COMPONENTS[@]}"; do if running "$c"; then any=1; fi; done
+  ((any)) || log "nothing was running"
+  # The apiserver and its controller-manager together, then etcd (the apiserver shuts down against it).
+  stop_components TERM kube-controller-manager kube-apiserver
+  stop_components TERM etcd
   # Keep the logs of the last run; drop its data and credentials.
   rm -rf "$STATE/etcd" "$STATE/pki" "$STATE/pids" "$STATE/ports" "$STATE"/*.kubeconfig
 }

@@ -367,17 +367,24 @@ cmd_up() {
 }
 
 cmd_down() {
-  local c pid
+  # All at once, 5 s together (one after the other, their graces added up to ~20 s), then SIGKILL.
+  local c pid alive pids=()
   for c in "${COMPONENTS[@]}"; do
     if running "$c"; then
       pid=$(pid_of "$c")
       kill "$pid" 2>/dev/null || true
-      for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -9 "$pid" 2>/dev/null || true
-      log "stopped $c (pid $pid)"
+      pids+=("$pid")
+      log "stopping $c (pid $pid)"
     fi
     rm -f "$STATE/pids/$c"
   done
+  for _ in $(seq 1 50); do
+    alive=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
   "$ROOT/hack/local-cluster.sh" down
 }
 
