@@ -13,6 +13,7 @@ it started (never ``ray stop``, which ends every Ray on the machine).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
@@ -72,7 +73,9 @@ def _up(state: Path, timeout: float) -> str:
             raise _StartFailed(f"ray start exited {proc.returncode}: see {state / 'rayhead.log'}")
         if time.monotonic() > deadline:
             down(state)
-            raise RuntimeError(f"the Ray head did not come up within {timeout:.0f}s: see {state / 'rayhead.log'}")
+            raise RuntimeError(
+                f"the Ray head did not come up within {timeout:.0f}s: see {state / 'rayhead.log'}"
+            )
         time.sleep(0.5)
     (state / "rayhead.address").write_text(address)
     return address
@@ -108,6 +111,7 @@ def down(state: Path) -> None:
             break
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
+            _reap(pgid)
             try:
                 os.killpg(pgid, 0)
             except ProcessLookupError:
@@ -121,6 +125,15 @@ def down(state: Path) -> None:
     if temp.exists():
         shutil.rmtree(temp.read_text(), ignore_errors=True)
         temp.unlink()
+
+
+def _reap(pid: int) -> None:
+    """Collect ``ray start`` if it exited and is this process's child (``up`` in this process started it):
+    an unreaped child stays a zombie in its process group, which then never looks gone, and ``down``
+    would wait out both of its graces (25 s) for nothing."""
+    # (ChildProcessError: not this process's child, ``down`` run from another process; its parent reaps it.)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def main(argv: list[str] | None = None) -> int:
