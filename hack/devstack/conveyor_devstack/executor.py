@@ -319,7 +319,7 @@ class Executor:
             if successor is None or successor.proc.poll() is not None or successor.env_digest != digest:
                 if successor is not None:
                     self._stop(successor.proc)
-                self.successors[key] = self._start_predictor(meta, key, version, uri, env, digest)
+                self.successors[key] = self._start_predictor(meta, key, version, uri, env, digest, container)
             elif self._ready(key, successor, scrape=False):
                 self.retiring.append((time.monotonic(), running.proc))
                 self.predictors[key] = self.successors.pop(key)
