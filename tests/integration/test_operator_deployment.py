@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from _operator_support import Cluster, OperatorProcess, deployment_spec, train, wait_for, wait_until
+from kubernetes.client.rest import ApiException
 
 pytestmark = pytest.mark.cluster
 
@@ -109,7 +110,13 @@ def test_canary_knative(cluster: Cluster, operator: OperatorProcess, registry: s
     assert {(t["version"], t["percent"], t["tag"]) for t in traffic} == {("v2", 10, "canary"), ("v1", 90, "stable")}
 
 
-def test_canary_standard_uses_spec_canary(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:
+def test_canary_standard_uses_spec_canary_behind_a_watched_route(
+    cluster: Cluster, operator: OperatorProcess, registry: str
+) -> None:
+    """Standard mode: the canary is a `spec.canary[]` entry; the split is the operator's HTTPRoute, which
+    status.traffic reports and which is watched: deleted or edited out of band it is restored at once (the
+    resync is at its 10 minutes here), a route KServe wrote is deleted, and a route event that changes
+    nothing the operator owns writes nothing."""
     spec = deployment_spec(
         registry,
         "v1",
@@ -143,6 +150,86 @@ def test_canary_standard_uses_spec_canary(cluster: Cluster, operator: OperatorPr
         ("v1", 75, "fraud-v1-predictor"),
         ("v2", 25, "fraud-v2-predictor"),
     }
+    route_is_restored_from_the_watch(cluster, operator, [("fraud-v1-predictor", 75), ("fraud-v2-predictor", 25)])
+
+
+GATEWAY_API = ("gateway.networking.k8s.io", "v1")
+RESTORE_TIMEOUT = 20.0  # seconds; the resync would take 600
+
+
+def route(cluster: Cluster, name: str = "fraud-traffic") -> dict[str, Any] | None:
+    try:
+        return cluster.custom.get_namespaced_custom_object(*GATEWAY_API, cluster.ns, "httproutes", name)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def backends(r: dict[str, Any]) -> list[tuple[str, int]]:
+    return [(b["name"], b.get("weight", 1)) for rule in r["spec"]["rules"] for b in rule.get("backendRefs") or []]
+
+
+def settled_writes(operator: OperatorProcess) -> float:
+    """The operator's write count once it has stopped moving (events are posted in the background)."""
+    last = [operator.writes()]
+
+    def quiet() -> bool:
+        time.sleep(1.0)
+        now = operator.writes()
+        was, last[0] = last[0], now
+        return now == was
+
+    wait_for("the operator's writes to stop", quiet, timeout=30, interval=0.0)
+    return last[0]
+
+
+def route_is_restored_from_the_watch(cluster: Cluster, operator: OperatorProcess, split: list[tuple[str, int]]) -> None:
+    first = wait_until("the operator's route", lambda: route(cluster), lambda r: r is not None and backends(r) == split)
+    assert first is not None
+    host = first["spec"]["hostnames"]
+    # Deleted: it comes back (a new object) with the same backends, host and gateway.
+    cluster.custom.delete_namespaced_custom_object(*GATEWAY_API, cluster.ns, "httproutes", "fraud-traffic")
+    again = wait_for(
+        "the route restored after its deletion",
+        lambda: (r := route(cluster)) is not None and r["metadata"]["uid"] != first["metadata"]["uid"] and r,
+        timeout=RESTORE_TIMEOUT,
+    )
+    assert again["spec"] == first["spec"]
+    # Pointed at another host: put back.
+    cluster.custom.patch_namespaced_custom_object(
+        *GATEWAY_API, cluster.ns, "httproutes", "fraud-traffic", {"spec": {"hostnames": ["elsewhere.example.com"]}}
+    )
+    wait_until("the route's host put back", lambda: route(cluster), lambda r: r is not None and r["spec"]["hostnames"] == host,
+               timeout=RESTORE_TIMEOUT)
+    # A route KServe wrote for the InferenceService (before it was labelled cluster-local): deleted.
+    isvc = cluster.isvc("fraud")
+    theirs = {
+        "apiVersion": "/".join(GATEWAY_API),
+        "kind": "HTTPRoute",
+        "metadata": {
+            "name": "fraud",
+            "labels": {"conveyor.dev/model-deployment": "fraud", "app.kubernetes.io/managed-by": "conveyor"},
+            "ownerReferences": [{"apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+                                 "name": "fraud", "uid": isvc["metadata"]["uid"], "controller": True}],
+        },
+        "spec": {"rules": [{"backendRefs": [{"name": "fraud-v1-predictor", "port": 80}]}]},
+    }
+    cluster.custom.create_namespaced_custom_object(*GATEWAY_API, cluster.ns, "httproutes", theirs)
+    wait_for("KServe's route deleted", lambda: route(cluster, "fraud") is None, timeout=RESTORE_TIMEOUT)
+    # A route event that changes nothing the operator owns: reconciled, nothing written.
+    writes = settled_writes(operator)
+    reconciles = operator.metric("conveyor_reconcile_total", kind="ModelDeployment")
+    cluster.custom.patch_namespaced_custom_object(
+        *GATEWAY_API, cluster.ns, "httproutes", "fraud-traffic", {"metadata": {"labels": {"team": "fraud"}}}
+    )
+    wait_for(
+        "the route event's reconcile",
+        lambda: operator.metric("conveyor_reconcile_total", kind="ModelDeployment") > reconciles,
+        timeout=RESTORE_TIMEOUT,
+    )
+    assert settled_writes(operator) == writes
+    assert backends(route(cluster) or {"spec": {"rules": []}}) == split
 
 
 def test_immediate_strategy_and_missing_version(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:

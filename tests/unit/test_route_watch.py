@@ -1,7 +1,8 @@
 """Standard mode's HTTPRoutes are watched only where the API serves them (discovery at startup,
 handlers._watch_routes_if_served), label-selected to ModelDeployments, and the reconcile reads them from
 that watch's cache (never a LIST per reconcile). The discovery answer comes from a stand-in client (one GET);
-tests/integration/test_standard_route.py runs the watch against the real kube-apiserver."""
+tests/integration/test_operator_deployment.py (the Standard canary) runs the watch against the real
+kube-apiserver."""
 
 from __future__ import annotations
 
