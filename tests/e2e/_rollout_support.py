@@ -16,13 +16,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 from _operator_support import Cluster, OperatorProcess, wait_until  # noqa: E402
+from _training_support import ROW  # noqa: E402, F401 - the rollout tests' request row
 
 from conveyor.runtime.package.registry import Registry  # noqa: E402
 
 MDEP = "modeldeployments"
 NAME = "fraud"
-ROW = {"amount": 24.5, "merchant": "grocery", "hour": 14, "foreign": False, "card_age_days": 900,
-       "distance_km": 2.1, "txn_last_hour": 0}
 RATE = 10  # requests a second: 2/s reach a 20% canary, enough for minRequests in a 10s window
 
 

@@ -10,6 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+# One transaction in the fraud sample's schema (conveyor.runtime.training.data.fraud_frame), as a client sends it.
+ROW = {
+    "amount": 24.5,
+    "merchant": "grocery",
+    "hour": 14,
+    "foreign": False,
+    "card_age_days": 900,
+    "distance_km": 2.1,
+    "txn_last_hour": 0,
+}
+
 
 def start_local_ray(num_cpus: int = 2) -> str:
     """A local Ray capped at ``num_cpus`` (the machine is shared); returns its GCS address so that a

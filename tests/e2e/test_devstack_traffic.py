@@ -19,20 +19,12 @@ import grpc
 import pytest
 from _serving_support import Metrics, free_port, http
 from _traffic import Load
+from _training_support import ROW
 from conveyor_devstack import faults
 from conveyor_devstack.router import Backend, RouterHost
 
 pytestmark = [pytest.mark.slow]
 
-ROW = {
-    "amount": 24.5,
-    "merchant": "grocery",
-    "hour": 14,
-    "foreign": False,
-    "card_age_days": 900,
-    "distance_km": 2.1,
-    "txn_last_hour": 0,
-}
 NAME = "fraud"
 V2_TYPES = {"amount": "FP32", "merchant": "BYTES", "hour": "INT64", "foreign": "BOOL", "card_age_days": "INT64",
             "distance_km": "FP32", "txn_last_hour": "INT64"}  # fmt: skip

@@ -13,20 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from _training_support import executor_command, get_object, operator_command, wait_ready, wait_with_logs
+from _training_support import ROW, executor_command, get_object, operator_command, wait_ready, wait_with_logs
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-ROW = {
-    "amount": 24.5,
-    "merchant": "grocery",
-    "hour": 14,
-    "foreign": False,
-    "card_age_days": 900,
-    "distance_km": 2.1,
-    "txn_last_hour": 0,
-}
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:

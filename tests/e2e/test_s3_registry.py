@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from _training_support import (
+    ROW,
     executor_command,
     get_object,
     operator_command,
@@ -33,15 +34,6 @@ ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "models"
 REGISTRY = f"s3://{BUCKET}/registry"
 SECRET = "registry-credentials"
-ROW = {
-    "amount": 24.5,
-    "merchant": "grocery",
-    "hour": 14,
-    "foreign": False,
-    "card_age_days": 900,
-    "distance_km": 2.1,
-    "txn_last_hour": 0,
-}
 
 
 @pytest.fixture(scope="module")

@@ -136,6 +136,19 @@ class OperatorProcess:
             if k.startswith("conveyor_api_requests_total{") and 'verb="GET"' not in k
         )
 
+    def settled_writes(self) -> float:
+        """The write count once it has stopped moving for a second (events are posted in the background)."""
+        last = [self.writes()]
+
+        def quiet() -> bool:
+            time.sleep(1.0)
+            now = self.writes()
+            was, last[0] = last[0], now
+            return now == was
+
+        wait_for("the operator's writes to stop", quiet, timeout=30, interval=0.0)
+        return last[0]
+
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)

@@ -170,20 +170,6 @@ def backends(r: dict[str, Any]) -> list[tuple[str, int]]:
     return [(b["name"], b.get("weight", 1)) for rule in r["spec"]["rules"] for b in rule.get("backendRefs") or []]
 
 
-def settled_writes(operator: OperatorProcess) -> float:
-    """The operator's write count once it has stopped moving (events are posted in the background)."""
-    last = [operator.writes()]
-
-    def quiet() -> bool:
-        time.sleep(1.0)
-        now = operator.writes()
-        was, last[0] = last[0], now
-        return now == was
-
-    wait_for("the operator's writes to stop", quiet, timeout=30, interval=0.0)
-    return last[0]
-
-
 def route_is_restored_from_the_watch(cluster: Cluster, operator: OperatorProcess, split: list[tuple[str, int]]) -> None:
     first = wait_until("the operator's route", lambda: route(cluster), lambda r: r is not None and backends(r) == split)
     assert first is not None
@@ -218,7 +204,7 @@ def route_is_restored_from_the_watch(cluster: Cluster, operator: OperatorProcess
     cluster.custom.create_namespaced_custom_object(*GATEWAY_API, cluster.ns, "httproutes", theirs)
     wait_for("KServe's route deleted", lambda: route(cluster, "fraud") is None, timeout=RESTORE_TIMEOUT)
     # A route event that changes nothing the operator owns: reconciled, nothing written.
-    writes = settled_writes(operator)
+    writes = operator.settled_writes()
     reconciles = operator.metric("conveyor_reconcile_total", kind="ModelDeployment")
     cluster.custom.patch_namespaced_custom_object(
         *GATEWAY_API, cluster.ns, "httproutes", "fraud-traffic", {"metadata": {"labels": {"team": "fraud"}}}
@@ -228,7 +214,7 @@ def route_is_restored_from_the_watch(cluster: Cluster, operator: OperatorProcess
         lambda: operator.metric("conveyor_reconcile_total", kind="ModelDeployment") > reconciles,
         timeout=RESTORE_TIMEOUT,
     )
-    assert settled_writes(operator) == writes
+    assert operator.settled_writes() == writes
     assert backends(route(cluster) or {"spec": {"rules": []}}) == split
 
 

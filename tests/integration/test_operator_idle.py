@@ -109,15 +109,7 @@ def test_a_settled_operator_makes_no_api_writes(
     assert {cluster.status(MDEP, n).get("stableVersion") for n in ("fraud", "newest")} == {version}
 
     # Settled: the last transitions' writes (their events are posted in the background) are out.
-    last = [operator.writes()]
-
-    def quiet() -> bool:
-        time.sleep(1.0)
-        now = operator.writes()
-        was, last[0] = last[0], now
-        return now == was
-
-    wait_for("the operator's writes to stop", quiet, timeout=30, interval=0.0)
+    operator.settled_writes()
 
     before = versions(cluster)
     reconciles, writes = operator.metric("conveyor_reconcile_total"), operator.writes()

@@ -165,6 +165,22 @@ class Executor:
                     },
                 )
 
+    def _submission_failed(self, rayjob: dict[str, Any], message: str) -> None:
+        """The job never started: failed at submission, as KubeRay reports it."""
+        now = _now()
+        self._patch_status(
+            RAY,
+            rayjob,
+            {
+                "jobStatus": "FAILED",
+                "jobDeploymentStatus": "Failed",
+                "startTime": now,
+                "endTime": now,
+                "reason": "SubmissionFailed",
+                "message": message,
+            },
+        )
+
     def _start_training(self, rayjob: dict[str, Any]) -> None:
         meta = rayjob["metadata"]
         workdir = self.state_dir / "rayjobs" / f"{meta['namespace']}-{meta['name']}-{meta['uid'][:8]}"
@@ -177,36 +193,14 @@ class Executor:
                 # The run's ConfigMap is owned by the RayJob, so it is written just after it: a kubelet keeps
                 # the head pod in ContainerCreating until the volume's ConfigMap exists; so do we (next sync).
                 return
-            self._patch_status(
-                RAY,
-                rayjob,
-                {
-                    "jobStatus": "FAILED",
-                    "jobDeploymentStatus": "Failed",
-                    "startTime": _now(),
-                    "endTime": _now(),
-                    "reason": "SubmissionFailed",
-                    "message": str(exc),
-                },
-            )
+            self._submission_failed(rayjob, str(exc))
             return
         log_path = workdir / "job.log"
         head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
         try:  # the entrypoint runs on the head: its container's env and envFrom, resolved as a kubelet would
             pod_env = container_env(self.core, head, meta["namespace"], f"{meta['name']}-head")
         except Exception as exc:  # noqa: BLE001 - a pod that cannot start fails the job's start
-            self._patch_status(
-                RAY,
-                rayjob,
-                {
-                    "jobStatus": "FAILED",
-                    "jobDeploymentStatus": "Failed",
-                    "startTime": _now(),
-                    "endTime": _now(),
-                    "reason": "SubmissionFailed",
-                    "message": f"head pod: {exc}",
-                },
-            )
+            self._submission_failed(rayjob, f"head pod: {exc}")
             return
         # cwd is the job's own folder, as in a Ray head pod: never the repository root.
         proc = subprocess.Popen(
