@@ -24,6 +24,8 @@ KSERVE_VERSION=v0.20.0 # matches the kserve Python package pinned in pyproject.t
 GATEWAY_API_VERSION=v1.5.1 # what KServe v0.20.0's module requires (hack/tools/kserve/go.mod)
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=hack/lib/reap.sh
+source "$ROOT/hack/lib/reap.sh"
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/conveyor
 KUBE_BIN=$CACHE/kubernetes-$KUBE_VERSION
 ETCD_BIN=$CACHE/etcd-$ETCD_VERSION
@@ -213,7 +215,7 @@ start_apiserver() { # on the port recorded in $STATE/ports, against the recorded
 
 stop_components() { # signal, names...: signal those that are ours and still run all at once, give them
   # 5 s together (one after the other, each one's grace added up), then SIGKILL what is left
-  local sig=$1 c pid alive pids=() stopped=()
+  local sig=$1 c pid pids=() stopped=()
   shift
   for c in "$@"; do
     if running "$c"; then
@@ -223,13 +225,7 @@ stop_components() { # signal, names...: signal those that are ours and still run
     fi
   done
   ((${#pids[@]})) || return 0
-  for _ in $(seq 1 50); do
-    alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  reap_pids "${pids[@]}"
   log "stopped ${stopped[*]}"
 }
 

@@ -36,6 +36,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=hack/lib/reap.sh
+source "$ROOT/hack/lib/reap.sh"
 CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/conveyor
 STATE=${CONVEYOR_PLACEMENT_DIR:-$CACHE/placement}
 export CONVEYOR_CLUSTER_DIR=$STATE/cluster
@@ -368,7 +370,7 @@ cmd_up() {
 
 cmd_down() {
   # All at once, 5 s together (one after the other, their graces added up to ~20 s), then SIGKILL.
-  local c pid alive pids=()
+  local c pid pids=()
   for c in "${COMPONENTS[@]}"; do
     if running "$c"; then
       pid=$(pid_of "$c")
@@ -378,13 +380,7 @@ cmd_down() {
     fi
     rm -f "$STATE/pids/$c"
   done
-  for _ in $(seq 1 50); do
-    alive=0
-    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
-    ((alive)) || break
-    sleep 0.1
-  done
-  for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  reap_pids "${pids[@]}"
   "$ROOT/hack/local-cluster.sh" down
 }
 
