@@ -1,12 +1,16 @@
 """The operator's view of one kind: the newest copy of each object, fed by the watch and by our own writes.
 
-resourceVersions are opaque (API conventions): they are compared only for equality, never ordered. The
-watch delivers one object's changes in order, so the only stale copy to guard against is a watch event
-older than a copy we wrote or read ourselves (a write's response can beat the watch). After such a
-write or read the cache waits for the watch to echo that resourceVersion and ignores the events before
-it; if the echo never comes (a relist after the watch expired skips it), it gives up waiting after
-`echo_timeout` seconds. A resourceVersion the watch has already delivered is never stored again from a
-write's response, since something newer may have followed it.
+A write's response can beat the watch, so the cache must not let a watch event older than a copy we wrote
+or read ourselves replace it; and it must never hold back an event newer than that copy. The watch does
+not always echo our write: a relist (after a watch expired, or while the apiserver's watch cache for a
+kind was still initializing and the list was retried) delivers only the state at list time, and a newer
+change by someone else may follow our write before the watch catches up.
+
+resourceVersions of one kind are ordered as decimal integers (KEP-5504, stable in Kubernetes 1.35; every
+etcd-backed apiserver has always issued them so): an event older than our copy is ignored, an event as new
+or newer replaces it. A resourceVersion that is not a decimal integer (some aggregated API servers) is
+compared only for equality: after our write the cache waits for the watch to echo it, taking a listed copy
+at once, and gives up waiting after `echo_timeout` seconds.
 """
 
 from __future__ import annotations
@@ -137,14 +141,17 @@ class ObjectCache:
             self._seen.pop(key, None)
             return obj
         rv = obj["metadata"].get("resourceVersion", "")
+        current = self._objects.get(key)
+        same_object = current is not None and current["metadata"].get("uid") == obj["metadata"].get("uid")
+        if same_object and _older(rv, current["metadata"].get("resourceVersion", "")):
+            return obj  # older than the copy we hold (our write's response): the watch has not caught up
         self._seen.setdefault(key, deque(maxlen=16)).append(rv)
         awaiting = self._awaiting.get(key)
         if awaiting is not None:
             want, since = awaiting
-            current = self._objects.get(key)
-            same_object = current is not None and current["metadata"].get("uid") == obj["metadata"].get("uid")
-            if rv != want and same_object and self._clock() - since < self._echo_timeout:
-                return obj  # older than the copy we hold: the watch has not caught up yet
+            echo_pending = rv != want and event.get("type") is not None  # a relist may never echo it
+            if echo_pending and same_object and self._clock() - since < self._echo_timeout:
+                return obj  # opaque versions: the events before our write's echo are older than our copy
             del self._awaiting[key]
         self._objects[key] = self._keep(obj)
         return obj
@@ -153,7 +160,28 @@ class ObjectCache:
         """A copy we wrote or read ourselves, newer than any watch event not yet delivered."""
         key = key_of(obj)
         rv = obj["metadata"].get("resourceVersion", "")
+        current = self._objects.get(key)
+        if current is not None and current["metadata"].get("uid") == obj["metadata"].get("uid"):
+            order = _ordered(current["metadata"].get("resourceVersion", ""), rv)
+            if order is not None:
+                if order < 0:
+                    self._objects[key] = self._keep(obj)
+                return  # ordered versions: the newer copy is kept and no echo needs waiting for
         if rv in self._seen.get(key, ()):
             return  # the watch delivered it already; what the cache holds is as new or newer
         self._objects[key] = self._keep(obj)
         self._awaiting[key] = (rv, self._clock())
+
+
+def _ordered(a: str, b: str) -> int | None:
+    """-1, 0 or 1 as resourceVersion a is older than, the same as or newer than b; None when either is not a
+    decimal integer (then they are opaque)."""
+    if not (a.isdecimal() and b.isdecimal()):
+        return None
+    x, y = int(a), int(b)
+    return (x > y) - (x < y)
+
+
+def _older(a: str, b: str) -> bool:
+    """a is known to be older than b."""
+    return _ordered(a, b) == -1

@@ -230,8 +230,8 @@ def test_schedule_fires(cluster: Cluster, operator: OperatorProcess, registry: s
     nxt = wait_for("nextScheduleTime", lambda: cluster.status(MLP, "fraud").get("nextScheduleTime"))
     # The next minute boundary starts run 2 (waits at most ~60 s).
     wait_for("RayJob fraud-2 from the schedule", lambda: cluster.rayjob("fraud-2"), timeout=75, interval=1)
-    run = run_entry(cluster, "fraud", 2)
-    assert run is not None and run["trigger"] == "Schedule"
+    # The RayJob is created before the status that records it is written: wait for the record.
+    assert wait_for("run 2 recorded", lambda: run_entry(cluster, "fraud", 2))["trigger"] == "Schedule"
     assert cluster.status(MLP, "fraud")["lastScheduleTime"] == nxt
 
 
