@@ -710,9 +710,17 @@ def test_nan_in_a_binary_tensor_and_oversized_bodies_are_refused(fraud_server: S
 
 
 def test_no_client_input_produced_a_server_error(fraud_server: ServerProcess) -> None:
-    # Runs after the bad-payload table (file order): every one of them was a 4xx, none a 5xx.
+    """The whole bad-payload table again, counted by the server's own metrics: each inference request a
+    client error (feedback is not an inference request), none (nor anything earlier in this module) a
+    server error."""
+    before = Metrics.scrape(fraud_server.url).value("conveyor_requests_total", model_name=FRAUD, outcome="client_error")
+    for _, path, body, headers, _, _ in BAD_PAYLOADS:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        http("POST", fraud_server.url + path, data, {**JSON, **headers})
     m = Metrics.scrape(fraud_server.url)
-    assert m.value("conveyor_requests_total", model_name=FRAUD, outcome="client_error") >= 20
+    counted = m.value("conveyor_requests_total", model_name=FRAUD, outcome="client_error")
+    inferences = sum(1 for case in BAD_PAYLOADS if case[1] != FEEDBACK)
+    assert counted == (before or 0) + inferences, (before, counted)
     assert m.value("conveyor_requests_total", model_name=FRAUD, outcome="server_error") is None
     status, _, _ = http("GET", f"{fraud_server.url}/v2/models/{FRAUD}/ready")
     assert status == 200
