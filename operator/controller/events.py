@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from typing import Any, Protocol
+
+log = logging.getLogger("conveyor.operator.events")
 
 Event = tuple[str, str, str]  # (type Normal|Warning, CamelCase reason, message)
 
@@ -28,6 +31,7 @@ class EventPoster:
     def post(self, obj: dict[str, Any], events: list[Event]) -> None:
         for event in events:
             self._queue.put_nowait((obj, event))
+            _log(obj, event)
         if not events:
             return
         self._tasks = [t for t in self._tasks if not t.done()]
@@ -50,3 +54,19 @@ class EventPoster:
             await asyncio.wait_for(self._queue.join(), timeout=timeout)
         for task in self._tasks:
             task.cancel()
+
+
+def _log(obj: dict[str, Any], event: Event) -> None:
+    """Each transition in the operator's log too (a Warning as a warning): events expire after an hour and
+    are posted best-effort, the log is what a person reads after the fact."""
+    type_, reason, message = event
+    meta = obj.get("metadata") or {}
+    log.log(
+        logging.WARNING if type_ == "Warning" else logging.INFO,
+        "%s/%s %s %s: %s",
+        meta.get("namespace", ""),
+        meta.get("name", ""),
+        obj.get("kind", ""),
+        reason,
+        message,
+    )
