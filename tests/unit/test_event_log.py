@@ -25,7 +25,9 @@ def test_posted_events_are_logged(caplog: pytest.LogCaptureFixture) -> None:
     async def post() -> list[tuple[str, str, str]]:
         sink = Sink()
         poster = EventPoster(sink)
-        poster.post(obj, [("Normal", "CanaryStarted", "v2 at 25%"), ("Warning", "RolledBack", "error rate 9%")])
+        poster.post(
+            obj, [("Normal", "CanaryStarted", "v2 at 25%"), ("Warning", "RolledBack", "error rate 9%")]
+        )
         await poster.drain()
         return sink.posted
 
