@@ -1,7 +1,12 @@
 """The one status write of a reconcile: a merge patch of what changed, guarded by the resourceVersion read.
 
-A 409 means someone changed the object since we read it: the writer reads it again into the cache and
-asks the queue to reconcile anew (`Requeue`), rather than writing over a change it has not seen.
+A 409 means someone changed the object since we read it. The writer reads it again into the cache. If its
+status is still the one this reconcile read (someone changed the spec or metadata: a new version applied
+while the reconcile was rolling the last one out), the status is written on the fresh copy: it records what
+this reconcile did to the children, which it has done already (the InferenceService now serves the version
+this status names), with the generation it observed; the spec change is reconciled next (its watch event
+queues it). Otherwise (the status changed too) nothing is written over a change not seen: the queue
+reconciles anew (`Requeue`).
 """
 
 from __future__ import annotations
@@ -41,8 +46,14 @@ async def write_status(client: Client, cache: ObjectCache, obj: dict[str, Any], 
         updated = await client.patch_status(obj, patch)
     except Conflict:
         fresh = await client.get(object_path(obj), resource=obj["kind"])
-        if fresh is not None:
-            cache.remember(fresh)
-        raise Requeue(0.05) from None
+        if fresh is None:
+            raise Requeue(0.05) from None
+        cache.remember(fresh)
+        if (fresh.get("status") or {}) != (obj.get("status") or {}):
+            raise Requeue(0.05) from None
+        try:
+            updated = await client.patch_status(fresh, patch)
+        except Conflict:
+            raise Requeue(0.05) from None
     cache.remember(updated)
     return True

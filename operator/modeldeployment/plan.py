@@ -50,6 +50,7 @@ from conveyor.operator.controller.validation import InvalidSpecError
 from conveyor.operator.modeldeployment import experiment
 from conveyor.operator.modeldeployment.build import (
     ANNOTATION_EXPERIMENT,
+    ANNOTATION_STABLE_VERSION,
     KSERVE_DEPLOYMENT_MODE,
     ShadowTarget,
     build_experiment_service,
@@ -534,6 +535,7 @@ def _roll(
 ) -> RolloutState:
     """One step of the rollout state machine; its actions become events, outcomes and status records."""
     status = plan.status
+    _stable_from_the_served(status, deployment, isvc)
     state = state_from_status(status)
     if state.shadow and state.canary:  # the shadow's "weight" is reported once the mirror is in place
         weight = 0 if mirroring(isvc, shadow_isvc, state.canary) else None
@@ -580,6 +582,20 @@ def _roll(
     if action is not None and not actions and new == state:
         plan.events.append(("Normal", "RolloutActionIgnored", f"{action}: nothing to {action} in phase {state.phase}"))
     return new
+
+
+def _stable_from_the_served(status: dict[str, Any], deployment: dict[str, Any], isvc: dict[str, Any] | None) -> None:
+    """Status names no stable version but this deployment's InferenceService serves one: that one is the
+    stable version, so a new version is rolled out against it instead of replacing it at once. Status can
+    lack it though a version serves: a spec change that landed between the InferenceService's apply and
+    the status write (whose resourceVersion guard then refused it), or a restore that does not keep status."""
+    if status.get("stableVersion") or isvc is None:
+        return
+    meta = isvc.get("metadata") or {}
+    owners = [o.get("uid") for o in meta.get("ownerReferences") or [] if o.get("controller")]
+    served = (meta.get("annotations") or {}).get(ANNOTATION_STABLE_VERSION)
+    if served and owners == [deployment["metadata"].get("uid")]:
+        status["stableVersion"] = served
 
 
 def _analysis_record(analysis: Analysis, state: RolloutState, ts: str) -> dict[str, Any]:

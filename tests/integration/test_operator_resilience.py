@@ -155,7 +155,9 @@ def test_metrics_and_liveness_endpoints(kubeconfig: str, cluster: Cluster, regis
 def test_status_write_conflict_rereads_and_retries(
     kubeconfig: str, cluster: Cluster, registry: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A 409 from the real apiserver: the reconciler re-reads the object and asks to run again."""
+    """409s from the real apiserver. Someone else changed only the metadata since our read: the status is
+    written on the re-read copy (it records what the reconcile did). Someone else changed the status: nothing
+    is written over it, the object is re-read and the reconcile asked to run again."""
     import asyncio
 
     import kopf
@@ -176,17 +178,24 @@ def test_status_write_conflict_rereads_and_retries(
         op = Operator(client=ApiClient(connection_info(kopf.OperatorSettings()), field_manager=FIELD_MANAGER))
         try:
             op.pipelines.remember(stale)
+            assert await write_status(op.client, op.pipelines, stale, {"phase": "Pending"})
+            ours = op.pipelines.get(key)
+            assert ours is not None and ours["metadata"]["labels"] == {"team": "risk"}
+            assert ours["status"]["phase"] == "Pending"
+            cluster.custom.patch_namespaced_custom_object_status(
+                "conveyor.dev", "v1alpha1", cluster.ns, "mlpipelines", "fraud", {"status": {"phase": "Failed"}}
+            )  # another writer of status (there should be none): not overwritten
             with pytest.raises(Requeue):
-                await write_status(op.client, op.pipelines, stale, {"phase": "Pending"})
+                await write_status(op.client, op.pipelines, ours, {"phase": "Running"})
             fresh = op.pipelines.get(key)
-            assert fresh is not None
-            assert fresh["metadata"]["labels"] == {"team": "risk"}  # re-read
+            assert fresh is not None and fresh["status"]["phase"] == "Failed"  # re-read
             await reconcile_pipeline(op, key)  # the retry succeeds on the fresh copy
         finally:
             await op.stop()  # waits for the events it posts in the background, closes the client
 
     asyncio.run(main())
     assert cluster.status(MLP, "fraud")["lastRun"] == 1
+    assert cluster.get(MLP, "fraud")["metadata"]["labels"] == {"team": "risk"}
     assert [r["metadata"]["name"] for r in cluster.rayjobs()] == ["fraud-1"]
 
 

@@ -113,6 +113,22 @@ def test_new_version_with_canary_strategy_starts_at_first_step(mode: str) -> Non
     ]
 
 
+def test_a_served_version_status_never_recorded_is_canaried_against_not_replaced() -> None:
+    """The InferenceService serves v1, but status never said so (v2 was applied between the ISVC's create
+    and the status write, which the resourceVersion guard refused; or a restore dropped status): v2 is a
+    canary beside v1, not a replacement. Another deployment's InferenceService of that name is not taken."""
+    isvc = applied(plan(md(), "v1"), ready=True)
+    p = plan(md(), "v2", isvc)
+    assert (p.status["stableVersion"], p.status["canaryVersion"], p.status["canaryWeight"]) == ("v1", "v2", 10)
+    assert p.inference_service is not None and env(p.inference_service)["STORAGE_URI"] == uri("v2")
+    assert p.inference_service["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert ("Normal", "VersionDeployed") not in [e[:2] for e in p.events]
+    foreign = {**isvc, "metadata": {**isvc["metadata"], "ownerReferences": [
+        {**isvc["metadata"]["ownerReferences"][0], "uid": "an-earlier-fraud"}]}}
+    p = plan(md(), "v2", foreign)
+    assert p.status["stableVersion"] == "v2" and "canaryVersion" not in p.status
+
+
 def test_weight_set_by_the_rollout_is_kept() -> None:
     p1 = plan(md(), "v1")
     p2 = plan(md(status=p1.status), "v2", applied(p1, ready=True))

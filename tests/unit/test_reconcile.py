@@ -102,14 +102,35 @@ def test_pipeline_create_then_noop(registry: str) -> None:
     run(scenario)
 
 
-def test_pipeline_status_conflict_rereads_and_requeues(registry: str) -> None:
+def test_pipeline_status_conflict_on_a_metadata_edit_records_the_run_on_the_fresh_copy(registry: str) -> None:
+    """Someone labels the pipeline after our read: the run this reconcile started is recorded anyway (its
+    RayJob exists), on the fresh copy, which keeps their label."""
+
     async def scenario(op: Operator, api: FakeApi) -> None:
         stale = api.put(pipeline(registry))
         api.edit(stale, labels={"team": "risk"})  # someone writes after our read
         op.pipelines.remember(stale)
+        await reconcile_pipeline(op, (NS, "fraud"))
+        stored = api.find("MLPipeline", NS, "fraud")
+        assert stored["status"]["lastRun"] == 1 and stored["metadata"]["labels"] == {"team": "risk"}  # type: ignore[index]
+        assert op.pipelines.get((NS, "fraud"))["metadata"]["labels"] == {"team": "risk"}  # type: ignore[index]
+        assert [rj["metadata"]["name"] for rj in api.kinds("RayJob")] == ["fraud-1"]
+
+    run(scenario)
+
+
+def test_pipeline_status_conflict_on_a_status_change_rereads_and_requeues(registry: str) -> None:
+    """The status changed after our read (another writer): nothing is written over it; the retry plans
+    from the fresh copy."""
+
+    async def scenario(op: Operator, api: FakeApi) -> None:
+        stale = api.put(pipeline(registry))
+        api.objects[("mlpipelines", NS, "fraud")]["status"] = {"phase": "Pending"}
+        api.edit(stale)
+        op.pipelines.remember(stale)
         with pytest.raises(Requeue):
             await reconcile_pipeline(op, (NS, "fraud"))
-        assert op.pipelines.get((NS, "fraud"))["metadata"]["labels"] == {"team": "risk"}  # type: ignore[index]
+        assert op.pipelines.get((NS, "fraud"))["status"] == {"phase": "Pending"}  # type: ignore[index]
         await reconcile_pipeline(op, (NS, "fraud"))  # the retry plans from the fresh copy
         assert api.find("MLPipeline", NS, "fraud")["status"]["lastRun"] == 1  # type: ignore[index]
         assert [rj["metadata"]["name"] for rj in api.kinds("RayJob")] == ["fraud-1"]
@@ -179,12 +200,30 @@ def test_deployment_create_then_noop(registry: str) -> None:
     run(scenario)
 
 
-def test_deployment_status_conflict_rereads_and_requeues(registry: str) -> None:
+def test_deployment_status_conflict_on_a_metadata_edit_records_what_serves(registry: str) -> None:
+    """Edited after our read: the InferenceService this reconcile applied serves `version`, and status says
+    so, written on the fresh copy."""
     version = commit_version(registry)
 
     async def scenario(op: Operator, api: FakeApi) -> None:
         stale = api.put(deployment(registry, version))
         api.edit(stale, labels={"team": "risk"})
+        op.deployments.remember(stale)
+        await reconcile_deployment(op, (NS, "fraud"))
+        stored = api.find("ModelDeployment", NS, "fraud")
+        assert stored["status"]["stableVersion"] == version  # type: ignore[index]
+        assert stored["metadata"]["labels"] == {"team": "risk"}  # type: ignore[index]
+
+    run(scenario)
+
+
+def test_deployment_status_conflict_on_a_status_change_requeues(registry: str) -> None:
+    version = commit_version(registry)
+
+    async def scenario(op: Operator, api: FakeApi) -> None:
+        stale = api.put(deployment(registry, version))
+        api.objects[("modeldeployments", NS, "fraud")]["status"] = {"rolloutPhase": "Stable"}
+        api.edit(stale)
         op.deployments.remember(stale)
         with pytest.raises(Requeue):
             await reconcile_deployment(op, (NS, "fraud"))
