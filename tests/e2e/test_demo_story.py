@@ -72,7 +72,7 @@ def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path:
     # The status keeps the last few analyses only: v2's steps are read from the demo's lines (taken from
     # the status as it went) and the Promoted event.
     assert "canary v2 at 20%: analysis Passed" in out and "canary v2 at 50%: analysis Passed" in out, out
-    assert any(r == "Promoted" and "v2" in m for _, r, m in stack.cluster.events(NAME))
+    stack.cluster.event(NAME, "Normal", "Promoted", says="v2")
     rejected = next(r for r in status["rejectedVersions"] if r["version"] == "v3")
     assert rejected["check"] and rejected["value"] is not None and rejected["value"] < 0.9, rejected
     assert "canary v3 takes 20%" in out and "canary v3 takes 50%" not in out, (
@@ -85,7 +85,7 @@ def test_the_demo_tells_the_whole_story(stack: Stack, kubeconfig: str, tmp_path:
     assert lines.index(drift_line) > shift, "Drifted=True before the traffic shifted: " + drift_line
     # The shifted inputs, or the predictions they move (the predictions' PSI can cross first).
     assert any(name in drift_line for name in ("amount", "distance_km", "__prediction__")), drift_line
-    assert any(t == "Warning" and r == "DriftDetected" for t, r, _ in stack.cluster.events(NAME))
+    stack.cluster.event(NAME, "Warning", "DriftDetected")
     runs = stack.cluster.status("mlpipelines", NAME)["runs"]
     assert any(r["trigger"] == "Drift" for r in runs), runs
     # v4 from the Drift run (or, had its job failed on busy cores, from the rerun the demo asked for).

@@ -222,6 +222,17 @@ class Cluster:
         items = self.core.list_namespaced_event(self.ns, field_selector=f"involvedObject.name={name}").items
         return [(e.type, e.reason, e.message) for e in items]
 
+    def event(
+        self, name: str, type_: str, reason: str, *, says: str = "", timeout: float = 30.0
+    ) -> tuple[str, str, str]:
+        """Wait for an event of `name` with this type and reason (and `says` in its message) and return it:
+        events are posted in the background, after the status that records the transition."""
+        return wait_for(
+            f"a {type_} {reason} event of {name}" + (f" saying {says!r}" if says else ""),
+            lambda: next((e for e in self.events(name) if e[:2] == (type_, reason) and says in e[2]), None),
+            timeout=timeout,
+        )
+
     # playing KubeRay and KServe (the fakes)
     def kuberay_sets(self, rayjob: str, **status: Any) -> None:
         self.custom.patch_namespaced_custom_object_status("ray.io", "v1", self.ns, "rayjobs", rayjob, {"status": status})

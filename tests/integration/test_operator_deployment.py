@@ -231,7 +231,7 @@ def test_immediate_strategy_and_missing_version(cluster: Cluster, operator: Oper
     cluster.patch(MDEP, "fraud", {"spec": {"model": {"version": "v7"}}})
     assert wait_for("Degraded", lambda: cond(cluster, "fraud", "Degraded") == ("True", "VersionNotFound"))
     assert env(cluster.isvc("fraud")["spec"]["predictor"])["STORAGE_URI"].endswith("/v2")
-    assert ("Warning", "VersionNotFound") in [e[:2] for e in wait_for("event", lambda: cluster.events("fraud"))]
+    cluster.event("fraud", "Warning", "VersionNotFound")
 
 
 def test_drift_of_the_child_is_put_back(cluster: Cluster, operator: OperatorProcess, registry: str) -> None:

@@ -120,7 +120,7 @@ def test_training_failure_is_recorded(cluster: Cluster, operator: OperatorProces
     assert condition(cluster, MLP, "fraud", "DataValidated") == ("Unknown", "NotReported")
     assert condition(cluster, MLP, "fraud", "Succeeded") == ("False", "TrainingFailed")
     assert cluster.status(MLP, "fraud")["phase"] == "Failed" and "latestVersion" not in cluster.status(MLP, "fraud")
-    assert ("Warning", "RunFailed") in [e[:2] for e in wait_for("event", lambda: cluster.events("fraud"))]
+    cluster.event("fraud", "Warning", "RunFailed")
     # A failed run is not retried on its own: no new RayJob appears.
     time.sleep(2)
     assert [r["metadata"]["name"] for r in cluster.rayjobs()] == ["fraud-1"]
@@ -255,7 +255,7 @@ def test_invalid_spec_is_a_false_condition_without_a_hot_loop(cluster: Cluster, 
     cond = wait_for("Accepted=False", lambda: cluster.condition(MLP, name, "Accepted"))
     assert (cond["status"], cond["reason"]) == ("False", "InvalidSpec")
     assert "spec.registry.uri" in cond["message"]
-    assert ("Warning", "InvalidSpec") in [e[:2] for e in wait_for("event", lambda: cluster.events(name))]
+    cluster.event(name, "Warning", "InvalidSpec")
     assert cluster.rayjobs() == []
     writes = operator.settled_writes()  # the event just seen may not be counted yet
     before = operator.metrics()
@@ -327,6 +327,6 @@ def test_pinned_deployment_refuses_the_handover(cluster: Cluster, operator: Oper
     cluster.kuberay_sets("fraud-1", jobDeploymentStatus="Complete", jobStatus="SUCCEEDED")
     assert wait_for("run 1 succeeded", lambda: outcome(cluster, "fraud", 1) == "Succeeded")
     assert run_entry(cluster, "fraud", 1)["deployed"] is False  # type: ignore[index]
-    assert ("Warning", "DeploymentPinned") in [e[:2] for e in wait_for("event", lambda: cluster.events("fraud"))]
+    cluster.event("fraud", "Warning", "DeploymentPinned")
     time.sleep(1)
     assert cluster.status(MDEP, "fraud")["stableVersion"] == "v1" and "canaryVersion" not in cluster.status(MDEP, "fraud")

@@ -86,7 +86,7 @@ def test_good_version_promoted_bad_version_rolled_back(
     rejected = status["rejectedVersions"][-1]
     assert (rejected["version"], rejected["check"]) == ("v3", "successRate") and rejected["value"] < 0.95
     assert cluster.condition(MDEP, "fraud", "Degraded")["reason"] == "RolledBack"  # type: ignore[index]
-    assert any(e[0] == "Warning" and e[1] == "RolledBack" and "successRate" in e[2] for e in cluster.events("fraud"))
+    cluster.event("fraud", "Warning", "RolledBack", says="successRate")
     assert analysing_operator.metric("conveyor_rollouts_finished_total", outcome="RolledBack") == 1
 
 
