@@ -279,3 +279,21 @@ def deployment_spec(registry_uri: str, version: str = "latest", **over: Any) -> 
     spec: dict[str, Any] = {"model": {"registryUri": registry_uri, "name": "fraud", "version": version}}
     spec.update(over)
     return spec
+
+
+GATEWAY_API = ("gateway.networking.k8s.io", "v1")  # group, version of HTTPRoute
+
+
+def route(cluster: Cluster, name: str = "fraud-traffic") -> dict[str, Any] | None:
+    """An HTTPRoute of the test's namespace (the operator's `<name>-traffic` by default), None if absent."""
+    try:
+        return cluster.custom.get_namespaced_custom_object(*GATEWAY_API, cluster.ns, "httproutes", name)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def backends(r: dict[str, Any]) -> list[tuple[str, int]]:
+    """A route's (Service, weight) pairs, in order."""
+    return [(b["name"], b.get("weight", 1)) for rule in r["spec"]["rules"] for b in rule.get("backendRefs") or []]

@@ -16,7 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _operator_support import Cluster, OperatorProcess, deployment_spec, train, wait_for, wait_until
+from _operator_support import (
+    GATEWAY_API,
+    Cluster,
+    OperatorProcess,
+    backends,
+    deployment_spec,
+    route,
+    train,
+    wait_for,
+    wait_until,
+)
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
@@ -24,7 +34,6 @@ pytestmark = pytest.mark.cluster
 
 MDEP = "modeldeployments"
 CRD = "httproutes.gateway.networking.k8s.io"
-GATEWAY_API = ("gateway.networking.k8s.io", "v1")
 CLUSTER_LOCAL = ("networking.kserve.io/visibility", "cluster-local")
 TIMEOUT = 20.0  # seconds for the operator to follow the CRD; its resync is at 10 minutes
 
@@ -85,21 +94,6 @@ def gateway_api(kube_api: client.ApiClient) -> Iterator[GatewayApi]:
             if gw._exists():  # still being deleted: wait for it to go before creating it again
                 wait_for("the HTTPRoute CRD deleted", lambda: not gw._exists(), timeout=60)
             gw.install()
-
-
-def route(cluster: Cluster, name: str = "fraud-traffic") -> dict[str, Any] | None:
-    try:
-        return cluster.custom.get_namespaced_custom_object(*GATEWAY_API, cluster.ns, "httproutes", name)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-
-
-def backends(r: dict[str, Any]) -> list[tuple[str, int]]:
-    return [
-        (b["name"], b.get("weight", 1)) for rule in r["spec"]["rules"] for b in rule.get("backendRefs") or []
-    ]
 
 
 def split(status: dict[str, Any]) -> list[tuple[str, int, str]]:

@@ -7,8 +7,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _operator_support import Cluster, OperatorProcess, deployment_spec, train, wait_for, wait_until
-from kubernetes.client.rest import ApiException
+from _operator_support import (
+    GATEWAY_API,
+    Cluster,
+    OperatorProcess,
+    backends,
+    deployment_spec,
+    route,
+    train,
+    wait_for,
+    wait_until,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -154,21 +163,7 @@ def test_canary_standard_uses_spec_canary_behind_a_watched_route(
     route_is_restored_from_the_watch(cluster, operator, [("fraud-v1-predictor", 75), ("fraud-v2-predictor", 25)])
 
 
-GATEWAY_API = ("gateway.networking.k8s.io", "v1")
 RESTORE_TIMEOUT = 20.0  # seconds; the resync would take 600
-
-
-def route(cluster: Cluster, name: str = "fraud-traffic") -> dict[str, Any] | None:
-    try:
-        return cluster.custom.get_namespaced_custom_object(*GATEWAY_API, cluster.ns, "httproutes", name)
-    except ApiException as e:
-        if e.status == 404:
-            return None
-        raise
-
-
-def backends(r: dict[str, Any]) -> list[tuple[str, int]]:
-    return [(b["name"], b.get("weight", 1)) for rule in r["spec"]["rules"] for b in rule.get("backendRefs") or []]
 
 
 def route_is_restored_from_the_watch(cluster: Cluster, operator: OperatorProcess, split: list[tuple[str, int]]) -> None:
