@@ -167,6 +167,9 @@ class ObjectCache:
                 if order < 0:
                     self._objects[key] = self._keep(obj)
                 return  # ordered versions: the newer copy is kept and no echo needs waiting for
+        elif rv.isdecimal():
+            self._objects[key] = self._keep(obj)  # new here (just created): ordered, no echo awaited
+            return
         if rv in self._seen.get(key, ()):
             return  # the watch delivered it already; what the cache holds is as new or newer
         self._objects[key] = self._keep(obj)

@@ -70,6 +70,15 @@ def test_an_event_newer_than_our_write_is_taken_though_the_echo_never_came() -> 
     assert int("9") < int("10") and "9" > "10"  # ordered as numbers, not as strings
 
 
+def test_an_object_we_just_created_takes_a_newer_event_though_its_echo_never_came() -> None:
+    cache = ObjectCache(clock=Clock())
+    cache.remember(obj("10"))  # the create's response; the cache held nothing of it
+    cache.observe({"type": "MODIFIED", "object": obj("12")})  # KServe's status write, ours coalesced away
+    assert cache.get(("ml", "p"))["metadata"]["resourceVersion"] == "12"
+    cache.observe({"type": "ADDED", "object": obj("10")})  # the late echo
+    assert cache.get(("ml", "p"))["metadata"]["resourceVersion"] == "12"
+
+
 def test_with_opaque_versions_a_listed_copy_is_taken_without_the_echo() -> None:
     cache = ObjectCache(clock=Clock())
     cache.remember(obj("c"))
