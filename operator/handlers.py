@@ -39,10 +39,11 @@ from conveyor.operator.controller.workqueue import WorkQueue
 from conveyor.operator.mlpipeline.build import LABEL_PIPELINE
 from conveyor.operator.modeldeployment.build import LABEL_DEPLOYMENT
 from conveyor.operator.modeldeployment.route import GATEWAY_API_VERSION, GATEWAY_GROUP
-from conveyor.operator.modeldeployment.validate import live_kserve_mode
+from conveyor.operator.modeldeployment.validate import settled_kserve_mode
 
 log = logging.getLogger("conveyor.operator")
 HTTPROUTES_CRD = f"httproutes.{GATEWAY_GROUP}"
+HTTPROUTES_VERSION = GATEWAY_API_VERSION.removeprefix(f"{GATEWAY_GROUP}/")  # v1
 
 
 def _op(memo: Any) -> Operator:
@@ -140,7 +141,7 @@ async def _may_watch_crds(op: Operator) -> bool:
     return True
 
 
-@kopf.on.event(GATEWAY_GROUP, GATEWAY_API_VERSION.split("/")[1], "httproutes")
+@kopf.on.event(GATEWAY_GROUP, HTTPROUTES_VERSION, "httproutes")
 async def on_route(event: dict[str, Any], memo: kopf.Memo, **_: Any) -> None:
     """An HTTPRoute of a ModelDeployment changed or went (someone edited or deleted `<name>-traffic`, or
     KServe wrote one): cache it and reconcile the deployment, which restores its route."""
@@ -159,10 +160,9 @@ def httproutes_served(crd: dict[str, Any]) -> bool:
     """The HTTPRoute CRD serves v1, the apiserver has established it, and it is not being deleted."""
     if (crd.get("metadata") or {}).get("deletionTimestamp"):
         return False
-    version = GATEWAY_API_VERSION.split("/")[1]
     versions = (crd.get("spec") or {}).get("versions") or []
     conditions = (crd.get("status") or {}).get("conditions") or []
-    return any(v.get("name") == version and v.get("served") for v in versions) and any(
+    return any(v.get("name") == HTTPROUTES_VERSION and v.get("served") for v in versions) and any(
         c.get("type") == "Established" and c.get("status") == "True" for c in conditions
     )
 
@@ -205,9 +205,9 @@ logging.getLogger("kopf._core.reactor.observation").addFilter(_QuietWithoutGatew
 
 def kserve_mode(deployment: dict[str, Any], isvc: dict[str, Any] | None, default: str) -> str:
     """A ModelDeployment's KServe mode as its reconcile settles it (validate.with_kserve_mode), from the raw
-    object: `spec.rollout.mode`, else the mode its InferenceService runs in, else the operator's default."""
+    object."""
     mode = ((deployment.get("spec") or {}).get("rollout") or {}).get("mode")
-    return mode or live_kserve_mode(isvc) or default
+    return settled_kserve_mode(mode, isvc, default)
 
 
 def _step_down(op: Operator) -> Any:

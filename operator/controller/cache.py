@@ -92,7 +92,7 @@ class ObjectCache:
         )
         self._objects: dict[Key, dict[str, Any]] = {}
         self._awaiting: dict[Key, tuple[str, float]] = {}  # our copy's resourceVersion, since when
-        self._seen: dict[Key, deque[str]] = {}  # resourceVersions the watch delivered lately
+        self._seen: dict[Key, deque[str]] = {}  # opaque resourceVersions the watch delivered lately
         self._echo_timeout = echo_timeout
         self._clock = clock
 
@@ -145,7 +145,8 @@ class ObjectCache:
         same_object = current is not None and current["metadata"].get("uid") == obj["metadata"].get("uid")
         if same_object and _older(rv, current["metadata"].get("resourceVersion", "")):
             return obj  # older than the copy we hold (our write's response): the watch has not caught up
-        self._seen.setdefault(key, deque(maxlen=16)).append(rv)
+        if not rv.isdecimal():  # only opaque versions are looked up there (remember)
+            self._seen.setdefault(key, deque(maxlen=16)).append(rv)
         awaiting = self._awaiting.get(key)
         if awaiting is not None:
             want, since = awaiting

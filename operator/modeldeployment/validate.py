@@ -54,8 +54,14 @@ def with_kserve_mode(
     InferenceService was created in (KServe cannot switch a running one), else the operator's default."""
     if spec.rollout.mode is not None:
         return spec
-    mode = live_kserve_mode(isvc) or default
+    mode = settled_kserve_mode(None, isvc, default)
     return spec.model_copy(update={"rollout": spec.rollout.model_copy(update={"mode": mode})})
+
+
+def settled_kserve_mode(mode: str | None, isvc: dict[str, Any] | None, default: str = DEFAULT_KSERVE_MODE) -> str:
+    """The rule `with_kserve_mode` applies, for a mode read from a raw object: `mode` (`spec.rollout.mode`)
+    when set, else the live InferenceService's, else the operator's default."""
+    return mode or live_kserve_mode(isvc) or default
 
 
 def kserve_mode_conflict(spec: ModelDeploymentSpec, isvc: dict[str, Any] | None) -> str | None:
